@@ -1,0 +1,111 @@
+"""The endpoint catalogue: public ids -> models and presets, read from a TOML file (catalog.toml by default)."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fluxserve.request import LoraSpec
+
+DEFAULT_CATALOG = Path(__file__).with_name("catalog.toml")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    key: str
+    title: str
+    pipeline: str  # "Flux2Pipeline" | "Flux2KleinPipeline"
+    weights: str  # local directory or Hugging Face hub id
+    demo: str  # "dev" | "klein": the demo architecture that stands in with --demo
+    distilled: bool = True
+
+
+@dataclass(frozen=True)
+class EndpointSpec:
+    id: str
+    title: str
+    model: str
+    task: str  # "text-to-image" | "edit"
+    schema: str  # fal input schema family: dev | fast | lora | pro | flex | klein
+    steps: int
+    guidance: float
+    sigmas: tuple[float, ...] | None = None
+    loras: tuple[LoraSpec, ...] = ()
+    expand_prompt: bool = False
+    output_format: str = "png"
+    max_references: int = 0
+    max_input_megapixels: float = 14.0
+
+    @property
+    def is_edit(self) -> bool:
+        return self.task == "edit"
+
+
+@dataclass
+class Catalog:
+    models: dict[str, ModelSpec]
+    endpoints: dict[str, EndpointSpec]
+    openai_models: dict[str, tuple[str, str]] = field(default_factory=dict)
+    openai_default: str = "flux-2-dev"
+    replicate_models: dict[str, tuple[str, str]] = field(default_factory=dict)
+    source: Path = DEFAULT_CATALOG
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None) -> Catalog:
+        path = Path(path or os.environ.get("FLUXSERVE_CATALOG") or DEFAULT_CATALOG)
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+        models = {
+            key: ModelSpec(
+                key=key,
+                title=m.get("title", key),
+                pipeline=m["pipeline"],
+                weights=m["weights"],
+                demo=m.get("demo", "dev"),
+                distilled=m.get("distilled", True),
+            )
+            for key, m in data.get("models", {}).items()
+        }
+        endpoints = {}
+        for eid, e in data.get("endpoints", {}).items():
+            if e["model"] not in models:
+                raise ValueError(f"{path}: endpoint {eid!r} names unknown model {e['model']!r}")
+            endpoints[eid] = EndpointSpec(
+                id=eid,
+                title=e.get("title", eid),
+                model=e["model"],
+                task=e.get("task", "text-to-image"),
+                schema=e.get("schema", "dev"),
+                steps=e["steps"],
+                guidance=float(e["guidance"]),
+                sigmas=tuple(e["sigmas"]) if e.get("sigmas") else None,
+                loras=tuple(LoraSpec(**lora) for lora in e.get("loras", [])),
+                expand_prompt=e.get("expand_prompt", False),
+                output_format=e.get("output_format", "png"),
+                max_references=e.get("max_references", 0),
+                max_input_megapixels=float(e.get("max_input_megapixels", 14.0)),
+            )
+        openai = dict(data.get("openai_models", {}))
+        default = openai.pop("default", "flux-2-dev")
+        aliases = {
+            "openai_models": {k: tuple(v) for k, v in openai.items()},
+            "replicate_models": {k: tuple(v) for k, v in data.get("replicate_models", {}).items()},
+        }
+        for table in aliases.values():
+            for name, ids in table.items():
+                for eid in ids:
+                    if eid not in endpoints:
+                        raise ValueError(f"{path}: {name!r} names unknown endpoint {eid!r}")
+        return cls(models=models, endpoints=endpoints, openai_default=default, source=path, **aliases)
+
+    def endpoint(self, endpoint_id: str) -> EndpointSpec:
+        """The endpoint, or KeyError naming it."""
+        try:
+            return self.endpoints[endpoint_id]
+        except KeyError:
+            raise KeyError(f"unknown endpoint {endpoint_id!r}") from None
+
+    def model_for(self, endpoint_id: str) -> ModelSpec:
+        return self.models[self.endpoint(endpoint_id).model]

@@ -1,0 +1,32 @@
+"""Flags shared by every command that loads models or opens the job store."""
+
+from __future__ import annotations
+
+import argparse
+
+from fluxserve.config import Settings
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--demo", action="store_true", default=None,
+                        help="serve every endpoint with the tiny demo models (built on first use)")
+    parser.add_argument("--catalog", help="endpoint catalogue TOML (default: the packaged catalog.toml)")
+    parser.add_argument("--data-dir", help="where the database, files and model cache live")
+    parser.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    parser.add_argument("--text-encoder", dest="text_encoder_placement",
+                        choices=["auto", "resident", "fp8", "offload"],
+                        help="text-encoder placement on CUDA (default: auto, from free GPU memory)")
+
+
+def settings_from_args(args: argparse.Namespace, **extra) -> Settings:
+    from pathlib import Path
+
+    overrides = {
+        "demo": getattr(args, "demo", None),
+        "catalog": getattr(args, "catalog", None),
+        "data_dir": Path(args.data_dir) if getattr(args, "data_dir", None) else None,
+        "device": getattr(args, "device", None),
+        "text_encoder_placement": getattr(args, "text_encoder_placement", None),
+    }
+    overrides.update(extra)
+    return Settings.from_env(**overrides)

@@ -1,0 +1,107 @@
+"""The internal contract: one canonical request in, one canonical result out.
+
+Every dialect (fal, OpenAI, Replicate, the CLI) translates its own input into a ``GenerationRequest``;
+the job store keeps it as JSON; a worker hands it to the engine, which returns a ``GenerationResult``;
+the dialect translates that back. Nothing here knows about HTTP or GPUs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Acceleration = Literal["none", "regular", "high"]
+OutputFormat = Literal["png", "jpeg", "webp", "avif", "gif"]
+
+CONTENT_TYPES: dict[str, str] = {
+    "png": "image/png",
+    "jpeg": "image/jpeg",
+    "webp": "image/webp",
+    "avif": "image/avif",
+    "gif": "image/gif",
+}
+
+
+class LoraSpec(BaseModel):
+    """A LoRA to apply for one request: a local path, an http(s) URL or ``hf://owner/repo/file``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    scale: float = 1.0
+
+
+class GenerationRequest(BaseModel):
+    """What to generate. Sizes are already resolved by ``fluxserve.sizes`` (multiples of 16) or left
+    ``None`` to take the first reference's size (or the model default without references)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="catalogue model key, e.g. 'dev' or 'klein-4b'")
+    prompt: str
+    image_urls: list[str] = Field(default_factory=list, description="reference images: URLs, data URIs, paths")
+    width: int | None = None
+    height: int | None = None
+    num_images: int = Field(1, ge=1, le=4)
+    seed: int | None = None
+    steps: int = Field(28, ge=1, le=100)
+    guidance: float = 2.5
+    sigmas: list[float] | None = None
+    loras: list[LoraSpec] = Field(default_factory=list)
+    expand_prompt: bool = False
+    safety_checker: bool = True
+    safety_tolerance: int = Field(2, ge=1, le=5)
+    acceleration: Acceleration = "regular"
+    output_format: OutputFormat = "png"
+    output_quality: int | None = Field(None, ge=0, le=100)
+    partial_images: int = Field(0, ge=0, le=3, description="preview images to report during denoising")
+
+
+@dataclass
+class GeneratedImage:
+    data: bytes
+    width: int
+    height: int
+    content_type: str
+    nsfw: bool = False
+
+
+@dataclass
+class GenerationResult:
+    images: list[GeneratedImage]
+    seed: int
+    prompt: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def has_nsfw_concepts(self) -> list[bool]:
+        return [image.nsfw for image in self.images]
+
+
+@dataclass
+class Progress:
+    """Reported after every denoising step; ``preview`` is an encoded image when one was asked for."""
+
+    step: int
+    total: int
+    message: str = ""
+    preview: bytes | None = None
+
+
+ProgressCallback = Callable[[Progress], None]
+CancelCheck = Callable[[], bool]
+
+
+class GenerationCancelled(Exception):
+    """Raised by the engine between denoising steps when ``should_cancel`` answers True."""
+
+
+class InputError(ValueError):
+    """A request the engine cannot run because of one of its fields; dialects turn it into a 4xx."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+        self.message = message
