@@ -57,7 +57,7 @@ class SizeError(ValueError):
 
 def round16(value: float) -> int:
     """The nearest multiple of 16, at least 16."""
-    return max(16, int(round(value / 16.0)) * 16)
+    return max(16, round(value / 16.0) * 16)
 
 
 def check_model_limits(width: int, height: int, field_name: str = "size") -> tuple[int, int]:
@@ -140,12 +140,21 @@ def gateway_size(
             aspect_ratio = size  # W:H is the same as aspect_ratio
         else:
             raise SizeError("size", f"{size!r} is not 'WxH', 'W:H' or 'auto'")
+    if resolution and resolution.strip().lower() == "auto":
+        resolution = None
     if not aspect_ratio and not resolution:
         return None
     ratio_name = nearest_ratio(parse_ratio(aspect_ratio, "aspect_ratio"), TABLE_1K) if aspect_ratio else "1:1"
     scale = nearest_tier(resolution) if resolution and resolution.lower() != "auto" else 1.0
     width, height = TABLE_1K[ratio_name]
-    return check_model_limits(round(width * scale), round(height * scale))
+    return fit_model_limits(round(width * scale), round(height * scale))
+
+
+def fit_model_limits(width: int, height: int) -> tuple[int, int]:
+    """Scale a tier size down (keeping its shape) until it fits the model: the largest tier of a wide
+    ratio gives its nearest supported size (16:9 at 2K -> 2048x1152) instead of an error."""
+    factor = min(1.0, MODEL_MAX_SIDE / max(width, height), math.sqrt(MODEL_MAX_PIXELS / (width * height)))
+    return check_model_limits(round(width * factor), round(height * factor), "resolution")
 
 
 # ---- Replicate -----------------------------------------------------------------------------------------
