@@ -1,0 +1,125 @@
+"""The FastAPI application: job store, storage, catalogue, engine, workers and webhook sender, wired once.
+
+``create_app(settings)`` builds everything; the lifespan starts and stops the workers and the webhook sender.
+Routers: the fal dialect (``api/fal.py``), files and uploads, health and metrics, and the OpenAI and Replicate
+dialects. fal's catch-all routes (``POST /{endpoint}``) are included last.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from contextlib import asynccontextmanager
+from functools import partial
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from fluxserve.api import fal, files, metrics
+from fluxserve.api import openai as openai_api
+from fluxserve.api import replicate as replicate_api
+from fluxserve.api.auth import KeyChecker
+from fluxserve.api.errors import ApiError, FalValidationError, api_error_handler, fal_validation_handler
+from fluxserve.catalog import Catalog
+from fluxserve.config import Settings
+
+log = logging.getLogger("fluxserve.api")
+
+
+class RequestIdMiddleware:
+    """Every answer carries ``x-fal-request-id`` (the job id where a route set one, else a fresh id)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                headers = message.setdefault("headers", [])
+                if not any(name.lower() == b"x-fal-request-id" for name, _ in headers):
+                    headers.append((b"x-fal-request-id", str(uuid.uuid4()).encode()))
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
+    from fluxserve.engine import Engine
+    from fluxserve.jobs.store import JobStore
+    from fluxserve.jobs.webhooks import WebhookSender, register_payload_builder
+    from fluxserve.jobs.worker import Worker
+    from fluxserve.storage import open_storage
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    catalog = Catalog.load(settings.catalog or None)
+    store = JobStore(settings.db_url)
+    storage = open_storage(settings.storage_location)
+    engine = Engine(settings, catalog)
+    app_metrics = metrics.Metrics(store)
+    register_payload_builder(fal.DIALECT, partial(fal.webhook_payload, catalog, storage))
+    webhooks = WebhookSender(store)
+
+    def on_finished(job) -> None:
+        app_metrics.finished(job)
+        webhooks.notify(job)
+
+    workers = [
+        Worker(store, engine, storage, on_finished=on_finished)
+        for _ in range(max(1, settings.workers_per_device) if start_workers else 0)
+    ]
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        for worker in workers:
+            worker.start()
+        webhooks.start()
+        try:
+            yield
+        finally:
+            for worker in workers:
+                worker.stop()
+            webhooks.stop()
+
+    app = FastAPI(
+        title="fluxserve",
+        version="0.1.0",
+        description="Self-hosted FLUX.2: the fal, OpenAI Images and Replicate APIs on your own GPUs. "
+        "Per-endpoint fal documents: /api/openapi/queue/openapi.json?endpoint_id=fal-ai/flux-2",
+        lifespan=lifespan,
+    )
+    app.state.settings, app.state.catalog, app.state.store = settings, catalog, store
+    app.state.storage, app.state.engine, app.state.workers = storage, engine, workers
+    app.state.metrics, app.state.webhooks = app_metrics, webhooks
+    app.state.auth = KeyChecker(store)
+    app.state.signer = files.Signer()
+    app.state.store_inline = store.is_sqlite  # SQLite reads are fast enough to run on the event loop
+
+    app.add_middleware(RequestIdMiddleware)
+    app.add_exception_handler(ApiError, api_error_handler)
+    app.add_exception_handler(FalValidationError, fal_validation_handler)
+
+    @app.get("/health", tags=["operations"], summary="Liveness, model placement and queue depth")
+    def health(request: Request) -> JSONResponse:
+        counts = store.counts()
+        return JSONResponse({
+            "status": "ok",
+            "demo": settings.demo,
+            "workers": len(workers),
+            "queue_depth": counts.get("queued", 0),
+            "jobs": counts,
+            "placement": engine.placement(),
+        })
+
+    app.include_router(metrics.router)
+    app.include_router(files.router)
+    app.include_router(fal.docs_router)
+    app.include_router(fal.router)
+    # ---- other dialects (OpenAI, Replicate) go here, before fal's catch-all routes ----
+    app.include_router(openai_api.router)
+    app.include_router(replicate_api.router)
+    # ------------------------------------------------------------------------------------
+    app.include_router(fal.root_router)  # must stay last: POST /{endpoint_id:path}
+    return app

@@ -1,0 +1,662 @@
+"""The fal dialect: fal's synchronous, streaming and queue APIs for every endpoint of the catalogue.
+
+URL layout (both work at once):
+- prefixed: ``POST /run/{endpoint}``, ``POST /run/{endpoint}/stream``, ``POST /queue/{endpoint}``,
+  ``GET|PUT /queue/{owner}/{alias}/requests/{id}[/status|/status/stream|/cancel]``. The official Python client
+  reaches it with ``FAL_RUN_HOST=host:port/run FAL_QUEUE_RUN_HOST=host:port/queue``.
+- fal's own: ``POST /{endpoint}`` runs synchronously, or queues when the Host header starts with ``queue.``
+  (``fal.example.com`` + ``queue.fal.example.com`` behind one proxy: set only ``FAL_RUN_HOST``);
+  ``/{owner}/{alias}/requests/{id}...`` as above.
+Status, result and cancel URLs name only owner/alias (clients drop the sub-path): the job is looked up by id
+and must belong to an endpoint of that owner/alias.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from fluxserve.api.auth import require_key
+from fluxserve.api.common import base_url, data_uri, image_url
+from fluxserve.api.errors import (
+    ApiError,
+    FalValidationError,
+    fal_error,
+    field_error,
+    from_field_error,
+    from_pydantic,
+)
+from fluxserve.api.fal_schemas import FalInput, ProOutput, input_model, output_model
+from fluxserve.catalog import Catalog, EndpointSpec
+from fluxserve.request import GenerationRequest, InputError, LoraSpec
+from fluxserve.sizes import SizeError, fal_image_size
+
+DIALECT = "fal"
+TERMINAL = ("completed", "failed", "cancelled")
+KEEPALIVE_S = 15.0
+STREAM_POLL_S = 0.2
+IDEMPOTENCY_HEADERS = ("idempotency-key", "x-idempotency-key", "x-fal-idempotency-key")
+_IDEMPOTENCY_NS = uuid.UUID("5b0f3b8e-4d55-4c36-9c39-7c1f3f8f1a11")
+
+router = APIRouter(dependencies=[Depends(require_key(DIALECT))], tags=["fal"])
+root_router = APIRouter(dependencies=[Depends(require_key(DIALECT))], tags=["fal"])
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------
+def _catalog(request: Request) -> Catalog:
+    return request.app.state.catalog
+
+
+def endpoint_spec(request: Request, endpoint_id: str) -> EndpointSpec:
+    endpoint_id = endpoint_id.strip("/")
+    try:
+        return _catalog(request).endpoint(endpoint_id)
+    except KeyError:
+        raise ApiError(
+            404, f"Endpoint {endpoint_id!r} not found. Known endpoints: GET /api/endpoints", error_type="not_found"
+        ) from None
+
+
+def app_path(endpoint_id: str) -> str:
+    """owner/alias of an endpoint id (``workflows/`` and ``comfy/`` namespaces keep one more part)."""
+    parts = endpoint_id.strip("/").split("/")
+    if parts[0] in ("workflows", "comfy"):
+        return "/".join(parts[:3])
+    return "/".join(parts[:2])
+
+
+def queue_urls(request: Request, prefix: str, endpoint_id: str, request_id: str) -> dict[str, str]:
+    base = f"{base_url(request)}{prefix}/{app_path(endpoint_id)}/requests/{request_id}"
+    return {"response_url": base, "status_url": f"{base}/status", "cancel_url": f"{base}/cancel"}
+
+
+def _json(body: Any, status: int = 200, request_id: str | None = None, headers: dict | None = None) -> Response:
+    headers = dict(headers or {})
+    if request_id:
+        headers["x-fal-request-id"] = request_id
+    return Response(
+        json.dumps(body, separators=(",", ":")), status_code=status, media_type="application/json", headers=headers
+    )
+
+
+async def _store_call(request: Request, fn, *args, **kwargs):
+    """Run a job-store call: inline for SQLite (sub-millisecond, no thread hop), in a thread otherwise."""
+    if request.app.state.store_inline:
+        return fn(*args, **kwargs)
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+# ---- input -> GenerationRequest ------------------------------------------------------------------------------
+async def read_input(request: Request, spec: EndpointSpec) -> tuple[FalInput, dict]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw) if raw.strip() else {}
+    except ValueError as exc:
+        raise FalValidationError([field_error([], f"Invalid JSON body: {exc}", "json_invalid")]) from None
+    if not isinstance(body, dict):
+        raise FalValidationError([field_error([], "Input should be a JSON object", "model_type")])
+    try:
+        return input_model(spec).model_validate(body), body
+    except ValidationError as exc:
+        raise FalValidationError(from_pydantic(exc, body)) from None
+
+
+def generation_request(spec: EndpointSpec, inp: FalInput) -> GenerationRequest:
+    """The canonical request: the endpoint's preset, overridden by what the schema family lets users set."""
+    values = inp.model_dump()
+    size = values.get("image_size")
+    try:
+        resolved = fal_image_size(size, default="auto" if spec.is_edit else "landscape_4_3")
+    except SizeError as exc:
+        raise FalValidationError(from_field_error(exc)) from None
+    width, height = resolved if resolved else (None, None)
+    loras = list(spec.loras) + [LoraSpec(path=lora["path"], scale=lora["scale"]) for lora in values.get("loras", [])]
+    tolerance = values.get("safety_tolerance")
+    return GenerationRequest(
+        model=spec.model,
+        prompt=inp.prompt,
+        image_urls=list(values.get("image_urls") or []),
+        width=width,
+        height=height,
+        num_images=values.get("num_images", 1),
+        seed=inp.seed,
+        steps=values.get("num_inference_steps", spec.steps),
+        guidance=values.get("guidance_scale", spec.guidance),
+        sigmas=list(spec.sigmas) if spec.sigmas else None,
+        loras=loras,
+        expand_prompt=values.get("enable_prompt_expansion", spec.expand_prompt),
+        safety_checker=inp.enable_safety_checker,
+        safety_tolerance=int(tolerance) if tolerance else 2,
+        acceleration=values.get("acceleration", "regular"),
+        output_format=values.get("output_format", spec.output_format),
+    )
+
+
+def _own_file_key(request: Request, url: str) -> str | None:
+    """The storage key when ``url`` points at this server's ``/files/``, else None."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return None
+    own = urlsplit(base_url(request))
+    prefix = f"{own.path}/files/"
+    if parts.netloc != own.netloc or not parts.path.startswith(prefix):
+        return None
+    return parts.path[len(prefix):]
+
+
+def _resolve_reference(request: Request, index: int, url: str) -> str:
+    """Check one reference's form; a URL of this server's own files becomes a local path or a data URI so the
+    worker needs no HTTP round trip (nor this server's certificate)."""
+    loc = ["image_urls", index]
+    if not isinstance(url, str) or not url.strip():
+        raise FalValidationError([field_error(loc, "must be a non-empty URL or data URI")])
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in ("http", "https", "data"):
+        raise FalValidationError([field_error(loc, f"{url[:60]!r} is not an http(s) URL or a data URI")])
+    key = _own_file_key(request, url)
+    if key is None:
+        return url
+    storage = request.app.state.storage
+    path = getattr(storage, "path", None)
+    try:
+        if path is not None:
+            local = path(key)
+            if local.is_file():
+                return str(local)
+            raise KeyError(key)
+        data, content_type = storage.get(key)
+    except KeyError:
+        raise FalValidationError([field_error(loc, f"file {key!r} not found on this server")]) from None
+    return data_uri(data, content_type)
+
+
+def _check_references(spec: EndpointSpec, urls: list[str]) -> None:
+    """Load every reference (blocking: runs in a thread) and check the endpoint's limits."""
+    from fluxserve import inputs
+
+    images = []
+    for index, url in enumerate(urls):
+        try:
+            images.append(inputs.load_image(url))
+        except InputError as exc:
+            raise FalValidationError([field_error(["image_urls", index], exc.message)]) from None
+        except Exception as exc:  # noqa: BLE001 - any failure to fetch or decode is the input's fault
+            raise FalValidationError([field_error(["image_urls", index], f"could not load the image: {exc}")]) from None
+    try:
+        inputs.check_references(images, spec)
+    except (InputError, SizeError) as exc:
+        raise FalValidationError(from_field_error(exc)) from None
+
+
+async def prepare(request: Request, spec: EndpointSpec) -> tuple[GenerationRequest, dict, FalInput]:
+    inp, body = await read_input(request, spec)
+    gen = generation_request(spec, inp)
+    if spec.is_edit:
+        gen.image_urls = [_resolve_reference(request, i, url) for i, url in enumerate(gen.image_urls)]
+        await asyncio.to_thread(_check_references, spec, gen.image_urls)
+    return gen, body, inp
+
+
+def _options(request: Request, inp: FalInput) -> dict[str, Any]:
+    headers = request.headers
+    priority = headers.get("x-fal-queue-priority", "normal").strip().lower() or "normal"
+    if priority not in ("normal", "low"):
+        raise ApiError(400, f"X-Fal-Queue-Priority must be 'normal' or 'low', not {priority!r}")
+    timeout_s = None
+    if raw := headers.get("x-fal-request-timeout"):
+        try:
+            timeout_s = float(raw)
+        except ValueError:
+            raise ApiError(400, f"X-Fal-Request-Timeout must be a number of seconds, not {raw!r}") from None
+        if timeout_s <= 0:
+            raise ApiError(400, "X-Fal-Request-Timeout must be positive")
+    store_io = headers.get("x-fal-store-io", "1").strip() not in ("0", "false") and not inp.sync_mode
+    return {"priority": priority, "timeout_s": timeout_s, "store_io": store_io}
+
+
+def _idempotent_id(request: Request, endpoint_id: str) -> str | None:
+    for name in IDEMPOTENCY_HEADERS:
+        if key := request.headers.get(name):
+            owner = request.headers.get("authorization", "")
+            return str(uuid.uuid5(_IDEMPOTENCY_NS, f"{owner}\n{endpoint_id}\n{key}"))
+    return None
+
+
+async def submit(request: Request, spec: EndpointSpec, webhook_url: str | None = None):
+    """Validate and queue; returns the job (an existing one for a repeated idempotency key)."""
+    gen, body, inp = await prepare(request, spec)
+    options = _options(request, inp)
+    store = request.app.state.store
+    job_id = _idempotent_id(request, spec.id)
+    if job_id and (existing := await asyncio.to_thread(store.get, job_id)) is not None:
+        return existing
+    if webhook_url is not None:
+        if urlsplit(webhook_url).scheme not in ("http", "https"):
+            raise FalValidationError([field_error(["fal_webhook"], "must be an http(s) URL")])
+        options["webhook"] = {"url": webhook_url, "events": ["completed"], "dialect": DIALECT,
+                              "base_url": base_url(request)}
+    try:
+        job = await asyncio.to_thread(
+            store.submit,
+            endpoint=spec.id,
+            dialect=DIALECT,
+            request=gen.model_dump(mode="json"),
+            input=body,
+            job_id=job_id,
+            **options,
+        )
+    except Exception:
+        if job_id and (existing := await asyncio.to_thread(store.get, job_id)) is not None:
+            return existing  # a concurrent retry with the same key won the race
+        raise
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.submitted(spec.id)
+    return job
+
+
+# ---- job -> fal bodies -------------------------------------------------------------------------------------
+def _timestamp(value: datetime | None) -> str:
+    value = value or datetime.now(UTC)
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+def log_entry(line: Any) -> dict[str, Any]:
+    return {"message": line.message, "level": line.level, "source": "USER", "timestamp": _timestamp(line.timestamp)}
+
+
+def inference_time(job: Any) -> float | None:
+    timings = (job.result or {}).get("timings") or {}
+    if isinstance(timings.get("inference"), (int, float)):
+        return float(timings["inference"])
+    if job.started_at and job.completed_at:
+        return max(0.0, (job.completed_at - job.started_at).total_seconds())
+    return None
+
+
+def job_error(job: Any) -> tuple[str, str]:
+    """(error, error_type) of a failed or cancelled job, as fal names them."""
+    if job.status == "cancelled":
+        return job.error or "Request was cancelled", job.error_type or "request_cancelled"
+    return job.error or "Internal server error", job.error_type or "internal_server_error"
+
+
+def status_body(job: Any, urls: dict[str, str], logs: list[dict] | None, position: int | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"request_id": job.id, **urls}
+    if job.status == "queued":
+        body.update(status="IN_QUEUE", queue_position=position or 0)
+    elif job.status == "running":
+        body.update(status="IN_PROGRESS", logs=logs)
+    else:
+        seconds = inference_time(job)
+        body.update(status="COMPLETED", logs=logs, metrics={"inference_time": seconds} if seconds is not None else {})
+        if job.status != "completed":
+            body["error"], body["error_type"] = job_error(job)
+    return body
+
+
+def output_body(storage: Any, base: str, job: Any, spec: EndpointSpec) -> dict[str, Any]:
+    """The endpoint's output JSON: file URLs under ``base``, or data URIs for sync_mode / X-Fal-Store-IO: 0."""
+    result = job.result or {}
+    inline = bool((job.input or {}).get("sync_mode")) or not job.store_io
+    images = []
+    for image in result.get("images", []):
+        if inline:
+            data, content_type = storage.get(image["key"])
+            url = data_uri(data, image.get("content_type") or content_type)
+        else:
+            url = f"{base}/files/{image['key']}"
+        images.append(
+            {"url": url, "width": image.get("width"), "height": image.get("height"),
+             "content_type": image.get("content_type")}
+        )
+    if output_model(spec) is ProOutput:
+        return {"images": images, "seed": result.get("seed")}
+    nsfw = result.get("has_nsfw_concepts") or [bool(i.get("nsfw")) for i in result.get("images", [])]
+    return {
+        "images": images,
+        "timings": result.get("timings") or {},
+        "seed": result.get("seed"),
+        "has_nsfw_concepts": nsfw,
+        "prompt": result.get("prompt", (job.request or {}).get("prompt", "")),
+    }
+
+
+def error_response(job: Any) -> Response:
+    """A failed or cancelled job as the endpoint's own error answer."""
+    error, error_type = job_error(job)
+    detail = getattr(job, "error_detail", None) or {}
+    if error_type in ("validation_error", "input_error", "invalid_input") or detail.get("field"):
+        field = detail.get("field") or "body"
+        loc = [part for part in field.replace("]", "").replace("[", ".").split(".") if part]
+        loc = [int(p) if p.isdigit() else p for p in loc]
+        body = {"detail": [field_error(loc, detail.get("message") or error)]}
+        return _json(body, 422, job.id)
+    if error_type == "request_timeout":
+        return _json({"detail": "Request timed out", "error_type": error_type}, 504, job.id,
+                     {"X-Fal-Error-Type": error_type, "X-Fal-Request-Timeout-Type": "user"})
+    status = 400 if job.status == "cancelled" else 500
+    return _json({"detail": error, "error_type": error_type}, status, job.id, {"X-Fal-Error-Type": error_type})
+
+
+def _forget(request: Request, job: Any) -> None:
+    """Drop a store_io=0 / sync_mode job's bodies and files once answered."""
+    store, storage = request.app.state.store, request.app.state.storage
+    for image in (job.result or {}).get("images", []):
+        with contextlib.suppress(Exception):  # already gone
+            storage.delete(image["key"])
+    store.forget_io(job.id)
+
+
+def result_response(request: Request, job: Any, spec: EndpointSpec) -> Response:
+    if job.status != "completed":
+        return error_response(job)
+    body = output_body(request.app.state.storage, base_url(request), job, spec)
+    if not job.store_io or (job.input or {}).get("sync_mode"):
+        _forget(request, job)
+    return _json(body, 200, job.id)
+
+
+# ---- synchronous run ------------------------------------------------------------------------------------------
+async def wait_for(request: Request, job_id: str, *, cancel_on_disconnect: bool = True) -> Any:
+    store = request.app.state.store
+    while True:
+        job = await asyncio.to_thread(store.wait, job_id, 1.0)
+        if job is None or job.status in TERMINAL:
+            return job
+        if cancel_on_disconnect and await request.is_disconnected():
+            await asyncio.to_thread(store.request_cancel, job_id)
+            return job
+
+
+async def run(request: Request, endpoint_id: str) -> Response:
+    spec = endpoint_spec(request, endpoint_id)
+    job = await submit(request, spec)
+    job = await wait_for(request, job.id)
+    return await asyncio.to_thread(result_response, request, job, spec)
+
+
+async def run_stream(request: Request, endpoint_id: str) -> Response:
+    """SSE: a ``data:`` event per progress step, then the output (or the error)."""
+    spec = endpoint_spec(request, endpoint_id)
+    job = await submit(request, spec)
+    store = request.app.state.store
+
+    async def events():
+        after, last_beat = 0, time.monotonic()
+        while True:
+            current = await asyncio.to_thread(store.get, job.id)
+            lines = await asyncio.to_thread(store.logs, job.id, after)
+            if lines:
+                after = lines[-1].seq
+                progress = {"step": current.step, "total": current.total_steps}
+                event: dict[str, Any] = {"status": "IN_PROGRESS", "progress": progress,
+                                         "logs": [log_entry(line) for line in lines]}
+                previews = [line.preview_key for line in lines if line.preview_key]
+                if previews:
+                    event["images"] = [{"url": image_url(request, key)} for key in previews]
+                yield f"data: {json.dumps(event)}\n\n"
+                last_beat = time.monotonic()
+            if current.status in TERMINAL:
+                response = await asyncio.to_thread(result_response, request, current, spec)
+                yield f"data: {response.body.decode()}\n\n"
+                return
+            if await request.is_disconnected():
+                await asyncio.to_thread(store.request_cancel, job.id)
+                return
+            if time.monotonic() - last_beat > KEEPALIVE_S:
+                yield ": keep-alive\n\n"
+                last_beat = time.monotonic()
+            await asyncio.sleep(STREAM_POLL_S)
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"x-fal-request-id": job.id, "Cache-Control": "no-cache"})
+
+
+# ---- queue -------------------------------------------------------------------------------------------------------
+async def queue_submit(request: Request, endpoint_id: str, prefix: str) -> Response:
+    spec = endpoint_spec(request, endpoint_id)
+    job = await submit(request, spec, request.query_params.get("fal_webhook"))
+    # Accepted: from here on nothing may turn into a 5xx, or a retrying client would submit twice.
+    position = 0
+    with contextlib.suppress(Exception):
+        if job.status == "queued":
+            position = await _store_call(request, request.app.state.store.queue_position, job.id) or 0
+    body = {"status": "IN_QUEUE", "request_id": job.id, **queue_urls(request, prefix, spec.id, job.id),
+            "queue_position": position}
+    return _json(body, 200, job.id)
+
+
+async def find_job(request: Request, app: str, request_id: str) -> Any:
+    """The fal job ``request_id`` submitted to an endpoint of ``app`` (owner/alias), or 404."""
+    job = await _store_call(request, request.app.state.store.get, request_id)
+    if job is None or job.dialect != DIALECT or app_path(job.endpoint) != app.strip("/"):
+        raise ApiError(404, f"Request {request_id!r} not found for {app!r}", error_type="not_found")
+    return job
+
+
+def _wants_logs(request: Request) -> bool:
+    return request.query_params.get("logs", "0").lower() in ("1", "true", "yes")
+
+
+async def _status(request: Request, job: Any, prefix: str, with_logs: bool, after: int = 0) -> tuple[dict, int]:
+    store = request.app.state.store
+    position = logs = None
+    if job.status == "queued":
+        position = await _store_call(request, store.queue_position, job.id)
+    elif with_logs:
+        lines = await _store_call(request, store.logs, job.id, after)
+        logs = [log_entry(line) for line in lines]
+        if lines:
+            after = lines[-1].seq
+    body = status_body(job, queue_urls(request, prefix, job.endpoint, job.id), logs, position)
+    return body, after
+
+
+async def queue_status(request: Request, app: str, request_id: str, prefix: str) -> Response:
+    job = await find_job(request, app, request_id)
+    body, _ = await _status(request, job, prefix, _wants_logs(request))
+    return _json(body, 200 if body["status"] == "COMPLETED" else 202, job.id)
+
+
+async def queue_status_stream(request: Request, app: str, request_id: str, prefix: str) -> Response:
+    """SSE of status bodies: one per change (logs are only the new lines), closed after COMPLETED."""
+    job = await find_job(request, app, request_id)
+    store, with_logs = request.app.state.store, _wants_logs(request)
+
+    async def events():
+        current, after, last_sent, last_beat = job, 0, None, time.monotonic()
+        while True:
+            body, after_now = await _status(request, current, prefix, with_logs, after)
+            changed = after_now != after or (body["status"], body.get("queue_position")) != last_sent
+            after = after_now
+            if changed:
+                yield f"data: {json.dumps(body)}\n\n"
+                last_sent, last_beat = (body["status"], body.get("queue_position")), time.monotonic()
+                if body["status"] == "COMPLETED":
+                    return
+            elif time.monotonic() - last_beat > KEEPALIVE_S:
+                yield ": keep-alive\n\n"
+                last_beat = time.monotonic()
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(STREAM_POLL_S)
+            current = await _store_call(request, store.get, job.id)
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"x-fal-request-id": job.id, "Cache-Control": "no-cache"})
+
+
+async def queue_result(request: Request, app: str, request_id: str) -> Response:
+    job = await find_job(request, app, request_id)
+    if job.status not in TERMINAL:
+        return _json({"detail": "Request is still in progress", "status": "IN_PROGRESS" if job.status == "running"
+                      else "IN_QUEUE"}, 400, job.id)
+    spec = endpoint_spec(request, job.endpoint)
+    if job.status == "completed" and job.result is None:
+        return fal_error(410, "The output of this request was not stored (sync_mode or X-Fal-Store-IO: 0)",
+                         headers={"x-fal-request-id": job.id})
+    return await asyncio.to_thread(result_response, request, job, spec)
+
+
+async def queue_cancel(request: Request, app: str, request_id: str) -> Response:
+    await find_job(request, app, request_id)
+    outcome = await asyncio.to_thread(request.app.state.store.request_cancel, request_id)
+    codes = {"CANCELLATION_REQUESTED": 202, "ALREADY_COMPLETED": 400}
+    if outcome not in codes:
+        raise ApiError(404, f"Request {request_id!r} not found", error_type="not_found")
+    return _json({"status": outcome}, codes[outcome], request_id)
+
+
+# ---- routes: prefixed layout ----------------------------------------------------------------------------------
+@router.post("/run/{endpoint_id:path}", summary="Run an endpoint and wait for its output")
+async def run_route(request: Request, endpoint_id: str) -> Response:
+    endpoint_id = endpoint_id.strip("/")
+    if endpoint_id.endswith("/stream") and endpoint_id not in _catalog(request).endpoints:
+        return await run_stream(request, endpoint_id.removesuffix("/stream"))
+    return await run(request, endpoint_id)
+
+
+@router.get("/queue/{app:path}/requests/{request_id}/status", summary="Status of a queued request")
+async def status_route(request: Request, app: str, request_id: str) -> Response:
+    return await queue_status(request, app, request_id, "/queue")
+
+
+@router.get("/queue/{app:path}/requests/{request_id}/status/stream", summary="Status events (SSE)")
+async def status_stream_route(request: Request, app: str, request_id: str) -> Response:
+    return await queue_status_stream(request, app, request_id, "/queue")
+
+
+@router.get("/queue/{app:path}/requests/{request_id}", summary="Output of a completed request")
+async def result_route(request: Request, app: str, request_id: str) -> Response:
+    return await queue_result(request, app, request_id)
+
+
+@router.put("/queue/{app:path}/requests/{request_id}/cancel", summary="Cancel a queued or running request")
+async def cancel_route(request: Request, app: str, request_id: str) -> Response:
+    return await queue_cancel(request, app, request_id)
+
+
+@router.post("/queue/{endpoint_id:path}", summary="Queue a request")
+async def submit_route(request: Request, endpoint_id: str) -> Response:
+    return await queue_submit(request, endpoint_id, "/queue")
+
+
+# ---- routes: fal's own layout (included last: catch-all paths) ---------------------------------------------------
+def _is_queue_host(request: Request) -> bool:
+    host = request.headers.get("x-forwarded-host") or request.headers.get("host") or ""
+    return host.lower().startswith("queue.")
+
+
+@root_router.get("/{app:path}/requests/{request_id}/status", include_in_schema=False)
+async def root_status_route(request: Request, app: str, request_id: str) -> Response:
+    return await queue_status(request, app, request_id, "")
+
+
+@root_router.get("/{app:path}/requests/{request_id}/status/stream", include_in_schema=False)
+async def root_status_stream_route(request: Request, app: str, request_id: str) -> Response:
+    return await queue_status_stream(request, app, request_id, "")
+
+
+@root_router.get("/{app:path}/requests/{request_id}", include_in_schema=False)
+async def root_result_route(request: Request, app: str, request_id: str) -> Response:
+    return await queue_result(request, app, request_id)
+
+
+@root_router.put("/{app:path}/requests/{request_id}/cancel", include_in_schema=False)
+async def root_cancel_route(request: Request, app: str, request_id: str) -> Response:
+    return await queue_cancel(request, app, request_id)
+
+
+@root_router.post("/{endpoint_id:path}", include_in_schema=False)
+async def root_post_route(request: Request, endpoint_id: str) -> Response:
+    if _is_queue_host(request):
+        return await queue_submit(request, endpoint_id, "")
+    return await run_route(request, endpoint_id)
+
+
+# ---- per-endpoint OpenAPI documents (fal's path) -----------------------------------------------------------------
+docs_router = APIRouter(tags=["fal"])
+
+
+@docs_router.get("/api/openapi/queue/openapi.json", summary="fal-style OpenAPI document of one endpoint")
+async def endpoint_openapi(request: Request, endpoint_id: str) -> JSONResponse:
+    spec = endpoint_spec(request, endpoint_id)
+    return JSONResponse(endpoint_openapi_document(spec, base_url(request)))
+
+
+@docs_router.get("/api/endpoints", summary="Every endpoint of the catalogue")
+async def list_endpoints(request: Request) -> JSONResponse:
+    catalog = _catalog(request)
+    base = base_url(request)
+    return JSONResponse([
+        {"endpoint_id": s.id, "title": s.title, "model": s.model, "task": s.task, "schema": s.schema,
+         "openapi": f"{base}/api/openapi/queue/openapi.json?endpoint_id={s.id}"}
+        for s in catalog.endpoints.values()
+    ])
+
+
+def endpoint_openapi_document(spec: EndpointSpec, server: str) -> dict[str, Any]:
+    input_schema = input_model(spec).model_json_schema(ref_template="#/components/schemas/{model}")
+    output_schema = output_model(spec).model_json_schema(ref_template="#/components/schemas/{model}")
+    components: dict[str, Any] = {}
+    for schema in (input_schema, output_schema):
+        components.update(schema.pop("$defs", {}))
+    input_name, output_name = input_model(spec).__name__, output_model(spec).__name__
+    components[input_name], components[output_name] = input_schema, output_schema
+    status = {"type": "object", "properties": {
+        "status": {"type": "string", "enum": ["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]},
+        "request_id": {"type": "string"}, "response_url": {"type": "string"}, "status_url": {"type": "string"},
+        "cancel_url": {"type": "string"}, "queue_position": {"type": "integer"}, "logs": {"type": "array"},
+        "metrics": {"type": "object"}, "error": {"type": "string"}, "error_type": {"type": "string"}}}
+    components["QueueStatus"] = status
+    app = app_path(spec.id)
+    ok = {"description": "Successful Response"}
+    return {
+        "openapi": "3.0.4",
+        "info": {"title": spec.title, "version": "1.0.0", "x-fal-metadata": {"endpointId": spec.id}},
+        "servers": [{"url": f"{server}/queue"}],
+        "paths": {
+            f"/{spec.id}": {"post": {
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": f"#/components/schemas/{input_name}"}}}},
+                "responses": {"200": {**ok, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/QueueStatus"}}}}}}},
+            f"/{app}/requests/{{request_id}}/status": {"get": {"responses": {"200": ok, "202": ok}}},
+            f"/{app}/requests/{{request_id}}/cancel": {"put": {"responses": {"202": ok, "400": ok}}},
+            f"/{app}/requests/{{request_id}}": {"get": {"responses": {"200": {**ok, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{output_name}"}}}}}}},
+        },
+        "components": {"schemas": components},
+    }
+
+
+# ---- webhooks ----------------------------------------------------------------------------------------------------
+def webhook_payload(catalog: Catalog, storage: Any, job: Any) -> tuple[str, dict[str, Any]] | None:
+    """fal's webhook body: ``status`` OK with the output as ``payload``, or ERROR with the error answer."""
+    hook = job.webhook or {}
+    if not hook.get("url"):
+        return None
+    body: dict[str, Any] = {"request_id": job.id, "gateway_request_id": job.id}
+    try:
+        spec = catalog.endpoint(job.endpoint)
+        if job.status == "completed":
+            body.update(status="OK", payload=output_body(storage, hook.get("base_url", ""), job, spec), error=None)
+            return hook["url"], body
+    except Exception as exc:  # noqa: BLE001 - report rather than lose the notification
+        body.update(status="ERROR", payload=None, error=f"Could not build the output: {exc}")
+        return hook["url"], body
+    response = error_response(job)
+    body.update(status="ERROR", error=f"Invalid status code: {response.status_code}",
+                payload=json.loads(response.body))
+    return hook["url"], body

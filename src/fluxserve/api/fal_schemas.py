@@ -1,0 +1,189 @@
+"""Input and output models of the fal endpoints, one per schema family of the catalogue.
+
+Families (catalog.toml ``schema``): ``dev`` (seed 001, FLUX.2 [dev] Standard), ``fast`` (Turbo and Flash: no
+``num_inference_steps`` / ``acceleration``), ``lora`` (dev + ``loras``), ``pro`` (seed 000: no steps or
+guidance, ``safety_tolerance``, jpeg/png), ``flex`` (pro + steps, guidance, prompt expansion), ``klein``
+(like dev). Edit endpoints add ``image_urls``. Defaults of steps, guidance, prompt expansion and output format
+come from the endpoint's preset. Unknown fields are ignored, as fal does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+
+from fluxserve.catalog import EndpointSpec
+
+ImageSizeName = Literal["square_hd", "square", "portrait_4_3", "portrait_16_9", "landscape_4_3", "landscape_16_9"]
+EditImageSizeName = Literal[
+    "auto", "square_hd", "square", "portrait_4_3", "portrait_16_9", "landscape_4_3", "landscape_16_9"
+]
+Acceleration = Literal["none", "regular", "high"]
+SafetyTolerance = Literal["1", "2", "3", "4", "5"]
+
+FAMILIES = ("dev", "fast", "lora", "pro", "flex", "klein")
+
+
+class ImageSize(BaseModel):
+    """A custom output size."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    width: int = Field(512, ge=512, le=2048, description="The width of the generated image.")
+    height: int = Field(512, ge=512, le=2048, description="The height of the generated image.")
+
+
+class LoraWeight(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    path: str = Field(description="URL or path to the LoRA weights (.safetensors), or an hf:// reference.")
+    scale: float = Field(1.0, ge=0, le=4, description="The scale of the LoRA weight, multiplying its effect.")
+
+
+class FalInput(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(
+        min_length=1,
+        description="The prompt to generate an image from.",
+        examples=["A cinematic portrait of a weathered sailor with white beard, golden hour lighting"],
+    )
+    seed: int | None = Field(
+        None, description="The seed to use for the generation. If not provided, a random seed will be used."
+    )
+    sync_mode: bool = Field(
+        False,
+        description="If `True`, the media will be returned as a data URI and the output data won't be available "
+        "in the request history.",
+    )
+    enable_safety_checker: bool = Field(True, description="If set to true, the safety checker will be enabled.")
+
+
+def _coerce_tolerance(value: Any) -> Any:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class ImageFile(BaseModel):
+    url: str = Field(description="The URL of the image (a data URI with sync_mode).")
+    width: int | None = None
+    height: int | None = None
+    content_type: str | None = Field(None, examples=["image/png"])
+
+
+class Timings(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class DevOutput(BaseModel):
+    images: list[ImageFile] = Field(description="The generated images")
+    timings: dict[str, float] = Field(default_factory=dict)
+    seed: int = Field(
+        description="Seed of the generated Image. It will be the same value of the one passed in the input or the "
+        "randomly generated that was used in case none was passed."
+    )
+    has_nsfw_concepts: list[bool] = Field(description="Whether the generated images contain NSFW concepts.")
+    prompt: str = Field(description="The prompt used for generating the image.")
+
+
+class ProOutput(BaseModel):
+    images: list[ImageFile] = Field(description="The generated images.")
+    seed: int = Field(description="The seed used for the generation.")
+
+
+def output_model(spec: EndpointSpec) -> type[BaseModel]:
+    return ProOutput if spec.schema in ("pro", "flex") else DevOutput
+
+
+def _fields(spec: EndpointSpec) -> dict[str, Any]:
+    """The fields of ``spec``'s input model beyond the common ones, as ``create_model`` wants them."""
+    family = spec.schema
+    if family not in FAMILIES:
+        raise ValueError(f"endpoint {spec.id!r}: unknown schema family {family!r}; known: {', '.join(FAMILIES)}")
+    fields: dict[str, Any] = {}
+    size_type: Any = EditImageSizeName if spec.is_edit else ImageSizeName
+    size_default = "auto" if spec.is_edit else "landscape_4_3"
+    size_note = " With `auto` (the default for edits) the size of the first input image is used." if spec.is_edit else ""
+    fields["image_size"] = (
+        ImageSize | size_type | None,
+        Field(
+            size_default,
+            description="The size of the image to generate. The width and height must be between 512 and 2048 "
+            "pixels." + size_note,
+        ),
+    )
+    formats: Any = Literal["jpeg", "png"] if family in ("pro", "flex") else Literal["jpeg", "png", "webp"]
+    fields["output_format"] = (formats, Field(spec.output_format, description="The format of the generated image."))
+    if family in ("pro", "flex"):
+        fields["safety_tolerance"] = (
+            SafetyTolerance,
+            Field(
+                "2",
+                description="The safety tolerance level for the generated image. 1 being the most strict and 5 "
+                "being the most permissive.",
+            ),
+        )
+    else:
+        fields["num_images"] = (int, Field(1, ge=1, le=4, description="The number of images to generate."))
+    if family != "pro":
+        fields["guidance_scale"] = (
+            float,
+            Field(
+                spec.guidance,
+                ge=0,
+                le=20,
+                description="Guidance Scale is a measure of how close you want the model to stick to your prompt "
+                "when looking for a related image to show you.",
+            ),
+        )
+        fields["enable_prompt_expansion"] = (
+            bool,
+            Field(spec.expand_prompt, description="If set to true, the prompt will be expanded for better results."),
+        )
+    if family in ("dev", "lora", "flex", "klein"):
+        fields["num_inference_steps"] = (
+            int,
+            Field(spec.steps, ge=4, le=50, description="The number of inference steps to perform."),
+        )
+    if family in ("dev", "lora", "klein"):
+        fields["acceleration"] = (
+            Acceleration,
+            Field("regular", description="The acceleration level to use for the image generation."),
+        )
+    if family == "lora":
+        fields["loras"] = (
+            list[LoraWeight],
+            Field(default_factory=list, description="The LoRAs to use for the image generation."),
+        )
+    if spec.is_edit:
+        fields["image_urls"] = (
+            list[str],
+            Field(
+                min_length=1,
+                max_length=spec.max_references,
+                description=f"The URLs of the images for editing: up to {spec.max_references} reference images "
+                f"(http(s) URLs or data URIs), at most {spec.max_input_megapixels:g} MP in total.",
+            ),
+        )
+    return fields
+
+
+_MODELS: dict[int, tuple[EndpointSpec, type[FalInput]]] = {}
+
+
+def _build_input_model(spec: EndpointSpec) -> type[FalInput]:
+    name = "".join(part.capitalize() for part in spec.id.replace("-", "/").replace(".", "/").split("/")) + "Input"
+    validators = {}
+    if spec.schema in ("pro", "flex"):
+        validators["_tolerance"] = field_validator("safety_tolerance", mode="before")(_coerce_tolerance)
+    model = create_model(name, __base__=FalInput, __validators__=validators, **_fields(spec))
+    model.__doc__ = spec.title
+    return model
+
+
+def input_model(spec: EndpointSpec) -> type[FalInput]:
+    """The pydantic input model of one catalogue endpoint (cached per spec object)."""
+    cached = _MODELS.get(id(spec))
+    if cached is None or cached[0] is not spec:
+        cached = _MODELS[id(spec)] = (spec, _build_input_model(spec))
+    return cached[1]

@@ -1,0 +1,150 @@
+"""Files: ``GET /files/{key}`` serves storage; uploads speak fal's storage protocol.
+
+- Python ``fal_client.upload*``: ``POST /storage/auth/token?storage_type=fal-cdn-v3`` -> a short-lived upload
+  token, then ``POST /files/upload`` (raw body, ``Authorization: Bearer <token>``, ``X-Fal-File-Name``)
+  -> ``{"access_url"}``; fallback ``POST /storage/upload/initiate`` -> ``{"upload_url", "file_url"}`` + ``PUT``.
+- JS ``fal.storage.upload``: ``POST /storage/upload/initiate?storage_type=fal-cdn-v3`` then ``PUT`` (no auth:
+  the upload URL itself is signed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from fluxserve.api.auth import check_request, parse_authorization, require_key
+from fluxserve.api.common import base_url, image_url
+from fluxserve.api.errors import ApiError
+
+MAX_UPLOAD_BYTES = int(os.environ.get("FLUXSERVE_MAX_UPLOAD_MB", "100")) * 1024 * 1024
+TOKEN_TTL_S = 3600
+UPLOAD_PREFIX = "uploads"
+
+router = APIRouter(tags=["files"])
+
+
+class Signer:
+    """HMAC-signed, expiring tokens (upload tokens and signed upload URLs). The secret lives in memory:
+    tokens die with the process, and clients simply ask for a new one."""
+
+    def __init__(self, secret: bytes | None = None):
+        self.secret = secret or secrets.token_bytes(32)
+
+    def sign(self, payload: dict[str, Any]) -> str:
+        raw = base64.urlsafe_b64encode(json.dumps(payload, separators=(",", ":")).encode()).rstrip(b"=")
+        mac = hmac.new(self.secret, raw, hashlib.sha256).digest()
+        return f"{raw.decode()}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
+
+    def verify(self, token: str) -> dict[str, Any] | None:
+        raw, _, mac = token.partition(".")
+        expected = base64.urlsafe_b64encode(hmac.new(self.secret, raw.encode(), hashlib.sha256).digest()).rstrip(b"=")
+        if not hmac.compare_digest(expected, mac.encode()):
+            return None
+        payload = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+        if payload.get("exp", 0) < time.time():
+            return None
+        return payload
+
+
+def _signer(request: Request) -> Signer:
+    return request.app.state.signer
+
+
+def _content_type(value: str | None) -> str:
+    return (value or "application/octet-stream").split(";")[0].strip() or "application/octet-stream"
+
+
+async def _body(request: Request) -> bytes:
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > MAX_UPLOAD_BYTES:
+        raise ApiError(413, f"File too large: the limit is {MAX_UPLOAD_BYTES // (1024 * 1024)} MB")
+    data = bytearray()
+    async for chunk in request.stream():
+        data.extend(chunk)
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise ApiError(413, f"File too large: the limit is {MAX_UPLOAD_BYTES // (1024 * 1024)} MB")
+    return bytes(data)
+
+
+def write_at(storage: Any, key: str, data: bytes, content_type: str) -> None:
+    """Write ``data`` at an existing key (a reserved upload slot). Storage has no public put-at-key, so use the
+    backend's own means."""
+    if hasattr(storage, "put_at"):
+        storage.put_at(key, data, content_type)
+    elif hasattr(storage, "path"):  # LocalStorage
+        path = storage.path(key)
+        tmp = path.with_name(f".tmp-{secrets.token_hex(8)}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    else:  # S3Storage
+        storage.client.put_object(Bucket=storage.bucket, Key=storage._object(key), Body=data, ContentType=content_type)
+
+
+# ---- serving ---------------------------------------------------------------------------------------------------
+@router.get("/files/{key:path}", summary="A stored file (outputs, uploads, previews)")
+async def get_file(request: Request, key: str) -> Response:
+    try:
+        data, content_type = await asyncio.to_thread(request.app.state.storage.get, key)
+    except KeyError:
+        raise ApiError(404, f"File {key!r} not found", error_type="not_found") from None
+    return Response(data, media_type=content_type, headers={"Cache-Control": "public, max-age=31536000, immutable"})
+
+
+# ---- uploads ---------------------------------------------------------------------------------------------------
+@router.post("/storage/auth/token", dependencies=[Depends(require_key("fal"))], summary="fal upload token")
+async def upload_token(request: Request) -> JSONResponse:
+    expires = datetime.now(UTC) + timedelta(seconds=TOKEN_TTL_S)
+    token = _signer(request).sign({"kind": "upload", "exp": expires.timestamp()})
+    return JSONResponse(
+        {"token": token, "token_type": "Bearer", "base_url": base_url(request), "expires_at": expires.isoformat()}
+    )
+
+
+@router.post("/files/upload", summary="Upload a file (raw body); answers its access_url")
+async def upload_file(request: Request) -> JSONResponse:
+    secret = parse_authorization(request.headers.get("authorization"))
+    payload = _signer(request).verify(secret) if secret else None
+    if not payload or payload.get("kind") != "upload":
+        await check_request(request, "fal")  # an API key works too
+    data = await _body(request)
+    name = request.headers.get("x-fal-file-name") or None
+    content_type = _content_type(request.headers.get("content-type"))
+    key = await asyncio.to_thread(request.app.state.storage.put, data, content_type, UPLOAD_PREFIX, name)
+    return JSONResponse({"access_url": image_url(request, key), "file_name": name or key.rsplit("/", 1)[-1]})
+
+
+@router.post("/storage/upload/initiate", dependencies=[Depends(require_key("fal"))],
+             summary="Start a two-step upload: answers upload_url (PUT the bytes there) and file_url")
+async def initiate_upload(request: Request) -> JSONResponse:
+    try:
+        body = await request.json()
+    except ValueError:
+        body = {}
+    body = body if isinstance(body, dict) else {}
+    content_type = _content_type(body.get("content_type"))
+    name = body.get("file_name") or None
+    storage = request.app.state.storage
+    key = await asyncio.to_thread(storage.put, b"", content_type, UPLOAD_PREFIX, name)  # reserve the slot
+    token = _signer(request).sign({"kind": "put", "key": key, "ct": content_type, "exp": time.time() + TOKEN_TTL_S})
+    return JSONResponse({"upload_url": f"{base_url(request)}/storage/upload/{token}", "file_url": image_url(request, key)})
+
+
+@router.put("/storage/upload/{token}", summary="The second step of an initiated upload")
+async def put_upload(request: Request, token: str) -> JSONResponse:
+    payload = _signer(request).verify(token)
+    if not payload or payload.get("kind") != "put":
+        raise ApiError(403, "Invalid or expired upload URL: initiate the upload again")
+    data = await _body(request)
+    await asyncio.to_thread(write_at, request.app.state.storage, payload["key"], data, payload["ct"])
+    return JSONResponse({"file_url": image_url(request, payload["key"])})

@@ -1,0 +1,60 @@
+"""``fluxserve serve``: the API, the job store and the GPU workers in one process."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fluxserve.commands.common import add_model_flags, settings_from_args
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("serve", help="serve the fal, OpenAI and Replicate APIs",
+                                   description="Serve the fal, OpenAI Images and Replicate APIs with a durable queue.")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1; beyond loopback an API key is required)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--db", help="job store URL: sqlite:///path.db or postgresql://... (default: SQLite in "
+                        "the data directory)")
+    parser.add_argument("--storage", help="file storage: a directory or s3://bucket/prefix")
+    parser.add_argument("--ssl-certfile", help="serve https with this certificate (PEM)")
+    parser.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
+    parser.add_argument("--workers-per-device", type=int, help="worker threads per device (default 1)")
+    parser.add_argument("--no-workers", action="store_true",
+                        help="API only: leave the jobs to `fluxserve worker` processes sharing the database")
+    add_model_flags(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from fluxserve.api.app import create_app
+    from fluxserve.api.auth import is_loopback
+
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        print("error: --ssl-certfile and --ssl-keyfile go together", file=sys.stderr)
+        return 2
+    settings = settings_from_args(args, db=args.db, storage=args.storage, workers_per_device=args.workers_per_device)
+    app = create_app(settings, start_workers=not args.no_workers)
+    if not is_loopback(args.host):
+        if not app.state.store.has_keys():
+            print(
+                f"error: refusing to listen on {args.host} without an API key.\n"
+                "Create one first:  fluxserve keys create --name my-team\n"
+                "(clients send it as 'Authorization: Key <key>', or FAL_KEY=<key> with the fal clients)",
+                file=sys.stderr,
+            )
+            return 2
+        app.state.auth.required = True
+    scheme = "https" if args.ssl_certfile else "http"
+    shown_host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"fluxserve: {scheme}://{shown_host}:{args.port}  (data: {settings.data_dir}, db: {settings.db_url})")
+    if scheme == "https":
+        print(f"  fal clients: FAL_RUN_HOST={shown_host}:{args.port}/run "
+              f"FAL_QUEUE_RUN_HOST={shown_host}:{args.port}/queue SSL_CERT_FILE={args.ssl_certfile}")
+    else:
+        print(f"  fal clients: fluxserve.compat.fal.use('{scheme}://{shown_host}:{args.port}')")
+    uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+                log_level="info", timeout_graceful_shutdown=30)
+    return 0
