@@ -1,0 +1,599 @@
+"""The OpenAI Images dialect: ``/v1/images/generations``, ``/v1/images/edits``, ``/v1/models``.
+
+A translation, nothing more: an OpenAI request becomes one or more canonical jobs (``n`` above the model's
+batch limit is split into parallel jobs), which run on the shared workers; their results become an
+``ImagesResponse`` (or an SSE stream of ``image_generation.*`` / ``image_edit.*`` events).
+
+Sizes follow seed 004 (``WxH``, ``W:H``, ``auto``, ``aspect_ratio`` + ``resolution`` tiers, ``size`` wins);
+parameters we do not model pass through to the canonical request when they name one of its knobs
+(``steps``, ``guidance``, ``safety_tolerance``, ...). Errors have OpenAI's shape; every response carries
+``x-request-id``; a 5xx once work has started carries ``x-should-retry: false``; a retry (same
+``Idempotency-Key``, or the SDK's own retry of the same body) reattaches to the jobs it already made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+
+from fluxserve.api.auth import check_request
+from fluxserve.api.common import data_uri, image_url
+from fluxserve.api.errors import ApiError
+from fluxserve.catalog import Catalog, EndpointSpec
+from fluxserve.request import GenerationRequest
+from fluxserve.sizes import SizeError, gateway_size
+
+MAX_N = 10
+MAX_BATCH = 4  # images one job makes (GenerationRequest.num_images)
+OUTPUT_FORMATS = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg", "webp": "webp", "gif": "gif", "avif": "avif"}
+TERMINAL = ("completed", "failed", "cancelled")
+INPUT_ERRORS = ("input_error", "invalid_input", "validation_error", "bad_request")
+
+# Provider fields (seed 004 "passthrough") -> canonical request fields.
+PASSTHROUGH: dict[str, str] = {
+    "steps": "steps",
+    "num_inference_steps": "steps",
+    "guidance": "guidance",
+    "guidance_scale": "guidance",
+    "safety_tolerance": "safety_tolerance",
+    "enable_safety_checker": "safety_checker",
+    "acceleration": "acceleration",
+    "enable_prompt_expansion": "expand_prompt",
+    "prompt_upsampling": "expand_prompt",
+    "output_quality": "output_quality",
+}
+# Accepted and not modelled by FLUX.2 (quality tiers, styles, transparency, user ids).
+IGNORED = ("quality", "style", "background", "user", "input_fidelity", "safety_identifier", "moderation")
+BOOL_FIELDS = ("stream", "enable_safety_checker", "disable_safety_checker", "enable_prompt_expansion",
+               "prompt_upsampling", "sync_mode", "go_fast")
+
+
+class OpenAIRoute(APIRoute):
+    """Every response of the dialect carries ``x-request-id``; errors keep OpenAI's shape."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            request_id = request.headers.get("x-request-id") or f"req_{uuid.uuid4().hex}"
+            request.state.request_id = request_id
+            try:
+                response = await handler(request)
+            except ApiError as exc:
+                if exc.dialect != "openai":
+                    exc = ApiError(exc.status, exc.message, dialect="openai", param=exc.param,
+                                   error_type=exc.error_type, headers=exc.headers)
+                response = _error_response(exc)
+            response.headers["x-request-id"] = request_id
+            return response
+
+        return route
+
+
+router = APIRouter(prefix="/v1", tags=["OpenAI Images"], route_class=OpenAIRoute)
+
+
+def _error_response(exc: ApiError) -> JSONResponse:
+    error_type = "invalid_request_error" if exc.status < 500 else "server_error"
+    if exc.status == 401:
+        error_type = "invalid_request_error"
+    body = {"error": {"message": exc.message, "type": error_type, "param": exc.param, "code": exc.error_type}}
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+
+
+def invalid(param: str | None, message: str, code: str = "invalid_value", status: int = 400) -> ApiError:
+    return ApiError(status, message, dialect="openai", param=param, error_type=code)
+
+
+# ---- translation ------------------------------------------------------------------------------------
+def preset_request(spec: EndpointSpec, **fields: Any) -> dict[str, Any]:
+    """A canonical request dict: the endpoint's preset, then ``fields`` (shared with the Replicate dialect).
+    Fixed sigmas (the Turbo preset) fix the step count."""
+    request: dict[str, Any] = {
+        "model": spec.model,
+        "steps": spec.steps,
+        "guidance": spec.guidance,
+        "expand_prompt": spec.expand_prompt,
+        "output_format": spec.output_format,
+    }
+    if spec.loras:
+        request["loras"] = [lora.model_dump() for lora in spec.loras]
+    request.update({k: v for k, v in fields.items() if v is not None})
+    if spec.sigmas:
+        request["sigmas"] = list(spec.sigmas)
+        request["steps"] = len(spec.sigmas)
+    return request
+
+
+def resolve_model(catalog: Catalog, name: Any, edit: bool) -> EndpointSpec:
+    name = name or catalog.openai_default
+    if not isinstance(name, str) or name not in catalog.openai_models:
+        known = ", ".join(sorted(catalog.openai_models))
+        raise invalid("model", f"The model '{name}' does not exist. Models served here: {known}.",
+                      code="model_not_found", status=404)
+    text_id, edit_id = catalog.openai_models[name]
+    return catalog.endpoint(edit_id if edit else text_id)
+
+
+def _int(fields: dict[str, Any], name: str, low: int, high: int, default: int | None = None) -> int | None:
+    value = fields.get(name)
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool):
+        raise invalid(name, f"'{name}' must be an integer between {low} and {high}.", "invalid_type")
+    try:
+        number = int(value)
+        if isinstance(value, float) and number != value:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise invalid(name, f"Invalid type for '{name}': expected an integer, got {value!r}.",
+                      "invalid_type") from None
+    if number < low:
+        raise invalid(name, f"{number} is less than the minimum of {low} - '{name}'.", "integer_below_min_value")
+    if number > high:
+        raise invalid(name, f"{number} is greater than the maximum of {high} - '{name}'.",
+                      "integer_above_max_value")
+    return number
+
+
+def _bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        return value.lower() in ("true", "1", "yes", "on")
+    if isinstance(value, int):
+        return bool(value)
+    raise invalid(name, f"Invalid value for '{name}': expected a boolean, got {value!r}.", "invalid_type")
+
+
+def _choice(fields: dict[str, Any], name: str, allowed: dict[str, str] | tuple[str, ...], default: str) -> str:
+    value = fields.get(name)
+    if value is None or value == "":
+        return default
+    mapping = allowed if isinstance(allowed, dict) else {a: a for a in allowed}
+    if not isinstance(value, str) or value.lower() not in mapping:
+        names = ", ".join(dict.fromkeys(mapping))
+        raise invalid(name, f"Invalid value: {value!r}. Supported values are: {names}.")
+    return mapping[value.lower()]
+
+
+def translate(
+    fields: dict[str, Any], catalog: Catalog, images: list[str], edit: bool
+) -> tuple[EndpointSpec, list[dict[str, Any]], dict[str, Any]]:
+    """OpenAI fields -> (endpoint, one canonical request per job, response options). Raises ApiError."""
+    prompt = fields.get("prompt")
+    if prompt is None or (isinstance(prompt, str) and not prompt.strip()):
+        raise invalid("prompt", "Missing required parameter: 'prompt'.", "missing_required_parameter")
+    if not isinstance(prompt, str):
+        raise invalid("prompt", "Invalid type for 'prompt': expected a string.", "invalid_type")
+    if fields.get("mask") not in (None, ""):
+        raise invalid(
+            "mask",
+            "Masks are not supported: the served FLUX.2 models do not inpaint. Send the image(s) without a mask "
+            "and describe the change in the prompt; FLUX.2 edits the whole image from its references.",
+            "unsupported_parameter",
+        )
+    spec = resolve_model(catalog, fields.get("model"), edit)
+    if edit and not images:
+        raise invalid("image", "Missing required parameter: 'image' (one or more images to edit).",
+                      "missing_required_parameter")
+    if spec.max_references and len(images) > spec.max_references:
+        raise invalid("image", f"Too many images: {len(images)}; this model takes at most "
+                      f"{spec.max_references} reference images.")
+
+    n = _int(fields, "n", 1, MAX_N, default=1)
+    response_format = _choice(fields, "response_format", ("url", "b64_json"), "url")
+    output_format = _choice(fields, "output_format", OUTPUT_FORMATS, "png")
+    compression = _int(fields, "output_compression", 0, 100)
+    seed = _int(fields, "seed", 0, 2**63 - 1)
+    stream = _bool(fields.get("stream", False), "stream")
+    partial_images = _int(fields, "partial_images", 0, 3, default=0) if stream else 0
+    for name in ("size", "aspect_ratio", "resolution"):
+        if fields.get(name) is not None and not isinstance(fields[name], str):
+            raise invalid(name, f"Invalid type for '{name}': expected a string.", "invalid_type")
+    try:
+        size = gateway_size(fields.get("size"), fields.get("aspect_ratio"), fields.get("resolution"))
+    except SizeError as exc:
+        raise invalid(exc.field, f"Invalid '{exc.field}': {exc.message}.") from None
+    if size is None and "width" in fields and "height" in fields:  # Replicate-style passthrough
+        width, height = _int(fields, "width", 64, 2048), _int(fields, "height", 64, 2048)
+        size = (width, height) if width and height else None
+
+    passthrough: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for name, target in PASSTHROUGH.items():
+        if fields.get(name) is not None and fields[name] != "":
+            value = fields[name]
+            if target in ("safety_checker", "expand_prompt"):
+                value = _bool(value, name)
+            passthrough[target], origin[target] = value, name
+    if fields.get("disable_safety_checker") is not None:
+        passthrough["safety_checker"] = not _bool(fields["disable_safety_checker"], "disable_safety_checker")
+        origin["safety_checker"] = "disable_safety_checker"
+    if fields.get("go_fast") is not None:
+        passthrough["acceleration"] = "high" if _bool(fields["go_fast"], "go_fast") else "regular"
+        origin["acceleration"] = "go_fast"
+    if fields.get("moderation") == "low" and "safety_tolerance" not in passthrough:
+        passthrough["safety_tolerance"] = 5  # the most permissive FLUX.2 tolerance
+
+    base = preset_request(
+        spec, prompt=prompt, image_urls=images, width=size[0] if size else None,
+        height=size[1] if size else None, output_format=output_format, output_quality=compression,
+        partial_images=partial_images,
+    )
+    base.update(passthrough)
+    if spec.sigmas:  # fixed schedules fix the step count
+        base["steps"] = len(spec.sigmas)
+    requests = []
+    offset = 0
+    while offset < n:
+        count = min(MAX_BATCH, n - offset)
+        request = dict(base, num_images=count, seed=None if seed is None else seed + offset)
+        try:
+            requests.append(GenerationRequest.model_validate(request).model_dump(mode="json"))
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            target = str(err["loc"][0]) if err["loc"] else None
+            param = origin.get(target, target)
+            raise invalid(param, f"Invalid '{param}': {err['msg']}.") from None
+        offset += count
+    options = {
+        "response_format": response_format,
+        "output_format": output_format,
+        "stream": stream,
+        "partial_images": partial_images,
+        "sync_mode": _bool(fields.get("sync_mode", False), "sync_mode"),
+        "prompt": prompt,
+    }
+    return spec, requests, options
+
+
+# ---- jobs ----------------------------------------------------------------------------------------------
+class RetryMemory:
+    """Which jobs a request made, so a retry reattaches instead of making duplicates.
+
+    ``Idempotency-Key`` gives deterministic job ids (works across replicas). Without one, the OpenAI SDK's
+    own retries (``x-stainless-retry-count`` > 0, same credentials and body) are matched in memory."""
+
+    def __init__(self, ttl_s: float = 3600.0):
+        self.ttl_s = ttl_s
+        self._seen: dict[str, tuple[float, list[str]]] = {}
+
+    def remember(self, fingerprint: str, job_ids: list[str]) -> None:
+        now = time.monotonic()
+        if len(self._seen) > 5000:
+            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.ttl_s}
+        self._seen[fingerprint] = (now, job_ids)
+
+    def recall(self, fingerprint: str) -> list[str] | None:
+        entry = self._seen.get(fingerprint)
+        if entry and time.monotonic() - entry[0] < self.ttl_s:
+            return entry[1]
+        return None
+
+
+def _memory(request: Request) -> RetryMemory:
+    state = request.app.state
+    if getattr(state, "openai_retries", None) is None:
+        state.openai_retries = RetryMemory()
+    return state.openai_retries
+
+
+def _fingerprint(request: Request, body: bytes) -> str:
+    digest = hashlib.sha256()
+    digest.update((request.headers.get("authorization") or "").encode())
+    digest.update(request.url.path.encode())
+    digest.update(body)
+    return digest.hexdigest()
+
+
+async def submit_jobs(
+    request: Request, spec: EndpointSpec, requests: list[dict[str, Any]], raw: dict[str, Any],
+    store_io: bool, body: bytes,
+) -> list[str]:
+    store = request.app.state.store
+    idempotency_key = request.headers.get("idempotency-key")
+    ids: list[str | None] = [None] * len(requests)
+    if idempotency_key:
+        namespace = uuid.uuid5(uuid.NAMESPACE_URL, "fluxserve/openai")
+        owner = request.headers.get("authorization") or ""
+        ids = [str(uuid.uuid5(namespace, f"{owner}\n{idempotency_key}\n{i}")) for i in range(len(requests))]
+        existing = [await run_in_threadpool(store.get, job_id) for job_id in ids]
+        if all(job is not None for job in existing):
+            return [job_id for job_id in ids if job_id]
+    fingerprint = _fingerprint(request, body)
+    retries = request.headers.get("x-stainless-retry-count", "0")
+    if retries not in ("", "0"):
+        earlier = _memory(request).recall(fingerprint)
+        if earlier:
+            return earlier
+    job_ids = []
+    for index, canonical in enumerate(requests):
+        if idempotency_key:
+            job = await run_in_threadpool(store.get, ids[index])
+            if job is not None:
+                job_ids.append(job.id)
+                continue
+        job = await run_in_threadpool(
+            lambda c=canonical, i=ids[index]: store.submit(
+                endpoint=spec.id, dialect="openai", request=c, input=raw, store_io=store_io, job_id=i
+            )
+        )
+        job_ids.append(job.id)
+    _memory(request).remember(fingerprint, job_ids)
+    return job_ids
+
+
+async def wait_all(request: Request, job_ids: list[str]) -> list[Any]:
+    store = request.app.state.store
+    jobs = []
+    for job_id in job_ids:
+        job = await run_in_threadpool(store.wait, job_id, 30.0)
+        while job.status not in TERMINAL:
+            job = await run_in_threadpool(store.wait, job_id, 30.0)
+        jobs.append(job)
+    return jobs
+
+
+def job_failure(job: Any) -> ApiError:
+    """A terminal job that did not complete -> an OpenAI error (5xx ones must not be retried)."""
+    message = job.error or f"The image generation {job.status}."
+    if job.error_type in INPUT_ERRORS:
+        param = getattr(job, "error_field", None) or _field_of(message)
+        return invalid(param, message)
+    headers = {"x-should-retry": "false"}
+    if job.status == "cancelled":
+        return ApiError(500, "The image generation was cancelled.", dialect="openai", error_type="cancelled",
+                        headers=headers)
+    return ApiError(500, f"The image generation failed: {message}", dialect="openai",
+                    error_type=job.error_type or "server_error", headers=headers)
+
+
+def _field_of(message: str) -> str | None:
+    head, sep, _ = message.partition(":")
+    return head.strip() if sep and head.strip().replace("_", "").replace(".", "").isalnum() else None
+
+
+def _images(job: Any) -> list[dict[str, Any]]:
+    return list((job.result or {}).get("images") or [])
+
+
+async def image_bytes(request: Request, key: str) -> bytes:
+    data, _ = await run_in_threadpool(request.app.state.storage.get, key)
+    return data
+
+
+async def images_response(request: Request, jobs: list[Any], options: dict[str, Any]) -> dict[str, Any]:
+    data = []
+    size = None
+    for job in jobs:
+        revised = (job.result or {}).get("prompt") or options["prompt"]
+        for image in _images(job):
+            size = size or f"{image['width']}x{image['height']}"
+            item: dict[str, Any] = {"revised_prompt": revised}
+            if options["response_format"] == "b64_json":
+                item["b64_json"] = base64.b64encode(await image_bytes(request, image["key"])).decode("ascii")
+            elif options["sync_mode"]:
+                item["url"] = data_uri(await image_bytes(request, image["key"]), image["content_type"])
+            else:
+                item["url"] = image_url(request, image["key"])
+            data.append(item)
+    words = len(options["prompt"].split())
+    return {
+        "created": int(time.time()),
+        "data": data,
+        "background": "opaque",
+        "output_format": options["output_format"],
+        "size": size,
+        "usage": {  # fluxserve does not count tokens; text_tokens is the prompt's word count
+            "input_tokens": words,
+            "input_tokens_details": {"text_tokens": words, "image_tokens": 0},
+            "output_tokens": 0,
+            "total_tokens": words,
+        },
+    }
+
+
+def _sse(event: str, payload: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(payload)}\n\n".encode()
+
+
+async def stream_events(
+    request: Request, job_ids: list[str], options: dict[str, Any], prefix: str
+) -> AsyncIterator[bytes]:
+    """``{prefix}.partial_image`` events from the worker's previews, ``{prefix}.completed`` per image,
+    then ``data: [DONE]``."""
+    store = request.app.state.store
+    common = {"background": "opaque", "output_format": options["output_format"], "quality": "auto"}
+    for job_id in job_ids:
+        seen = 0
+        partial_index = 0
+        while True:
+            job = await run_in_threadpool(store.get, job_id)
+            for line in await run_in_threadpool(store.logs, job_id, seen):
+                seen = max(seen, line.seq)
+                if line.preview_key:
+                    try:
+                        preview = await image_bytes(request, line.preview_key)
+                    except KeyError:
+                        continue
+                    yield _sse(f"{prefix}.partial_image", {
+                        **common, "type": f"{prefix}.partial_image", "created_at": int(time.time()),
+                        "partial_image_index": partial_index, "size": "auto",
+                        "b64_json": base64.b64encode(preview).decode("ascii"),
+                    })
+                    partial_index += 1
+            if job is None or job.status in TERMINAL:
+                break
+            await asyncio.sleep(0.2)
+        if job is None or job.status != "completed":
+            error = job_failure(job) if job else invalid(None, "The job disappeared.", status=500)
+            payload = {"message": error.message, "type": "server_error", "param": error.param,
+                       "code": error.error_type}
+            yield f"data: {json.dumps({'error': payload})}\n\n".encode()
+            break
+        words = len(options["prompt"].split())
+        for image in _images(job):
+            data = await image_bytes(request, image["key"])
+            yield _sse(f"{prefix}.completed", {
+                **common, "type": f"{prefix}.completed", "created_at": int(time.time()),
+                "size": f"{image['width']}x{image['height']}", "b64_json": base64.b64encode(data).decode("ascii"),
+                "usage": {"input_tokens": words, "input_tokens_details": {"text_tokens": words, "image_tokens": 0},
+                          "output_tokens": 0, "total_tokens": words},
+            })
+    yield b"data: [DONE]\n\n"
+
+
+# ---- routes --------------------------------------------------------------------------------------------
+async def _authorize(request: Request) -> None:
+    await check_request(request, "openai")
+
+
+async def _run(request: Request, fields: dict[str, Any], images: list[str], edit: bool, body: bytes) -> Response:
+    catalog: Catalog = request.app.state.catalog
+    spec, requests, options = translate(fields, catalog, images, edit)
+    raw = {k: v for k, v in fields.items() if k not in ("image", "image[]", "mask")}
+    if edit:
+        raw["image_count"] = len(images)
+    job_ids = await submit_jobs(request, spec, requests, raw, not options["sync_mode"], body)
+    headers = {"x-fluxserve-job-ids": ",".join(job_ids)}
+    if options["stream"]:
+        prefix = "image_edit" if edit else "image_generation"
+        return StreamingResponse(stream_events(request, job_ids, options, prefix),
+                                 media_type="text/event-stream", headers=headers | {"cache-control": "no-store"})
+    jobs = await wait_all(request, job_ids)
+    for job in jobs:
+        if job.status != "completed":
+            raise job_failure(job)
+    result = await images_response(request, jobs, options)
+    if options["sync_mode"]:
+        for job_id in job_ids:
+            await run_in_threadpool(request.app.state.store.forget_io, job_id)
+    return JSONResponse(result, headers=headers)
+
+
+@router.post("/images/generations", summary="Create an image (OpenAI Images)")
+async def generations(request: Request) -> Response:
+    await _authorize(request)
+    body = await request.body()
+    try:
+        fields = json.loads(body or b"{}")
+    except ValueError:
+        raise invalid(None, "We could not parse the JSON body of your request.", "invalid_json") from None
+    if not isinstance(fields, dict):
+        raise invalid(None, "The request body must be a JSON object.", "invalid_json")
+    return await _run(request, fields, [], edit=False, body=body)
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+async def _upload_to_uri(upload: UploadFile) -> str:
+    data = await upload.read()
+    content_type = upload.content_type or ""
+    if not content_type.startswith("image/"):
+        content_type = _sniff(data)
+    return data_uri(data, content_type)
+
+
+def _sniff(data: bytes) -> str:
+    if data.startswith(b"\x89PNG"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8"):
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    return "application/octet-stream"
+
+
+@router.post("/images/edits", summary="Edit images with references (OpenAI Images)")
+async def edits(request: Request) -> Response:
+    await _authorize(request)
+    content_type = request.headers.get("content-type", "")
+    images: list[str] = []
+    if content_type.startswith("application/json"):
+        body = await request.body()
+        try:
+            fields = json.loads(body or b"{}")
+        except ValueError:
+            raise invalid(None, "We could not parse the JSON body of your request.", "invalid_json") from None
+        if not isinstance(fields, dict):
+            raise invalid(None, "The request body must be a JSON object.", "invalid_json")
+        for item in _as_list(fields.get("images")):
+            ref = item.get("image_url") if isinstance(item, dict) else item
+            if not isinstance(ref, str):
+                raise invalid("images", "Each entry of 'images' must be {\"image_url\": <URL or data URI>}.")
+            images.append(ref)
+    else:
+        try:
+            form = await request.form(max_files=64, max_fields=256)
+        except MultiPartException as exc:
+            raise invalid(None, f"Could not parse the multipart body: {exc}", "invalid_body") from None
+        fields = {}
+        files: list[UploadFile] = []
+        for key, value in form.multi_items():
+            name = key.removesuffix("[]")
+            if isinstance(value, UploadFile):
+                if name == "image":
+                    files.append(value)
+                elif name == "mask":
+                    fields["mask"] = "<file>"
+                continue
+            if name in ("image_url", "image"):
+                images.append(value)
+            else:
+                fields[name] = value
+        images = [await _upload_to_uri(f) for f in files] + images
+        body = json.dumps(fields, sort_keys=True).encode() + b"".join(i.encode()[:4096] for i in images)
+    for ref in _as_list(fields.get("image_url")):
+        if not isinstance(ref, str):
+            raise invalid("image_url", "'image_url' must be a URL or data URI, or a list of them.")
+        images.append(ref)
+    fields.pop("image_url", None)
+    return await _run(request, fields, images, edit=True, body=body)
+
+
+def _model_object(name: str, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "fluxserve"}
+
+
+@router.get("/models", summary="List models (OpenAI; the response also carries Replicate's page shape)")
+async def list_models(request: Request) -> Response:
+    await _authorize(request)
+    catalog: Catalog = request.app.state.catalog
+    created = int(catalog.source.stat().st_mtime) if catalog.source.exists() else 0
+    names = list(catalog.openai_models)
+    body: dict[str, Any] = {"object": "list", "data": [_model_object(n, created) for n in names]}
+    replicate_models = getattr(request.app.state, "replicate_models_page", None)
+    if replicate_models is not None:  # Replicate's models.list() reads {next, previous, results}
+        body.update(replicate_models(request))
+    return JSONResponse(body)
+
+
+@router.get("/models/{model}", summary="Retrieve a model (OpenAI)")
+async def retrieve_model(model: str, request: Request) -> Response:
+    await _authorize(request)
+    catalog: Catalog = request.app.state.catalog
+    if model not in catalog.openai_models:
+        raise invalid("model", f"The model '{model}' does not exist.", code="model_not_found", status=404)
+    created = int(catalog.source.stat().st_mtime) if catalog.source.exists() else 0
+    return JSONResponse(_model_object(model, created))

@@ -1,0 +1,553 @@
+"""The Replicate dialect: predictions on ``black-forest-labs/flux-2-*`` under ``/v1`` (the v1 client's
+``https://api.replicate.com`` + ``/v1/...`` and the v2 client's ``.../v1`` + bare paths both land here).
+
+A prediction is a canonical job with ``dialect="replicate"``: created by ``POST /v1/models/{owner}/{name}/
+predictions`` or ``POST /v1/predictions`` (``version`` = ``owner/name``, ``owner/name:<id>`` or ``<id>``),
+answered synchronously with ``Prefer: wait[=N]`` (at most 60 s), streamed as SSE at ``urls.stream`` (events
+``logs``, ``output``, ``error``, ``done``, each with an ``id:``), and announced by webhooks
+(``webhook_events_filter``: start, output, logs, completed). Errors are RFC 7807 problem details; invalid input
+is a 422 naming the field. FLUX.2 models return one file: ``output`` is a single URL string.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Callable, Coroutine
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from fluxserve.api.auth import check_request
+from fluxserve.api.common import base_url, image_url
+from fluxserve.api.errors import ApiError
+from fluxserve.api.openai import preset_request
+from fluxserve.api.replicate_schemas import COG_VERSION, ReplicateModels
+from fluxserve.jobs.webhooks import register_payload_builder
+from fluxserve.request import GenerationRequest
+from fluxserve.sizes import SizeError, replicate_size
+
+log = logging.getLogger(__name__)
+
+STATUS = {"queued": "starting", "running": "processing", "completed": "succeeded", "failed": "failed",
+          "cancelled": "canceled"}
+WEBHOOK_EVENTS = ("start", "output", "logs", "completed")
+MAX_WAIT_S = 60
+FORMATS = {"webp": "webp", "jpg": "jpeg", "png": "png"}
+_STEP = re.compile(r"step (\d+)\s*/\s*(\d+)", re.IGNORECASE)
+
+
+class Problem(Exception):
+    """An RFC 7807 problem detail, as Replicate answers errors."""
+
+    def __init__(self, status: int, title: str, detail: str, invalid_fields: list[dict[str, str]] | None = None):
+        super().__init__(detail)
+        self.status, self.title, self.detail, self.invalid_fields = status, title, detail, invalid_fields
+
+
+class ReplicateRoute(APIRoute):
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except ApiError as exc:
+                return problem_response(request, Problem(exc.status, _title(exc.status), exc.message), exc.headers)
+            except Problem as exc:
+                return problem_response(request, exc)
+
+        return route
+
+
+def _title(status: int) -> str:
+    return {401: "Unauthenticated", 403: "Forbidden", 404: "Not found", 422: "Input validation failed"}.get(
+        status, "Error")
+
+
+def problem_response(request: Request, exc: Problem, headers: dict[str, str] | None = None) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": f"https://replicate.com/docs/reference/http#{exc.status}",
+        "title": exc.title,
+        "status": exc.status,
+        "detail": exc.detail,
+        "instance": request.url.path,
+    }
+    if exc.invalid_fields is not None:
+        body["invalid_fields"] = exc.invalid_fields
+    return JSONResponse(body, status_code=exc.status, headers=headers,
+                        media_type="application/problem+json")
+
+
+def not_found(what: str = "The requested resource could not be found") -> Problem:
+    return Problem(404, "Not found", what)
+
+
+def invalid_input(fields: list[tuple[str, str, str]]) -> Problem:
+    """``fields``: (field, error type, description) -> 422 with ``invalid_fields``."""
+    detail = "".join(f"- {field}: {description}\n" for field, _, description in fields)
+    return Problem(422, "Input validation failed", detail,
+                   [{"type": kind, "field": field, "description": description} for field, kind, description in fields])
+
+
+router = APIRouter(prefix="/v1", tags=["Replicate"], route_class=ReplicateRoute)
+
+
+def models(request: Request) -> ReplicateModels:
+    state = request.app.state
+    if getattr(state, "replicate_models", None) is None or state.replicate_models.catalog is not state.catalog:
+        state.replicate_models = ReplicateModels(state.catalog)
+    return state.replicate_models
+
+
+# ---- translation ------------------------------------------------------------------------------------
+def _validation_problem(exc: ValidationError) -> Problem:
+    fields = []
+    for err in exc.errors(include_url=False):
+        path = ".".join(str(part) for part in err["loc"])
+        fields.append((f"input.{path}" if path else "input", err["type"], err["msg"]))
+    return invalid_input(fields)
+
+
+async def _input_size(ref: str) -> tuple[int, int]:
+    try:
+        from fluxserve.inputs import load_image
+        image = await run_in_threadpool(load_image, ref)
+    except Exception as exc:  # noqa: BLE001 - any unreadable image is the caller's input error
+        raise invalid_input([("input.input_images.0", "format", f"could not read the image: {exc}")]) from None
+    return image.size
+
+
+async def translate(catalog_models: ReplicateModels, model_name: str, raw: Any) -> tuple[str, dict[str, Any]]:
+    """Replicate input -> (endpoint id, canonical request dict). Raises Problem (422)."""
+    if not isinstance(raw, dict):
+        raise invalid_input([("input", "type", "input must be an object")])
+    try:
+        parsed = catalog_models.input_model(model_name).model_validate(raw)
+    except ValidationError as exc:
+        raise _validation_problem(exc) from None
+    text_spec, edit_spec = catalog_models.specs(model_name)
+    images = parsed.input_images
+    spec = edit_spec if images else text_spec
+    input_size = None
+    if images and "match_input_image" in (parsed.aspect_ratio, parsed.resolution):
+        input_size = await _input_size(images[0])
+    try:
+        width, height = replicate_size(parsed.aspect_ratio, parsed.resolution, parsed.width, parsed.height,
+                                       input_size)
+    except SizeError as exc:
+        raise invalid_input([(f"input.{exc.field}", "value", exc.message)]) from None
+    fields: dict[str, Any] = {
+        "prompt": parsed.prompt,
+        "image_urls": images,
+        "width": width,
+        "height": height,
+        "num_images": 1,
+        "seed": parsed.seed,
+        "steps": parsed.steps,
+        "guidance": parsed.guidance,
+        "safety_checker": not parsed.disable_safety_checker,
+        "safety_tolerance": parsed.safety_tolerance,
+        "output_format": FORMATS[parsed.output_format],
+        "output_quality": parsed.output_quality,
+    }
+    family = catalog_models.family(model_name)
+    if family == "dev":
+        fields["acceleration"] = "high" if parsed.go_fast else "regular"
+    if family == "flex":
+        fields["expand_prompt"] = parsed.prompt_upsampling
+    request = preset_request(spec, **fields)
+    try:
+        canonical = GenerationRequest.model_validate(request).model_dump(mode="json")
+    except ValidationError as exc:
+        raise _validation_problem(exc) from None
+    return spec.id, canonical
+
+
+# ---- prediction objects -----------------------------------------------------------------------------
+def iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def log_line(message: str) -> str:
+    """Step lines become tqdm-style progress bars, which ``Prediction.progress`` parses."""
+    m = _STEP.search(message)
+    if not m:
+        return message
+    current, total = int(m.group(1)), max(1, int(m.group(2)))
+    filled = min(10, current * 10 // total)
+    return f"{current * 100 // total:3d}%|{'█' * filled}{' ' * (10 - filled)}| {current}/{total} [{message}]"
+
+
+def logs_text(job: Any, lines: list[Any]) -> str:
+    text = [log_line(line.message) for line in lines]
+    seed = (job.result or {}).get("seed")
+    if seed is not None:
+        text.insert(0, f"Using seed: {seed}")
+    return "\n".join(text) + ("\n" if text else "")
+
+
+def output_of(job: Any, base: str) -> str | None:
+    images = (job.result or {}).get("images") or []
+    if job.status != "completed" or not images:
+        return None
+    return f"{base}/files/{images[0]['key']}"
+
+
+def prediction(job: Any, base: str, lines: list[Any] | None, version: str, model_name: str) -> dict[str, Any]:
+    raw = dict(job.input or {})
+    raw.pop("__model__", None)
+    raw.pop("__version__", None)
+    metrics: dict[str, Any] = {}
+    if job.started_at and job.completed_at:
+        metrics["predict_time"] = round((job.completed_at - job.started_at).total_seconds(), 6)
+    if job.created_at and job.completed_at:
+        metrics["total_time"] = round((job.completed_at - job.created_at).total_seconds(), 6)
+    if job.status == "completed":
+        metrics["image_count"] = len((job.result or {}).get("images") or [])
+    get = f"{base}/v1/predictions/{job.id}"
+    return {
+        "id": job.id,
+        "model": model_name,
+        "version": version,
+        "input": raw,
+        "output": output_of(job, base),
+        "logs": logs_text(job, lines) if lines is not None else None,
+        "error": job.error if job.status == "failed" else None,
+        "status": STATUS.get(job.status, job.status),
+        "source": "api",
+        "data_removed": not job.store_io,
+        "metrics": metrics,
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "completed_at": iso(job.completed_at),
+        "urls": {"get": get, "cancel": f"{get}/cancel", "stream": f"{get}/stream", "web": f"{base}/?job={job.id}"},
+    }
+
+
+async def load_prediction(request: Request, job_id: str, with_logs: bool = True) -> tuple[Any, dict[str, Any]]:
+    store = request.app.state.store
+    job = await run_in_threadpool(store.get, job_id)
+    if job is None or job.dialect != "replicate":
+        raise not_found(f"Prediction {job_id!r} not found")
+    lines = await run_in_threadpool(store.logs, job_id) if with_logs else None
+    meta = job.input or {}
+    return job, prediction(job, base_url(request), lines, meta.get("__version__", ""), meta.get("__model__", ""))
+
+
+def build_webhook(job: Any) -> tuple[str, Any] | None:
+    """The ``completed`` webhook: the prediction object (jobs/webhooks.py calls this when the job ends)."""
+    hook = job.webhook or {}
+    if "completed" not in hook.get("events", WEBHOOK_EVENTS) or not hook.get("url"):
+        return None
+    meta = job.input or {}
+    return hook["url"], prediction(job, hook.get("base_url", ""), None, meta.get("__version__", ""),
+                                   meta.get("__model__", ""))
+
+
+register_payload_builder("replicate", build_webhook)
+
+
+async def _post_webhook(url: str, body: dict[str, Any]) -> None:
+    try:
+        async with httpx.AsyncClient(timeout=10.0) as client:
+            await client.post(url, json=body, headers={"User-Agent": "fluxserve-webhook"})
+    except httpx.HTTPError as exc:
+        log.warning("replicate webhook to %s failed: %s", url, exc)
+
+
+async def watch_for_webhooks(app: Any, job_id: str, base: str, url: str, events: list[str]) -> None:
+    """``start`` at once, ``logs`` / ``output`` while the job runs (at most every 0.5 s); ``completed`` is
+    delivered durably by the job store's webhook sender."""
+    store = app.state.store
+    job = await run_in_threadpool(store.get, job_id)
+    if job is None:
+        return
+    meta = job.input or {}
+    version, name = meta.get("__version__", ""), meta.get("__model__", "")
+    if "start" in events:
+        await _post_webhook(url, prediction(job, base, [], version, name))
+    if "logs" not in events and "output" not in events:
+        return
+    seen = 0
+    while True:
+        job, lines = await run_in_threadpool(store.changes, job_id, seen)
+        if job is None or job.terminal:
+            return
+        if lines and "logs" in events:
+            seen = lines[-1].seq
+            await _post_webhook(url, prediction(job, base, await run_in_threadpool(store.logs, job_id), version,
+                                                name))
+        await asyncio.sleep(0.5)
+
+
+# ---- routes --------------------------------------------------------------------------------------------
+async def _authorize(request: Request) -> None:
+    await check_request(request, "replicate")
+
+
+def _wait_seconds(prefer: str | None) -> float | None:
+    if not prefer:
+        return None
+    for part in prefer.split(","):
+        name, _, value = part.strip().partition("=")
+        if name.strip().lower() == "wait":
+            if not value:
+                return float(MAX_WAIT_S)
+            try:
+                return float(min(MAX_WAIT_S, max(1, int(value))))
+            except ValueError:
+                raise Problem(400, "Bad request", f"Invalid Prefer header {prefer!r}: use 'wait' or "
+                              f"'wait=N' with N from 1 to {MAX_WAIT_S}") from None
+    return None
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.body() or b"{}")
+    except ValueError:
+        raise Problem(400, "Bad request", "The request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise Problem(400, "Bad request", "The request body must be a JSON object")
+    return body
+
+
+async def create(request: Request, model_name: str, body: dict[str, Any]) -> Response:
+    catalog_models = models(request)
+    endpoint, canonical = await translate(catalog_models, model_name, body.get("input", {}))
+    webhook = body.get("webhook")
+    events = body.get("webhook_events_filter") or list(WEBHOOK_EVENTS)
+    if not isinstance(events, list) or any(e not in WEBHOOK_EVENTS for e in events):
+        raise invalid_input([("webhook_events_filter", "enum",
+                              f"must be a list of: {', '.join(WEBHOOK_EVENTS)}")])
+    if webhook is not None and (not isinstance(webhook, str) or not webhook.startswith(("http://", "https://"))):
+        raise invalid_input([("webhook", "format", "must be an http(s) URL")])
+    wait = _wait_seconds(request.headers.get("prefer"))
+    base = base_url(request)
+    version = catalog_models.version(model_name)
+    raw = dict(body.get("input") or {}) | {"__model__": model_name, "__version__": version}
+    hook = ({"url": webhook, "events": events, "dialect": "replicate", "base_url": base, "model": model_name}
+            if webhook else None)
+    store = request.app.state.store
+    job = await run_in_threadpool(lambda: store.submit(endpoint=endpoint, dialect="replicate", request=canonical,
+                                                       input=raw, webhook=hook))
+    if webhook and any(e in events for e in ("start", "logs", "output")):
+        task = asyncio.get_running_loop().create_task(
+            watch_for_webhooks(request.app, job.id, base, webhook, events))
+        tasks = getattr(request.app.state, "replicate_webhook_tasks", None)
+        if tasks is None:
+            tasks = request.app.state.replicate_webhook_tasks = set()
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if wait is not None:
+        await run_in_threadpool(store.wait, job.id, wait)
+    job, body_out = await load_prediction(request, job.id)
+    if wait is not None and not job.terminal:
+        body_out["status"] = "starting"  # the client polls a "starting" prediction after Prefer: wait
+    return JSONResponse(body_out, status_code=201, headers={"Location": body_out["urls"]["get"]})
+
+
+@router.post("/models/{owner}/{name}/predictions", summary="Create a prediction (Replicate, official model)")
+async def create_model_prediction(owner: str, name: str, request: Request) -> Response:
+    await _authorize(request)
+    model_name = f"{owner}/{name}"
+    if model_name not in request.app.state.catalog.replicate_models:
+        raise not_found(f"Model {model_name!r} not found")
+    return await create(request, model_name, await _body(request))
+
+
+@router.post("/predictions", summary="Create a prediction (Replicate, by version)")
+async def create_prediction(request: Request) -> Response:
+    await _authorize(request)
+    body = await _body(request)
+    version = body.get("version")
+    catalog_models = models(request)
+    if not isinstance(version, str) or not version:
+        message = "version is required: 'owner/name', 'owner/name:<id>' or a version id"
+        raise invalid_input([("version", "required", message)])
+    name, _, version_id = version.partition(":") if "/" in version else ("", "", version)
+    if name and name not in request.app.state.catalog.replicate_models:
+        raise invalid_input([("version", "value", f"unknown model {name!r}")])
+    if version_id:
+        known = catalog_models.by_version.get(version_id)
+        if known is None or (name and known != name):
+            raise invalid_input([("version", "value", f"Invalid version or not permitted: {version!r}")])
+        name = known
+    return await create(request, name, body)
+
+
+@router.get("/predictions", summary="List predictions (Replicate)")
+async def list_predictions(request: Request, cursor: str | None = None, page_size: int = 100) -> Response:
+    await _authorize(request)
+    page_size = max(1, min(page_size, 1000))
+    before = None
+    if cursor:
+        try:
+            before = datetime.fromisoformat(base64.urlsafe_b64decode(cursor.encode()).decode())
+        except ValueError:
+            raise Problem(400, "Bad request", "Invalid cursor") from None
+    store = request.app.state.store
+    jobs = await run_in_threadpool(lambda: store.list(dialect="replicate", limit=page_size + 1, before=before))
+    base = base_url(request)
+    results = []
+    for job in jobs[:page_size]:
+        meta = job.input or {}
+        results.append(prediction(job, base, None, meta.get("__version__", ""), meta.get("__model__", "")))
+    next_url = None
+    if len(jobs) > page_size:
+        token = base64.urlsafe_b64encode(jobs[page_size - 1].created_at.isoformat().encode()).decode()
+        next_url = f"{base}/v1/predictions?cursor={token}&page_size={page_size}"
+    return JSONResponse({"previous": None, "next": next_url, "results": results})
+
+
+@router.get("/predictions/{prediction_id}", summary="Get a prediction (Replicate)")
+async def get_prediction(prediction_id: str, request: Request) -> Response:
+    await _authorize(request)
+    _, body = await load_prediction(request, prediction_id)
+    return JSONResponse(body)
+
+
+@router.post("/predictions/{prediction_id}/cancel", summary="Cancel a prediction (Replicate)")
+async def cancel_prediction(prediction_id: str, request: Request) -> Response:
+    await _authorize(request)
+    await load_prediction(request, prediction_id, with_logs=False)
+    await run_in_threadpool(request.app.state.store.request_cancel, prediction_id)
+    _, body = await load_prediction(request, prediction_id)
+    return JSONResponse(body)
+
+
+def _event(event: str, data: str, event_id: int) -> bytes:
+    lines = "".join(f"data: {line}\n" for line in (data.split("\n") or [""]))
+    return f"event: {event}\nid: {event_id}\n{lines}\n".encode()
+
+
+async def stream_prediction(request: Request, job_id: str) -> AsyncIterator[bytes]:
+    store = request.app.state.store
+    base = base_url(request)
+    seen, event_id = 0, 0
+    while True:
+        job, lines = await run_in_threadpool(store.changes, job_id, seen)
+        for line in lines:
+            seen = max(seen, line.seq)
+            event_id += 1
+            yield _event("logs", log_line(line.message), event_id)
+        if job is None:
+            event_id += 1
+            yield _event("error", json.dumps({"detail": "prediction not found"}), event_id)
+            return
+        if job.terminal:
+            event_id += 1
+            if job.status == "completed":
+                yield _event("output", output_of(job, base) or "", event_id)
+                yield _event("done", "{}", event_id + 1)
+            elif job.status == "cancelled":
+                yield _event("done", json.dumps({"reason": "canceled"}), event_id)
+            else:
+                yield _event("error", json.dumps({"detail": job.error or "prediction failed"}), event_id)
+                yield _event("done", json.dumps({"reason": "error"}), event_id + 1)
+            return
+        await asyncio.sleep(0.2)
+
+
+@router.get("/predictions/{prediction_id}/stream", summary="Stream a prediction's events (Replicate SSE)")
+async def stream(prediction_id: str, request: Request) -> Response:
+    await _authorize(request)
+    await load_prediction(request, prediction_id, with_logs=False)
+    return StreamingResponse(stream_prediction(request, prediction_id), media_type="text/event-stream",
+                             headers={"cache-control": "no-store"})
+
+
+def _version_object(request: Request, model_name: str) -> dict[str, Any]:
+    catalog_models = models(request)
+    source = request.app.state.catalog.source
+    created = datetime.fromtimestamp(source.stat().st_mtime, UTC) if source.exists() else None
+    return {"id": catalog_models.version(model_name), "created_at": iso(created) or "1970-01-01T00:00:00Z",
+            "cog_version": COG_VERSION, "openapi_schema": catalog_models.schema(model_name)}
+
+
+def model_object(request: Request, model_name: str) -> dict[str, Any]:
+    owner, name = model_name.split("/", 1)
+    text_spec, edit_spec = models(request).specs(model_name)
+    model = request.app.state.catalog.models[text_spec.model]
+    return {
+        "url": f"{base_url(request)}/v1/models/{model_name}",
+        "owner": owner,
+        "name": name,
+        "description": f"{text_spec.title} (text-to-image) and {edit_spec.title} (editing), served by fluxserve "
+                       f"with {model.title} weights",
+        "visibility": "public",
+        "github_url": None,
+        "paper_url": None,
+        "license_url": None,
+        "run_count": 0,
+        "cover_image_url": None,
+        "default_example": None,
+        "latest_version": _version_object(request, model_name),
+    }
+
+
+def models_page(request: Request) -> dict[str, Any]:
+    """Replicate's ``models.list()`` page (merged into ``GET /v1/models`` by the OpenAI router)."""
+    names = request.app.state.catalog.replicate_models
+    return {"previous": None, "next": None, "results": [model_object(request, n) for n in names]}
+
+
+def _known(request: Request, owner: str, name: str) -> str:
+    model_name = f"{owner}/{name}"
+    if model_name not in request.app.state.catalog.replicate_models:
+        raise not_found(f"Model {model_name!r} not found")
+    return model_name
+
+
+@router.get("/models/{owner}/{name}", summary="Get a model with its input schema (Replicate)")
+async def get_model(owner: str, name: str, request: Request) -> Response:
+    await _authorize(request)
+    return JSONResponse(model_object(request, _known(request, owner, name)))
+
+
+@router.get("/models/{owner}/{name}/versions", summary="List a model's versions (Replicate)")
+async def list_versions(owner: str, name: str, request: Request) -> Response:
+    await _authorize(request)
+    model_name = _known(request, owner, name)
+    return JSONResponse({"previous": None, "next": None, "results": [_version_object(request, model_name)]})
+
+
+@router.get("/models/{owner}/{name}/versions/{version_id}", summary="Get a model version (Replicate)")
+async def get_version(owner: str, name: str, version_id: str, request: Request) -> Response:
+    await _authorize(request)
+    model_name = _known(request, owner, name)
+    if version_id != models(request).version(model_name):
+        raise not_found(f"Version {version_id!r} of {model_name!r} not found")
+    return JSONResponse(_version_object(request, model_name))
+
+
+@router.post("/files", summary="Upload a file (Replicate client file inputs)")
+async def upload_file(request: Request) -> Response:
+    await _authorize(request)
+    form = await request.form()
+    upload = form.get("content")
+    if upload is None or isinstance(upload, str):
+        raise invalid_input([("content", "required", "a file part named 'content' is required")])
+    data = await upload.read()
+    content_type = upload.content_type or "application/octet-stream"
+    key = await run_in_threadpool(request.app.state.storage.put, data, content_type, "uploads", upload.filename)
+    url = image_url(request, key)
+    now = iso(datetime.now(UTC))
+    return JSONResponse({
+        "id": key.replace("/", "_"), "name": upload.filename or key.rsplit("/", 1)[-1],
+        "content_type": content_type, "size": len(data), "etag": "", "checksums": {}, "metadata": {},
+        "created_at": now, "expires_at": None, "urls": {"get": url},
+    }, status_code=201)
