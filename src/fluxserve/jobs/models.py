@@ -1,0 +1,127 @@
+"""The job-store tables (SQLAlchemy Core): the same schema on SQLite and PostgreSQL.
+
+Times are stored as naive UTC (``UTCDateTime``) and come back timezone-aware, so comparisons in SQL are
+plain and identical on both databases.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.types import TypeDecorator
+
+metadata = MetaData()
+
+# priority -> rank; a lower rank runs first
+PRIORITY_RANKS = {"normal": 0, "low": 1}
+
+
+class UTCDateTime(TypeDecorator):
+    impl = DateTime(timezone=False)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is not None and value.tzinfo is not None:
+            value = value.astimezone(UTC).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
+# an integer primary key that autoincrements on both databases (SQLite needs INTEGER for its rowid alias)
+AutoId = BigInteger().with_variant(Integer(), "sqlite")
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("endpoint", String(200), nullable=False),
+    Column("dialect", String(32), nullable=False),
+    Column("model", String(100), nullable=False, default=""),
+    Column("status", String(16), nullable=False),  # queued | running | completed | failed | cancelled
+    Column("priority", String(16), nullable=False, default="normal"),
+    Column("priority_rank", SmallInteger, nullable=False, default=0),
+    Column("request", JSON(none_as_null=True), nullable=True),
+    Column("input", JSON(none_as_null=True), nullable=True),
+    Column("result", JSON(none_as_null=True), nullable=True),
+    Column("error", Text, nullable=True),
+    Column("error_type", String(64), nullable=True),
+    Column("error_detail", JSON(none_as_null=True), nullable=True),  # e.g. {"field": ..., "message": ...} for validation errors
+    Column("step", Integer, nullable=True),
+    Column("total_steps", Integer, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("started_at", UTCDateTime, nullable=True),
+    Column("completed_at", UTCDateTime, nullable=True),
+    Column("worker_id", String(200), nullable=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("lease_s", Float, nullable=True),
+    Column("lease_expires_at", UTCDateTime, nullable=True),
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+    Column("timeout_at", UTCDateTime, nullable=True),
+    Column("store_io", Boolean, nullable=False, default=True),
+    Column("webhook", JSON(none_as_null=True), nullable=True),
+    Index("ix_jobs_claim", "status", "priority_rank", "created_at"),
+    Index("ix_jobs_dialect_created", "dialect", "created_at"),
+    Index("ix_jobs_created", "created_at"),
+)
+
+job_logs = Table(
+    "job_logs",
+    metadata,
+    Column("seq", AutoId, primary_key=True, autoincrement=True),  # increases across all jobs
+    Column("job_id", String(64), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("timestamp", UTCDateTime, nullable=False),
+    Column("level", String(16), nullable=False, default="INFO"),
+    Column("message", Text, nullable=False),
+    Column("preview_key", String(512), nullable=True),
+    Index("ix_job_logs_job_seq", "job_id", "seq"),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(200), nullable=False, default=""),
+    Column("secret_hash", String(128), nullable=False, unique=True),  # sha256 hex of the secret
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("revoked_at", UTCDateTime, nullable=True),
+    Column("last_used_at", UTCDateTime, nullable=True),
+)
+
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", AutoId, primary_key=True, autoincrement=True),
+    Column("job_id", String(64), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False, unique=True),
+    Column("dialect", String(32), nullable=False),
+    Column("status", String(16), nullable=False, default="pending"),  # pending | delivered | failed | skipped
+    Column("url", Text, nullable=True),  # filled from the payload builder on the first attempt
+    Column("body", JSON(none_as_null=True), nullable=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", UTCDateTime, nullable=False),
+    Column("last_error", Text, nullable=True),
+    Column("last_status_code", Integer, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("delivered_at", UTCDateTime, nullable=True),
+    Index("ix_webhook_due", "status", "next_attempt_at"),
+)

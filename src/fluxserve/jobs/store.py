@@ -1,0 +1,684 @@
+"""The durable job store: requests, status, progress, logs, results, leases, API keys and webhook deliveries.
+
+One class, ``JobStore``, over SQLAlchemy Core; the same SQL on SQLite (embedded; WAL, busy timeout, writes in
+``BEGIN IMMEDIATE`` transactions) and PostgreSQL (``SELECT ... FOR UPDATE SKIP LOCKED``). Workers claim jobs
+with a lease and keep it alive with heartbeats; a job whose worker stopped heartbeating is claimed again, up to
+``max_attempts`` times. State changes made through one ``JobStore`` wake its waiters at once; changes made by
+other processes are seen by polling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, create_engine, event, func, insert, or_, select, text, update
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.pool import StaticPool
+
+from fluxserve.jobs.models import PRIORITY_RANKS, api_keys, job_logs, jobs, metadata, webhook_deliveries
+
+log = logging.getLogger(__name__)
+
+STATUSES = ("queued", "running", "completed", "failed", "cancelled")
+TERMINAL = frozenset(("completed", "failed", "cancelled"))
+ACTIVE = ("queued", "running")
+
+TIMEOUT_ERROR = "Request timed out"
+TIMEOUT_ERROR_TYPE = "request_timeout"
+CANCELLED_ERROR = "Request was cancelled"
+CANCELLED_ERROR_TYPE = "cancelled"
+
+# how often a store looks for expired queued jobs and dead workers' jobs (seconds)
+SWEEP_INTERVAL = 0.5
+# how long an API key's last_used_at may lag (seconds): avoids a write on every request
+KEY_USE_RESOLUTION = 60.0
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class LogLine:
+    seq: int
+    timestamp: datetime
+    level: str
+    message: str
+    preview_key: str | None = None
+
+
+@dataclass
+class Job:
+    id: str
+    endpoint: str
+    dialect: str
+    status: str
+    priority: str = "normal"
+    request: dict = field(default_factory=dict)
+    input: dict | None = None
+    result: dict | None = None
+    error: str | None = None
+    error_type: str | None = None
+    error_detail: dict | None = None
+    step: int | None = None
+    total_steps: int | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    worker_id: str | None = None
+    attempts: int = 0
+    lease_s: float | None = None
+    lease_expires_at: datetime | None = None
+    cancel_requested: bool = False
+    timeout_at: datetime | None = None
+    store_io: bool = True
+    webhook: dict | None = None
+    model: str = ""
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    @classmethod
+    def from_row(cls, row: Any) -> Job:
+        data = {f.name: getattr(row, f.name) for f in fields(cls) if f.name != "priority_rank"}
+        data["request"] = data["request"] or {}
+        data["cancel_requested"] = bool(data["cancel_requested"])
+        data["store_io"] = bool(data["store_io"])
+        return cls(**data)
+
+
+@dataclass
+class ApiKey:
+    id: str
+    name: str
+    created_at: datetime
+    revoked_at: datetime | None = None
+    last_used_at: datetime | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+@dataclass
+class Delivery:
+    id: int
+    job_id: str
+    dialect: str
+    url: str | None
+    body: Any
+    attempts: int
+
+
+def normalize_db_url(url: str) -> str:
+    """``postgres://`` and ``postgresql://`` use psycopg 3; everything else is passed through."""
+    for scheme in ("postgres://", "postgresql://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme):]
+    return url
+
+
+def create_db_engine(url: str) -> Engine:
+    url = normalize_db_url(url)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return _sqlite_engine(url)
+    return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=16)
+
+
+def _sqlite_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    database = parsed.database or ""
+    memory = database in ("", ":memory:") or "mode=memory" in str(parsed.query)
+    if not memory:
+        from pathlib import Path
+
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": 30}}
+    if memory:
+        kwargs["poolclass"] = StaticPool
+    engine = create_engine(url, **kwargs)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
+        cursor = dbapi_connection.cursor()
+        if not memory:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # writers take the write lock up front, so two writers never deadlock upgrading a read lock
+        mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+    return engine
+
+
+class JobStore:
+    """The job store. Thread-safe; one per process is enough (workers and the API share it)."""
+
+    def __init__(self, url: str, *, max_attempts: int = 3, poll_s: float = 0.1):
+        self.url = normalize_db_url(url)
+        self.engine = create_db_engine(self.url)
+        self.is_sqlite = self.engine.dialect.name == "sqlite"
+        self._write_engine = (
+            self.engine.execution_options(sqlite_begin="IMMEDIATE") if self.is_sqlite else self.engine
+        )
+        self.max_attempts = max_attempts
+        self.poll_s = poll_s
+        self._cond = threading.Condition()
+        self._version = 0  # bumped on every state change made through this object
+        self._submits = 0  # bumped when work may have become available
+        self._local_cancels: set[str] = set()
+        self._leases: dict[str, float] = {}
+        self._last_sweep = 0.0
+        self._terminal_listeners: list[Callable[[str], None]] = []
+        self._create_tables()
+
+    def __repr__(self) -> str:
+        return f"JobStore({self.engine.url.render_as_string(hide_password=True)!r})"
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- plumbing -------------------------------------------------------------------------------------
+
+    def _create_tables(self) -> None:
+        with self._write_engine.begin() as conn:
+            if not self.is_sqlite:
+                # several processes may start at once; one creates the tables, the others wait
+                conn.execute(text("SELECT pg_advisory_xact_lock(7261553)"))
+            metadata.create_all(conn)
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self._write_engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            yield conn
+
+    def _changed(self, *, work: bool = False) -> None:
+        with self._cond:
+            self._version += 1
+            if work:
+                self._submits += 1
+            self._cond.notify_all()
+
+    def add_terminal_listener(self, fn: Callable[[str], None]) -> None:
+        """``fn(job_id)`` is called (outside any transaction) whenever this store makes a job terminal."""
+        self._terminal_listeners.append(fn)
+
+    def _terminated(self, job_ids: list[str]) -> None:
+        self._changed(work=True)
+        for job_id in job_ids:
+            self._local_cancels.discard(job_id)
+            self._leases.pop(job_id, None)
+            for fn in self._terminal_listeners:
+                try:
+                    fn(job_id)
+                except Exception:  # a listener must never break the store
+                    log.exception("terminal listener %r failed for job %s", fn, job_id)
+
+    def _finish(self, conn: Connection, job_id: str, now: datetime, *, status: str, error: str | None = None,
+                error_type: str | None = None, result: dict | None = None, error_detail: dict | None = None,
+                worker_id: str | None = None) -> bool:
+        """Make an active job terminal (and queue its webhook) inside ``conn``'s transaction."""
+        stmt = update(jobs).where(jobs.c.id == job_id, jobs.c.status.in_(ACTIVE))
+        if worker_id is not None:
+            stmt = stmt.where(jobs.c.worker_id == worker_id, jobs.c.status == "running")
+        values: dict[str, Any] = {
+            "status": status, "error": error, "error_type": error_type, "completed_at": now, "updated_at": now,
+            "lease_expires_at": None,
+        }
+        if result is not None:
+            values["result"] = result
+        if error_detail is not None:
+            values["error_detail"] = error_detail
+        if status == "completed":
+            values["step"] = jobs.c.total_steps
+        if conn.execute(stmt.values(**values)).rowcount != 1:
+            return False
+        row = conn.execute(select(jobs.c.webhook, jobs.c.dialect).where(jobs.c.id == job_id)).one()
+        if row.webhook:
+            dialect = row.webhook.get("dialect") or row.dialect
+            conn.execute(insert(webhook_deliveries).values(
+                job_id=job_id, dialect=dialect, status="pending", attempts=0, next_attempt_at=now, created_at=now))
+        return True
+
+    # --- jobs -----------------------------------------------------------------------------------------
+
+    def submit(self, *, endpoint: str, dialect: str, request: dict, input: dict | None = None,
+               priority: str = "normal", timeout_s: float | None = None, store_io: bool = True,
+               webhook: dict | None = None, job_id: str | None = None) -> Job:
+        """Queue a job. Submitting an id that exists returns the existing job (an idempotent retry)."""
+        if priority not in PRIORITY_RANKS:
+            raise ValueError(f"priority must be one of {sorted(PRIORITY_RANKS)}, not {priority!r}")
+        if timeout_s is not None and timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+        now = utcnow()
+        values = {
+            "id": job_id or str(uuid.uuid4()), "endpoint": endpoint, "dialect": dialect,
+            "model": str(request.get("model", "")), "status": "queued", "priority": priority,
+            "priority_rank": PRIORITY_RANKS[priority], "request": request, "input": input,
+            "created_at": now, "updated_at": now, "attempts": 0, "cancel_requested": False,
+            "timeout_at": now + timedelta(seconds=timeout_s) if timeout_s else None,
+            "store_io": store_io, "webhook": webhook,
+        }
+        try:
+            with self._write() as conn:
+                conn.execute(insert(jobs).values(**values))
+        except IntegrityError:
+            existing = self.get(values["id"])
+            if existing is None:
+                raise
+            return existing
+        self._changed(work=True)
+        values.pop("priority_rank")
+        return Job(**values)
+
+    def get(self, job_id: str) -> Job | None:
+        with self._read() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+        if row is None:
+            return None
+        job = Job.from_row(row)
+        if self._must_finish(job, utcnow()):
+            self._sweep(force=True)
+            return self.get(job_id)
+        return job
+
+    def _must_finish(self, job: Job, now: datetime) -> bool:
+        """The sweep's condition for one job (so a status read never shows a job that can no longer run)."""
+        timed_out = job.timeout_at is not None and job.timeout_at <= now
+        if job.status == "queued":
+            return timed_out
+        dead = job.status == "running" and job.lease_expires_at is not None and job.lease_expires_at < now
+        return dead and (job.cancel_requested or timed_out or job.attempts >= self.max_attempts)
+
+    def queue_position(self, job_id: str) -> int | None:
+        """How many queued jobs run before this one (0 = next); None when it is not queued."""
+        with self._read() as conn:
+            row = conn.execute(
+                select(jobs.c.status, jobs.c.priority_rank, jobs.c.created_at).where(jobs.c.id == job_id)
+            ).first()
+            if row is None or row.status != "queued":
+                return None
+            ahead = or_(
+                jobs.c.priority_rank < row.priority_rank,
+                and_(jobs.c.priority_rank == row.priority_rank, jobs.c.created_at < row.created_at),
+                and_(jobs.c.priority_rank == row.priority_rank, jobs.c.created_at == row.created_at,
+                     jobs.c.id < job_id),
+            )
+            count = conn.execute(select(func.count()).select_from(jobs).where(jobs.c.status == "queued", ahead))
+            return int(count.scalar_one())
+
+    def claim(self, worker_id: str, lease_s: float = 30.0, models: list[str] | None = None) -> Job | None:
+        """Atomically take the next job: queued ones by priority then age, and running ones whose lease
+        expired (their worker died). None when there is nothing to do."""
+        self._sweep()
+        now = utcnow()
+        claimable = and_(
+            jobs.c.cancel_requested.is_(False),
+            or_(jobs.c.timeout_at.is_(None), jobs.c.timeout_at > now),
+            or_(
+                jobs.c.status == "queued",
+                and_(jobs.c.status == "running", jobs.c.lease_expires_at < now,
+                     jobs.c.attempts < self.max_attempts),
+            ),
+        )
+        if models is not None:
+            claimable = and_(claimable, jobs.c.model.in_(models))
+        pick = (
+            select(jobs.c.id, jobs.c.status, jobs.c.worker_id, jobs.c.attempts)
+            .where(claimable)
+            .order_by(jobs.c.priority_rank, jobs.c.created_at, jobs.c.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        )
+        with self._write() as conn:
+            picked = conn.execute(pick).first()
+            if picked is None:
+                return None
+            conn.execute(
+                update(jobs).where(jobs.c.id == picked.id).values(
+                    status="running", worker_id=worker_id, attempts=jobs.c.attempts + 1, lease_s=lease_s,
+                    lease_expires_at=now + timedelta(seconds=lease_s), started_at=now, updated_at=now,
+                    step=None, total_steps=None,
+                )
+            )
+            if picked.status == "running":
+                conn.execute(insert(job_logs).values(
+                    job_id=picked.id, timestamp=now, level="WARN",
+                    message=f"worker {picked.worker_id} stopped responding; "
+                            f"retrying (attempt {picked.attempts + 1} of {self.max_attempts})"))
+            row = conn.execute(select(jobs).where(jobs.c.id == picked.id)).one()
+        self._leases[picked.id] = lease_s
+        self._changed()
+        return Job.from_row(row)
+
+    def _sweep(self, force: bool = False) -> None:
+        """Finish jobs that must not run: queued past their timeout, and running ones whose worker died
+        after a cancel, after their timeout, or too many times."""
+        if not force and time.monotonic() - self._last_sweep < SWEEP_INTERVAL:
+            return
+        self._last_sweep = time.monotonic()
+        now = utcnow()
+        timed_out = and_(jobs.c.timeout_at.is_not(None), jobs.c.timeout_at <= now)
+        dead = and_(jobs.c.status == "running", jobs.c.lease_expires_at < now)
+        condition = or_(
+            and_(jobs.c.status == "queued", timed_out),
+            and_(dead, or_(jobs.c.cancel_requested.is_(True), timed_out, jobs.c.attempts >= self.max_attempts)),
+        )
+        columns = (jobs.c.id, jobs.c.cancel_requested, jobs.c.timeout_at, jobs.c.attempts)
+        with self._read() as conn:  # the common case finds nothing and takes no write lock
+            if conn.execute(select(jobs.c.id).where(condition).limit(1)).first() is None:
+                return
+        finished = []
+        with self._write() as conn:
+            for row in conn.execute(select(*columns).where(condition).with_for_update(skip_locked=True)).all():
+                if row.timeout_at is not None and row.timeout_at <= now:
+                    outcome = {"status": "failed", "error": TIMEOUT_ERROR, "error_type": TIMEOUT_ERROR_TYPE}
+                elif row.cancel_requested:
+                    outcome = {"status": "cancelled", "error": CANCELLED_ERROR, "error_type": CANCELLED_ERROR_TYPE}
+                else:
+                    outcome = {
+                        "status": "failed", "error_type": "internal_error",
+                        "error": f"The worker running this request stopped responding {row.attempts} times; "
+                                 "giving up.",
+                    }
+                if self._finish(conn, row.id, now, **outcome):
+                    finished.append(row.id)
+        if finished:
+            self._terminated(finished)
+
+    def heartbeat(self, job_id: str, worker_id: str, step: int | None = None, total: int | None = None) -> bool:
+        """Extend the lease. False = the lease was lost or a cancel was requested: stop the job."""
+        return self._heartbeat(job_id, worker_id, step, total)
+
+    def _heartbeat(self, job_id: str, worker_id: str, step: int | None, total: int | None,
+                   log: dict | None = None) -> bool:
+        now = utcnow()
+        values: dict[str, Any] = {
+            "lease_expires_at": now + timedelta(seconds=self._leases.get(job_id, 30.0)), "updated_at": now,
+        }
+        if step is not None:
+            values["step"] = step
+        if total is not None:
+            values["total_steps"] = total
+        stmt = (
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.worker_id == worker_id, jobs.c.status == "running")
+            .values(**values)
+            .returning(jobs.c.cancel_requested)
+        )
+        with self._write() as conn:
+            row = conn.execute(stmt).first()
+            if row is not None and log is not None:
+                conn.execute(insert(job_logs).values(job_id=job_id, timestamp=now, **log))
+        if log is not None or step is not None:
+            self._changed()
+        return row is not None and not row.cancel_requested and job_id not in self._local_cancels
+
+    def progress(self, job_id: str, worker_id: str, step: int, total: int, message: str,
+                 preview_key: str | None = None, level: str = "INFO") -> bool:
+        """A heartbeat and a log line in one transaction; the same answer as ``heartbeat``."""
+        log = {"level": level, "message": message, "preview_key": preview_key}
+        return self._heartbeat(job_id, worker_id, step, total, log=log)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        """True when a cancel for this job was requested through this store object (no database read)."""
+        return job_id in self._local_cancels
+
+    def log(self, job_id: str, message: str, level: str = "INFO", preview_key: str | None = None) -> None:
+        with self._write() as conn:
+            conn.execute(insert(job_logs).values(
+                job_id=job_id, timestamp=utcnow(), level=level, message=message, preview_key=preview_key))
+        self._changed()
+
+    def logs(self, job_id: str, after: int = 0) -> list[LogLine]:
+        stmt = (
+            select(job_logs.c.seq, job_logs.c.timestamp, job_logs.c.level, job_logs.c.message,
+                   job_logs.c.preview_key)
+            .where(job_logs.c.job_id == job_id, job_logs.c.seq > after)
+            .order_by(job_logs.c.seq)
+        )
+        with self._read() as conn:
+            return [LogLine(*row) for row in conn.execute(stmt)]
+
+    def changes(self, job_id: str, after_seq: int = 0) -> tuple[Job | None, list[LogLine]]:
+        """The job and its log lines after ``after_seq``: what a status stream sends next."""
+        return self.get(job_id), self.logs(job_id, after_seq)
+
+    def complete(self, job_id: str, worker_id: str, result: dict) -> bool:
+        """Record a result. False when this worker no longer holds the job (nothing is written)."""
+        with self._write() as conn:
+            done = self._finish(conn, job_id, utcnow(), status="completed", result=result, worker_id=worker_id)
+        if done:
+            self._terminated([job_id])
+        return done
+
+    def fail(self, job_id: str, error: str, error_type: str = "internal_error", status: str = "failed", *,
+             worker_id: str | None = None, error_detail: dict | None = None) -> bool:
+        """Make an active job ``failed`` (or ``cancelled``); False when it was already terminal."""
+        if status not in ("failed", "cancelled"):
+            raise ValueError(f"fail() sets failed or cancelled, not {status!r}")
+        with self._write() as conn:
+            done = self._finish(conn, job_id, utcnow(), status=status, error=error, error_type=error_type,
+                                error_detail=error_detail, worker_id=worker_id)
+        if done:
+            self._terminated([job_id])
+        return done
+
+    def release(self, job_id: str, worker_id: str) -> bool:
+        """Give a running job back to the queue (a worker shutting down); it keeps its place by age."""
+        with self._write() as conn:
+            count = conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.worker_id == worker_id, jobs.c.status == "running")
+                .values(status="queued", worker_id=None, lease_expires_at=None, updated_at=utcnow(),
+                        attempts=jobs.c.attempts - 1)
+            ).rowcount
+        self._leases.pop(job_id, None)
+        self._changed(work=True)
+        return count == 1
+
+    def request_cancel(self, job_id: str) -> str:
+        """"CANCELLATION_REQUESTED" | "ALREADY_COMPLETED" | "NOT_FOUND". A queued job is cancelled at once;
+        a running one is flagged and its worker stops it at the next step."""
+        now = utcnow()
+        with self._write() as conn:
+            row = conn.execute(select(jobs.c.status).where(jobs.c.id == job_id).with_for_update()).first()
+            if row is None:
+                return "NOT_FOUND"
+            if row.status in TERMINAL:
+                return "ALREADY_COMPLETED"
+            if row.status == "queued":
+                self._finish(conn, job_id, now, status="cancelled", error=CANCELLED_ERROR,
+                             error_type=CANCELLED_ERROR_TYPE)
+            else:
+                conn.execute(update(jobs).where(jobs.c.id == job_id).values(cancel_requested=True, updated_at=now))
+                conn.execute(insert(job_logs).values(
+                    job_id=job_id, timestamp=now, level="INFO", message="cancellation requested"))
+        if row.status == "queued":
+            self._terminated([job_id])
+        else:
+            self._local_cancels.add(job_id)
+            self._changed()
+        return "CANCELLATION_REQUESTED"
+
+    def list(self, *, dialect: str | None = None, limit: int = 100, before: datetime | None = None,
+             status: str | None = None, endpoint: str | None = None) -> list[Job]:
+        """Newest first."""
+        stmt = select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
+        if dialect is not None:
+            stmt = stmt.where(jobs.c.dialect == dialect)
+        if before is not None:
+            stmt = stmt.where(jobs.c.created_at < before)
+        if status is not None:
+            stmt = stmt.where(jobs.c.status == status)
+        if endpoint is not None:
+            stmt = stmt.where(jobs.c.endpoint == endpoint)
+        with self._read() as conn:
+            return [Job.from_row(row) for row in conn.execute(stmt)]
+
+    def counts(self) -> dict[str, int]:
+        """Jobs per status (for metrics and /health)."""
+        with self._read() as conn:
+            rows = conn.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status)).all()
+        return {status: 0 for status in STATUSES} | {status: int(n) for status, n in rows}
+
+    def wait(self, job_id: str, timeout: float) -> Job | None:
+        """The job once it is terminal, or as it is when ``timeout`` seconds passed (None if unknown)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._cond:
+                version = self._version
+            job = self.get(job_id)
+            remaining = deadline - time.monotonic()
+            if job is None or job.terminal or remaining <= 0:
+                return job
+            with self._cond:
+                if self._version == version:
+                    self._cond.wait(min(remaining, self.poll_s))
+
+    def work_version(self) -> int:
+        with self._cond:
+            return self._submits
+
+    def wait_for_work(self, version: int, timeout: float) -> bool:
+        """Block until a job may have become available through this store (a submit) or ``timeout``."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._submits != version, timeout)
+
+    def wake_all(self) -> None:
+        """Wake every waiter (used by workers shutting down)."""
+        self._changed(work=True)
+
+    def forget_io(self, job_id: str) -> None:
+        """Drop the request, input and result bodies (fal ``X-Fal-Store-IO: 0``, sync mode)."""
+        with self._write() as conn:
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(
+                request=None, input=None, result=None, updated_at=utcnow()))
+        self._changed()
+
+    def delete_before(self, cutoff: datetime) -> int:
+        """Delete terminal jobs (with their logs and deliveries) created before ``cutoff``; returns how many."""
+        with self._write() as conn:
+            ids = select(jobs.c.id).where(jobs.c.created_at < cutoff, jobs.c.status.in_(TERMINAL))
+            conn.execute(job_logs.delete().where(job_logs.c.job_id.in_(ids)))
+            conn.execute(webhook_deliveries.delete().where(webhook_deliveries.c.job_id.in_(ids)))
+            return conn.execute(jobs.delete().where(jobs.c.id.in_(ids))).rowcount
+
+    # --- webhook deliveries ---------------------------------------------------------------------------
+
+    def claim_deliveries(self, dialects: list[str], limit: int = 8, lease_s: float = 60.0) -> list[Delivery]:
+        """Take due webhook deliveries for these dialects; they are hidden from other senders for ``lease_s``
+        (a sender that dies mid-delivery leaves them to be retried after that)."""
+        if not dialects:
+            return []
+        now = utcnow()
+        due = and_(webhook_deliveries.c.status == "pending", webhook_deliveries.c.next_attempt_at <= now,
+                   webhook_deliveries.c.dialect.in_(dialects))
+        with self._read() as conn:
+            if conn.execute(select(webhook_deliveries.c.id).where(due).limit(1)).first() is None:
+                return []
+        with self._write() as conn:
+            rows = conn.execute(
+                select(webhook_deliveries).where(due).order_by(webhook_deliveries.c.next_attempt_at)
+                .limit(limit).with_for_update(skip_locked=True)
+            ).all()
+            if rows:
+                conn.execute(update(webhook_deliveries)
+                             .where(webhook_deliveries.c.id.in_([r.id for r in rows]))
+                             .values(next_attempt_at=now + timedelta(seconds=lease_s)))
+        return [Delivery(r.id, r.job_id, r.dialect, r.url, r.body, r.attempts) for r in rows]
+
+    def next_delivery_due(self, dialects: list[str]) -> datetime | None:
+        with self._read() as conn:
+            return conn.execute(
+                select(func.min(webhook_deliveries.c.next_attempt_at))
+                .where(webhook_deliveries.c.status == "pending", webhook_deliveries.c.dialect.in_(dialects))
+            ).scalar()
+
+    def update_delivery(self, delivery_id: int, **values: Any) -> None:
+        with self._write() as conn:
+            conn.execute(update(webhook_deliveries).where(webhook_deliveries.c.id == delivery_id).values(**values))
+
+    def delivery(self, job_id: str) -> dict | None:
+        """The webhook delivery row of a job, as a dict (for tests and the admin view)."""
+        with self._read() as conn:
+            row = conn.execute(select(webhook_deliveries).where(webhook_deliveries.c.job_id == job_id)).first()
+        return dict(row._mapping) if row is not None else None
+
+    # --- API keys -------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _hash(secret: str) -> str:
+        return hashlib.sha256(secret.encode()).hexdigest()
+
+    def create_key(self, name: str = "") -> tuple[str, str]:
+        """A new API key: (key_id, secret). The secret is ``<key_id>:<random>`` (usable as FAL_KEY, or as
+        FAL_KEY_ID + FAL_KEY_SECRET) and is shown only now; only its SHA-256 is stored."""
+        key_id = "key_" + secrets.token_hex(8)
+        secret = f"{key_id}:{secrets.token_urlsafe(32)}"
+        with self._write() as conn:
+            conn.execute(insert(api_keys).values(
+                id=key_id, name=name, secret_hash=self._hash(secret), created_at=utcnow()))
+        return key_id, secret
+
+    def verify_key(self, secret: str) -> bool:
+        if not secret:
+            return False
+        digest = self._hash(secret)
+        with self._read() as conn:
+            row = conn.execute(
+                select(api_keys.c.id, api_keys.c.revoked_at, api_keys.c.last_used_at)
+                .where(api_keys.c.secret_hash == digest)
+            ).first()
+        if row is None or row.revoked_at is not None:
+            return False
+        now = utcnow()
+        if row.last_used_at is None or (now - row.last_used_at).total_seconds() > KEY_USE_RESOLUTION:
+            with self._write() as conn:
+                conn.execute(update(api_keys).where(api_keys.c.id == row.id).values(last_used_at=now))
+        return True
+
+    def list_keys(self) -> list[ApiKey]:
+        with self._read() as conn:
+            rows = conn.execute(select(api_keys).order_by(api_keys.c.created_at)).all()
+        return [ApiKey(r.id, r.name, r.created_at, r.revoked_at, r.last_used_at) for r in rows]
+
+    def revoke_key(self, key_id: str) -> bool:
+        """False when no active key has this id."""
+        with self._write() as conn:
+            return conn.execute(
+                update(api_keys).where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=utcnow())
+            ).rowcount == 1
+
+    def has_keys(self) -> bool:
+        """True when at least one active key exists (the API then requires one)."""
+        with self._read() as conn:
+            return conn.execute(select(api_keys.c.id).where(api_keys.c.revoked_at.is_(None)).limit(1)).first() \
+                is not None

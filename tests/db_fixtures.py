@@ -1,0 +1,59 @@
+"""Job-store fixtures shared by the job-store tests: every test runs on SQLite (a temporary file) and on
+PostgreSQL (``FLUXSERVE_TEST_PG``, in a schema of its own for this test session, dropped afterwards).
+PostgreSQL being unreachable is a test failure, never a skip.
+
+Use them from a test module with ``pytest_plugins = ["db_fixtures"]``.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.engine import make_url
+
+from fluxserve.jobs.store import JobStore, normalize_db_url
+
+PG_URL = os.environ.get("FLUXSERVE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+TABLES = ("webhook_deliveries", "job_logs", "api_keys", "jobs")
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    """A PostgreSQL URL whose search_path is a fresh schema for this session."""
+    base = make_url(normalize_db_url(PG_URL))
+    schema = f"fluxserve_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(base)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    url = base.update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    url = request.getfixturevalue("pg_url")
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        existing = set(inspect(conn).get_table_names())
+        names = ", ".join(t for t in TABLES if t in existing)
+        if names:
+            conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+    engine.dispose()
+    return url
+
+
+@pytest.fixture
+def store(db_url):
+    store = JobStore(db_url)
+    yield store
+    store.close()
