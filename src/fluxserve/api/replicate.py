@@ -119,8 +119,9 @@ def _validation_problem(exc: ValidationError) -> Problem:
 
 
 async def _input_size(ref: str) -> tuple[int, int]:
+    from fluxserve.inputs import load_image
+
     try:
-        from fluxserve.inputs import load_image
         image = await run_in_threadpool(load_image, ref)
     except Exception as exc:  # noqa: BLE001 - any unreadable image is the caller's input error
         raise invalid_input([("input.input_images.0", "format", f"could not read the image: {exc}")]) from None
