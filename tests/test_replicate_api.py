@@ -97,7 +97,20 @@ def test_pagination(live_server):  # noqa: F811
     assert len(ids) == len(set(ids))
 
 
+def _finished(live_server, endpoint: str) -> float:  # noqa: F811
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = live_server.get("/metrics").text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "fluxserve_jobs_finished_total" and sample.labels.get("endpoint") == endpoint:
+                total += sample.value
+    return total
+
+
 def test_all_dialects_share_one_history(live_server):  # noqa: F811
+    before = _finished(live_server, "fal-ai/flux-2")
     r = live_server.post(f"/v1/models/{DEV}/predictions", json={"input": {"prompt": "shared r", **TINY}},
                          headers={"Prefer": "wait"})
     o = live_server.post("/v1/images/generations",
@@ -115,8 +128,7 @@ def test_all_dialects_share_one_history(live_server):  # noqa: F811
     listed = [p["id"] for p in live_server.get("/v1/predictions", params={"page_size": 1000}).json()["results"]]
     assert replicate_id in listed and openai_id not in listed  # Replicate's list shows predictions only
     _problem(live_server.get(f"/v1/predictions/{openai_id}"), 404)
-    metrics = live_server.get("/metrics").text
-    assert "openai" in metrics and "replicate" in metrics
+    assert _finished(live_server, "fal-ai/flux-2") - before >= 3  # one set of workers and metrics for all three
 
 
 def test_translation(models):
@@ -146,3 +158,42 @@ def test_match_input_image(models):
         "prompt": "p", "input_images": [_data_uri((96, 64))], "aspect_ratio": "match_input_image",
         "resolution": "match_input_image"}))
     assert (request["width"], request["height"]) == (96, 64)
+
+
+def test_webhooks_start_and_completed(live_server):  # noqa: F811
+    import json
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    received: list[dict] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/hook"
+        response = live_server.post(f"/v1/models/{DEV}/predictions", json={
+            "input": {"prompt": "hook", **TINY}, "webhook": url, "webhook_events_filter": ["start", "completed"]})
+        assert response.status_code == 201, response.text
+        prediction_id = response.json()["id"]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(r["status"] == "succeeded" for r in received):
+            time.sleep(0.1)
+        assert all(r["id"] == prediction_id for r in received)
+        statuses = [r["status"] for r in received]
+        assert statuses[0] in ("starting", "processing") and statuses[-1] == "succeeded"
+        assert received[-1]["output"].startswith(live_server.url + "/files/")
+    finally:
+        server.shutdown()
+    bad = live_server.post(f"/v1/models/{DEV}/predictions", json={
+        "input": {"prompt": "x"}, "webhook": "http://x", "webhook_events_filter": ["finished"]})
+    assert "webhook_events_filter" in bad.json()["detail"]

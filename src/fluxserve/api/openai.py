@@ -334,6 +334,9 @@ async def submit_jobs(
             )
         )
         job_ids.append(job.id)
+        metrics = getattr(request.app.state, "metrics", None)
+        if metrics is not None:
+            metrics.submitted(spec.id)
     _memory(request).remember(fingerprint, job_ids)
     return job_ids
 

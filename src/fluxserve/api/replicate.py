@@ -345,6 +345,9 @@ async def create(request: Request, model_name: str, body: dict[str, Any]) -> Res
     store = request.app.state.store
     job = await run_in_threadpool(lambda: store.submit(endpoint=endpoint, dialect="replicate", request=canonical,
                                                        input=raw, webhook=hook))
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.submitted(endpoint)
     if webhook and any(e in events for e in ("start", "logs", "output")):
         task = asyncio.get_running_loop().create_task(
             watch_for_webhooks(request.app, job.id, base, webhook, events))
