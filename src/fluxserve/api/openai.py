@@ -429,7 +429,7 @@ async def stream_events(
             job = await run_in_threadpool(store.get, job_id)
             for line in await run_in_threadpool(store.logs, job_id, seen):
                 seen = max(seen, line.seq)
-                if line.preview_key:
+                if line.preview_key and partial_index < options["partial_images"]:
                     try:
                         preview = await image_bytes(request, line.preview_key)
                     except KeyError:
@@ -586,9 +586,9 @@ async def list_models(request: Request) -> Response:
     created = int(catalog.source.stat().st_mtime) if catalog.source.exists() else 0
     names = list(catalog.openai_models)
     body: dict[str, Any] = {"object": "list", "data": [_model_object(n, created) for n in names]}
-    replicate_models = getattr(request.app.state, "replicate_models_page", None)
-    if replicate_models is not None:  # Replicate's models.list() reads {next, previous, results}
-        body.update(replicate_models(request))
+    from fluxserve.api.replicate import models_page
+
+    body.update(models_page(request))  # Replicate's models.list() reads {next, previous, results}
     return JSONResponse(body)
 
 
