@@ -73,6 +73,10 @@ class Storage:
     def put(self, data: bytes, content_type: str, prefix: str = "outputs", filename: str | None = None) -> str:
         raise NotImplementedError
 
+    def put_at(self, key: str, data: bytes, content_type: str) -> None:
+        """Write at a key chosen earlier (e.g. a reserved upload slot), replacing what is there."""
+        raise NotImplementedError
+
     def get(self, key: str) -> tuple[bytes, str]:
         raise NotImplementedError
 
@@ -103,12 +107,18 @@ class LocalStorage(Storage):
 
     def put(self, data: bytes, content_type: str, prefix: str = "outputs", filename: str | None = None) -> str:
         key = new_key(content_type, prefix, filename)
+        self.put_at(key, data, content_type)
+        return key
+
+    def put_at(self, key: str, data: bytes, content_type: str) -> None:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
+        sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
         if content_type_for(path.name) != content_type.split(";")[0].strip().lower():
-            _atomic_write(path.with_name(path.name + SIDECAR_SUFFIX), content_type.encode())
+            _atomic_write(sidecar, content_type.encode())
+        else:
+            sidecar.unlink(missing_ok=True)
         _atomic_write(path, data)
-        return key
 
     def get(self, key: str) -> tuple[bytes, str]:
         path = self.path(key)
@@ -181,8 +191,11 @@ class S3Storage(Storage):
 
     def put(self, data: bytes, content_type: str, prefix: str = "outputs", filename: str | None = None) -> str:
         key = new_key(content_type, prefix, filename)
-        self.client.put_object(Bucket=self.bucket, Key=self._object(key), Body=data, ContentType=content_type)
+        self.put_at(key, data, content_type)
         return key
+
+    def put_at(self, key: str, data: bytes, content_type: str) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._object(key), Body=data, ContentType=content_type)
 
     def get(self, key: str) -> tuple[bytes, str]:
         try:

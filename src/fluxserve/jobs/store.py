@@ -414,10 +414,19 @@ class JobStore:
 
     def heartbeat(self, job_id: str, worker_id: str, step: int | None = None, total: int | None = None) -> bool:
         """Extend the lease. False = the lease was lost or a cancel was requested: stop the job."""
-        return self._heartbeat(job_id, worker_id, step, total)
+        return self.report(job_id, worker_id, step, total)
 
-    def _heartbeat(self, job_id: str, worker_id: str, step: int | None, total: int | None,
-                   log: dict | None = None) -> bool:
+    def progress(self, job_id: str, worker_id: str, step: int, total: int, message: str,
+                 preview_key: str | None = None, level: str = "INFO") -> bool:
+        """A heartbeat and a log line in one transaction; the same answer as ``heartbeat``."""
+        return self.report(job_id, worker_id, step, total,
+                           [{"level": level, "message": message, "preview_key": preview_key}])
+
+    def report(self, job_id: str, worker_id: str, step: int | None = None, total: int | None = None,
+               lines: list[dict] | None = None) -> bool:
+        """A heartbeat with progress and any number of log lines (dicts with ``message`` and optionally
+        ``level``, ``preview_key``, ``timestamp``), in one transaction. The same answer as ``heartbeat``;
+        the lines are written only while this worker holds the job."""
         now = utcnow()
         values: dict[str, Any] = {
             "lease_expires_at": now + timedelta(seconds=self._leases.get(job_id, 30.0)), "updated_at": now,
@@ -433,18 +442,20 @@ class JobStore:
             .returning(jobs.c.cancel_requested)
         )
         with self._write() as conn:
+            if not self.is_sqlite:
+                # a heartbeat or log line lost in a database crash is harmless; do not wait for the disk
+                conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
             row = conn.execute(stmt).first()
-            if row is not None and log is not None:
-                conn.execute(insert(job_logs).values(job_id=job_id, timestamp=now, **log))
-        if log is not None or step is not None:
+            if row is not None and lines:
+                conn.execute(insert(job_logs), [
+                    {"job_id": job_id, "timestamp": line.get("timestamp") or now,
+                     "level": line.get("level") or "INFO", "message": line["message"],
+                     "preview_key": line.get("preview_key")}
+                    for line in lines
+                ])
+        if lines or step is not None:
             self._changed()
         return row is not None and not row.cancel_requested and job_id not in self._local_cancels
-
-    def progress(self, job_id: str, worker_id: str, step: int, total: int, message: str,
-                 preview_key: str | None = None, level: str = "INFO") -> bool:
-        """A heartbeat and a log line in one transaction; the same answer as ``heartbeat``."""
-        log = {"level": level, "message": message, "preview_key": preview_key}
-        return self._heartbeat(job_id, worker_id, step, total, log=log)
 
     def cancel_requested(self, job_id: str) -> bool:
         """True when a cancel for this job was requested through this store object (no database read)."""

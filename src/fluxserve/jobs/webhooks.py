@@ -54,8 +54,8 @@ class WebhookSender:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._pool: ThreadPoolExecutor | None = None
         self._client = httpx.Client(timeout=timeout, follow_redirects=False)
+        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="webhook")
         store.add_terminal_listener(lambda _job_id: self._wake.set())
 
     @property
@@ -66,7 +66,13 @@ class WebhookSender:
         self._wake.set()
 
     def start(self) -> WebhookSender:
-        self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="webhook")
+        """Start the background thread (again after ``stop``, if need be)."""
+        if self._thread is not None and self._thread.is_alive():
+            return self
+        self._stopping.clear()
+        if self._client.is_closed:
+            self._client = httpx.Client(timeout=self.timeout, follow_redirects=False)
+            self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="webhook")
         self._thread = threading.Thread(target=self._run, name="webhook-sender", daemon=True)
         self._thread.start()
         return self
@@ -76,8 +82,8 @@ class WebhookSender:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._thread = None
+        self._pool.shutdown(wait=True, cancel_futures=True)
         self._client.close()
 
     def _run(self) -> None:

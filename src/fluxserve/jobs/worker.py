@@ -1,0 +1,301 @@
+"""A worker thread: claims jobs from the store, runs the engine, stores outputs, records the outcome.
+
+The engine thread never waits on the database or storage between steps: progress lines and previews go to a
+per-job reporter thread, which writes them together with the heartbeat (and keeps the lease alive while a
+model loads). Cancels requested through the same store are seen at the next step without a database read;
+cancels from other processes arrive with the next heartbeat (every ``heartbeat_s``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import ValidationError
+
+from fluxserve.jobs.store import (
+    CANCELLED_ERROR,
+    CANCELLED_ERROR_TYPE,
+    TIMEOUT_ERROR,
+    TIMEOUT_ERROR_TYPE,
+    Job,
+    JobStore,
+    utcnow,
+)
+from fluxserve.request import GenerationCancelled, GenerationRequest, GenerationResult, InputError, Progress
+from fluxserve.storage import Storage
+
+log = logging.getLogger(__name__)
+
+# one engine runs one generation at a time (per device): workers sharing an engine take turns
+_engine_locks: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_engine_locks_guard = threading.Lock()
+
+
+def _engine_lock(engine: Any) -> threading.Lock:
+    with _engine_locks_guard:
+        try:
+            return _engine_locks.setdefault(engine, threading.Lock())
+        except TypeError:  # not weak-referenceable
+            return threading.Lock()
+
+
+def _image_content_type(data: bytes) -> str:
+    if data.startswith(b"\x89PNG"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8"):
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data[:4] == b"GIF8":
+        return "image/gif"
+    return "image/png"
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class _Run:
+    """The state of one job while a worker runs it."""
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.stop_reason: str | None = None  # "cancel" | "timeout" | "lease" | "shutdown"
+        self.step: int | None = None
+        self.total: int | None = None
+        self.pending: list[tuple[dict, bytes | None]] = []  # (log line, preview bytes)
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.done = threading.Event()
+
+    def stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+
+
+class Worker:
+    """``Worker(store, engine, storage, worker_id=None, on_finished=None)``; ``start()`` / ``stop()``."""
+
+    def __init__(self, store: JobStore, engine: Any, storage: Storage, worker_id: str | None = None,
+                 on_finished: Callable[[Job], None] | None = None, *, lease_s: float = 30.0,
+                 heartbeat_s: float = 0.5, poll_s: float = 1.0, models: list[str] | None = None):
+        self.store = store
+        self.engine = engine
+        self.storage = storage
+        self.worker_id = worker_id or default_worker_id()
+        self.on_finished = on_finished
+        self.lease_s = lease_s
+        self.heartbeat_s = heartbeat_s
+        self.poll_s = poll_s
+        self.models = models
+        self.jobs_done = 0
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._run_state: _Run | None = None
+        self._engine_lock = _engine_lock(engine)
+
+    def __repr__(self) -> str:
+        return f"Worker({self.worker_id!r})"
+
+    @property
+    def current_job_id(self) -> str | None:
+        run = self._run_state
+        return run.job.id if run is not None else None
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+
+    def start(self) -> Worker:
+        if self._thread is not None and self._thread.is_alive():
+            return self
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._loop, name=f"worker-{self.worker_id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Stop claiming; let the current job finish for up to ``timeout`` seconds, then stop it at the next
+        step and give it back to the queue for another worker."""
+        self._stopping.set()
+        self.store.wake_all()
+        thread = self._thread
+        if thread is None:
+            return
+        thread.join(timeout)
+        if thread.is_alive():
+            run = self._run_state
+            if run is not None:
+                run.stop("shutdown")
+            thread.join()
+        self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                version = self.store.work_version()
+                if self.run_once() is None and not self._stopping.is_set():
+                    self.store.wait_for_work(version, self.poll_s)
+            except Exception:
+                log.exception("worker %s: unexpected error; retrying in %.1fs", self.worker_id, self.poll_s)
+                self._stopping.wait(self.poll_s)
+
+    # --- one job --------------------------------------------------------------------------------------
+
+    def run_once(self) -> Job | None:
+        """Claim and run one job in the calling thread; the job as it ended, or None when there was none."""
+        with self._engine_lock:
+            if self._stopping.is_set() and self._thread is not None:
+                return None
+            job = self.store.claim(self.worker_id, self.lease_s, self.models)
+            if job is None:
+                return None
+            run = _Run(job)
+            self._run_state = run
+            reporter = threading.Thread(target=self._report_loop, args=(run,), name=f"reporter-{job.id}",
+                                        daemon=True)
+            reporter.start()
+            try:
+                outcome = self._generate(run)
+            finally:
+                run.done.set()
+                run.wake.set()
+                reporter.join()
+        try:
+            finished = self._finish(run, outcome)
+        finally:
+            self._run_state = None
+        self.jobs_done += 1
+        if finished is not None and self.on_finished is not None:
+            try:
+                self.on_finished(finished)
+            except Exception:
+                log.exception("on_finished failed for job %s", job.id)
+        return finished or self.store.get(job.id)
+
+    def _generate(self, run: _Run) -> GenerationResult | BaseException:
+        job = run.job
+        try:
+            request = GenerationRequest.model_validate(job.request)
+        except ValidationError as e:
+            first = e.errors()[0]
+            field = ".".join(str(part) for part in first["loc"]) or "request"
+            return InputError(field, first["msg"])
+
+        def on_progress(progress: Progress) -> None:
+            line = {"message": progress.message or f"step {progress.step}/{progress.total}",
+                    "timestamp": utcnow()}
+            with run.lock:
+                run.step, run.total = progress.step, progress.total
+                run.pending.append((line, progress.preview))
+            run.wake.set()
+
+        def should_cancel() -> bool:
+            if run.stop_reason is not None:
+                return True
+            if self.store.cancel_requested(job.id):
+                run.stop("cancel")
+            elif job.timeout_at is not None and utcnow() >= job.timeout_at:
+                run.stop("timeout")
+            return run.stop_reason is not None
+
+        started = time.perf_counter()
+        try:
+            result = self.engine.generate(request, on_progress, should_cancel)
+        except (GenerationCancelled, InputError) as e:
+            return e
+        except Exception as e:
+            log.exception("job %s failed on worker %s", job.id, self.worker_id)
+            return e
+        result.timings.setdefault("inference", time.perf_counter() - started)
+        return result
+
+    def _report_loop(self, run: _Run) -> None:
+        """Write progress lines, previews and heartbeats until the job's generation ends."""
+        last = time.monotonic()
+        while True:
+            run.wake.wait(self.heartbeat_s)
+            run.wake.clear()
+            with run.lock:
+                pending, run.pending = run.pending, []
+                step, total = run.step, run.total
+            if pending or time.monotonic() - last >= self.heartbeat_s or run.done.is_set():
+                try:
+                    if not self._write_progress(run, pending, step, total) and run.stop_reason is None:
+                        current = self.store.get(run.job.id)
+                        run.stop("cancel" if current is not None and current.cancel_requested else "lease")
+                except Exception:
+                    log.exception("heartbeat for job %s failed; retrying", run.job.id)
+                last = time.monotonic()
+            if run.done.is_set():
+                return
+
+    def _write_progress(self, run: _Run, pending: list[tuple[dict, bytes | None]], step: int | None,
+                        total: int | None) -> bool:
+        lines = []
+        for line, preview in pending:
+            if preview:
+                line["preview_key"] = self.storage.put(preview, _image_content_type(preview), prefix="previews")
+            lines.append(line)
+        return self.store.report(run.job.id, self.worker_id, step, total, lines)
+
+    def _finish(self, run: _Run, outcome: GenerationResult | BaseException) -> Job | None:
+        """Record the outcome; the terminal job, or None when this worker no longer holds it."""
+        job, store, wid = run.job, self.store, self.worker_id
+        if isinstance(outcome, GenerationCancelled) or (
+            isinstance(outcome, BaseException) and run.stop_reason in ("lease", "shutdown")
+        ):
+            reason = run.stop_reason or "cancel"
+            if reason == "timeout":
+                done = store.fail(job.id, TIMEOUT_ERROR, TIMEOUT_ERROR_TYPE, worker_id=wid)
+            elif reason == "cancel":
+                done = store.fail(job.id, CANCELLED_ERROR, CANCELLED_ERROR_TYPE, status="cancelled", worker_id=wid)
+            elif reason == "shutdown":
+                store.release(job.id, wid)
+                log.info("worker %s stopping: job %s returned to the queue", wid, job.id)
+                return None
+            else:
+                log.warning("worker %s lost the lease on job %s; leaving it to its new worker", wid, job.id)
+                return None
+        elif isinstance(outcome, InputError):
+            done = store.fail(job.id, str(outcome), "validation_error", worker_id=wid,
+                              error_detail={"field": outcome.field, "message": outcome.message})
+        elif isinstance(outcome, BaseException):
+            message = f"{type(outcome).__name__}: {outcome}" if str(outcome) else type(outcome).__name__
+            store.log(job.id, message, level="ERROR")
+            done = store.fail(job.id, message, "internal_error", worker_id=wid)
+        else:
+            try:
+                result = self._save(outcome)
+            except Exception as e:
+                log.exception("could not store the outputs of job %s", job.id)
+                message = f"could not store the outputs: {type(e).__name__}: {e}"
+                store.log(job.id, message, level="ERROR")
+                done = store.fail(job.id, message, "internal_error", worker_id=wid)
+            else:
+                done = store.complete(job.id, wid, result)
+        return store.get(job.id) if done else None
+
+    def _save(self, result: GenerationResult) -> dict:
+        images = []
+        for image in result.images:
+            key = self.storage.put(image.data, image.content_type, prefix="outputs")
+            images.append({"key": key, "width": image.width, "height": image.height,
+                           "content_type": image.content_type, "nsfw": image.nsfw})
+        return {
+            "images": images,
+            "seed": result.seed,
+            "prompt": result.prompt,
+            "timings": dict(result.timings),
+            "has_nsfw_concepts": result.has_nsfw_concepts,
+        }
