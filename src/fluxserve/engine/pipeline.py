@@ -1,0 +1,380 @@
+"""The engine: one ``GenerationRequest`` in, one ``GenerationResult`` out.
+
+Stages, each timed: text encoding (``encode_prompt``, after the optional prompt expansion), denoising (the
+diffusers pipeline with ``prompt_embeds`` and ``output_type="latent"``, a callback per step for progress,
+previews and cancellation), decoding (the VAE, with the pipeline's own latent post-processing), safety and
+encoding. Pipelines stay resident per model key once loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from fluxserve.catalog import Catalog, ModelSpec
+from fluxserve.config import Settings
+from fluxserve.engine import decode as decoding
+from fluxserve.engine.placement import Placement, place_pipeline
+from fluxserve.engine.weights import load_pipeline, resolve_weights
+from fluxserve.inputs import check_references, load_image
+from fluxserve.request import (
+    CONTENT_TYPES,
+    CancelCheck,
+    GeneratedImage,
+    GenerationCancelled,
+    GenerationRequest,
+    GenerationResult,
+    InputError,
+    Progress,
+    ProgressCallback,
+)
+from fluxserve.sizes import MODEL_MAX_PIXELS, MODEL_MAX_SIDE, MODEL_MIN_SIDE, round16
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIZE = (1024, 768)
+MAX_SEED = 2**31 - 1
+DEMO_EXPANSION_TOKENS = 24  # the demo text encoders write noise; keep their expansions short and fast
+TIMING_KEYS = ("text_encoding", "denoising", "decoding", "safety", "encoding", "inference")
+
+
+@dataclass
+class LoadedModel:
+    key: str
+    spec: ModelSpec
+    pipe: object
+    path: str
+    placement: Placement
+    load_seconds: float
+
+
+class Engine:
+    """Runs generation requests on one device. Thread-safe loading; one request at a time per instance."""
+
+    def __init__(self, settings: Settings, catalog: Catalog) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.device = _pick_device(settings.device)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self._models: dict[str, LoadedModel] = {}
+        self._lock = threading.Lock()
+        self._model_locks: dict[str, threading.Lock] = {}
+        self._safety = None
+        self._safety_lock = threading.Lock()
+
+    # ---- models -----------------------------------------------------------------------------------------
+    def load(self, model_key: str) -> None:
+        """Make ``model_key`` resident (it loads lazily on first use otherwise). Thread-safe."""
+        self._model(model_key)
+
+    def loaded(self) -> list[str]:
+        return list(self._models)
+
+    def _spec(self, model_key: str) -> ModelSpec:
+        try:
+            return self.catalog.models[model_key]
+        except KeyError:
+            raise InputError("model", f"unknown model {model_key!r}; known: {', '.join(self.catalog.models)}") \
+                from None
+
+    def _model(self, model_key: str) -> LoadedModel:
+        loaded = self._models.get(model_key)
+        if loaded is not None:
+            return loaded
+        spec = self._spec(model_key)
+        with self._lock:
+            lock = self._model_locks.setdefault(model_key, threading.Lock())
+        with lock:
+            loaded = self._models.get(model_key)
+            if loaded is None:
+                loaded = self._load(spec)
+                self._models[model_key] = loaded
+        return loaded
+
+    def _load(self, spec: ModelSpec) -> LoadedModel:
+        start = time.perf_counter()
+        path = resolve_weights(spec, self.settings)
+        pipe = load_pipeline(spec, path, self.dtype, demo=self.settings.demo)
+        placement = place_pipeline(pipe, self.device, self.dtype, self.settings.text_encoder_placement)
+        _accelerate(pipe, "regular", self.device)
+        seconds = time.perf_counter() - start
+        log.info("loaded %s from %s in %.1fs (%s)", spec.key, path, seconds, placement.as_dict())
+        return LoadedModel(spec.key, spec, pipe, str(path), placement, seconds)
+
+    def placement(self) -> dict:
+        """What is loaded where, in which precision, and the device's memory."""
+        models = {}
+        for key, loaded in self._models.items():
+            info = loaded.placement.as_dict()
+            info.update(weights=loaded.path, pipeline=loaded.spec.pipeline, load_seconds=round(loaded.load_seconds, 2))
+            accel = _acceleration_state(loaded.pipe)
+            if accel is not None:
+                info["acceleration"] = accel
+            models[key] = info
+        memory: dict[str, float] = {}
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            memory = {"free_gib": round(free / 2**30, 2), "total_gib": round(total / 2**30, 2),
+                      "allocated_gib": round(torch.cuda.memory_allocated(self.device) / 2**30, 2)}
+        return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "demo": self.settings.demo, "text_encoder_placement": self.settings.text_encoder_placement,
+                "models": models, "memory": memory}
+
+    # ---- generation -------------------------------------------------------------------------------------
+    def generate(
+        self,
+        request: GenerationRequest,
+        on_progress: ProgressCallback | None = None,
+        should_cancel: CancelCheck | None = None,
+    ) -> GenerationResult:
+        started = time.perf_counter()
+        timings = dict.fromkeys(TIMING_KEYS, 0.0)
+        spec = self._spec(request.model)
+        references = self._references(request)
+        out_width, out_height = self._output_size(request, references)
+        gen_width, gen_height = round16(out_width), round16(out_height)
+        seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        if _cancelled(should_cancel):
+            raise GenerationCancelled("cancelled before start")
+
+        loaded = self._model(spec.key)
+        pipe = loaded.pipe
+        _accelerate(pipe, request.acceleration, self.device)
+        with self._loras(pipe, request):
+            # 1. text encoding (with the optional prompt expansion)
+            t0 = time.perf_counter()
+            prompt = request.prompt
+            if request.expand_prompt:
+                prompt = self._expand(pipe, prompt, references, seed)
+            prompt_embeds, negative_embeds = self._encode(pipe, prompt, request)
+            loaded.placement.after_text_encoding()
+            timings["text_encoding"] = time.perf_counter() - t0
+
+            # 2. denoising
+            t0 = time.perf_counter()
+            latents = self._denoise(pipe, request, references, prompt_embeds, negative_embeds, seed,
+                                    gen_width, gen_height, on_progress, should_cancel)
+            timings["denoising"] = time.perf_counter() - t0
+
+            # 3. decoding
+            t0 = time.perf_counter()
+            vae_input = decoding.vae_latents(pipe, latents, gen_height, gen_width)
+            images = decoding.decode(pipe, vae_input)
+            if (gen_width, gen_height) != (out_width, out_height):
+                images = [image.resize((out_width, out_height), Image.Resampling.LANCZOS) for image in images]
+            timings["decoding"] = time.perf_counter() - t0
+
+        # 4. safety
+        t0 = time.perf_counter()
+        flags = [False] * len(images)
+        if request.safety_checker:
+            flags = self._check_safety(images, request.safety_tolerance)
+            images = [_blackout(image) if flagged else image for image, flagged in zip(images, flags)]
+        timings["safety"] = time.perf_counter() - t0
+
+        # 5. encoding
+        t0 = time.perf_counter()
+        metadata = {
+            "prompt": prompt, "seed": seed, "model": spec.key, "model_title": spec.title,
+            "steps": request.steps, "guidance": request.guidance, "width": out_width, "height": out_height,
+        }
+        if request.loras:
+            metadata["loras"] = [{"path": lora.path, "scale": lora.scale} for lora in request.loras]
+        outputs = [
+            GeneratedImage(
+                data=_encode(image, request.output_format, request.output_quality, metadata),
+                width=image.width, height=image.height,
+                content_type=CONTENT_TYPES[request.output_format], nsfw=flagged,
+            )
+            for image, flagged in zip(images, flags)
+        ]
+        timings["encoding"] = time.perf_counter() - t0
+        timings["inference"] = time.perf_counter() - started
+        return GenerationResult(images=outputs, seed=seed, prompt=prompt, timings=timings)
+
+    # ---- stages -----------------------------------------------------------------------------------------
+    def _references(self, request: GenerationRequest) -> list[Image.Image]:
+        images = [load_image(ref, f"image_urls[{i}]") for i, ref in enumerate(request.image_urls)]
+        if images:
+            limits = [e for e in self.catalog.endpoints.values() if e.model == request.model and e.is_edit]
+            max_refs = max((e.max_references for e in limits), default=10) or 10
+            max_mp = max((e.max_input_megapixels for e in limits), default=14.0)
+            check_references(images, max_references=max_refs, max_input_megapixels=max_mp)
+        return images
+
+    @staticmethod
+    def _output_size(request: GenerationRequest, references: list[Image.Image]) -> tuple[int, int]:
+        if (request.width is None) != (request.height is None):
+            missing = "height" if request.height is None else "width"
+            raise InputError(missing, "give both width and height, or neither")
+        if request.width is not None:
+            width, height = request.width, request.height
+            for name, side in (("width", width), ("height", height)):
+                if not MODEL_MIN_SIDE <= side <= MODEL_MAX_SIDE:
+                    raise InputError(name, f"{side} is outside {MODEL_MIN_SIDE}-{MODEL_MAX_SIDE} pixels")
+            return width, height
+        if not references:
+            return DEFAULT_SIZE
+        width, height = references[0].size
+        scale = min(1.0, MODEL_MAX_SIDE / max(width, height), (MODEL_MAX_PIXELS / (width * height)) ** 0.5)
+        return max(MODEL_MIN_SIDE, int(width * scale)), max(MODEL_MIN_SIDE, int(height * scale))
+
+    def _expand(self, pipe, prompt: str, references: list[Image.Image], seed: int) -> str:
+        from fluxserve.engine.prompts import MAX_NEW_TOKENS, expand_prompt
+
+        tokens = DEMO_EXPANSION_TOKENS if self.settings.demo else MAX_NEW_TOKENS
+        return expand_prompt(pipe, prompt, references, seed=seed, max_new_tokens=tokens)
+
+    def _encode(self, pipe, prompt: str, request: GenerationRequest):
+        with torch.no_grad():
+            prompt_embeds, _ = pipe.encode_prompt(prompt=prompt, device=self.device, num_images_per_prompt=1)
+            negative = None
+            if _uses_true_cfg(pipe, request.guidance):
+                negative, _ = pipe.encode_prompt(prompt="", device=self.device, num_images_per_prompt=1)
+        return prompt_embeds, negative
+
+    def _denoise(self, pipe, request, references, prompt_embeds, negative_embeds, seed, width, height,
+                 on_progress, should_cancel):
+        total = len(request.sigmas) if request.sigmas else request.steps
+        preview_steps = _preview_steps(total, request.partial_images)
+        previous: dict[str, torch.Tensor] = {}
+
+        def on_step(pipeline, i: int, t, kwargs: dict) -> dict:
+            latents = kwargs["latents"]
+            step = i + 1
+            preview = None
+            if step in preview_steps and "latents" in previous:
+                sigmas = pipeline.scheduler.sigmas
+                preview = _png(decoding.preview_from_step(
+                    pipeline, previous["latents"], latents, float(sigmas[i - 1]), float(sigmas[i]), height, width))
+            if preview_steps:
+                previous["latents"] = latents
+            if on_progress is not None:
+                on_progress(Progress(step=step, total=total, message=f"step {step}/{total}", preview=preview))
+            if step < total and _cancelled(should_cancel):
+                raise GenerationCancelled(f"cancelled after step {step}/{total}")
+            return {}
+
+        kwargs = {
+            "image": references or None,
+            "prompt_embeds": prompt_embeds,
+            "height": height,
+            "width": width,
+            "num_inference_steps": total,
+            "sigmas": list(request.sigmas) if request.sigmas else None,
+            "guidance_scale": request.guidance,
+            "num_images_per_prompt": request.num_images,
+            "generator": torch.Generator(device="cpu").manual_seed(seed),
+            "output_type": "latent",
+            "callback_on_step_end": on_step,
+            "callback_on_step_end_tensor_inputs": ["latents"],
+        }
+        if negative_embeds is not None:
+            kwargs["negative_prompt_embeds"] = negative_embeds
+        with torch.no_grad():
+            try:
+                return pipe(**kwargs).images
+            except ValueError as exc:
+                if references and ("Image too small" in str(exc) or "Aspect ratio" in str(exc)):
+                    raise InputError("image_urls", str(exc)) from None
+                raise
+
+    def _check_safety(self, images: list[Image.Image], tolerance: int) -> list[bool]:
+        checker = self._safety_checker()
+        if checker is None:
+            return [False] * len(images)
+        return list(checker.check(images, tolerance))
+
+    def _safety_checker(self):
+        if self._safety is None:
+            with self._safety_lock:
+                if self._safety is None:
+                    try:
+                        from fluxserve.engine import safety
+                    except ImportError:  # the safety module has not landed yet
+                        return None
+                    if self.settings.demo:
+                        from fluxserve.engine.demo import ensure_demo_weights
+
+                        ensure_demo_weights(self.settings.demo_dir, ())
+                        source = self.settings.demo_dir / "safety"
+                    else:
+                        source = safety.DEFAULT_SAFETY_MODEL
+                    self._safety = safety.SafetyChecker.load(source, self.device)
+        return self._safety
+
+    def _loras(self, pipe, request: GenerationRequest):
+        if not request.loras:
+            return nullcontext()
+        from fluxserve.engine import lora
+
+        return lora.applied_loras(pipe, list(request.loras), self.settings.cache_dir / "loras")
+
+
+# ---- helpers ------------------------------------------------------------------------------------------------
+def _pick_device(name: str) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _cancelled(should_cancel: CancelCheck | None) -> bool:
+    return bool(should_cancel is not None and should_cancel())
+
+
+def _uses_true_cfg(pipe, guidance: float) -> bool:
+    """Klein base models run classifier-free guidance (a second, unconditional pass) when guidance > 1."""
+    return pipe.__class__.__name__ == "Flux2KleinPipeline" and guidance > 1 and not pipe.config.is_distilled
+
+
+def _preview_steps(total: int, count: int) -> set[int]:
+    """``count`` steps spread evenly over the run (never the last: the final image follows it)."""
+    if count <= 0 or total < 3:
+        return set()
+    return {max(2, round(total * (j + 1) / (count + 1))) for j in range(count)} - {total}
+
+
+def _png(image: Image.Image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=False, compress_level=1)
+    return buffer.getvalue()
+
+
+def _encode(image: Image.Image, fmt: str, quality: int | None, metadata: dict) -> bytes:
+    from fluxserve.engine.encode import encode_image
+
+    return encode_image(image, fmt, quality, metadata)
+
+
+def _blackout(image: Image.Image) -> Image.Image:
+    from fluxserve.engine.safety import blackout
+
+    return blackout(image)
+
+
+def _accelerate(pipe, level: str, device: torch.device) -> None:
+    try:
+        from fluxserve.engine import accel
+    except ImportError:
+        return
+    apply = getattr(accel, "apply_acceleration", None)
+    if apply is not None:
+        apply(pipe, level, device)
+
+
+def _acceleration_state(pipe) -> dict | None:
+    try:
+        from fluxserve.engine import accel
+    except ImportError:
+        return None
+    state = getattr(accel, "acceleration_state", None)
+    return state(pipe) if state is not None else None

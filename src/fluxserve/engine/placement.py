@@ -1,0 +1,137 @@
+"""Device placement: which model sits where, in which precision.
+
+On CUDA every model stays resident when it fits in free memory. When it does not, the text encoder (used once
+per request, for a few hundred tokens) gives way first: stored in FP8 (weights only, per-output-channel scales,
+upcast in forward: half the bf16 bytes), or kept on the CPU and moved in for each encoding (offload). The choice
+comes from ``torch.cuda.mem_get_info`` and can be forced with ``settings.text_encoder_placement``.
+On the CPU everything is resident in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+PLACEMENTS = ("auto", "resident", "fp8", "offload")
+GIB = 1024**3
+
+
+def module_bytes(module: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Bytes of ``module``'s parameters and buffers, counted in ``dtype`` for floating tensors when given."""
+    total = 0
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        size = tensor.element_size()
+        if dtype is not None and tensor.is_floating_point():
+            size = torch.empty((), dtype=dtype).element_size()
+        total += tensor.numel() * size
+    return total
+
+
+def headroom_bytes(total_bytes: int) -> int:
+    """Working memory kept free for activations, attention and the VAE decode."""
+    return max(4 * GIB, int(0.08 * total_bytes))
+
+
+def choose_placement(
+    free_bytes: int,
+    total_bytes: int,
+    transformer_bytes: int,
+    text_encoder_bytes: int,
+    vae_bytes: int,
+    requested: str = "auto",
+) -> str:
+    """``resident`` | ``fp8`` | ``offload`` for the text encoder. A pure function of the memory numbers."""
+    if requested not in PLACEMENTS:
+        raise ValueError(f"text encoder placement {requested!r}: choose one of {', '.join(PLACEMENTS)}")
+    if requested != "auto":
+        return requested
+    budget = free_bytes - headroom_bytes(total_bytes)
+    always = transformer_bytes + vae_bytes
+    if always + text_encoder_bytes <= budget:
+        return "resident"
+    # FP8 storage: one byte per weight instead of two (bf16), plus small per-channel scales.
+    if always + text_encoder_bytes // 2 <= budget:
+        return "fp8"
+    return "offload"
+
+
+# ---- FP8 text encoder ----------------------------------------------------------------------------------------
+def quantize_text_encoder(text_encoder: nn.Module) -> int:
+    """Store the text encoder's Linear weights in float8_e4m3fn with per-output-channel scales, upcast in
+    forward (weight-only; ``fluxserve.engine.fp8.FP8Linear``). The output head stays as it is (prompt
+    expansion samples from it). Returns how many layers were converted."""
+    from fluxserve.engine import fp8
+
+    return fp8.quantize_linears(text_encoder, include=lambda name, _m: "lm_head" not in name,
+                                granularity="row", mode="weight_only")
+
+
+def transformer_fits(free_bytes: int, total_bytes: int, transformer_bytes: int, vae_bytes: int) -> bool:
+    """Whether the transformer fits in its loaded precision once the text encoder is off the GPU."""
+    return transformer_bytes + vae_bytes <= free_bytes - headroom_bytes(total_bytes)
+
+
+# ---- placing a pipeline -------------------------------------------------------------------------------------
+@dataclass
+class Placement:
+    device: str
+    dtype: str
+    text_encoder: str  # resident | fp8 | offload
+    requested: str = "auto"
+    transformer: str = ""  # the transformer's precision: bf16 | float32 | fp8
+    bytes: dict[str, int] = field(default_factory=dict)
+    _hook: object = None
+
+    def after_text_encoding(self) -> None:
+        """Move an offloaded text encoder back to the CPU."""
+        if self._hook is not None:
+            self._hook.offload()
+
+    def as_dict(self) -> dict:
+        return {
+            "device": self.device,
+            "dtype": self.dtype,
+            "text_encoder": self.text_encoder,
+            "transformer": self.transformer or self.dtype,
+            "requested": self.requested,
+            "bytes": dict(self.bytes),
+        }
+
+
+def place_pipeline(pipe, device: torch.device, dtype: torch.dtype, requested: str = "auto") -> Placement:
+    """Move ``pipe``'s models to ``device``, deciding where the text encoder goes."""
+    sizes = {
+        "transformer": module_bytes(pipe.transformer, dtype),
+        "text_encoder": module_bytes(pipe.text_encoder, dtype),
+        "vae": module_bytes(pipe.vae, dtype),
+    }
+    if device.type != "cuda":
+        pipe.to(device)
+        name = str(dtype).removeprefix("torch.")
+        return Placement(str(device), name, "resident", requested=requested, transformer=name, bytes=sizes)
+    free, total = torch.cuda.mem_get_info(device)
+    choice = choose_placement(free, total, sizes["transformer"], sizes["text_encoder"], sizes["vae"], requested)
+    transformer_precision = "bf16" if dtype == torch.bfloat16 else str(dtype).removeprefix("torch.")
+    if choice == "offload" and requested == "auto" and not transformer_fits(
+            free, total, sizes["transformer"], sizes["vae"]):
+        # Even without the text encoder the transformer does not fit: hold its blocks in FP8 as well.
+        from fluxserve.engine import accel
+
+        transformer_precision = accel.prepare_transformer(pipe, "fp8", device)
+    pipe.transformer.to(device)
+    pipe.vae.to(device)
+    hook = None
+    if choice == "resident":
+        pipe.text_encoder.to(device)
+    elif choice == "fp8":
+        quantize_text_encoder(pipe.text_encoder)
+        pipe.text_encoder.to(device)
+    else:
+        from accelerate import cpu_offload_with_hook
+
+        pipe.text_encoder.to("cpu")
+        _, hook = cpu_offload_with_hook(pipe.text_encoder, execution_device=device)
+    return Placement(str(device), str(dtype).removeprefix("torch."), choice, requested=requested,
+                     transformer=transformer_precision, bytes=sizes, _hook=hook)
