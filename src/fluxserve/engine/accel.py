@@ -1,0 +1,631 @@
+"""Acceleration levels: the fal ``acceleration`` field (``go_fast`` of the OpenAI/Replicate dialects maps to
+``high``).
+
+* ``none``: the reference. Stock diffusers modules, eager, PyTorch's default SDPA dispatch, no prompt cache.
+* ``regular`` (default): lossless transforms only. Fused QKV projections in the double-stream blocks, the
+  fastest exact attention kernel (FlashAttention-3 when ``flash_attn_interface`` imports, else cuDNN SDPA),
+  regional ``torch.compile`` of the repeated transformer blocks with dynamic shapes (one compiled graph per
+  block class, reused by every block; a new resolution does not recompile the model), CUDA graphs on CUDA,
+  and a prompt-embedding cache (an LRU of text-encoder outputs; a hit skips the text encoder).
+* ``high``: ``regular`` plus FP8 weights and activations for the transformer blocks' Linear layers
+  (``fluxserve.engine.fp8``, ``torch._scaled_mm``). CUDA with compute capability >= 8.9 only; elsewhere it
+  runs as ``regular`` and the report says so.
+
+The engine calls ``apply_acceleration(pipe, level, device)`` when a model loads and before every request; it
+is idempotent and cheap when nothing changes, and switches between levels on the same resident weights.
+``prepare_transformer(pipe, precision, device)`` is called once at load time when the memory plan
+(``fp8.plan_memory``) holds the transformer in FP8. Compile and CUDA graphs are guarded: if the first compiled
+forward fails, the model falls back to eager and the report says so.
+
+Environment overrides: ``FLUXSERVE_COMPILE`` (auto|1|0; auto = on for CUDA, off on CPU where compiling a
+block takes longer than it saves), ``FLUXSERVE_CUDA_GRAPHS`` (auto|1|0), ``FLUXSERVE_ATTENTION`` (a diffusers
+attention backend name, e.g. ``_flash_3``, ``_native_cudnn``, ``native``), ``FLUXSERVE_PROMPT_CACHE``
+(entries; 0 disables), ``FLUXSERVE_PROMPT_CACHE_MB``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import itertools
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from fluxserve.engine import fp8
+
+log = logging.getLogger(__name__)
+
+LEVELS = ("none", "regular", "high")
+DEFAULT_LEVEL = "regular"
+
+
+def normalise_level(value: str | bool | None) -> str:
+    """``"none" | "regular" | "high"`` from a level name, a ``go_fast`` boolean (True -> high,
+    False -> regular) or None (the default, regular)."""
+    if value is None:
+        return DEFAULT_LEVEL
+    if isinstance(value, bool):
+        return level_from_go_fast(value)
+    level = str(value).strip().lower()
+    if level not in LEVELS:
+        raise ValueError(f"acceleration must be one of {', '.join(LEVELS)}, not {value!r}")
+    return level
+
+
+def level_from_go_fast(go_fast: bool | None) -> str:
+    """OpenAI/Replicate ``go_fast``: True -> ``high``, False or absent -> ``regular``."""
+    return "high" if go_fast else DEFAULT_LEVEL
+
+
+# ---- options ----------------------------------------------------------------------------------------
+def _env_switch(name: str) -> bool | None:
+    raw = os.environ.get(name, "auto").strip().lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    return None
+
+
+@dataclass
+class AccelOptions:
+    compile: bool | None = None  # None = auto: CUDA only
+    cuda_graphs: bool | None = None  # None = auto: with compile on CUDA
+    attention: str | None = None  # None = best available
+    prompt_cache_entries: int = 64
+    prompt_cache_bytes: int = 2 * 1024**3
+
+    @classmethod
+    def from_env(cls) -> AccelOptions:
+        return cls(
+            compile=_env_switch("FLUXSERVE_COMPILE"),
+            cuda_graphs=_env_switch("FLUXSERVE_CUDA_GRAPHS"),
+            attention=os.environ.get("FLUXSERVE_ATTENTION") or None,
+            prompt_cache_entries=int(os.environ.get("FLUXSERVE_PROMPT_CACHE", "64")),
+            prompt_cache_bytes=int(float(os.environ.get("FLUXSERVE_PROMPT_CACHE_MB", "2048")) * 1024**2),
+        )
+
+    def compile_on(self, device: torch.device) -> bool:
+        return self.compile if self.compile is not None else device.type == "cuda"
+
+    def cuda_graphs_on(self, device: torch.device) -> bool:
+        if device.type != "cuda":
+            return False
+        return self.cuda_graphs if self.cuda_graphs is not None else True
+
+
+# ---- fused QKV --------------------------------------------------------------------------------------
+def _fusable_attention(transformer: nn.Module) -> list[nn.Module]:
+    return [
+        m
+        for m in transformer.modules()
+        if getattr(m, "_supports_qkv_fusion", False) and hasattr(m, "fuse_projections") and hasattr(m, "to_q")
+    ]
+
+
+def fuse_qkv(transformer: nn.Module) -> int:
+    """Fuse Q/K/V (and the text stream's added Q/K/V) of the double-stream blocks into one projection each.
+
+    Uses diffusers' ``fuse_projections`` and then turns the now-unused ``to_q``/``to_k``/``to_v`` weights
+    into views of the fused weight, so fusing costs no extra memory and ``unfuse_qkv`` is free. The single
+    stream blocks' QKV is fused in the checkpoint already. Returns the number of attention modules fused.
+    """
+    count = 0
+    for attn in _fusable_attention(transformer):
+        if getattr(attn, "fused_projections", False):
+            continue
+        if any(not isinstance(getattr(attn, n, None), nn.Linear) for n in ("to_q", "to_k", "to_v")):
+            continue  # wrapped (LoRA) or quantised projections: leave them alone
+        with torch.no_grad():
+            attn.fuse_projections()
+            _share_storage(attn.to_qkv, [attn.to_q, attn.to_k, attn.to_v])
+            if hasattr(attn, "to_added_qkv"):
+                _share_storage(attn.to_added_qkv, [attn.add_q_proj, attn.add_k_proj, attn.add_v_proj])
+        count += 1
+    return count
+
+
+def _share_storage(fused: nn.Module, parts: list[nn.Module]) -> None:
+    if not isinstance(fused, nn.Linear):
+        return
+    start = 0
+    for part in parts:
+        if not isinstance(part, nn.Linear):
+            return
+        rows = part.out_features
+        part.weight = nn.Parameter(fused.weight.data[start : start + rows], requires_grad=False)
+        if part.bias is not None and fused.bias is not None:
+            part.bias = nn.Parameter(fused.bias.data[start : start + rows], requires_grad=False)
+        start += rows
+
+
+def unfuse_qkv(transformer: nn.Module) -> int:
+    count = 0
+    for attn in _fusable_attention(transformer):
+        if getattr(attn, "fused_projections", False):
+            attn.unfuse_projections()
+            count += 1
+    return count
+
+
+def is_fused(transformer: nn.Module) -> bool:
+    return any(getattr(a, "fused_projections", False) for a in _fusable_attention(transformer))
+
+
+def has_lora(module: nn.Module) -> bool:
+    """True when peft LoRA layers are injected (fused QKV would bypass them, so it is undone)."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return any(isinstance(m, BaseTunerLayer) for m in module.modules())
+
+
+def quantize_fused_transformer(
+    transformer: nn.Module, *, granularity: str, mode: str, keep_original: bool
+) -> int:
+    """FP8-quantise the transformer blocks; where QKV is fused, the unused per-projection layers become row
+    slices of the fused FP8 weight (same bytes, no second copy), so the bf16 weights can be freed."""
+    fused = [a for a in _fusable_attention(transformer) if getattr(a, "fused_projections", False)]
+    skip: set[int] = set()
+    for attn in fused:
+        skip.update(
+            id(getattr(attn, n))
+            for n in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+            if getattr(attn, n, None) is not None
+        )
+
+    def include(name: str, module: nn.Linear) -> bool:
+        return fp8.transformer_block_filter(name, module) and id(module) not in skip
+
+    count = fp8.quantize_linears(
+        transformer, include=include, granularity=granularity, mode=mode, keep_original=keep_original
+    )
+    for attn in fused:
+        for fused_name, part_names in (
+            ("to_qkv", ("to_q", "to_k", "to_v")),
+            ("to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj")),
+        ):
+            whole = getattr(attn, fused_name, None)
+            if not isinstance(whole, fp8.FP8Linear):
+                continue
+            start = 0
+            for part_name in part_names:
+                part = getattr(attn, part_name)
+                rows = part.out_features
+                setattr(attn, part_name, whole.slice_rows(start, start + rows))
+                start += rows
+    return count
+
+
+# ---- attention backend ------------------------------------------------------------------------------
+def best_attention_backend(device: torch.device) -> str:
+    """The fastest exact attention for ``device``: FlashAttention-3 (Hopper, ``flash_attn_interface``), else
+    cuDNN SDPA (compute capability >= 8.0), else PyTorch's own SDPA dispatch."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "native"
+    major, _ = torch.cuda.get_device_capability(device)
+    if major == 9 and importlib.util.find_spec("flash_attn_interface") is not None:
+        return "_flash_3"
+    if major >= 8:
+        return "_native_cudnn"
+    return "native"
+
+
+def set_attention_backend(transformer: nn.Module, backend: str) -> str:
+    """Set a diffusers attention backend on every attention processor; falls back to ``native``."""
+    if not hasattr(transformer, "set_attention_backend"):
+        return "native"
+    for name in dict.fromkeys([backend, "native"]):
+        try:
+            transformer.set_attention_backend(name)
+            return name
+        except Exception as exc:  # noqa: BLE001 - missing kernels or unmet requirements
+            log.warning("attention backend %s unavailable (%s); trying the next", name, exc)
+    return "native"
+
+
+# ---- regional compile -------------------------------------------------------------------------------
+def _repeated_blocks(transformer: nn.Module) -> list[nn.Module]:
+    names = set(
+        getattr(transformer, "_repeated_blocks", None)
+        or ("Flux2TransformerBlock", "Flux2SingleTransformerBlock")
+    )
+    return [m for m in transformer.modules() if type(m).__name__ in names]
+
+
+def compile_blocks(transformer: nn.Module, *, cuda_graphs: bool = False) -> int:
+    """Compile the repeated blocks in place (``nn.Module.compile``) with dynamic shapes, so one graph per
+    block class serves every block and every resolution. Kept per mode so switching levels does not
+    recompile. Returns the number of blocks compiled."""
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    mode = "reduce-overhead" if cuda_graphs else None
+    blocks = _repeated_blocks(transformer)
+    for block in blocks:
+        saved: dict = block.__dict__.setdefault("_fluxserve_compiled", {})
+        if mode not in saved:
+            block._compiled_call_impl = None
+            block.compile(dynamic=True, mode=mode)
+            saved[mode] = block._compiled_call_impl
+        block._compiled_call_impl = saved[mode]
+    return len(blocks)
+
+
+def uncompile_blocks(transformer: nn.Module) -> None:
+    for block in _repeated_blocks(transformer):
+        block._compiled_call_impl = None
+
+
+def is_compiled(transformer: nn.Module) -> bool:
+    return any(getattr(b, "_compiled_call_impl", None) is not None for b in _repeated_blocks(transformer))
+
+
+def _install_forward_guard(pipe: Any) -> None:
+    """Wrap the transformer's forward once: mark a CUDA-graph step before each call, and fall back to eager
+    if a compiled call fails (a compiler or CUDA-graph error must not take the server down)."""
+    transformer = pipe.transformer
+    if getattr(transformer, "_fluxserve_guarded", False):
+        return
+    original = transformer.forward
+
+    @functools.wraps(original)
+    def guarded(*args, **kwargs):
+        state: AccelState | None = getattr(pipe, "_fluxserve_accel", None)
+        if state is None or not state.compiled:
+            return original(*args, **kwargs)
+        if state.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        try:
+            return original(*args, **kwargs)
+        except Exception as exc:
+            if not _is_compile_failure(exc):
+                raise
+            log.warning(
+                "compiled transformer failed (%s: %s); falling back to eager", type(exc).__name__, exc
+            )
+            uncompile_blocks(transformer)
+            state.compiled = False
+            state.cuda_graphs = False
+            state.compile_failed = f"{type(exc).__name__}: {exc}"[:500]
+            state.notes.append("torch.compile failed on the first call; running eager")
+            return original(*args, **kwargs)
+
+    transformer.forward = guarded
+    transformer._fluxserve_guarded = True
+
+
+def _is_compile_failure(exc: BaseException) -> bool:
+    try:
+        from torch._dynamo.exc import TorchDynamoException
+    except ImportError:  # pragma: no cover
+        TorchDynamoException = ()
+    if isinstance(exc, TorchDynamoException):
+        return True
+    text = f"{type(exc).__module__}.{type(exc).__name__} {exc}".lower()
+    return any(word in text for word in ("inductor", "cudagraph", "triton", "dynamo"))
+
+
+# ---- prompt-embedding cache -------------------------------------------------------------------------
+class PromptCache:
+    """LRU of ``encode_prompt`` outputs, bounded by entry count and bytes. Values stay on their device; a hit
+    returns the very tensors stored (callers must not modify them in place)."""
+
+    def __init__(self, max_entries: int = 64, max_bytes: int = 2 * 1024**3) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._data: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple) -> Any | None:
+        with self._lock:
+            item = self._data.get(key)
+            if item is None:
+                self.misses += 1
+                return None
+            self._data.move_to_end(key)
+            self.hits += 1
+            return item[0]
+
+    def put(self, key: tuple, value: Any) -> None:
+        size = _nbytes(value)
+        if self.max_entries <= 0 or size > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._data:
+                self.bytes -= self._data.pop(key)[1]
+            self._data[key] = (value, size)
+            self.bytes += size
+            while len(self._data) > self.max_entries or self.bytes > self.max_bytes:
+                _, (_, dropped) = self._data.popitem(last=False)
+                self.bytes -= dropped
+
+    def clear(self, model_token: int | None = None) -> None:
+        with self._lock:
+            for key in [k for k in self._data if model_token is None or k[0] == model_token]:
+                self.bytes -= self._data.pop(key)[1]
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def stats(self) -> dict:
+        return {
+            "entries": len(self._data),
+            "bytes": self.bytes,
+            "hits": self.hits,
+            "misses": self.misses,
+            "max_entries": self.max_entries,
+            "max_bytes": self.max_bytes,
+        }
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+_cache_lock = threading.Lock()
+_shared_cache: PromptCache | None = None
+_model_tokens = itertools.count(1)
+
+
+def prompt_cache() -> PromptCache:
+    """The process-wide prompt cache shared by every model (keys carry the model)."""
+    global _shared_cache
+    with _cache_lock:
+        if _shared_cache is None:
+            options = AccelOptions.from_env()
+            _shared_cache = PromptCache(options.prompt_cache_entries, options.prompt_cache_bytes)
+        return _shared_cache
+
+
+def install_prompt_cache(pipe: Any, cache: PromptCache | None = None) -> None:
+    """Wrap ``pipe.encode_prompt`` with the cache (once). The wrapper consults the cache only while the
+    pipe's acceleration state enables it, so level ``none`` runs the text encoder every time."""
+    if getattr(pipe, "_fluxserve_prompt_token", None) is not None:
+        if cache is not None:
+            pipe._fluxserve_prompt_cache = cache
+        return
+    pipe._fluxserve_prompt_token = next(_model_tokens)
+    pipe._fluxserve_prompt_cache = cache
+    original = pipe.encode_prompt
+
+    @functools.wraps(original)
+    def encode_prompt(
+        prompt=None,
+        device=None,
+        num_images_per_prompt=1,
+        prompt_embeds=None,
+        max_sequence_length=512,
+        text_encoder_out_layers=None,
+        **kwargs,
+    ):
+        call = dict(
+            prompt=prompt,
+            device=device,
+            num_images_per_prompt=num_images_per_prompt,
+            prompt_embeds=prompt_embeds,
+            max_sequence_length=max_sequence_length,
+            **kwargs,
+        )
+        if text_encoder_out_layers is not None:
+            call["text_encoder_out_layers"] = text_encoder_out_layers
+        state: AccelState | None = getattr(pipe, "_fluxserve_accel", None)
+        cacheable = (
+            state is not None
+            and state.prompt_cache
+            and prompt_embeds is None
+            and not kwargs
+            and (
+                isinstance(prompt, str)
+                or prompt is None
+                or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt))
+            )
+        )
+        if not cacheable:
+            return original(**call)
+        store = pipe._fluxserve_prompt_cache or prompt_cache()
+        key = (
+            pipe._fluxserve_prompt_token,
+            getattr(pipe, "_fluxserve_text_encoder_version", 0),
+            tuple(prompt) if isinstance(prompt, list) else prompt,
+            int(num_images_per_prompt),
+            int(max_sequence_length),
+            tuple(text_encoder_out_layers) if text_encoder_out_layers else None,
+            str(torch.device(device)) if device is not None else None,
+        )
+        hit = store.get(key)
+        if hit is not None:
+            return hit
+        value = original(**call)
+        store.put(key, value)
+        return value
+
+    pipe.encode_prompt = encode_prompt
+
+
+def invalidate_prompt_cache(pipe: Any) -> None:
+    """Forget a model's cached prompts (call after changing its text encoder's weights, e.g. a LoRA)."""
+    pipe._fluxserve_text_encoder_version = getattr(pipe, "_fluxserve_text_encoder_version", 0) + 1
+    token = getattr(pipe, "_fluxserve_prompt_token", None)
+    if token is not None:
+        (pipe._fluxserve_prompt_cache or prompt_cache()).clear(token)
+
+
+# ---- the state and the entry points -----------------------------------------------------------------
+@dataclass
+class AccelState:
+    requested: str = "none"
+    level: str = "none"
+    device: str = "cpu"
+    fused_qkv: bool = False
+    attention: str = "native"
+    compiled: bool = False
+    cuda_graphs: bool = False
+    prompt_cache: bool = False
+    transformer_precision: str = "bf16"  # bf16 | fp16 | fp32 | fp8-w8a8 | fp8-weight-only
+    held_in_fp8: bool = False
+    compile_failed: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _dtype_name(module: nn.Module) -> str:
+    for p in module.parameters():
+        return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(
+            p.dtype, str(p.dtype)
+        )
+    return "unknown"
+
+
+def prepare_transformer(pipe: Any, precision: str, device: torch.device | str | None = None) -> str:
+    """Load-time: hold the transformer in ``precision`` ("bf16" keeps it as loaded; "fp8" quantises the
+    blocks' Linear layers and frees their bf16 weights). Returns the precision held."""
+    state = _state(pipe, device)
+    if precision == "fp8" and not fp8.has_fp8(pipe.transformer):
+        device = torch.device(device) if device is not None else _module_device(pipe.transformer)
+        quantize_fused_transformer(
+            pipe.transformer,
+            granularity=fp8.default_granularity(device),
+            mode="weight_only",
+            keep_original=False,
+        )
+        state.held_in_fp8 = True
+        state.notes.append(
+            "transformer held in FP8 (bf16 did not fit): lossless levels dequantise FP8 weights"
+        )
+    return "fp8" if fp8.has_fp8(pipe.transformer) else _dtype_name(pipe.transformer)
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _state(pipe: Any, device: torch.device | str | None) -> AccelState:
+    state = getattr(pipe, "_fluxserve_accel", None)
+    if state is None:
+        dev = torch.device(device) if device is not None else _module_device(pipe.transformer)
+        state = AccelState(device=str(dev))
+        pipe._fluxserve_accel = state
+    return state
+
+
+def _fp8_room(transformer: nn.Module, device: torch.device) -> bool:
+    """Room on the GPU to add FP8 copies of the block weights beside the bf16 ones (half their bytes)."""
+    need = sum(
+        m.weight.numel()
+        for name, m in transformer.named_modules()
+        if isinstance(m, nn.Linear) and fp8.transformer_block_filter(name, m)
+    )
+    free, _total = torch.cuda.mem_get_info(device)
+    return free > need + 4 * 1024**3
+
+
+def apply_acceleration(
+    pipe: Any,
+    level: str | bool | None,
+    device: torch.device | str | None = None,
+    options: AccelOptions | None = None,
+) -> dict:
+    """Put ``pipe`` (a Flux2Pipeline / Flux2KleinPipeline) in acceleration ``level`` on ``device``.
+
+    Idempotent; safe to call before every request. Returns the state as a dict: requested and effective
+    level, what is on (fused_qkv, attention, compiled, cuda_graphs, prompt_cache), the transformer's
+    precision, and notes explaining any fallback.
+    """
+    requested = normalise_level(level)
+    options = options or AccelOptions.from_env()
+    state = _state(pipe, device)
+    dev = torch.device(device) if device is not None else torch.device(state.device)
+    state.device = str(dev)
+    state.requested = requested
+    transformer = pipe.transformer
+    effective = requested
+    notes: list[str] = [n for n in state.notes if n.startswith(("transformer held", "torch.compile failed"))]
+
+    if effective == "high" and not fp8.scaled_mm_supported(dev):
+        effective = "regular"
+        notes.append(
+            f"high needs FP8 matrix units (CUDA, compute capability >= 8.9); {dev.type} runs regular"
+        )
+        log.info("acceleration high is not available on %s: running regular", dev)
+    if effective == "high" and not fp8.has_fp8(transformer):
+        if _fp8_room(transformer, dev):
+            quantize_fused_transformer(
+                transformer, granularity=fp8.default_granularity(dev), mode="weight_only", keep_original=True
+            ) if is_fused(transformer) else fp8.quantize_transformer(
+                transformer, granularity=fp8.default_granularity(dev), mode="weight_only", keep_original=True
+            )
+        else:
+            effective = "regular"
+            notes.append("high: not enough free GPU memory to add FP8 weights beside bf16; running regular")
+
+    lora = has_lora(transformer)
+    # 1. fused QKV (lossless); undone for none and whenever LoRA layers are injected.
+    if effective == "none" or lora:
+        unfuse_qkv(transformer)
+        if lora and effective != "none":
+            notes.append("LoRA active: QKV left unfused so the adapters apply")
+    else:
+        fuse_qkv(transformer)
+    state.fused_qkv = is_fused(transformer)
+
+    # 2. attention kernel.
+    want = "native" if effective == "none" else (options.attention or best_attention_backend(dev))
+    if want != state.attention or not getattr(pipe, "_fluxserve_attention_set", False):
+        state.attention = set_attention_backend(transformer, want)
+        pipe._fluxserve_attention_set = True
+
+    # 3. FP8 mode of the transformer's quantised layers (if any).
+    if fp8.has_fp8(transformer):
+        if effective == "high":
+            used = fp8.set_fp8_mode(transformer, "w8a8")
+        else:
+            used = fp8.set_fp8_mode(transformer, "original")
+        state.transformer_precision = {"w8a8": "fp8-w8a8", "weight_only": "fp8-weight-only"}.get(
+            used or "", _dtype_name(transformer)
+        )
+    else:
+        state.transformer_precision = _dtype_name(transformer)
+
+    # 4. regional compile (+ CUDA graphs), guarded.
+    _install_forward_guard(pipe)
+    want_compile = effective != "none" and options.compile_on(dev) and state.compile_failed is None
+    if want_compile:
+        graphs = options.cuda_graphs_on(dev)
+        compile_blocks(transformer, cuda_graphs=graphs)
+        state.compiled, state.cuda_graphs = True, graphs
+    else:
+        uncompile_blocks(transformer)
+        state.compiled, state.cuda_graphs = False, False
+
+    # 5. prompt cache.
+    install_prompt_cache(pipe)
+    state.prompt_cache = effective != "none" and options.prompt_cache_entries > 0
+
+    state.level = effective
+    state.notes = notes
+    return state.as_dict()
+
+
+def acceleration_state(pipe: Any) -> dict | None:
+    state = getattr(pipe, "_fluxserve_accel", None)
+    return state.as_dict() if state is not None else None
