@@ -64,7 +64,7 @@ def expand_prompt(
             )
     new_tokens = output[:, inputs["input_ids"].shape[1]:]
     text = _text_tokenizer(tokenizer).batch_decode(new_tokens, skip_special_tokens=True)[0]
-    text = " ".join(text.split())
+    text = " ".join("".join(ch for ch in text if ch.isprintable() or ch.isspace()).split())
     return text or prompt
 
 
