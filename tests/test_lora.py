@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.server
 import threading
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -45,7 +46,12 @@ def peft_layers(module: torch.nn.Module) -> int:
 
 @pytest.fixture(scope="module")
 def pipe():
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2Pipeline,
+        Flux2Transformer2DModel,
+    )
 
     torch.manual_seed(0)
     transformer = Flux2Transformer2DModel(
@@ -127,9 +133,9 @@ def test_not_safetensors_is_refused_with_the_field(pipe, loras, tmp_path: Path):
     text.write_text("<html>not a model</html>")
     base = generate(pipe)
     for bad in (pickled, text):
-        with pytest.raises(InputError) as info:
-            with applied_loras(pipe, [LoraSpec(path=str(loras["a"])), LoraSpec(path=str(bad))], tmp_path):
-                pass
+        specs = [LoraSpec(path=str(loras["a"])), LoraSpec(path=str(bad))]
+        with pytest.raises(InputError) as info, applied_loras(pipe, specs, tmp_path):
+            pass
         assert info.value.field == "loras[1].path"
         assert "not a safetensors file" in info.value.message
     assert peft_layers(pipe.transformer) == 0
@@ -161,18 +167,17 @@ def test_lora_that_does_not_fit_the_model_is_an_input_error(pipe, tmp_path: Path
     save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(4, 999),
                "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(32, 4)}, str(wrong))
     base = generate(pipe)
-    with pytest.raises(InputError) as info:
-        with applied_loras(pipe, [LoraSpec(path=str(wrong))], tmp_path):
-            pass
+    with pytest.raises(InputError) as info, applied_loras(pipe, [LoraSpec(path=str(wrong))], tmp_path):
+        pass
     assert info.value.field == "loras[0].path"
     assert peft_layers(pipe.transformer) == 0
     assert torch.equal(generate(pipe), base)
 
 
 class CountingHandler(http.server.SimpleHTTPRequestHandler):
-    counts: dict[str, int] = {}
+    counts: ClassVar[dict[str, int]] = {}
 
-    def do_GET(self):  # noqa: N802 - http.server's naming
+    def do_GET(self):
         CountingHandler.counts[self.path] = CountingHandler.counts.get(self.path, 0) + 1
         super().do_GET()
 
