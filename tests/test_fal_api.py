@@ -40,7 +40,7 @@ def idle(base_settings):
         yield running
 
 
-def png_data_uri(width: int = 64, height: int = 48, color=(200, 30, 30)) -> str:
+def png_data_uri(width: int = 96, height: int = 80, color=(200, 30, 30)) -> str:
     buffer = io.BytesIO()
     Image.new("RGB", (width, height), color).save(buffer, "PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
@@ -108,6 +108,14 @@ def test_validation_errors_name_the_field(idle, endpoint, body, loc, error_type)
         assert [d["loc"] for d in detail] == [loc], detail
         assert detail[0]["type"] == error_type
         assert detail[0]["msg"]
+
+
+def test_reference_limits_name_the_image(idle):
+    body = {"prompt": "a", "image_urls": [png_data_uri(), png_data_uri(32, 32)]}
+    response = httpx.post(f"{idle.url}/queue/fal-ai/flux-2/edit", json=body)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "image_urls", 1]
+    assert "64" in response.json()["detail"][0]["msg"]
 
 
 def test_invalid_json_is_422(idle):
@@ -181,7 +189,7 @@ def test_idempotency_key_never_runs_twice(idle):
 # ---- running jobs -----------------------------------------------------------------------------------------------
 def test_queue_flow_with_absolute_urls_and_logs(server):
     with httpx.Client(timeout=60) as client:
-        response = client.post(f"{server.url}/queue/{TURBO}", json={"prompt": "a red cube", "seed": 7, **SMALL})
+        response = client.post(f"{server.url}/queue/{FLASH}", json={"prompt": "a red cube", "seed": 7, **SMALL})
         assert response.status_code == 200
         submitted = response.json()
         rid = submitted["request_id"]
@@ -192,7 +200,7 @@ def test_queue_flow_with_absolute_urls_and_logs(server):
             base, base + "/status", base + "/cancel")
         done = wait_completed(client, submitted["status_url"])
         assert done["metrics"]["inference_time"] > 0
-        assert any("8" in log["message"] and "step" in log["message"].lower() for log in done["logs"]), done["logs"]
+        assert any("4/4" in log["message"] and "step" in log["message"].lower() for log in done["logs"]), done["logs"]
         assert {"message", "level", "source", "timestamp"} <= set(done["logs"][0])
         result = client.get(submitted["response_url"])
         assert result.status_code == 200 and result.headers["x-fal-request-id"] == rid

@@ -21,7 +21,6 @@ from PIL import Image
 import fluxserve.compat.fal
 from fluxserve.config import Settings
 
-TURBO = "fal-ai/flux-2/turbo"
 FLASH = "fal-ai/flux-2/flash"
 
 CLIENT_SCRIPT = textwrap.dedent(
@@ -33,7 +32,7 @@ CLIENT_SCRIPT = textwrap.dedent(
     SMALL = {"image_size": {"width": 512, "height": 512}}
     report = {}
     updates = []
-    result = fal_client.subscribe("fal-ai/flux-2/turbo", arguments={"prompt": "a cat", "seed": 3, **SMALL},
+    result = fal_client.subscribe("fal-ai/flux-2/klein/4b", arguments={"prompt": "a cat", "seed": 3, **SMALL},
                                   with_logs=True, on_queue_update=updates.append,
                                   on_enqueue=lambda rid: report.setdefault("enqueued", rid))
     report["subscribe"] = result

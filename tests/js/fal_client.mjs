@@ -32,7 +32,7 @@ report.polling = { data: polled.data, requestId: polled.requestId,
   statuses: updates.map((u) => u.status), logs: updates.flatMap((u) => (u.logs || []).map((l) => l.message)) };
 
 const streamed = [];
-const viaStream = await fal.subscribe("fal-ai/flux-2/turbo", {
+const viaStream = await fal.subscribe("fal-ai/flux-2/klein/4b", {
   input: { prompt: "streaming", ...small },
   logs: true,
   mode: "streaming",

@@ -187,7 +187,7 @@ def _check_references(spec: EndpointSpec, urls: list[str]) -> None:
     images = []
     for index, url in enumerate(urls):
         try:
-            images.append(inputs.load_image(url))
+            images.append(inputs.load_image(url, f"image_urls[{index}]"))
         except InputError as exc:
             raise FalValidationError([field_error(["image_urls", index], exc.message)]) from None
         except Exception as exc:  # noqa: BLE001 - any failure to fetch or decode is the input's fault

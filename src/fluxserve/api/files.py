@@ -77,20 +77,6 @@ async def _body(request: Request) -> bytes:
     return bytes(data)
 
 
-def write_at(storage: Any, key: str, data: bytes, content_type: str) -> None:
-    """Write ``data`` at an existing key (a reserved upload slot). Storage has no public put-at-key, so use the
-    backend's own means."""
-    if hasattr(storage, "put_at"):
-        storage.put_at(key, data, content_type)
-    elif hasattr(storage, "path"):  # LocalStorage
-        path = storage.path(key)
-        tmp = path.with_name(f".tmp-{secrets.token_hex(8)}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    else:  # S3Storage
-        storage.client.put_object(Bucket=storage.bucket, Key=storage._object(key), Body=data, ContentType=content_type)
-
-
 # ---- serving ---------------------------------------------------------------------------------------------------
 @router.get("/files/{key:path}", summary="A stored file (outputs, uploads, previews)")
 async def get_file(request: Request, key: str) -> Response:
@@ -146,5 +132,5 @@ async def put_upload(request: Request, token: str) -> JSONResponse:
     if not payload or payload.get("kind") != "put":
         raise ApiError(403, "Invalid or expired upload URL: initiate the upload again")
     data = await _body(request)
-    await asyncio.to_thread(write_at, request.app.state.storage, payload["key"], data, payload["ct"])
+    await asyncio.to_thread(request.app.state.storage.put_at, payload["key"], data, payload["ct"])
     return JSONResponse({"file_url": image_url(request, payload["key"])})
