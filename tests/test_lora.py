@@ -235,3 +235,46 @@ def test_http_errors_and_non_safetensors_downloads(file_server, tmp_path: Path):
     assert info.value.field == "loras[1].path" and "not a safetensors file" in info.value.message
     assert list((tmp_path / "loras").glob("*.safetensors")) == []  # nothing half-downloaded is kept
     assert list((tmp_path / "loras").glob(".download-*")) == []
+
+
+# ---- through the engine, on the demo [dev] pipeline ----------------------------------------------------------
+def engine_pixels(engine, **fields):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from fluxserve.request import GenerationRequest
+
+    request = GenerationRequest(model="dev", prompt="a lighthouse at dusk", width=64, height=64, steps=2, seed=5,
+                                safety_checker=False, **fields)
+    result = engine.generate(request)
+    return [np.asarray(Image.open(io.BytesIO(image.data)).convert("RGB")) for image in result.images]
+
+
+def test_engine_applies_and_removes_a_lora(engine, demo_settings, tmp_path: Path):
+    import numpy as np
+    from diffusers import Flux2Transformer2DModel
+
+    demo_transformer = Flux2Transformer2DModel.from_pretrained(demo_settings.demo_dir / "dev", subfolder="transformer")
+    # Attention-only on purpose: it must still apply when the engine's acceleration fuses Q/K/V projections.
+    attention = write_lora(tmp_path / "attn.safetensors", demo_transformer, seed=3, modules=ATTENTION)
+    everywhere = write_lora(tmp_path / "all.safetensors", demo_transformer, seed=4)
+
+    base = engine_pixels(engine)
+    for path in (attention, everywhere):
+        with_lora = engine_pixels(engine, loras=[LoraSpec(path=str(path), scale=1.0)])
+        assert not np.array_equal(with_lora[0], base[0]), path.name
+        assert np.array_equal(engine_pixels(engine)[0], base[0])  # removed completely afterwards
+    both = engine_pixels(engine, loras=[LoraSpec(path=str(attention)), LoraSpec(path=str(everywhere))])
+    assert not np.array_equal(both[0], base[0])
+    assert np.array_equal(engine_pixels(engine, loras=[LoraSpec(path=str(everywhere), scale=0.0)])[0], base[0])
+    assert np.array_equal(engine_pixels(engine)[0], base[0])
+
+
+def test_engine_rejects_a_pickled_lora_with_the_field(engine, tmp_path: Path):
+    pickled = tmp_path / "model.safetensors"
+    torch.save({"weight": torch.zeros(2)}, pickled)
+    with pytest.raises(InputError) as info:
+        engine_pixels(engine, loras=[LoraSpec(path=str(pickled))])
+    assert info.value.field == "loras[0].path"

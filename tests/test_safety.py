@@ -121,3 +121,34 @@ def test_missing_hub_model_offline_says_where_and_how(tmp_path: Path, monkeypatc
     assert str(tmp_path / "empty-cache") in message
     assert "HF_HUB_OFFLINE is set" in message
     assert "HF_TOKEN" in message
+
+
+# ---- through the engine: a checker that always flags ---------------------------------------------------------
+def test_engine_blacks_out_and_flags(demo_data_dir: Path, catalog, tmp_path: Path):
+    import io
+
+    from fluxserve.config import Settings
+    from fluxserve.engine import Engine
+    from fluxserve.request import GenerationRequest
+
+    settings = Settings(data_dir=tmp_path / "data", demo=True, device="cpu")
+    settings.demo_dir.mkdir(parents=True)
+    shared = demo_data_dir / "cache" / "demo-weights"
+    for arch in ("dev", "klein"):  # reuse the session's demo pipelines; only the checker differs
+        (settings.demo_dir / arch).symlink_to(shared / arch, target_is_directory=True)
+    build_demo_checker(settings.demo_dir / "safety", always_flag=True)
+    engine = Engine(settings, catalog)
+
+    request = GenerationRequest(model="dev", prompt="a lighthouse", width=80, height=64, steps=2, seed=3,
+                                num_images=2, output_format="png")
+    result = engine.generate(request)
+    assert result.has_nsfw_concepts == [True, True]
+    for image in result.images:
+        assert image.nsfw is True
+        decoded = Image.open(io.BytesIO(image.data))
+        assert decoded.size == (80, 64)
+        assert decoded.convert("RGB").getextrema() == ((0, 0), (0, 0), (0, 0))
+
+    unchecked = engine.generate(request.model_copy(update={"safety_checker": False}))
+    assert unchecked.has_nsfw_concepts == [False, False]
+    assert Image.open(io.BytesIO(unchecked.images[0].data)).convert("RGB").getextrema() != ((0, 0), (0, 0), (0, 0))
