@@ -168,6 +168,26 @@ def has_lora(module: nn.Module) -> bool:
     return any(isinstance(m, BaseTunerLayer) for m in module.modules())
 
 
+def _install_lora_guard(pipe: Any) -> None:
+    """Unfuse QKV before any LoRA is loaded: peft wraps ``to_q``/``to_k``/``to_v``, which a fused projection
+    would bypass. The next ``apply_acceleration`` sees the LoRA layers and keeps QKV unfused; once they are
+    unloaded it fuses again from the current weights."""
+    if getattr(pipe, "_fluxserve_lora_guard", False) or not hasattr(pipe, "load_lora_weights"):
+        return
+    original = pipe.load_lora_weights
+
+    @functools.wraps(original)
+    def load_lora_weights(*args, **kwargs):
+        unfuse_qkv(pipe.transformer)
+        state = getattr(pipe, "_fluxserve_accel", None)
+        if state is not None:
+            state.fused_qkv = False
+        return original(*args, **kwargs)
+
+    pipe.load_lora_weights = load_lora_weights
+    pipe._fluxserve_lora_guard = True
+
+
 def quantize_fused_transformer(
     transformer: nn.Module, *, granularity: str, mode: str, keep_original: bool
 ) -> int:
@@ -438,7 +458,7 @@ def install_prompt_cache(pipe: Any, cache: PromptCache | None = None) -> None:
         )
         if not cacheable:
             return original(**call)
-        store = pipe._fluxserve_prompt_cache or prompt_cache()
+        store = _cache_of(pipe)
         key = (
             pipe._fluxserve_prompt_token,
             getattr(pipe, "_fluxserve_text_encoder_version", 0),
@@ -458,12 +478,17 @@ def install_prompt_cache(pipe: Any, cache: PromptCache | None = None) -> None:
     pipe.encode_prompt = encode_prompt
 
 
+def _cache_of(pipe: Any) -> PromptCache:
+    cache = getattr(pipe, "_fluxserve_prompt_cache", None)
+    return cache if cache is not None else prompt_cache()
+
+
 def invalidate_prompt_cache(pipe: Any) -> None:
     """Forget a model's cached prompts (call after changing its text encoder's weights, e.g. a LoRA)."""
     pipe._fluxserve_text_encoder_version = getattr(pipe, "_fluxserve_text_encoder_version", 0) + 1
     token = getattr(pipe, "_fluxserve_prompt_token", None)
     if token is not None:
-        (pipe._fluxserve_prompt_cache or prompt_cache()).clear(token)
+        (_cache_of(pipe)).clear(token)
 
 
 # ---- the state and the entry points -----------------------------------------------------------------
@@ -578,6 +603,7 @@ def apply_acceleration(
             effective = "regular"
             notes.append("high: not enough free GPU memory to add FP8 weights beside bf16; running regular")
 
+    _install_lora_guard(pipe)
     lora = has_lora(transformer)
     # 1. fused QKV (lossless); undone for none and whenever LoRA layers are injected.
     if effective == "none" or lora:

@@ -322,8 +322,9 @@ def plan_memory(
     """
     sizes = {"bf16": transformer_bytes, "fp8": transformer_bytes // 2}
     te_sizes = {"resident": text_encoder_bytes, "fp8": text_encoder_bytes // 2, "offload": 0}
-    candidates = [c for c in PLAN_ORDER if text_encoder_choice in ("auto", c[1])]
-    if not candidates:
+    if text_encoder_choice == "auto":
+        candidates = list(PLAN_ORDER)
+    else:
         candidates = [("bf16", text_encoder_choice), ("fp8", text_encoder_choice)]
     for transformer, text_encoder in candidates:
         needed = sizes[transformer] + te_sizes[text_encoder] + vae_bytes + reserve_bytes

@@ -1,0 +1,551 @@
+"""The benchmark harness behind ``fluxserve bench``.
+
+It measures what the server runs: requests go through ``fluxserve.engine.Engine.generate`` (the same stages,
+acceleration and placement as ``fluxserve serve``). Per run it records the engine's stage timings (text
+encoding, denoising, decoding, safety, encoding) and the time of every denoising step (from the progress
+callback, after a device synchronise); it reports medians over ``repeat`` runs after ``warmup`` runs, the
+peak GPU memory, the model FLOPs utilisation (MFU) against the arithmetic of docs/performance.md, and, with
+``baseline="diffusers"``, the same request through a stock diffusers pipeline (plain ``__call__``, no
+acceleration) on the same weights, seed and inputs, run first in the same process, with the speed-up ratio.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fluxserve.request import GenerationRequest, Progress
+
+PROMPT = "A lighthouse on a rocky coast at dusk, waves breaking, warm light in the windows, 35mm photograph"
+STAGES = ("text_encoding", "denoising", "decoding", "safety", "encoding")
+TEXT_TOKENS = 512  # prompts are padded to max_sequence_length
+
+# Dense peak rates (FLOP/s, no sparsity) used for MFU. H100 SXM and H200 share the Hopper GH100 tensor cores.
+PEAKS: dict[str, dict[str, float]] = {
+    "H100": {"bf16": 989e12, "fp8": 1979e12},
+    "H200": {"bf16": 989e12, "fp8": 1979e12},
+}
+
+
+# ---- arithmetic ---------------------------------------------------------------------------------------------
+def transformer_flops(
+    *, hidden: int, layers: int, mlp_ratio: float, image_tokens: int, text_tokens: int, ref_tokens: int = 0
+) -> dict[str, float]:
+    """FLOPs of one FLUX.2 transformer forward for one image (see docs/performance.md).
+
+    Every token passes through ``(4 + 3 r) d^2`` weights per block (QKV 3d^2 and output d^2 of attention,
+    SwiGLU in 2 r d^2 and out r d^2; the same count in double and single blocks): linear FLOPs
+    ``2 (4 + 3r) d^2 L N``. Attention: ``QK^T`` and ``PV`` are ``2 N^2 d`` each per layer: ``4 N^2 d L``.
+    ``N`` = image + text + reference tokens. Embedders, modulation and norms are below 1% and left out.
+    """
+    n = image_tokens + text_tokens + ref_tokens
+    params_per_token = (4 + 3 * mlp_ratio) * hidden * hidden * layers
+    linear = 2 * params_per_token * n
+    attention = 4 * n * n * hidden * layers
+    return {
+        "tokens": n,
+        "image_tokens": image_tokens,
+        "text_tokens": text_tokens,
+        "reference_tokens": ref_tokens,
+        "params_per_token": params_per_token,
+        "linear": linear,
+        "attention": attention,
+        "forward": linear + attention,
+    }
+
+
+def config_flops(config: Any, width: int, height: int, ref_sizes: list[tuple[int, int]]) -> dict[str, float]:
+    """``transformer_flops`` from a Flux2Transformer2DModel config and pixel sizes (16 pixels per token side)."""
+    hidden = int(config.num_attention_heads) * int(config.attention_head_dim)
+    layers = int(config.num_layers) + int(config.num_single_layers)
+    refs = sum((w // 16) * (h // 16) for w, h in ref_sizes)
+    return transformer_flops(
+        hidden=hidden,
+        layers=layers,
+        mlp_ratio=float(config.mlp_ratio),
+        image_tokens=(width // 16) * (height // 16),
+        text_tokens=TEXT_TOKENS,
+        ref_tokens=refs,
+    )
+
+
+def peak_flops(device_name: str, precision: str) -> tuple[float | None, str]:
+    """(peak FLOP/s, label) for a device name, or (None, reason) when unknown (CPU, other GPUs)."""
+    for key, rates in PEAKS.items():
+        if key in device_name:
+            rate = rates["fp8" if precision.startswith("fp8") else "bf16"]
+            return (
+                rate,
+                f"{key} dense {'FP8' if precision.startswith('fp8') else 'BF16'} {rate / 1e12:.0f} TFLOP/s",
+            )
+    return None, f"no peak rate known for {device_name!r}: MFU not computed"
+
+
+# ---- timing -------------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class StepClock:
+    """Timestamps of step ends (after a device synchronise); durations are the gaps between them."""
+
+    device: torch.device
+    start: float = 0.0
+    ends: list[float] = field(default_factory=list)
+
+    def begin(self) -> None:
+        _sync(self.device)
+        self.start = time.perf_counter()
+        self.ends = []
+
+    def tick(self) -> None:
+        _sync(self.device)
+        self.ends.append(time.perf_counter())
+
+    def step_ms(self) -> list[float]:
+        """Per-step durations from the second step on (the first includes the loop's set-up)."""
+        return [(b - a) * 1000 for a, b in zip(self.ends, self.ends[1:])]
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _peak_memory_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory_gib(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+
+
+def _free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---- environment --------------------------------------------------------------------------------------------
+def environment(device: torch.device) -> dict:
+    import diffusers
+    import transformers
+
+    info = {
+        "type": device.type,
+        "name": platform.processor() or platform.machine() or "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            name=props.name,
+            capability=f"{props.major}.{props.minor}",
+            memory_gib=round(props.total_memory / 2**30, 1),
+            cudnn=torch.backends.cudnn.version(),
+        )
+    else:
+        info["threads"] = torch.get_num_threads()
+    return info
+
+
+# ---- inputs -------------------------------------------------------------------------------------------------
+def make_references(count: int, width: int, height: int, directory: Path) -> list[Path]:
+    """``count`` deterministic reference images (smooth gradients plus seeded noise, never constant)."""
+    import numpy as np
+    from PIL import Image
+
+    paths = []
+    for i in range(count):
+        rng = np.random.default_rng(1000 + i)
+        y, x = np.mgrid[0:height, 0:width]
+        base = np.stack(
+            [(x * 255 // max(1, width - 1)), (y * 255 // max(1, height - 1)), np.full_like(x, 40 * i % 256)],
+            axis=-1,
+        )
+        pixels = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype("uint8")
+        path = directory / f"reference-{i}.png"
+        Image.fromarray(pixels).save(path)
+        paths.append(path)
+    return paths
+
+
+def default_guidance(pipeline_name: str) -> float:
+    return 2.5 if pipeline_name == "Flux2Pipeline" else 1.0
+
+
+# ---- the stock diffusers baseline ---------------------------------------------------------------------------
+def run_baseline(
+    *,
+    spec,
+    settings,
+    device: torch.device,
+    dtype: torch.dtype,
+    random_weights: bool,
+    request: GenerationRequest,
+    references: list,
+    warmup: int,
+    repeat: int,
+) -> dict:
+    """Stock ``Flux2Pipeline``/``Flux2KleinPipeline.__call__`` with no acceleration on the same weights."""
+    from fluxserve.engine.weights import load_pipeline, resolve_weights
+
+    start = time.perf_counter()
+    placement = "resident"
+    if random_weights:
+        from fluxserve.engine.random_weights import build_random_pipeline
+
+        pipe = build_random_pipeline(spec.key, device, dtype, seed=0)
+    else:
+        pipe = load_pipeline(spec, resolve_weights(spec, settings), dtype, demo=settings.demo)
+        if device.type == "cuda" and not _fits(pipe, device):
+            pipe.enable_model_cpu_offload(device=device)  # what stock diffusers needs when it does not fit
+            placement = "model_cpu_offload"
+        else:
+            pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    load_s = time.perf_counter() - start
+
+    clock = StepClock(device)
+
+    def on_step(_pipe, _i, _t, _kwargs):
+        clock.tick()
+        return {}
+
+    kwargs = {
+        "prompt": request.prompt,
+        "image": references or None,
+        "height": request.height,
+        "width": request.width,
+        "num_inference_steps": request.steps,
+        "guidance_scale": request.guidance,
+        "num_images_per_prompt": request.num_images,
+        "output_type": "pil",
+        "callback_on_step_end": on_step,
+    }
+    totals, steps = [], []
+    _peak_memory_reset(device)
+    for run in range(warmup + repeat):
+        kwargs["generator"] = torch.Generator(device="cpu").manual_seed(request.seed or 0)
+        clock.begin()
+        with torch.no_grad():
+            pipe(**kwargs)
+        _sync(device)
+        if run >= warmup:
+            totals.append(time.perf_counter() - clock.start)
+            steps.extend(clock.step_ms())
+    result = {
+        "name": "diffusers",
+        "pipeline": type(pipe).__name__,
+        "placement": placement,
+        "load_s": round(load_s, 3),
+        "end_to_end_s": _median(totals),
+        "end_to_end_all_s": totals,
+        "step_ms": _median(steps),
+        "peak_memory_gib": _peak_memory_gib(device),
+    }
+    del pipe
+    _free_memory(device)
+    return result
+
+
+def _fits(pipe, device: torch.device) -> bool:
+    from fluxserve.engine.placement import headroom_bytes, module_bytes
+
+    need = sum(module_bytes(getattr(pipe, n)) for n in ("transformer", "text_encoder", "vae"))
+    free, total = torch.cuda.mem_get_info(device)
+    return need + headroom_bytes(total) <= free
+
+
+# ---- fluxserve ----------------------------------------------------------------------------------------------
+def _adopt_random_pipeline(engine, spec, pipe, seconds: float) -> None:
+    """Serve a random-weight pipeline built on the GPU through the engine (no weights on disk)."""
+    from fluxserve.engine.pipeline import LoadedModel
+    from fluxserve.engine.placement import Placement, module_bytes
+
+    sizes = {n: module_bytes(getattr(pipe, n)) for n in ("transformer", "text_encoder", "vae")}
+    placement = Placement(
+        str(engine.device), str(engine.dtype).removeprefix("torch."), "resident", "random", sizes
+    )
+    from fluxserve.engine import accel
+
+    accel.apply_acceleration(pipe, "regular", engine.device)
+    engine._models[spec.key] = LoadedModel(spec.key, spec, pipe, "random-weights", placement, seconds)
+
+
+def run_fluxserve(
+    *, engine, spec, request: GenerationRequest, warmup: int, repeat: int, random_weights: bool
+) -> dict:
+    device = engine.device
+    start = time.perf_counter()
+    if random_weights:
+        from fluxserve.engine.random_weights import build_random_pipeline
+
+        _adopt_random_pipeline(
+            engine,
+            spec,
+            build_random_pipeline(spec.key, device, engine.dtype, seed=0),
+            time.perf_counter() - start,
+        )
+    else:
+        engine.load(spec.key)
+    _sync(device)
+    load_s = time.perf_counter() - start
+
+    clock = StepClock(device)
+
+    def on_progress(_progress: Progress) -> None:
+        clock.tick()
+
+    stage_runs: dict[str, list[float]] = {k: [] for k in (*STAGES, "inference")}
+    steps: list[float] = []
+    warm: list[float] = []
+    _peak_memory_reset(device)
+    for run in range(warmup + repeat):
+        clock.begin()
+        result = engine.generate(request, on_progress=on_progress)
+        _sync(device)
+        total = time.perf_counter() - clock.start
+        if run < warmup:
+            warm.append(total)
+            continue
+        for key, values in stage_runs.items():
+            values.append(float(result.timings.get(key, 0.0)))
+        steps.extend(clock.step_ms())
+        if len(clock.ends) < 2:  # one step: the whole denoising stage is the step
+            steps.append(result.timings.get("denoising", 0.0) * 1000 / max(1, request.steps))
+    stages = {k: _median(v) for k, v in stage_runs.items()}
+    pipeline_s = [
+        a + b + c
+        for a, b, c in zip(stage_runs["text_encoding"], stage_runs["denoising"], stage_runs["decoding"])
+    ]
+    return {
+        "load_s": round(load_s, 3),
+        "warmup_s": warm,
+        "stages_s": stages,
+        "stages_all_s": stage_runs,
+        "end_to_end_s": stages["inference"],
+        "pipeline_s": _median(pipeline_s),
+        "step_ms": _median(steps),
+        "step_ms_all": steps,
+        "peak_memory_gib": _peak_memory_gib(device),
+    }
+
+
+# ---- the whole benchmark -------------------------------------------------------------------------------------
+@dataclass
+class BenchConfig:
+    model: str
+    width: int = 1024
+    height: int = 1024
+    steps: int = 28
+    refs: int = 0
+    num_images: int = 1
+    acceleration: str = "regular"
+    baseline: str | None = None
+    repeat: int = 3
+    warmup: int = 1
+    demo: bool = False
+    random_weights: bool = False
+    guidance: float | None = None
+    seed: int = 0
+
+
+def run(config: BenchConfig, settings) -> dict:
+    from fluxserve.catalog import Catalog
+    from fluxserve.engine import Engine
+    from fluxserve.engine.accel import acceleration_state, normalise_level
+
+    catalog = Catalog.load(settings.catalog or None)
+    if config.model not in catalog.models:
+        raise ValueError(f"--model {config.model!r}: choose one of {', '.join(catalog.models)}")
+    spec = catalog.models[config.model]
+    engine = Engine(settings, catalog)
+    device = engine.device
+    if config.random_weights:
+        if settings.demo:
+            raise ValueError(
+                "--random-weights and --demo exclude each other: --demo already uses random tiny models"
+            )
+        from fluxserve.engine.random_weights import check_device
+
+        check_device(device)
+
+    guidance = config.guidance if config.guidance is not None else default_guidance(spec.pipeline)
+    with tempfile.TemporaryDirectory(prefix="fluxserve-bench-") as tmp:
+        ref_paths = make_references(config.refs, config.width, config.height, Path(tmp))
+        request = GenerationRequest(
+            model=spec.key,
+            prompt=PROMPT,
+            image_urls=[str(p) for p in ref_paths],
+            width=config.width,
+            height=config.height,
+            num_images=config.num_images,
+            seed=config.seed,
+            steps=config.steps,
+            guidance=guidance,
+            acceleration=normalise_level(config.acceleration),
+            output_format="png",
+        )
+        baseline = None
+        if config.baseline == "diffusers":
+            from PIL import Image
+
+            references = [Image.open(p).convert("RGB") for p in ref_paths]
+            baseline = run_baseline(
+                spec=spec,
+                settings=settings,
+                device=device,
+                dtype=engine.dtype,
+                random_weights=config.random_weights,
+                request=request,
+                references=references,
+                warmup=config.warmup,
+                repeat=config.repeat,
+            )
+        ours = run_fluxserve(
+            engine=engine,
+            spec=spec,
+            request=request,
+            warmup=config.warmup,
+            repeat=config.repeat,
+            random_weights=config.random_weights,
+        )
+
+    pipe = engine._models[spec.key].pipe
+    accel_state = acceleration_state(pipe) or {}
+    precision = accel_state.get("transformer_precision", str(engine.dtype).removeprefix("torch."))
+    flops = config_flops(
+        pipe.transformer.config, config.width, config.height, [(config.width, config.height)] * config.refs
+    )
+    passes = 2 if (spec.pipeline == "Flux2KleinPipeline" and guidance > 1 and not spec.distilled) else 1
+    per_step = flops["forward"] * config.num_images * passes
+    env = environment(device)
+    peak, peak_label = (
+        peak_flops(env["name"], precision)
+        if device.type == "cuda"
+        else (None, "CPU: no peak rate, MFU not computed")
+    )
+    step_s = (ours["step_ms"] or 0) / 1000
+    mfu = per_step / step_s / peak if (peak and step_s) else None
+    report = {
+        "model": spec.key,
+        "pipeline": spec.pipeline,
+        "demo": bool(settings.demo),
+        "random_weights": config.random_weights,
+        "device": env,
+        "request": {
+            "width": config.width,
+            "height": config.height,
+            "steps": config.steps,
+            "refs": config.refs,
+            "num_images": config.num_images,
+            "guidance": guidance,
+            "acceleration": request.acceleration,
+            "warmup": config.warmup,
+            "repeat": config.repeat,
+            "seed": config.seed,
+        },
+        "acceleration": accel_state,
+        "precision": precision,
+        "placement": engine.placement(),
+        "fluxserve": ours,
+        "flops": {**flops, "passes_per_step": passes, "per_step": per_step},
+        "mfu": {
+            "value": mfu,
+            "peak_flops": peak,
+            "peak": peak_label,
+            "achieved_flops": per_step / step_s if step_s else None,
+        },
+        "baseline": baseline,
+        "speedup": None,
+    }
+    if baseline is not None:
+        report["speedup"] = {
+            "end_to_end": _ratio(baseline["end_to_end_s"], ours["pipeline_s"]),
+            "per_step": _ratio(baseline["step_ms"], ours["step_ms"]),
+            "note": "baseline end to end (text encoding + denoising + decoding) over fluxserve's same three "
+            "stages; per step: median step time ratio",
+        }
+    return report
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+# ---- output -------------------------------------------------------------------------------------------------
+def format_report(report: dict) -> str:
+    env, ours, req = report["device"], report["fluxserve"], report["request"]
+    lines = [
+        f"fluxserve bench: {report['model']} ({report['pipeline']})"
+        + (" [demo model]" if report["demo"] else "")
+        + (" [random weights]" if report["random_weights"] else ""),
+        (
+            f"device: {env['type']} {env['name']}  torch {env['torch']}  CUDA {env['cuda']}  "
+            f"diffusers {env['diffusers']}  transformers {env['transformers']}"
+        ),
+        (
+            f"request: {req['width']}x{req['height']}, {req['steps']} steps, {req['refs']} refs, "
+            f"{req['num_images']} image(s), acceleration {req['acceleration']} -> {report['acceleration'].get('level')}"
+            f" ({report['precision']}); median of {req['repeat']} after {req['warmup']} warm-up"
+        ),
+    ]
+    models = report["placement"].get("models", {})
+    for key, info in models.items():
+        lines.append(
+            f"placement {key}: device {info.get('device')}, {info.get('dtype')}, text encoder "
+            f"{info.get('text_encoder')}"
+        )
+    lines.append(
+        "stage medians (s): "
+        + ", ".join(f"{k} {_fmt(ours['stages_s'].get(k))}" for k in (*STAGES, "inference"))
+    )
+    lines.append(
+        f"denoising step median: {_fmt(ours['step_ms'])} ms; load {ours['load_s']:.2f} s; "
+        f"peak GPU memory {_fmt(ours['peak_memory_gib'])} GiB"
+    )
+    flops = report["flops"]
+    mfu = report["mfu"]
+    lines.append(
+        f"FLOPs per step: {flops['per_step'] / 1e12:.4g} TFLOP ({flops['tokens']} tokens); "
+        + (f"MFU {mfu['value'] * 100:.1f}% of {mfu['peak']}" if mfu["value"] is not None else mfu["peak"])
+    )
+    if report["baseline"]:
+        base, speed = report["baseline"], report["speedup"]
+        lines.append(
+            f"baseline diffusers ({base['placement']}): end to end {_fmt(base['end_to_end_s'])} s, "
+            f"step {_fmt(base['step_ms'])} ms, peak {_fmt(base['peak_memory_gib'])} GiB"
+        )
+        lines.append(
+            f"speed-up vs diffusers: end to end {_fmt(speed['end_to_end'])}x, "
+            f"per step {_fmt(speed['per_step'])}x"
+        )
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.4g}"
+
+
+def write_json(report: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(report, indent=2, default=str) + "\n")

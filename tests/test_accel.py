@@ -1,0 +1,271 @@
+"""Acceleration levels and FP8 layers on CPU, on a small random FLUX.2 transformer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fluxserve.engine import accel, fp8
+
+
+def _tiny_transformer(seed: int = 0):
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    return Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),
+    ).eval()
+
+
+class _Pipe:
+    """The parts of a pipeline that apply_acceleration touches: a transformer and encode_prompt."""
+
+    def __init__(self, transformer):
+        self.transformer = transformer
+        self.encoder_calls = 0
+
+    def encode_prompt(
+        self,
+        prompt=None,
+        device=None,
+        num_images_per_prompt=1,
+        prompt_embeds=None,
+        max_sequence_length=512,
+        text_encoder_out_layers=(9, 18, 27),
+    ):
+        self.encoder_calls += 1
+        return torch.randn(num_images_per_prompt, 8, 32), torch.zeros(num_images_per_prompt, 8, 4)
+
+
+def _inputs(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    h = w = 8
+    t = 6
+    img_ids = torch.cartesian_prod(torch.arange(1), torch.arange(h), torch.arange(w), torch.arange(1))
+    txt_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(t))
+    return {
+        "hidden_states": torch.randn(1, h * w, 16, generator=g),
+        "encoder_hidden_states": torch.randn(1, t, 32, generator=g),
+        "timestep": torch.rand(1, generator=g),
+        "guidance": torch.tensor([2.5]),
+        "img_ids": img_ids.unsqueeze(0),
+        "txt_ids": txt_ids.unsqueeze(0),
+        "return_dict": False,
+    }
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(out).all()
+    return float((out - ref).norm() / ref.norm())
+
+
+@pytest.fixture(autouse=True)
+def _no_compile(monkeypatch):
+    monkeypatch.setenv("FLUXSERVE_COMPILE", "0")  # compiling a block on CPU takes ~2 minutes; see the docs
+
+
+def test_regular_matches_none_on_the_same_weights():
+    pipe = _Pipe(_tiny_transformer())
+    for seed in (1, 2):
+        kwargs = _inputs(seed)
+        with torch.no_grad():
+            none = accel.apply_acceleration(pipe, "none", "cpu")
+            ref = pipe.transformer(**kwargs)[0]
+            regular = accel.apply_acceleration(pipe, "regular", "cpu")
+            out = pipe.transformer(**kwargs)[0]
+        assert none["fused_qkv"] is False and none["prompt_cache"] is False
+        assert regular["fused_qkv"] is True and regular["prompt_cache"] is True
+        assert regular["compiled"] is False  # CPU default (FLUXSERVE_COMPILE=0 here too)
+        assert _rel(out, ref) <= 1e-2
+        assert _rel(out, ref) <= 1e-5  # fp32 on CPU: equal up to rounding
+
+
+def test_fused_qkv_is_identical_and_shares_memory():
+    transformer = _tiny_transformer()
+    kwargs = _inputs(3)
+    with torch.no_grad():
+        ref = transformer(**kwargs)[0]
+        params_before = sum(p.numel() for p in transformer.parameters())
+        assert accel.fuse_qkv(transformer) == 2  # the two double-stream blocks
+        attn = transformer.transformer_blocks[0].attn
+        assert attn.fused_projections and attn.to_q.weight.data_ptr() == attn.to_qkv.weight.data_ptr()
+        fused = transformer(**kwargs)[0]
+        assert accel.unfuse_qkv(transformer) == 2
+        unfused = transformer(**kwargs)[0]
+    assert torch.allclose(fused, ref, rtol=0, atol=1e-6)
+    assert torch.equal(unfused, ref)
+    # the fused projection is new, the per-projection weights are views: no second copy of Q/K/V
+    storages = {p.untyped_storage().data_ptr() for p in transformer.parameters()}
+    assert len(storages) < sum(1 for _ in transformer.parameters())
+    assert params_before > 0
+
+
+def test_prompt_cache_hit_returns_the_same_tensor_and_skips_the_encoder():
+    pipe = _Pipe(_tiny_transformer())
+    cache = accel.PromptCache(max_entries=2, max_bytes=10**9)
+    accel.apply_acceleration(pipe, "regular", "cpu")
+    accel.install_prompt_cache(pipe, cache)
+    first = pipe.encode_prompt(prompt="a red fox", device="cpu", num_images_per_prompt=1)
+    second = pipe.encode_prompt(prompt="a red fox", device="cpu", num_images_per_prompt=1)
+    assert pipe.encoder_calls == 1
+    assert second[0] is first[0]
+    pipe.encode_prompt(prompt="a red fox", device="cpu", max_sequence_length=256)
+    pipe.encode_prompt(prompt="a blue fox", device="cpu")
+    assert pipe.encoder_calls == 3
+    assert len(cache) == 2  # bounded: the oldest entry went
+    pipe.encode_prompt(prompt="a red fox", device="cpu")  # evicted -> encoded again
+    assert pipe.encoder_calls == 4
+    accel.apply_acceleration(pipe, "none", "cpu")  # the reference level never uses the cache
+    pipe.encode_prompt(prompt="a blue fox", device="cpu")
+    assert pipe.encoder_calls == 5
+    accel.apply_acceleration(pipe, "regular", "cpu")
+    accel.invalidate_prompt_cache(pipe)
+    pipe.encode_prompt(prompt="a blue fox", device="cpu")
+    assert pipe.encoder_calls == 6
+    assert cache.stats()["hits"] >= 1
+
+
+def test_prompt_cache_bytes_bound():
+    cache = accel.PromptCache(max_entries=100, max_bytes=3 * 4 * 10)
+    for i in range(5):
+        cache.put((i,), torch.zeros(10))
+    assert len(cache) == 3 and cache.bytes == 120
+    assert cache.get((0,)) is None and cache.get((4,)) is not None
+
+
+def test_fp8_weight_only_round_trip_and_module_is_used():
+    torch.manual_seed(4)
+    linear = nn.Linear(64, 48, bias=True)
+    x = torch.randn(5, 7, 64)
+    ref = linear(x)
+    model = nn.Sequential(linear)
+    assert fp8.quantize_linears(model, mode="weight_only") == 1
+    layer = model[0]
+    assert isinstance(layer, fp8.FP8Linear) and layer.weight_fp8.dtype == torch.float8_e4m3fn
+    calls = []
+    layer.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        out = model(x)
+    assert calls == [1]
+    err = _rel(out, ref)
+    assert 0 < err <= 5e-2  # quantised (not bit-exact) but within e4m3 error
+    q, scale = fp8.quantize_tensor(linear.weight.detach(), "row")
+    w = fp8.dequantize_tensor(q, scale, torch.float32)
+    assert _rel(w, linear.weight.detach()) <= 5e-2
+
+
+def test_fp8_w8a8_scaled_mm_convention_matches_reference():
+    """The CUDA path's torch._scaled_mm call (row-wise and per-tensor scales) also runs on CPU: check it."""
+    torch.manual_seed(5)
+    for granularity in ("row", "tensor"):
+        linear = nn.Linear(64, 48, bias=False)
+        x = torch.randn(3, 5, 64)
+        ref = linear(x)
+        layer = fp8.FP8Linear(linear, granularity=granularity, mode="w8a8", keep_original=True)
+        assert layer.mode == "w8a8"
+        with torch.no_grad():
+            assert _rel(layer(x), ref) <= 8e-2
+            layer.set_mode("original")
+            assert torch.equal(layer(x), ref)
+
+
+def test_fp8_fused_transformer_slices_share_storage_and_stay_close():
+    transformer = _tiny_transformer()
+    kwargs = _inputs(6)
+    with torch.no_grad():
+        ref = transformer(**kwargs)[0]
+        accel.fuse_qkv(transformer)
+        count = accel.quantize_fused_transformer(
+            transformer, granularity="row", mode="w8a8", keep_original=False
+        )
+        assert count > 0
+        attn = transformer.transformer_blocks[0].attn
+        assert isinstance(attn.to_q, fp8.FP8Linear)
+        assert (
+            attn.to_q.weight_fp8.untyped_storage().data_ptr()
+            == attn.to_qkv.weight_fp8.untyped_storage().data_ptr()
+        )
+        assert not isinstance(transformer.x_embedder, fp8.FP8Linear)  # embedders stay in full precision
+        w8a8 = transformer(**kwargs)[0]
+        fp8.set_fp8_mode(transformer, "weight_only")
+        weight_only = transformer(**kwargs)[0]
+        accel.unfuse_qkv(transformer)
+        unfused = transformer(**kwargs)[0]
+    assert _rel(w8a8, ref) <= 5e-2
+    assert _rel(weight_only, ref) <= 5e-2
+    assert torch.allclose(unfused, weight_only, atol=1e-5)
+
+
+def test_high_on_cpu_runs_regular_with_a_notice():
+    pipe = _Pipe(_tiny_transformer())
+    state = accel.apply_acceleration(pipe, "high", "cpu")
+    assert state["requested"] == "high" and state["level"] == "regular"
+    assert any("high" in note for note in state["notes"])
+    assert not fp8.has_fp8(pipe.transformer)
+    assert accel.acceleration_state(pipe)["level"] == "regular"
+
+
+def test_prepare_transformer_fp8_held_runs_weight_only_for_lossless_levels():
+    pipe = _Pipe(_tiny_transformer())
+    kwargs = _inputs(7)
+    with torch.no_grad():
+        ref = pipe.transformer(**kwargs)[0]
+        assert accel.prepare_transformer(pipe, "fp8", "cpu") == "fp8"
+        state = accel.apply_acceleration(pipe, "regular", "cpu")
+        out = pipe.transformer(**kwargs)[0]
+    assert state["transformer_precision"] == "fp8-weight-only"
+    assert any("FP8" in note for note in state["notes"])
+    assert _rel(out, ref) <= 5e-2
+
+
+def test_levels_and_go_fast():
+    assert accel.normalise_level(None) == "regular"
+    assert accel.normalise_level("HIGH") == "high"
+    assert accel.normalise_level(True) == "high" and accel.normalise_level(False) == "regular"
+    assert accel.level_from_go_fast(True) == "high"
+    with pytest.raises(ValueError, match="acceleration"):
+        accel.normalise_level("turbo")
+
+
+GIB = 1024**3
+
+
+@pytest.mark.parametrize(
+    ("free_gib", "transformer_gib", "te_gib", "expected"),
+    [
+        (78, 60.0, 44.7, ("fp8", "fp8")),  # dev on an 80 GB H100: FP8 transformer + FP8 text encoder
+        (139, 60.0, 44.7, ("bf16", "resident")),  # dev on an H200: bf16 everywhere
+        (78, 7.2, 7.5, ("bf16", "resident")),  # klein 4B: always resident
+        (78, 16.9, 15.3, ("bf16", "resident")),  # klein 9B
+        (40, 60.0, 44.7, ("fp8", "offload")),  # nothing fits: smallest footprint
+        (80, 60.0, 16.0, ("bf16", "fp8")),  # text encoder to FP8 before the transformer
+    ],
+)
+def test_plan_memory(free_gib, transformer_gib, te_gib, expected):
+    plan = fp8.plan_memory(
+        free_bytes=int(free_gib * GIB),
+        transformer_bytes=int(transformer_gib * GIB),
+        text_encoder_bytes=int(te_gib * GIB),
+        vae_bytes=int(0.16 * GIB),
+    )
+    assert (plan.transformer, plan.text_encoder) == expected
+    assert plan.as_dict()["free_gib"] == pytest.approx(free_gib, abs=0.01)
+
+
+def test_plan_memory_respects_a_forced_text_encoder_placement():
+    plan = fp8.plan_memory(
+        free_bytes=139 * GIB,
+        transformer_bytes=60 * GIB,
+        text_encoder_bytes=45 * GIB,
+        text_encoder_choice="offload",
+    )
+    assert (plan.transformer, plan.text_encoder) == ("bf16", "offload")
