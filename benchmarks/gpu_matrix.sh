@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Reproduce every GPU row of docs/performance.md. Run from the repository root on a CUDA machine with
+# fluxserve installed (see benchmarks/README.md for a machine without diffusers). Writes one JSON per row to
+# $OUT_DIR (default benchmarks/results/<gpu>), then prints a table of them.
+#
+#   benchmarks/gpu_matrix.sh            # every row that fits this GPU
+#   ROWS="klein-4b" benchmarks/gpu_matrix.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+GPU="$($PY -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "_"))')"
+OUT_DIR="${OUT_DIR:-benchmarks/results/$GPU}"
+ROWS="${ROWS:-klein-4b klein-9b dev}"
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1
+
+bench() {  # name, then fluxserve bench flags
+  local name="$1"; shift
+  echo "== $name: fluxserve bench $*"
+  $PY -m fluxserve bench --random-weights --json "$OUT_DIR/$name.json" "$@" || echo "!! $name failed"
+}
+
+for row in $ROWS; do
+  case "$row" in
+    klein-4b)
+      bench klein-4b-1024-none     --model klein-4b --size 1024x1024 --steps 4 --acceleration none --baseline diffusers --repeat 5 --warmup 2
+      bench klein-4b-1024-regular  --model klein-4b --size 1024x1024 --steps 4 --acceleration regular --repeat 5 --warmup 2
+      bench klein-4b-1024-high     --model klein-4b --size 1024x1024 --steps 4 --acceleration high --repeat 5 --warmup 2
+      bench klein-4b-1024-ref1     --model klein-4b --size 1024x1024 --steps 4 --refs 1 --acceleration regular --repeat 5 --warmup 2
+      ;;
+    klein-9b)
+      bench klein-9b-1024-regular  --model klein-9b --size 1024x1024 --steps 4 --acceleration regular --baseline diffusers --repeat 5 --warmup 2
+      bench klein-9b-1024-high     --model klein-9b --size 1024x1024 --steps 4 --acceleration high --repeat 5 --warmup 2
+      ;;
+    dev)
+      # dev needs the H200 (bf16 everywhere) in this version: --random-weights builds bf16 on the GPU first.
+      bench dev-1024-regular       --model dev --size 1024x1024 --steps 28 --acceleration regular --baseline diffusers --repeat 3 --warmup 1
+      bench dev-1024-high          --model dev --size 1024x1024 --steps 28 --acceleration high --repeat 3 --warmup 1
+      bench dev-1024-ref1          --model dev --size 1024x1024 --steps 28 --refs 1 --acceleration regular --repeat 3 --warmup 1
+      bench dev-2048-regular       --model dev --size 2048x2048 --steps 28 --acceleration regular --repeat 2 --warmup 1
+      ;;
+    *) echo "unknown row group $row (klein-4b, klein-9b, dev)"; exit 2 ;;
+  esac
+done
+
+$PY - "$OUT_DIR" <<'PYEOF'
+import json, pathlib, sys
+print("| device | model | resolution | steps | precision | ms/step | end to end (s) | peak GiB | MFU | x diffusers |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
+    r = json.loads(path.read_text()); q = r["request"]; o = r["fluxserve"]
+    mfu = r["mfu"]["value"]; sp = (r.get("speedup") or {}).get("end_to_end")
+    print(f"| {r['device']['name']} | {r['model']} ({q['acceleration']}, {q['refs']} refs) | {q['width']}x{q['height']} "
+          f"| {q['steps']} | {r['precision']} | {o['step_ms']:.1f} | {o['end_to_end_s']:.2f} | {o['peak_memory_gib']} "
+          f"| {'' if mfu is None else f'{mfu*100:.0f}%'} | {'' if sp is None else f'{sp:.2f}'} |")
+PYEOF
