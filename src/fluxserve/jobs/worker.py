@@ -123,8 +123,7 @@ class Worker:
     def stop(self, timeout: float | None = 30.0) -> None:
         """Stop claiming; let the current job finish for up to ``timeout`` seconds, then stop it at the next
         step and give it back to the queue for another worker."""
-        self._stopping.set()
-        self.store.wake_all()
+        self.request_stop()
         thread = self._thread
         if thread is None:
             return
@@ -135,6 +134,11 @@ class Worker:
                 run.stop("shutdown")
             thread.join()
         self._thread = None
+
+    def request_stop(self) -> None:
+        """Stop claiming new jobs (returns at once; ``stop`` waits)."""
+        self._stopping.set()
+        self.store.wake_all()
 
     @property
     def running(self) -> bool:

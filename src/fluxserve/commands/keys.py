@@ -1,0 +1,59 @@
+"""``fluxserve keys``: create, list and revoke the API keys clients must send (``Authorization: Key <key>``,
+``Bearer <key>``, or ``FAL_KEY`` with the fal clients)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fluxserve.commands.common import settings_from_args
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("keys", help="manage API keys", description=__doc__)
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    create = actions.add_parser("create", help="create a key and print its secret (shown only once)")
+    create.add_argument("--name", default="", help="a label to recognise the key by")
+    actions.add_parser("list", help="list keys (never their secrets)")
+    revoke = actions.add_parser("revoke", help="revoke a key; clients using it are refused at once")
+    revoke.add_argument("key_id", metavar="ID", help="the key's id, e.g. key_0123456789abcdef")
+    for sub in (create, actions.choices["list"], revoke):
+        sub.add_argument("--db", help="job store URL (default: SQLite in the data directory)")
+        sub.add_argument("--data-dir", help="where the database lives")
+        sub.set_defaults(func=run)
+
+
+def _when(value) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S UTC") if value is not None else "-"
+
+
+def run(args: argparse.Namespace) -> int:
+    from fluxserve.jobs.store import JobStore
+
+    settings = settings_from_args(args, db=args.db)
+    store = JobStore(settings.db_url)
+    try:
+        if args.action == "create":
+            key_id, secret = store.create_key(args.name)
+            print(f"created {key_id}" + (f" ({args.name})" if args.name else ""), file=sys.stderr)
+            print("the secret is shown only now; keep it safe:", file=sys.stderr)
+            print(secret)
+            return 0
+        if args.action == "list":
+            keys = store.list_keys()
+            if not keys:
+                print("no API keys (create one with: fluxserve keys create --name NAME)", file=sys.stderr)
+                return 0
+            print(f"{'ID':<22} {'NAME':<20} {'CREATED':<24} {'LAST USED':<24} STATUS")
+            for key in keys:
+                status = "active" if key.active else f"revoked {_when(key.revoked_at)}"
+                print(f"{key.id:<22} {key.name[:20]:<20} {_when(key.created_at):<24} {_when(key.last_used_at):<24} "
+                      f"{status}")
+            return 0
+        if store.revoke_key(args.key_id):
+            print(f"revoked {args.key_id}")
+            return 0
+        print(f"error: no active key {args.key_id!r} (see: fluxserve keys list)", file=sys.stderr)
+        return 1
+    finally:
+        store.close()

@@ -1,0 +1,96 @@
+"""``fluxserve worker``: GPU workers without the API, sharing a job store with ``fluxserve serve --no-workers``
+replicas (a worker fleet on PostgreSQL and S3). Stops cleanly on SIGTERM or Ctrl-C: the running job finishes
+(or, after ``--grace`` seconds, goes back to the queue for another worker).
+
+Webhooks are sent by the API processes, not by workers."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from fluxserve.commands.common import add_model_flags, settings_from_args
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("worker", help="run GPU workers against a shared job store", description=__doc__)
+    parser.add_argument("--db", help="job store URL: sqlite:///path.db or postgresql://... (default: SQLite in "
+                        "the data directory)")
+    parser.add_argument("--storage", help="file storage: a directory or s3://bucket/prefix")
+    parser.add_argument("--workers", type=int, dest="workers_per_device",
+                        help="worker threads sharing this process's engine (default 1)")
+    parser.add_argument("--worker-id", help="a name for this worker in job records (default: host-pid-random)")
+    parser.add_argument("--models", help="only take jobs for these catalogue model keys, comma-separated "
+                        "(default: any)")
+    parser.add_argument("--lease", type=float, default=30.0,
+                        help="seconds without a heartbeat after which another worker may take a job (default 30)")
+    parser.add_argument("--grace", type=float, default=30.0,
+                        help="on shutdown, seconds to let the running job finish (default 30)")
+    parser.add_argument("--once", action="store_true", help="run until the queue is empty, then exit")
+    add_model_flags(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fluxserve.catalog import Catalog
+    from fluxserve.engine import Engine
+    from fluxserve.jobs.store import JobStore
+    from fluxserve.jobs.worker import Worker, default_worker_id
+    from fluxserve.storage import open_storage
+
+    settings = settings_from_args(args, db=args.db, storage=args.storage, workers_per_device=args.workers_per_device)
+    catalog = Catalog.load(settings.catalog or None)
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    if models:
+        unknown = [m for m in models if m not in catalog.models]
+        if unknown:
+            print(f"error: --models: unknown model(s) {', '.join(unknown)}; known: {', '.join(catalog.models)}",
+                  file=sys.stderr)
+            return 2
+    store = JobStore(settings.db_url)
+    storage = open_storage(settings.storage_location)
+    engine = Engine(settings, catalog)
+    base_id = args.worker_id or default_worker_id()
+    count = max(1, settings.workers_per_device)
+    workers = [
+        Worker(store, engine, storage, worker_id=base_id if count == 1 else f"{base_id}-{i}",
+               lease_s=args.lease, models=models)
+        for i in range(count)
+    ]
+    print(f"fluxserve worker: {count} worker(s) {base_id} on {store!r}, storage {storage!r}"
+          + (" (demo models)" if settings.demo else ""), file=sys.stderr, flush=True)
+
+    if args.once:
+        done = 0
+        while workers[0].run_once() is not None:
+            done += 1
+        print(f"queue empty after {done} job(s)", file=sys.stderr)
+        store.close()
+        return 0
+
+    stopping = threading.Event()
+
+    def on_signal(signum, _frame) -> None:
+        print(f"received {signal.Signals(signum).name}; stopping", file=sys.stderr, flush=True)
+        stopping.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for worker in workers:
+            worker.start()
+        while not stopping.wait(1.0):
+            if not all(worker.running for worker in workers):
+                print("error: a worker thread ended unexpectedly", file=sys.stderr)
+                return 1
+    finally:
+        for worker in workers:
+            worker.request_stop()
+        for worker in workers:
+            worker.stop(timeout=args.grace)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        store.close()
+    print(f"stopped after {sum(w.jobs_done for w in workers)} job(s)", file=sys.stderr)
+    return 0
