@@ -127,8 +127,8 @@ def test_an_expired_lease_is_claimed_again(store):
     again = store.claim("w2", lease_s=30)
     assert again.id == job.id and again.worker_id == "w2" and again.attempts == 2
     assert store.heartbeat(job.id, "dead-worker") is False  # the old worker lost it
-    assert store.complete(job.id, "dead-worker", {"images": []}) is False
-    assert store.complete(job.id, "w2", {"images": []}) is True
+    assert store.complete(job.id, "dead-worker", {"images": []}) is None
+    assert store.complete(job.id, "w2", {"images": []}).status == "completed"
     assert any("stopped responding" in line.message for line in store.logs(job.id))
     assert store.get(job.id).status == "completed"
 
@@ -210,7 +210,7 @@ def test_complete_and_fail_are_final(store):
     assert store.complete(job.id, "w", result)
     got = store.get(job.id)
     assert got.status == "completed" and got.result == result and got.completed_at is not None
-    assert store.fail(job.id, "late") is False
+    assert store.fail(job.id, "late") is None
     assert store.get(job.id).status == "completed"
 
 

@@ -186,6 +186,8 @@ class JobStore:
         self.poll_s = poll_s
         self._cond = threading.Condition()
         self._version = 0  # bumped on every state change made through this object
+        self._job_versions: dict[str, int] = {}  # per job, only while someone waits on it
+        self._waiters: dict[str, int] = {}
         self._submits = 0  # bumped when work may have become available
         self._local_cancels: set[str] = set()
         self._leases: dict[str, float] = {}
@@ -218,9 +220,12 @@ class JobStore:
         with self.engine.connect() as conn:
             yield conn
 
-    def _changed(self, *, work: bool = False) -> None:
+    def _changed(self, *job_ids: str, work: bool = False) -> None:
         with self._cond:
             self._version += 1
+            for job_id in job_ids:
+                if job_id in self._job_versions:
+                    self._job_versions[job_id] += 1
             if work:
                 self._submits += 1
             self._cond.notify_all()
@@ -230,7 +235,7 @@ class JobStore:
         self._terminal_listeners.append(fn)
 
     def _terminated(self, job_ids: list[str]) -> None:
-        self._changed(work=True)
+        self._changed(*job_ids, work=True)
         for job_id in job_ids:
             self._local_cancels.discard(job_id)
             self._leases.pop(job_id, None)
@@ -242,8 +247,9 @@ class JobStore:
 
     def _finish(self, conn: Connection, job_id: str, now: datetime, *, status: str, error: str | None = None,
                 error_type: str | None = None, result: dict | None = None, error_detail: dict | None = None,
-                worker_id: str | None = None) -> bool:
-        """Make an active job terminal (and queue its webhook) inside ``conn``'s transaction."""
+                worker_id: str | None = None, lines: list[dict] | None = None) -> Job | None:
+        """Make an active job terminal (with its last log lines, and queue its webhook) inside ``conn``'s
+        transaction; the terminal job, or None when it was not active (or not held by ``worker_id``)."""
         stmt = update(jobs).where(jobs.c.id == job_id, jobs.c.status.in_(ACTIVE))
         if worker_id is not None:
             stmt = stmt.where(jobs.c.worker_id == worker_id, jobs.c.status == "running")
@@ -257,14 +263,24 @@ class JobStore:
             values["error_detail"] = error_detail
         if status == "completed":
             values["step"] = jobs.c.total_steps
-        if conn.execute(stmt.values(**values)).rowcount != 1:
-            return False
-        row = conn.execute(select(jobs.c.webhook, jobs.c.dialect).where(jobs.c.id == job_id)).one()
+        row = conn.execute(stmt.values(**values).returning(*jobs.c)).first()
+        if row is None:
+            return None
+        if lines:
+            self._insert_lines(conn, job_id, lines, now)
         if row.webhook:
             dialect = row.webhook.get("dialect") or row.dialect
             conn.execute(insert(webhook_deliveries).values(
                 job_id=job_id, dialect=dialect, status="pending", attempts=0, next_attempt_at=now, created_at=now))
-        return True
+        return Job.from_row(row)
+
+    @staticmethod
+    def _insert_lines(conn: Connection, job_id: str, lines: list[dict], now: datetime) -> None:
+        conn.execute(insert(job_logs), [
+            {"job_id": job_id, "timestamp": line.get("timestamp") or now, "level": line.get("level") or "INFO",
+             "message": line["message"], "preview_key": line.get("preview_key")}
+            for line in lines
+        ])
 
     # --- jobs -----------------------------------------------------------------------------------------
 
@@ -350,31 +366,32 @@ class JobStore:
         if models is not None:
             claimable = and_(claimable, jobs.c.model.in_(models))
         pick = (
-            select(jobs.c.id, jobs.c.status, jobs.c.worker_id, jobs.c.attempts)
+            select(jobs.c.id)
             .where(claimable)
             .order_by(jobs.c.priority_rank, jobs.c.created_at, jobs.c.id)
             .limit(1)
             .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        take = (
+            update(jobs)
+            .where(jobs.c.id == pick)
+            .values(status="running", worker_id=worker_id, attempts=jobs.c.attempts + 1, lease_s=lease_s,
+                    lease_expires_at=now + timedelta(seconds=lease_s), started_at=now, updated_at=now,
+                    step=None, total_steps=None)
+            .returning(*jobs.c)
         )
         with self._write() as conn:
-            picked = conn.execute(pick).first()
-            if picked is None:
+            row = conn.execute(take).first()
+            if row is None:
                 return None
-            conn.execute(
-                update(jobs).where(jobs.c.id == picked.id).values(
-                    status="running", worker_id=worker_id, attempts=jobs.c.attempts + 1, lease_s=lease_s,
-                    lease_expires_at=now + timedelta(seconds=lease_s), started_at=now, updated_at=now,
-                    step=None, total_steps=None,
-                )
-            )
-            if picked.status == "running":
+            if row.attempts > 1:
                 conn.execute(insert(job_logs).values(
-                    job_id=picked.id, timestamp=now, level="WARN",
-                    message=f"worker {picked.worker_id} stopped responding; "
-                            f"retrying (attempt {picked.attempts + 1} of {self.max_attempts})"))
-            row = conn.execute(select(jobs).where(jobs.c.id == picked.id)).one()
-        self._leases[picked.id] = lease_s
-        self._changed()
+                    job_id=row.id, timestamp=now, level="WARN",
+                    message=f"the worker running this request stopped responding; "
+                            f"retrying (attempt {row.attempts} of {self.max_attempts})"))
+        self._leases[row.id] = lease_s
+        self._changed(row.id)
         return Job.from_row(row)
 
     def _sweep(self, force: bool = False) -> None:
@@ -407,7 +424,7 @@ class JobStore:
                         "error": f"The worker running this request stopped responding {row.attempts} times; "
                                  "giving up.",
                     }
-                if self._finish(conn, row.id, now, **outcome):
+                if self._finish(conn, row.id, now, **outcome) is not None:
                     finished.append(row.id)
         if finished:
             self._terminated(finished)
@@ -447,14 +464,9 @@ class JobStore:
                 conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
             row = conn.execute(stmt).first()
             if row is not None and lines:
-                conn.execute(insert(job_logs), [
-                    {"job_id": job_id, "timestamp": line.get("timestamp") or now,
-                     "level": line.get("level") or "INFO", "message": line["message"],
-                     "preview_key": line.get("preview_key")}
-                    for line in lines
-                ])
+                self._insert_lines(conn, job_id, lines, now)
         if lines or step is not None:
-            self._changed()
+            self._changed(job_id)
         return row is not None and not row.cancel_requested and job_id not in self._local_cancels
 
     def cancel_requested(self, job_id: str) -> bool:
@@ -465,7 +477,7 @@ class JobStore:
         with self._write() as conn:
             conn.execute(insert(job_logs).values(
                 job_id=job_id, timestamp=utcnow(), level=level, message=message, preview_key=preview_key))
-        self._changed()
+        self._changed(job_id)
 
     def logs(self, job_id: str, after: int = 0) -> list[LogLine]:
         stmt = (
@@ -481,25 +493,29 @@ class JobStore:
         """The job and its log lines after ``after_seq``: what a status stream sends next."""
         return self.get(job_id), self.logs(job_id, after_seq)
 
-    def complete(self, job_id: str, worker_id: str, result: dict) -> bool:
-        """Record a result. False when this worker no longer holds the job (nothing is written)."""
+    def complete(self, job_id: str, worker_id: str, result: dict, *, lines: list[dict] | None = None) -> Job | None:
+        """Record a result (and the last log lines): the completed job, or None when this worker no longer
+        holds the job (nothing is written)."""
         with self._write() as conn:
-            done = self._finish(conn, job_id, utcnow(), status="completed", result=result, worker_id=worker_id)
-        if done:
+            job = self._finish(conn, job_id, utcnow(), status="completed", result=result, worker_id=worker_id,
+                               lines=lines)
+        if job is not None:
             self._terminated([job_id])
-        return done
+        return job
 
     def fail(self, job_id: str, error: str, error_type: str = "internal_error", status: str = "failed", *,
-             worker_id: str | None = None, error_detail: dict | None = None) -> bool:
-        """Make an active job ``failed`` (or ``cancelled``); False when it was already terminal."""
+             worker_id: str | None = None, error_detail: dict | None = None,
+             lines: list[dict] | None = None) -> Job | None:
+        """Make an active job ``failed`` (or ``cancelled``): the terminal job, or None when it was no longer
+        active (or, given ``worker_id``, no longer held by that worker)."""
         if status not in ("failed", "cancelled"):
             raise ValueError(f"fail() sets failed or cancelled, not {status!r}")
         with self._write() as conn:
-            done = self._finish(conn, job_id, utcnow(), status=status, error=error, error_type=error_type,
-                                error_detail=error_detail, worker_id=worker_id)
-        if done:
+            job = self._finish(conn, job_id, utcnow(), status=status, error=error, error_type=error_type,
+                               error_detail=error_detail, worker_id=worker_id, lines=lines)
+        if job is not None:
             self._terminated([job_id])
-        return done
+        return job
 
     def release(self, job_id: str, worker_id: str) -> bool:
         """Give a running job back to the queue (a worker shutting down); it keeps its place by age."""
@@ -511,7 +527,7 @@ class JobStore:
                         attempts=jobs.c.attempts - 1)
             ).rowcount
         self._leases.pop(job_id, None)
-        self._changed(work=True)
+        self._changed(job_id, work=True)
         return count == 1
 
     def request_cancel(self, job_id: str) -> str:
@@ -535,7 +551,7 @@ class JobStore:
             self._terminated([job_id])
         else:
             self._local_cancels.add(job_id)
-            self._changed()
+            self._changed(job_id)
         return "CANCELLATION_REQUESTED"
 
     def list(self, *, dialect: str | None = None, limit: int = 100, before: datetime | None = None,
@@ -560,18 +576,27 @@ class JobStore:
         return {status: 0 for status in STATUSES} | {status: int(n) for status, n in rows}
 
     def wait(self, job_id: str, timeout: float) -> Job | None:
-        """The job once it is terminal, or as it is when ``timeout`` seconds passed (None if unknown)."""
+        """The job once it is terminal, or as it is when ``timeout`` seconds passed (None if unknown). Woken at
+        once by changes to this job made through this store; changes by other processes are polled."""
         deadline = time.monotonic() + timeout
-        while True:
+        with self._cond:
+            self._waiters[job_id] = self._waiters.get(job_id, 0) + 1
+            self._job_versions.setdefault(job_id, 0)
+        try:
+            while True:
+                with self._cond:
+                    version = self._job_versions[job_id]
+                job = self.get(job_id)
+                remaining = deadline - time.monotonic()
+                if job is None or job.terminal or remaining <= 0:
+                    return job
+                with self._cond:
+                    self._cond.wait_for(lambda v=version: self._job_versions[job_id] != v, min(remaining, self.poll_s))
+        finally:
             with self._cond:
-                version = self._version
-            job = self.get(job_id)
-            remaining = deadline - time.monotonic()
-            if job is None or job.terminal or remaining <= 0:
-                return job
-            with self._cond:
-                if self._version == version:
-                    self._cond.wait(min(remaining, self.poll_s))
+                self._waiters[job_id] -= 1
+                if not self._waiters[job_id]:
+                    del self._waiters[job_id], self._job_versions[job_id]
 
     def work_version(self) -> int:
         with self._cond:
@@ -591,7 +616,7 @@ class JobStore:
         with self._write() as conn:
             conn.execute(update(jobs).where(jobs.c.id == job_id).values(
                 request=None, input=None, result=None, updated_at=utcnow()))
-        self._changed()
+        self._changed(job_id)
 
     def delete_before(self, cutoff: datetime) -> int:
         """Delete terminal jobs (with their logs and deliveries) created before ``cutoff``; returns how many."""

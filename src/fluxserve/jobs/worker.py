@@ -225,70 +225,75 @@ class Worker:
         return result
 
     def _report_loop(self, run: _Run) -> None:
-        """Write progress lines, previews and heartbeats until the job's generation ends."""
+        """Write progress lines, previews and heartbeats until the job's generation ends (the lines still
+        pending then are written with the job's outcome, in the same transaction)."""
         last = time.monotonic()
         while True:
             run.wake.wait(self.heartbeat_s)
             run.wake.clear()
+            if run.done.is_set():
+                return
             with run.lock:
                 pending, run.pending = run.pending, []
                 step, total = run.step, run.total
-            if pending or time.monotonic() - last >= self.heartbeat_s or run.done.is_set():
+            if pending or time.monotonic() - last >= self.heartbeat_s:
                 try:
-                    if not self._write_progress(run, pending, step, total) and run.stop_reason is None:
+                    lines = self._lines(pending)
+                    if not self.store.report(run.job.id, self.worker_id, step, total, lines) \
+                            and run.stop_reason is None:
                         current = self.store.get(run.job.id)
                         run.stop("cancel" if current is not None and current.cancel_requested else "lease")
                 except Exception:
                     log.exception("heartbeat for job %s failed; retrying", run.job.id)
                 last = time.monotonic()
-            if run.done.is_set():
-                return
 
-    def _write_progress(self, run: _Run, pending: list[tuple[dict, bytes | None]], step: int | None,
-                        total: int | None) -> bool:
+    def _lines(self, pending: list[tuple[dict, bytes | None]]) -> list[dict]:
+        """Log lines with their previews stored."""
         lines = []
         for line, preview in pending:
             if preview:
                 line["preview_key"] = self.storage.put(preview, _image_content_type(preview), prefix="previews")
             lines.append(line)
-        return self.store.report(run.job.id, self.worker_id, step, total, lines)
+        return lines
 
     def _finish(self, run: _Run, outcome: GenerationResult | BaseException) -> Job | None:
         """Record the outcome; the terminal job, or None when this worker no longer holds it."""
         job, store, wid = run.job, self.store, self.worker_id
+        try:
+            lines = self._lines(run.pending)
+        except Exception:
+            log.exception("could not store the previews of job %s", job.id)
+            lines = [line for line, _preview in run.pending]
         if isinstance(outcome, GenerationCancelled) or (
             isinstance(outcome, BaseException) and run.stop_reason in ("lease", "shutdown")
         ):
             reason = run.stop_reason or "cancel"
             if reason == "timeout":
-                done = store.fail(job.id, TIMEOUT_ERROR, TIMEOUT_ERROR_TYPE, worker_id=wid)
-            elif reason == "cancel":
-                done = store.fail(job.id, CANCELLED_ERROR, CANCELLED_ERROR_TYPE, status="cancelled", worker_id=wid)
-            elif reason == "shutdown":
+                return store.fail(job.id, TIMEOUT_ERROR, TIMEOUT_ERROR_TYPE, worker_id=wid, lines=lines)
+            if reason == "cancel":
+                return store.fail(job.id, CANCELLED_ERROR, CANCELLED_ERROR_TYPE, status="cancelled", worker_id=wid,
+                                  lines=lines)
+            if reason == "shutdown":
                 store.release(job.id, wid)
                 log.info("worker %s stopping: job %s returned to the queue", wid, job.id)
-                return None
             else:
                 log.warning("worker %s lost the lease on job %s; leaving it to its new worker", wid, job.id)
-                return None
-        elif isinstance(outcome, InputError):
-            done = store.fail(job.id, str(outcome), "validation_error", worker_id=wid,
+            return None
+        if isinstance(outcome, InputError):
+            return store.fail(job.id, str(outcome), "validation_error", worker_id=wid, lines=lines,
                               error_detail={"field": outcome.field, "message": outcome.message})
-        elif isinstance(outcome, BaseException):
+        if isinstance(outcome, BaseException):
             message = f"{type(outcome).__name__}: {outcome}" if str(outcome) else type(outcome).__name__
-            store.log(job.id, message, level="ERROR")
-            done = store.fail(job.id, message, "internal_error", worker_id=wid)
-        else:
-            try:
-                result = self._save(outcome)
-            except Exception as e:
-                log.exception("could not store the outputs of job %s", job.id)
-                message = f"could not store the outputs: {type(e).__name__}: {e}"
-                store.log(job.id, message, level="ERROR")
-                done = store.fail(job.id, message, "internal_error", worker_id=wid)
-            else:
-                done = store.complete(job.id, wid, result)
-        return store.get(job.id) if done else None
+            lines.append({"message": message, "level": "ERROR"})
+            return store.fail(job.id, message, "internal_error", worker_id=wid, lines=lines)
+        try:
+            result = self._save(outcome)
+        except Exception as e:
+            log.exception("could not store the outputs of job %s", job.id)
+            message = f"could not store the outputs: {type(e).__name__}: {e}"
+            lines.append({"message": message, "level": "ERROR"})
+            return store.fail(job.id, message, "internal_error", worker_id=wid, lines=lines)
+        return store.complete(job.id, wid, result, lines=lines)
 
     def _save(self, result: GenerationResult) -> dict:
         images = []
