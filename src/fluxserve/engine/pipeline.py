@@ -9,6 +9,7 @@ encoding. Pipelines stay resident per model key once loaded.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import threading
 import time
@@ -306,8 +307,8 @@ class Engine:
                         ensure_demo_weights(self.settings.demo_dir, ())
                         source = self.settings.demo_dir / "safety"
                     else:
-                        source = safety.DEFAULT_SAFETY_MODEL
-                    self._safety = safety.SafetyChecker.load(source, self.device)
+                        source = os.environ.get("FLUXSERVE_SAFETY_MODEL") or safety.DEFAULT_SAFETY_MODEL
+                    self._safety = safety.SafetyChecker.load(source, self.device, token=self.settings.hf_token or None)
         return self._safety
 
     def _loras(self, pipe, request: GenerationRequest):
@@ -315,7 +316,8 @@ class Engine:
             return nullcontext()
         from fluxserve.engine import lora
 
-        return lora.applied_loras(pipe, list(request.loras), self.settings.cache_dir / "loras")
+        return lora.applied_loras(pipe, list(request.loras), self.settings.cache_dir / "loras",
+                                  token=self.settings.hf_token or None)
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------

@@ -109,6 +109,8 @@ def place_pipeline(pipe, device: torch.device, dtype: torch.dtype, requested: st
     }
     if device.type != "cuda":
         pipe.to(device)
+        # oneDNN convolutions are several times faster in channels-last layout on the CPU (the VAE is all convs)
+        pipe.vae.to(memory_format=torch.channels_last)
         name = str(dtype).removeprefix("torch.")
         return Placement(str(device), name, "resident", requested=requested, transformer=name, bytes=sizes)
     free, total = torch.cuda.mem_get_info(device)
