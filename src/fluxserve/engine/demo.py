@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 DEMO_ARCHS = ("dev", "klein")
@@ -76,10 +77,29 @@ def is_built(demo_dir: Path, arch: str) -> bool:
         return False
 
 
+@contextmanager
+def _locked(demo_dir: Path):
+    """One builder at a time: threads of this process and other processes (an advisory file lock)."""
+    demo_dir.mkdir(parents=True, exist_ok=True)
+    with _build_lock, open(demo_dir / ".build.lock", "a+") as handle:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: the thread lock alone
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def ensure_demo_weights(demo_dir: Path, archs: tuple[str, ...] = DEMO_ARCHS) -> Path:
     """Build the demo pipelines that are missing (or stale); return ``demo_dir``."""
     demo_dir = Path(demo_dir)
-    with _build_lock:
+    if all(is_built(demo_dir, arch) for arch in archs) and (demo_dir / "safety").exists():
+        return demo_dir
+    with _locked(demo_dir):
         for arch in archs:
             if not is_built(demo_dir, arch):
                 build_demo_pipeline(arch, demo_path(demo_dir, arch))
@@ -90,7 +110,7 @@ def ensure_demo_weights(demo_dir: Path, archs: tuple[str, ...] = DEMO_ARCHS) -> 
 def build_demo_weights(demo_dir: Path, force: bool = False) -> list[Path]:
     """Build every demo pipeline (again when ``force``); return their directories."""
     demo_dir = Path(demo_dir)
-    with _build_lock:
+    with _locked(demo_dir):
         for arch in DEMO_ARCHS:
             if force or not is_built(demo_dir, arch):
                 build_demo_pipeline(arch, demo_path(demo_dir, arch))
