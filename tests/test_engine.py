@@ -296,3 +296,17 @@ def test_fp8_text_encoder_on_cpu():
     assert got.dtype == torch.float32
     assert torch.allclose(got, expected, atol=0.05, rtol=0.05)
     assert not torch.equal(got, expected)
+
+
+def test_preview_is_the_clean_estimate(engine: Engine):
+    from fluxserve.engine import decode
+
+    engine.load("klein-4b")
+    pipe = engine._models["klein-4b"].pipe
+    torch.manual_seed(0)
+    before, after = torch.randn(1, 16 * 12, 128), torch.randn(1, 16 * 12, 128)
+    # with sigma_next = 0 the Euler step lands on the clean image: the preview decodes `after` itself
+    preview = decode.preview_from_step(pipe, before, after, 0.4, 0.0, 192, 256)
+    final = decode.decode(pipe, decode.vae_latents(pipe, after, 192, 256))[0]
+    assert preview.size == final.size == (256, 192)
+    assert np.abs(np.asarray(preview).astype(int) - np.asarray(final).astype(int)).max() <= 1

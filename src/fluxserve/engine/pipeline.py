@@ -254,7 +254,7 @@ class Engine:
             if step in preview_steps and "latents" in previous:
                 sigmas = pipeline.scheduler.sigmas
                 preview = _png(decoding.preview_from_step(
-                    pipeline, previous["latents"], latents, float(sigmas[i - 1]), float(sigmas[i]), height, width))
+                    pipeline, previous["latents"], latents, float(sigmas[i]), float(sigmas[i + 1]), height, width))
             if preview_steps:
                 previous["latents"] = latents
             if on_progress is not None:
