@@ -80,8 +80,8 @@ class Placement:
     dtype: str
     text_encoder: str  # resident | fp8 | offload
     requested: str = "auto"
-    transformer: str = ""  # the transformer's precision: bf16 | float32 | fp8
     bytes: dict[str, int] = field(default_factory=dict)
+    transformer: str = ""  # the transformer's precision: bf16 | float32 | fp8
     _hook: object = None
 
     def after_text_encoding(self) -> None:
