@@ -269,3 +269,8 @@ def test_plan_memory_respects_a_forced_text_encoder_placement():
         text_encoder_choice="offload",
     )
     assert (plan.transformer, plan.text_encoder) == ("bf16", "offload")
+
+
+def test_plan_memory_rejects_an_unknown_placement():
+    with pytest.raises(ValueError, match="auto, resident, fp8, offload"):
+        fp8.plan_memory(free_bytes=GIB, transformer_bytes=1, text_encoder_bytes=1, text_encoder_choice="gpu")

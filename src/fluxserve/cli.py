@@ -14,13 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fluxserve", description="Self-hosted FLUX.2 image generation.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"fluxserve.commands.{name}")
-        except ModuleNotFoundError as exc:  # TEMPORARY while the commands are being written
-            if exc.name != f"fluxserve.commands.{name}":
-                raise
-            continue
-        module.add_parser(subparsers)
+        importlib.import_module(f"fluxserve.commands.{name}").add_parser(subparsers)
     return parser
 
 

@@ -97,13 +97,15 @@ def _locked(demo_dir: Path):
 def ensure_demo_weights(demo_dir: Path, archs: tuple[str, ...] = DEMO_ARCHS) -> Path:
     """Build the demo pipelines that are missing (or stale); return ``demo_dir``."""
     demo_dir = Path(demo_dir)
-    if all(is_built(demo_dir, arch) for arch in archs) and (demo_dir / "safety").exists():
+    extras = (demo_dir / "safety", demo_lora_path(demo_dir))
+    if all(is_built(demo_dir, arch) for arch in archs) and all(path.exists() for path in extras):
         return demo_dir
     with _locked(demo_dir):
         for arch in archs:
             if not is_built(demo_dir, arch):
                 build_demo_pipeline(arch, demo_path(demo_dir, arch))
         _build_safety(demo_dir)
+        _build_demo_lora(demo_dir)
     return demo_dir
 
 
@@ -115,18 +117,42 @@ def build_demo_weights(demo_dir: Path, force: bool = False) -> list[Path]:
             if force or not is_built(demo_dir, arch):
                 build_demo_pipeline(arch, demo_path(demo_dir, arch))
         _build_safety(demo_dir, force=force)
+        _build_demo_lora(demo_dir, force=force)
     return [demo_path(demo_dir, arch) for arch in DEMO_ARCHS]
 
 
 def _build_safety(demo_dir: Path, force: bool = False) -> None:
-    try:
-        from fluxserve.engine import safety
-    except ImportError:
-        return  # the safety module is not there yet
+    from fluxserve.engine import safety
+
     target = demo_dir / "safety"
-    builder = getattr(safety, "build_demo_checker", None)
-    if builder is not None and (force or not target.exists()):
-        builder(target)
+    if force or not target.exists():
+        safety.build_demo_checker(target)
+
+
+def demo_lora_path(demo_dir: Path) -> Path:
+    """The demo stand-in for the catalogue's preset LoRAs (the Turbo LoRA): a LoRA for the dev demo model."""
+    return Path(demo_dir) / "turbo-lora.safetensors"
+
+
+def _build_demo_lora(demo_dir: Path, force: bool = False) -> None:
+    """A small random LoRA on the dev demo transformer's attention, in the diffusers/PEFT key format."""
+    import torch
+    from safetensors.torch import save_file
+
+    target = demo_lora_path(demo_dir)
+    if target.exists() and not force:
+        return
+    generator = torch.Generator().manual_seed(7)
+    transformer = _transformer()
+    tensors = {}
+    for name, layer in transformer.named_modules():
+        if isinstance(layer, torch.nn.Linear) and name.endswith(("attn.to_q", "attn.to_k", "attn.to_v")):
+            tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(2, layer.in_features, generator=generator)
+            tensors[f"transformer.{name}.lora_B.weight"] = 0.1 * torch.randn(layer.out_features, 2,
+                                                                              generator=generator)
+    staging = target.with_suffix(".tmp")
+    save_file(tensors, str(staging))
+    os.replace(staging, target)
 
 
 def build_demo_pipeline(arch: str, target: Path) -> Path:

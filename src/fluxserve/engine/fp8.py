@@ -296,6 +296,7 @@ class MemoryPlan:
 # Tried in order: everything resident in bf16 is the reference; the text encoder goes to FP8 before the
 # transformer does (it runs once per prompt and the prompt cache hides it); the transformer goes to FP8 before
 # anything is offloaded (offloading the transformer costs a weight transfer per step).
+TEXT_ENCODER_CHOICES = ("auto", "resident", "fp8", "offload")
 PLAN_ORDER: tuple[tuple[str, str], ...] = (
     ("bf16", "resident"),
     ("bf16", "fp8"),
@@ -320,6 +321,10 @@ def plan_memory(
     ``text_encoder_choice`` forces the text encoder ("resident" | "fp8" | "offload"); "auto" picks.
     Nothing fits -> the last candidate (FP8 transformer, offloaded text encoder), the smallest footprint.
     """
+    if text_encoder_choice not in TEXT_ENCODER_CHOICES:
+        raise ValueError(
+            f"text encoder placement {text_encoder_choice!r}: choose one of {', '.join(TEXT_ENCODER_CHOICES)}"
+        )
     sizes = {"bf16": transformer_bytes, "fp8": transformer_bytes // 2}
     te_sizes = {"resident": text_encoder_bytes, "fp8": text_encoder_bytes // 2, "offload": 0}
     if text_encoder_choice == "auto":
@@ -334,10 +339,3 @@ def plan_memory(
     needed = sizes[transformer] + te_sizes[text_encoder] + vae_bytes + reserve_bytes
     return MemoryPlan(transformer, text_encoder, needed, free_bytes)
 
-
-def module_bytes(module: nn.Module) -> int:
-    """Bytes held by a module's parameters and buffers."""
-    total = 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        total += t.numel() * t.element_size()
-    return total

@@ -8,6 +8,7 @@ encoding. Pipelines stay resident per model key once loaded.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import secrets
@@ -21,7 +22,11 @@ from PIL import Image
 
 from fluxserve.catalog import Catalog, ModelSpec
 from fluxserve.config import Settings
+from fluxserve.engine import accel, lora, safety
 from fluxserve.engine import decode as decoding
+from fluxserve.engine.demo import demo_lora_path, ensure_demo_weights
+from fluxserve.engine.encode import encode_image
+from fluxserve.engine.prompts import MAX_NEW_TOKENS, expand_prompt
 from fluxserve.engine.placement import Placement, place_pipeline
 from fluxserve.engine.weights import load_pipeline, resolve_weights
 from fluxserve.inputs import check_references, load_image
@@ -104,7 +109,7 @@ class Engine:
         path = resolve_weights(spec, self.settings)
         pipe = load_pipeline(spec, path, self.dtype, demo=self.settings.demo)
         placement = place_pipeline(pipe, self.device, self.dtype, self.settings.text_encoder_placement)
-        _accelerate(pipe, "regular", self.device)
+        accel.apply_acceleration(pipe, "regular", self.device)
         seconds = time.perf_counter() - start
         log.info("loaded %s from %s in %.1fs (%s)", spec.key, path, seconds, placement.as_dict())
         return LoadedModel(spec.key, spec, pipe, str(path), placement, seconds)
@@ -115,9 +120,9 @@ class Engine:
         for key, loaded in self._models.items():
             info = loaded.placement.as_dict()
             info.update(weights=loaded.path, pipeline=loaded.spec.pipeline, load_seconds=round(loaded.load_seconds, 2))
-            accel = _acceleration_state(loaded.pipe)
-            if accel is not None:
-                info["acceleration"] = accel
+            state = accel.acceleration_state(loaded.pipe)
+            if state is not None:
+                info["acceleration"] = state
             models[key] = info
         memory: dict[str, float] = {}
         if self.device.type == "cuda":
@@ -147,7 +152,7 @@ class Engine:
 
         loaded = self._model(spec.key)
         pipe = loaded.pipe
-        _accelerate(pipe, request.acceleration, self.device)
+        accel.apply_acceleration(pipe, request.acceleration, self.device)
         with self._loras(pipe, request):
             # 1. text encoding (with the optional prompt expansion)
             t0 = time.perf_counter()
@@ -177,7 +182,7 @@ class Engine:
         flags = [False] * len(images)
         if request.safety_checker:
             flags = self._check_safety(images, request.safety_tolerance)
-            images = [_blackout(image) if flagged else image for image, flagged in zip(images, flags)]
+            images = [safety.blackout(image) if flagged else image for image, flagged in zip(images, flags)]
         timings["safety"] = time.perf_counter() - t0
 
         # 5. encoding
@@ -190,7 +195,7 @@ class Engine:
             metadata["loras"] = [{"path": lora.path, "scale": lora.scale} for lora in request.loras]
         outputs = [
             GeneratedImage(
-                data=_encode(image, request.output_format, request.output_quality, metadata),
+                data=encode_image(image, request.output_format, request.output_quality, metadata),
                 width=image.width, height=image.height,
                 content_type=CONTENT_TYPES[request.output_format], nsfw=flagged,
             )
@@ -228,8 +233,6 @@ class Engine:
         return max(MODEL_MIN_SIDE, int(width * scale)), max(MODEL_MIN_SIDE, int(height * scale))
 
     def _expand(self, pipe, prompt: str, references: list[Image.Image], seed: int) -> str:
-        from fluxserve.engine.prompts import MAX_NEW_TOKENS, expand_prompt
-
         tokens = DEMO_EXPANSION_TOKENS if self.settings.demo else MAX_NEW_TOKENS
         return expand_prompt(pipe, prompt, references, seed=seed, max_new_tokens=tokens)
 
@@ -288,22 +291,13 @@ class Engine:
                 raise
 
     def _check_safety(self, images: list[Image.Image], tolerance: int) -> list[bool]:
-        checker = self._safety_checker()
-        if checker is None:
-            return [False] * len(images)
-        return list(checker.check(images, tolerance))
+        return list(self._safety_checker().check(images, tolerance))
 
-    def _safety_checker(self):
+    def _safety_checker(self) -> safety.SafetyChecker:
         if self._safety is None:
             with self._safety_lock:
                 if self._safety is None:
-                    try:
-                        from fluxserve.engine import safety
-                    except ImportError:  # the safety module has not landed yet
-                        return None
                     if self.settings.demo:
-                        from fluxserve.engine.demo import ensure_demo_weights
-
                         ensure_demo_weights(self.settings.demo_dir, ())
                         source = self.settings.demo_dir / "safety"
                     else:
@@ -314,10 +308,13 @@ class Engine:
     def _loras(self, pipe, request: GenerationRequest):
         if not request.loras:
             return nullcontext()
-        from fluxserve.engine import lora
-
-        return lora.applied_loras(pipe, list(request.loras), self.settings.cache_dir / "loras",
-                                  token=self.settings.hf_token or None)
+        loras = list(request.loras)
+        if self.settings.demo:
+            # The catalogue's preset LoRAs (Turbo) are made for the real weights; the demo has its own stand-in.
+            presets = {preset.path for endpoint in self.catalog.endpoints.values() for preset in endpoint.loras}
+            stand_in = str(demo_lora_path(self.settings.demo_dir))
+            loras = [spec.model_copy(update={"path": stand_in}) if spec.path in presets else spec for spec in loras]
+        return lora.applied_loras(pipe, loras, self.settings.cache_dir, token=self.settings.hf_token or None)
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------
@@ -344,39 +341,6 @@ def _preview_steps(total: int, count: int) -> set[int]:
 
 
 def _png(image: Image.Image) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=False, compress_level=1)
     return buffer.getvalue()
-
-
-def _encode(image: Image.Image, fmt: str, quality: int | None, metadata: dict) -> bytes:
-    from fluxserve.engine.encode import encode_image
-
-    return encode_image(image, fmt, quality, metadata)
-
-
-def _blackout(image: Image.Image) -> Image.Image:
-    from fluxserve.engine.safety import blackout
-
-    return blackout(image)
-
-
-def _accelerate(pipe, level: str, device: torch.device) -> None:
-    try:
-        from fluxserve.engine import accel
-    except ImportError:
-        return
-    apply = getattr(accel, "apply_acceleration", None)
-    if apply is not None:
-        apply(pipe, level, device)
-
-
-def _acceleration_state(pipe) -> dict | None:
-    try:
-        from fluxserve.engine import accel
-    except ImportError:
-        return None
-    state = getattr(accel, "acceleration_state", None)
-    return state(pipe) if state is not None else None

@@ -1,9 +1,10 @@
 """Device placement: which model sits where, in which precision.
 
-On CUDA every model stays resident when it fits in free memory. When it does not, the text encoder (used once
-per request, for a few hundred tokens) gives way first: stored in FP8 (weights only, per-output-channel scales,
-upcast in forward: half the bf16 bytes), or kept on the CPU and moved in for each encoding (offload). The choice
-comes from ``torch.cuda.mem_get_info`` and can be forced with ``settings.text_encoder_placement``.
+On CUDA every model stays resident when it fits in free memory. When it does not (``fp8.plan_memory`` decides
+from ``torch.cuda.mem_get_info``), the text encoder (used once per request, for a few hundred tokens) gives way
+first: stored in FP8 (weights only, per-output-channel scales, upcast in forward: half the bf16 bytes); then the
+transformer's blocks are held in FP8 too; only then is the text encoder kept on the CPU and moved in for each
+encoding (offload). The text-encoder choice can be forced with ``settings.text_encoder_placement``.
 On the CPU everything is resident in float32.
 """
 
@@ -14,7 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-PLACEMENTS = ("auto", "resident", "fp8", "offload")
+from fluxserve.engine import fp8
+
 GIB = 1024**3
 
 
@@ -34,43 +36,13 @@ def headroom_bytes(total_bytes: int) -> int:
     return max(4 * GIB, int(0.08 * total_bytes))
 
 
-def choose_placement(
-    free_bytes: int,
-    total_bytes: int,
-    transformer_bytes: int,
-    text_encoder_bytes: int,
-    vae_bytes: int,
-    requested: str = "auto",
-) -> str:
-    """``resident`` | ``fp8`` | ``offload`` for the text encoder. A pure function of the memory numbers."""
-    if requested not in PLACEMENTS:
-        raise ValueError(f"text encoder placement {requested!r}: choose one of {', '.join(PLACEMENTS)}")
-    if requested != "auto":
-        return requested
-    budget = free_bytes - headroom_bytes(total_bytes)
-    always = transformer_bytes + vae_bytes
-    if always + text_encoder_bytes <= budget:
-        return "resident"
-    # FP8 storage: one byte per weight instead of two (bf16), plus small per-channel scales.
-    if always + text_encoder_bytes // 2 <= budget:
-        return "fp8"
-    return "offload"
-
-
 # ---- FP8 text encoder ----------------------------------------------------------------------------------------
 def quantize_text_encoder(text_encoder: nn.Module) -> int:
     """Store the text encoder's Linear weights in float8_e4m3fn with per-output-channel scales, upcast in
     forward (weight-only; ``fluxserve.engine.fp8.FP8Linear``). The output head stays as it is (prompt
     expansion samples from it). Returns how many layers were converted."""
-    from fluxserve.engine import fp8
-
     return fp8.quantize_linears(text_encoder, include=lambda name, _m: "lm_head" not in name,
                                 granularity="row", mode="weight_only")
-
-
-def transformer_fits(free_bytes: int, total_bytes: int, transformer_bytes: int, vae_bytes: int) -> bool:
-    """Whether the transformer fits in its loaded precision once the text encoder is off the GPU."""
-    return transformer_bytes + vae_bytes <= free_bytes - headroom_bytes(total_bytes)
 
 
 # ---- placing a pipeline -------------------------------------------------------------------------------------
@@ -114,11 +86,13 @@ def place_pipeline(pipe, device: torch.device, dtype: torch.dtype, requested: st
         name = str(dtype).removeprefix("torch.")
         return Placement(str(device), name, "resident", requested=requested, transformer=name, bytes=sizes)
     free, total = torch.cuda.mem_get_info(device)
-    choice = choose_placement(free, total, sizes["transformer"], sizes["text_encoder"], sizes["vae"], requested)
+    plan = fp8.plan_memory(
+        free_bytes=free, transformer_bytes=sizes["transformer"], text_encoder_bytes=sizes["text_encoder"],
+        vae_bytes=sizes["vae"], reserve_bytes=headroom_bytes(total), text_encoder_choice=requested,
+    )
+    choice = plan.text_encoder
     transformer_precision = "bf16" if dtype == torch.bfloat16 else str(dtype).removeprefix("torch.")
-    if choice == "offload" and requested == "auto" and not transformer_fits(
-            free, total, sizes["transformer"], sizes["vae"]):
-        # Even without the text encoder the transformer does not fit: hold its blocks in FP8 as well.
+    if plan.transformer == "fp8":
         from fluxserve.engine import accel
 
         transformer_precision = accel.prepare_transformer(pipe, "fp8", device)
