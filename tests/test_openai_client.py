@@ -21,7 +21,7 @@ def client(live_server):  # noqa: F811
     return openai_client(live_server.url, key=live_server.key, max_retries=0, timeout=300)
 
 
-def _png(color: str, size=(64, 48)) -> bytes:
+def _png(color: str, size=(96, 64)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, color).save(buffer, "PNG")
     return buffer.getvalue()
