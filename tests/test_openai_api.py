@@ -135,3 +135,68 @@ def test_sdk_retry_of_same_body_reattaches(live_server):  # noqa: F811
     fresh = live_server.post("/v1/images/generations", json=payload)
     assert retry.headers["x-fluxserve-job-ids"] == first.headers["x-fluxserve-job-ids"]
     assert fresh.headers["x-fluxserve-job-ids"] != first.headers["x-fluxserve-job-ids"]
+
+
+def _png_bytes(size=(96, 64), color="red") -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _openai_jobs(live_server) -> int:  # noqa: F811
+    return len(live_server.store.list(dialect="openai", limit=10000))
+
+
+def test_reference_errors_name_the_parameter_the_client_sent(live_server):  # noqa: F811
+    import base64
+
+    before = _openai_jobs(live_server)
+    small, ok = _png_bytes((64, 48)), _png_bytes()
+    body = _error(live_server.post("/v1/images/edits", data={"prompt": "x"},
+                                   files={"image": ("s.png", small, "image/png")}), 400, "image")
+    assert "64x48" in body["message"] and "at least 64 pixels" in body["message"]
+    assert "image_urls" not in body["message"]
+    files = [("image[]", ("a.png", ok, "image/png")), ("image[]", ("b.png", small, "image/png"))]
+    _error(live_server.post("/v1/images/edits", data={"prompt": "x"}, files=files), 400, "image[1]")
+    body = _error(live_server.post("/v1/images/edits", data={"prompt": "x"},
+                                   files={"image": ("g.png", b"not an image", "image/png")}), 400, "image")
+    assert "could not read" in body["message"]
+    uri = "data:image/png;base64," + base64.b64encode(small).decode()
+    _error(live_server.post("/v1/images/edits", json={"prompt": "x", "images": [{"image_url": uri}]}), 400,
+           "images[0].image_url")
+    _error(live_server.post("/v1/images/edits", data={"prompt": "x", "image_url": uri}), 400, "image_url")
+    assert _openai_jobs(live_server) == before  # rejected before any job was made
+
+
+def test_json_edit_with_image_url(live_server):  # noqa: F811
+    import base64
+
+    uri = "data:image/png;base64," + base64.b64encode(_png_bytes()).decode()
+    response = live_server.post("/v1/images/edits", json={
+        "prompt": "x", "images": [{"image_url": uri}], "image_url": uri, "size": "64x64", "steps": 1})
+    assert response.status_code == 200, response.text
+    (job_id,) = response.headers["x-fluxserve-job-ids"].split(",")
+    assert live_server.store.get(job_id).request["image_urls"] == [uri, uri]
+
+
+def test_n_on_single_image_models_runs_parallel_jobs(catalog):
+    spec, requests, _ = translate({"prompt": "p", "n": 3, "seed": 5, "model": "flux-2-pro"}, catalog, [], False)
+    assert spec.schema == "pro"
+    assert [(r["num_images"], r["seed"]) for r in requests] == [(1, 5), (1, 6), (1, 7)]
+    _, requests, _ = translate({"prompt": "p", "n": 10, "model": "flux-2-klein-4b"}, catalog, [], False)
+    assert [r["num_images"] for r in requests] == [4, 4, 2]
+
+
+def test_internal_field_names_are_translated(catalog):
+    from fluxserve.api.openai import openai_param
+
+    names = ["image[0]", "image[1]", "image_url"]
+    assert openai_param("image_urls[1]", names) == "image[1]"
+    assert openai_param("image_urls[2]", names) == "image_url"
+    assert openai_param("image_urls", names) == "image"
+    assert openai_param("width") == "size" and openai_param("num_images") == "n"
+    assert openai_param("output_quality") == "output_compression"

@@ -78,7 +78,7 @@ def test_generate_stream_partial_and_completed(client):
     types = [e.type for e in events]
     assert types[-1] == "image_generation.completed"
     partials = [e for e in events if e.type == "image_generation.partial_image"]
-    assert 1 <= len(partials) <= 2
+    assert len(partials) == 2  # 4 steps leave room for both previews
     assert [p.partial_image_index for p in partials] == list(range(len(partials)))
     Image.open(io.BytesIO(base64.b64decode(partials[0].b64_json))).verify()
     final = Image.open(io.BytesIO(base64.b64decode(events[-1].b64_json)))
@@ -112,3 +112,43 @@ def test_models_list(client, live_server):  # noqa: F811
     assert set(live_server.app.state.catalog.openai_models) == set(names)
     assert "flux-2-dev" in names
     assert client.models.retrieve("flux-2-pro").id == "flux-2-pro"
+
+
+def test_small_reference_is_a_400_naming_image(client, live_server):  # noqa: F811
+    with pytest.raises(openai.BadRequestError) as err:
+        client.images.edit(model="flux-2-dev", prompt="x", image=[("a.png", _png("red")),
+                                                                   ("b.png", _png("red", (64, 48)))])
+    assert err.value.body["param"] == "image[1]" and "at least 64 pixels" in err.value.body["message"]
+
+
+def test_failed_work_is_not_retried(live_server):  # noqa: F811
+    """A 5xx after the GPU work started carries x-should-retry: false, so the SDK (2 retries) makes one job."""
+    import threading
+    import time
+    import uuid
+
+    retrying = openai_client(live_server.url, key=live_server.key, max_retries=2, timeout=300)
+    prompt = f"cancel me {uuid.uuid4()}"
+    outcome: dict = {}
+
+    def call() -> None:
+        try:
+            retrying.images.generate(model="flux-2-dev", prompt=prompt, size="512x512", extra_body={"steps": 50})
+        except openai.APIStatusError as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    mine: list = []
+    deadline = time.monotonic() + 60
+    while not mine and time.monotonic() < deadline:
+        mine = [j for j in live_server.store.list(dialect="openai", limit=200) if j.request.get("prompt") == prompt]
+        time.sleep(0.05)
+    assert mine, "the job was never submitted"
+    live_server.store.request_cancel(mine[0].id)
+    thread.join(120)
+    error = outcome["error"]
+    assert isinstance(error, openai.InternalServerError)
+    assert error.response.headers["x-should-retry"] == "false" and error.body["code"] == "cancelled"
+    jobs = [j for j in live_server.store.list(dialect="openai", limit=500) if j.request.get("prompt") == prompt]
+    assert len(jobs) == 1

@@ -17,6 +17,8 @@ import asyncio
 import base64
 import hashlib
 import json
+import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -34,11 +36,14 @@ from fluxserve.api.auth import check_request
 from fluxserve.api.common import data_uri, image_url
 from fluxserve.api.errors import ApiError
 from fluxserve.catalog import Catalog, EndpointSpec
-from fluxserve.request import GenerationRequest
+from fluxserve.request import GenerationRequest, InputError
 from fluxserve.sizes import SizeError, gateway_size
+
+log = logging.getLogger(__name__)
 
 MAX_N = 10
 MAX_BATCH = 4  # images one job makes (GenerationRequest.num_images)
+SINGLE_IMAGE_SCHEMAS = ("pro", "flex")  # fal's [pro] and [flex] make one image per call (no num_images)
 OUTPUT_FORMATS = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg", "webp": "webp", "gif": "gif", "avif": "avif"}
 TERMINAL = ("completed", "failed", "cancelled")
 INPUT_ERRORS = ("input_error", "invalid_input", "validation_error", "bad_request")
@@ -78,6 +83,12 @@ class OpenAIRoute(APIRoute):
                     exc = ApiError(exc.status, exc.message, dialect="openai", param=exc.param,
                                    error_type=exc.error_type, headers=exc.headers)
                 response = _error_response(exc)
+            except Exception:  # an unexpected failure still answers in OpenAI's shape
+                log.exception("OpenAI route %s failed", request.url.path)
+                response = _error_response(ApiError(500, "The server had an error while processing your request.",
+                                                    dialect="openai", error_type="server_error"))
+            if response.status_code >= 500 and getattr(request.state, "work_started", False):
+                response.headers["x-should-retry"] = "false"  # a retry would start the GPU work again
             response.headers["x-request-id"] = request_id
             return response
 
@@ -171,10 +182,47 @@ def _choice(fields: dict[str, Any], name: str, allowed: dict[str, str] | tuple[s
     return mapping[value.lower()]
 
 
+# Canonical request fields -> the OpenAI parameter a client sent for them (errors name the latter).
+OPENAI_NAMES: dict[str, str] = {
+    "width": "size",
+    "height": "size",
+    "num_images": "n",
+    "image_urls": "image",
+    "output_quality": "output_compression",
+    "safety_checker": "enable_safety_checker",
+    "expand_prompt": "enable_prompt_expansion",
+}
+_INDEXED = re.compile(r"^image_urls\[(\d+)\]")
+
+
+def openai_param(field: str | None, names: list[str] | None = None) -> str | None:
+    """An internal field name (``image_urls[1]``, ``width``) -> the OpenAI parameter the client sent
+    (``names[i]`` is the parameter that carried reference ``i``: ``image``, ``image[1]``, ``image_url``)."""
+    if not field:
+        return None
+    names = names or []
+    whole = names[0].split("[")[0] if names else "image"
+    match = _INDEXED.match(field)
+    if match:
+        index = int(match.group(1))
+        return names[index] if index < len(names) else whole
+    if field == "image_urls":
+        return whole
+    head = re.split(r"[.\[]", field, maxsplit=1)[0]
+    return OPENAI_NAMES.get(head, head)
+
+
+def batch_limit(spec: EndpointSpec) -> int:
+    """Images one job of this endpoint makes: fal's [pro] and [flex] make one per call, the rest up to 4."""
+    return 1 if spec.schema in SINGLE_IMAGE_SCHEMAS else MAX_BATCH
+
+
 def translate(
     fields: dict[str, Any], catalog: Catalog, images: list[str], edit: bool
 ) -> tuple[EndpointSpec, list[dict[str, Any]], dict[str, Any]]:
-    """OpenAI fields -> (endpoint, one canonical request per job, response options). Raises ApiError."""
+    """OpenAI fields -> (endpoint, one canonical request per job, response options). Raises ApiError.
+    ``n`` is batched up to the model's per-call limit; the remaining jobs run in parallel on the workers,
+    with consecutive seeds."""
     prompt = fields.get("prompt")
     if prompt is None or (isinstance(prompt, str) and not prompt.strip()):
         raise invalid("prompt", "Missing required parameter: 'prompt'.", "missing_required_parameter")
@@ -240,15 +288,16 @@ def translate(
         base["steps"] = len(spec.sigmas)
     requests = []
     offset = 0
+    limit = batch_limit(spec)
     while offset < n:
-        count = min(MAX_BATCH, n - offset)
+        count = min(limit, n - offset)
         request = dict(base, num_images=count, seed=None if seed is None else seed + offset)
         try:
             requests.append(GenerationRequest.model_validate(request).model_dump(mode="json"))
         except ValidationError as exc:
             err = exc.errors(include_url=False)[0]
             target = str(err["loc"][0]) if err["loc"] else None
-            param = origin.get(target, target)
+            param = origin.get(target) or openai_param(target)
             raise invalid(param, f"Invalid '{param}': {err['msg']}.") from None
         offset += count
     options = {
@@ -352,11 +401,15 @@ async def wait_all(request: Request, job_ids: list[str]) -> list[Any]:
     return jobs
 
 
-def job_failure(job: Any) -> ApiError:
-    """A terminal job that did not complete -> an OpenAI error (5xx ones must not be retried)."""
+def job_failure(job: Any, names: list[str] | None = None) -> ApiError:
+    """A terminal job that did not complete -> an OpenAI error naming the client's parameter (5xx ones carry
+    ``x-should-retry: false``: the work already ran)."""
     message = job.error or f"The image generation {job.status}."
     if job.error_type in INPUT_ERRORS:
-        param = getattr(job, "error_field", None) or _field_of(message)
+        detail = getattr(job, "error_detail", None) or {}
+        param = openai_param(detail.get("field") or _field_of(message), names)
+        if detail.get("message") and param:
+            message = f"Invalid '{param}': {detail['message']}."
         return invalid(param, message)
     headers = {"x-should-retry": "false"}
     if job.status == "cancelled":
@@ -368,7 +421,33 @@ def job_failure(job: Any) -> ApiError:
 
 def _field_of(message: str) -> str | None:
     head, sep, _ = message.partition(":")
-    return head.strip() if sep and head.strip().replace("_", "").replace(".", "").isalnum() else None
+    head = head.strip()
+    return head if sep and re.fullmatch(r"[A-Za-z_][\w.]*(\[\d+\])?", head) else None
+
+
+async def check_images(spec: EndpointSpec, images: list[str], names: list[str]) -> None:
+    """Load every reference and check the endpoint's limits before any job exists, so a bad image is a 400
+    naming the parameter that carried it (the engine checks again)."""
+    from fluxserve import inputs
+
+    current = [0]
+
+    def work() -> None:
+        loaded = []
+        for index, ref in enumerate(images):
+            current[0] = index
+            loaded.append(inputs.load_image(ref, f"image_urls[{index}]"))
+        current[0] = -1
+        inputs.check_references(loaded, spec)
+
+    try:
+        await run_in_threadpool(work)
+    except (InputError, SizeError) as exc:
+        param = openai_param(exc.field, names)
+        raise invalid(param, f"Invalid '{param}': {exc.message}.") from None
+    except Exception as exc:  # noqa: BLE001 - an image that cannot be decoded is the caller's input error
+        param = openai_param(f"image_urls[{current[0]}]" if current[0] >= 0 else "image_urls", names)
+        raise invalid(param, f"Invalid '{param}': could not read the image: {exc}.") from None
 
 
 def _images(job: Any) -> list[dict[str, Any]]:
@@ -444,9 +523,10 @@ async def stream_events(
                 break
             await asyncio.sleep(0.2)
         if job is None or job.status != "completed":
-            error = job_failure(job) if job else invalid(None, "The job disappeared.", status=500)
-            payload = {"message": error.message, "type": "server_error", "param": error.param,
-                       "code": error.error_type}
+            error = job_failure(job, options.get("image_params")) if job else invalid(
+                None, "The job disappeared.", status=500)
+            kind = "invalid_request_error" if error.status < 500 else "server_error"
+            payload = {"message": error.message, "type": kind, "param": error.param, "code": error.error_type}
             yield f"data: {json.dumps({'error': payload})}\n\n".encode()
             break
         words = len(options["prompt"].split())
@@ -466,12 +546,18 @@ async def _authorize(request: Request) -> None:
     await check_request(request, "openai")
 
 
-async def _run(request: Request, fields: dict[str, Any], images: list[str], edit: bool, body: bytes) -> Response:
+async def _run(request: Request, fields: dict[str, Any], images: list[str], edit: bool, body: bytes,
+               names: list[str] | None = None) -> Response:
     catalog: Catalog = request.app.state.catalog
     spec, requests, options = translate(fields, catalog, images, edit)
+    names = names or [f"image[{i}]" for i in range(len(images))]
+    options["image_params"] = names
+    if images:
+        await check_images(spec, images, names)
     raw = {k: v for k, v in fields.items() if k not in ("image", "image[]", "mask")}
     if edit:
         raw["image_count"] = len(images)
+    request.state.work_started = True
     job_ids = await submit_jobs(request, spec, requests, raw, not options["sync_mode"], body)
     headers = {"x-fluxserve-job-ids": ",".join(job_ids)}
     if options["stream"]:
@@ -481,7 +567,7 @@ async def _run(request: Request, fields: dict[str, Any], images: list[str], edit
     jobs = await wait_all(request, job_ids)
     for job in jobs:
         if job.status != "completed":
-            raise job_failure(job)
+            raise job_failure(job, names)
     result = await images_response(request, jobs, options)
     if options["sync_mode"]:
         for job_id in job_ids:
@@ -530,9 +616,13 @@ def _sniff(data: bytes) -> str:
 
 @router.post("/images/edits", summary="Edit images with references (OpenAI Images)")
 async def edits(request: Request) -> Response:
+    """Multipart (the SDK): ``image`` (one file) or repeated ``image[]`` parts, ``image_url`` strings, the other
+    fields as strings. JSON: ``images: [{"image_url": ...}]`` and/or ``image_url``. Errors about a reference
+    name the parameter that carried it: ``image``, ``image[1]``, ``image_url``, ``images[0].image_url``."""
     await _authorize(request)
     content_type = request.headers.get("content-type", "")
     images: list[str] = []
+    names: list[str] = []
     if content_type.startswith("application/json"):
         body = await request.body()
         try:
@@ -541,38 +631,45 @@ async def edits(request: Request) -> Response:
             raise invalid(None, "We could not parse the JSON body of your request.", "invalid_json") from None
         if not isinstance(fields, dict):
             raise invalid(None, "The request body must be a JSON object.", "invalid_json")
-        for item in _as_list(fields.get("images")):
+        for index, item in enumerate(_as_list(fields.get("images"))):
             ref = item.get("image_url") if isinstance(item, dict) else item
             if not isinstance(ref, str):
                 raise invalid("images", "Each entry of 'images' must be {\"image_url\": <URL or data URI>}.")
             images.append(ref)
+            names.append(f"images[{index}].image_url")
     else:
         try:
             form = await request.form(max_files=64, max_fields=256)
         except MultiPartException as exc:
             raise invalid(None, f"Could not parse the multipart body: {exc}", "invalid_body") from None
         fields = {}
-        files: list[UploadFile] = []
+        files: list[tuple[str, UploadFile]] = []
+        urls: list[str] = []
         for key, value in form.multi_items():
             name = key.removesuffix("[]")
             if isinstance(value, UploadFile):
                 if name == "image":
-                    files.append(value)
+                    files.append((key, value))
                 elif name == "mask":
                     fields["mask"] = "<file>"
                 continue
             if name in ("image_url", "image"):
-                images.append(value)
+                urls.append(value)
             else:
                 fields[name] = value
-        images = [await _upload_to_uri(f) for f in files] + images
+        listed = len(files) > 1 or any(key.endswith("[]") for key, _ in files)
+        names = [f"image[{i}]" if listed else "image" for i in range(len(files))]
+        images = [await _upload_to_uri(upload) for _, upload in files]
+        names += [f"image_url[{i}]" if len(urls) > 1 else "image_url" for i in range(len(urls))]
+        images += urls
         body = json.dumps(fields, sort_keys=True).encode() + b"".join(i.encode()[:4096] for i in images)
-    for ref in _as_list(fields.get("image_url")):
+    extra = _as_list(fields.pop("image_url", None))
+    for index, ref in enumerate(extra):
         if not isinstance(ref, str):
             raise invalid("image_url", "'image_url' must be a URL or data URI, or a list of them.")
         images.append(ref)
-    fields.pop("image_url", None)
-    return await _run(request, fields, images, edit=True, body=body)
+        names.append(f"image_url[{index}]" if len(extra) > 1 else "image_url")
+    return await _run(request, fields, images, edit=True, body=body, names=names)
 
 
 def _model_object(name: str, created: int) -> dict[str, Any]:
