@@ -6,6 +6,8 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +33,18 @@ class LiveServer:
 
     def get(self, path: str, **kwargs) -> httpx.Response:
         return httpx.get(self.url + path, headers=self.headers() | kwargs.pop("headers", {}), timeout=120, **kwargs)
+
+    @contextmanager
+    def workers_paused(self) -> Iterator[None]:
+        """No job runs inside the block (the workers stop and start again after it): queued stays queued."""
+        workers = self.app.state.workers
+        for worker in workers:
+            worker.stop()
+        try:
+            yield
+        finally:
+            for worker in workers:
+                worker.start()
 
     def post(self, path: str, **kwargs) -> httpx.Response:
         return httpx.post(self.url + path, headers=self.headers() | kwargs.pop("headers", {}), timeout=300,

@@ -53,6 +53,8 @@ def _data_uri(size=(96, 64)) -> str:
         ({"prompt": "x", "input_images": ["a", "b", "c", "d", "e"]}, "input.input_images"),
         ({"prompt": "x", "aspect_ratio": "custom", "width": 64}, "input.height"),
         ({"prompt": "x", "aspect_ratio": "match_input_image"}, "input.aspect_ratio"),
+        ({"prompt": "x", "input_images": [_data_uri((96, 64)), _data_uri((32, 64))]}, "input.input_images.1"),
+        ({"prompt": "x", "input_image": ["data:image/png;base64,AAAA"]}, "input.input_images.0"),
     ],
 )
 def test_invalid_input_is_422_naming_the_field(live_server, input_, field):  # noqa: F811
@@ -194,6 +196,55 @@ def test_webhooks_start_and_completed(live_server):  # noqa: F811
         assert received[-1]["output"].startswith(live_server.url + "/files/")
     finally:
         server.shutdown()
+    output_only = _collect_webhooks(live_server, ["output"])
+    assert [r["status"] for r in output_only] == ["succeeded"]  # no start event, one output at the end
     bad = live_server.post(f"/v1/models/{DEV}/predictions", json={
         "input": {"prompt": "x"}, "webhook": "http://x", "webhook_events_filter": ["finished"]})
     assert "webhook_events_filter" in bad.json()["detail"]
+
+
+def _collect_webhooks(live_server, events: list[str]) -> list[dict]:  # noqa: F811
+    """Run one prediction with ``webhook_events_filter=events``; the webhooks received until it ended."""
+    import json
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    received: list[dict] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/hook"
+        response = live_server.post(f"/v1/models/{DEV}/predictions", json={
+            "input": {"prompt": "hook", **TINY}, "webhook": url, "webhook_events_filter": events},
+            headers={"Prefer": "wait"})
+        assert response.status_code == 201 and response.json()["status"] == "succeeded", response.text
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(r["status"] == "succeeded" for r in received):
+            time.sleep(0.1)
+        time.sleep(0.5)  # nothing else may follow
+        return list(received)
+    finally:
+        server.shutdown()
+
+
+def test_failed_prediction_names_replicate_fields():
+    from types import SimpleNamespace
+
+    from fluxserve.api.replicate import error_text, replicate_field
+
+    assert replicate_field("image_urls[2]") == "input.input_images.2"
+    assert replicate_field("image_urls") == "input.input_images"
+    assert replicate_field("safety_checker") == "input.disable_safety_checker"
+    job = SimpleNamespace(error="image_urls[0]: bad", error_detail={"field": "image_urls[0]", "message": "bad"})
+    assert error_text(job) == "input.input_images.0: bad"

@@ -33,7 +33,7 @@ from fluxserve.api.errors import ApiError
 from fluxserve.api.openai import preset_request
 from fluxserve.api.replicate_schemas import COG_VERSION, ReplicateModels
 from fluxserve.jobs.webhooks import register_payload_builder
-from fluxserve.request import GenerationRequest
+from fluxserve.request import GenerationRequest, InputError
 from fluxserve.sizes import SizeError, replicate_size
 
 log = logging.getLogger(__name__)
@@ -110,22 +110,52 @@ def models(request: Request) -> ReplicateModels:
 
 
 # ---- translation ------------------------------------------------------------------------------------
-def _validation_problem(exc: ValidationError) -> Problem:
+def _validation_problem(exc: ValidationError, canonical: bool = False) -> Problem:
+    """pydantic errors -> 422. ``canonical``: the errors are about the canonical request, whose field names
+    are translated back to Replicate's."""
     fields = []
     for err in exc.errors(include_url=False):
         path = ".".join(str(part) for part in err["loc"])
-        fields.append((f"input.{path}" if path else "input", err["type"], err["msg"]))
+        if canonical and path:
+            field = replicate_field(path)
+        else:
+            field = f"input.{path}" if path else "input"
+        fields.append((field, err["type"], err["msg"]))
     return invalid_input(fields)
 
 
-async def _input_size(ref: str) -> tuple[int, int]:
-    from fluxserve.inputs import load_image
+def replicate_field(field: str) -> str:
+    """An internal field name (``image_urls[1]``, ``width``) -> Replicate's (``input.input_images.1``)."""
+    match = re.match(r"^image_urls(?:\[(\d+)\])?", field)
+    if match:
+        return "input.input_images" + (f".{match.group(1)}" if match.group(1) is not None else "")
+    head = re.split(r"[.\[]", field, maxsplit=1)[0]
+    return "input." + {"safety_checker": "disable_safety_checker", "expand_prompt": "prompt_upsampling",
+                       "acceleration": "go_fast"}.get(head, head)
+
+
+async def _load_references(spec: Any, images: list[str]) -> list[Any]:
+    """Every input image, loaded and checked against the endpoint's limits before a prediction exists, so a
+    bad one is a 422 naming ``input.input_images.N`` (the engine checks again)."""
+    from fluxserve import inputs
+
+    current = [0]
+
+    def work() -> list[Any]:
+        loaded = []
+        for index, ref in enumerate(images):
+            current[0] = index
+            loaded.append(inputs.load_image(ref, f"image_urls[{index}]"))
+        inputs.check_references(loaded, spec)
+        return loaded
 
     try:
-        image = await run_in_threadpool(load_image, ref)
-    except Exception as exc:  # noqa: BLE001 - any unreadable image is the caller's input error
-        raise invalid_input([("input.input_images.0", "format", f"could not read the image: {exc}")]) from None
-    return image.size
+        return await run_in_threadpool(work)
+    except (InputError, SizeError) as exc:
+        raise invalid_input([(replicate_field(exc.field), "value", exc.message)]) from None
+    except Exception as exc:  # noqa: BLE001 - an unreadable image is the caller's input error
+        field = f"input.input_images.{current[0]}"
+        raise invalid_input([(field, "format", f"could not read the image: {exc}")]) from None
 
 
 async def translate(catalog_models: ReplicateModels, model_name: str, raw: Any) -> tuple[str, dict[str, Any]]:
@@ -139,9 +169,9 @@ async def translate(catalog_models: ReplicateModels, model_name: str, raw: Any) 
     text_spec, edit_spec = catalog_models.specs(model_name)
     images = parsed.input_images
     spec = edit_spec if images else text_spec
-    input_size = None
-    if images and "match_input_image" in (parsed.aspect_ratio, parsed.resolution):
-        input_size = await _input_size(images[0])
+    loaded = await _load_references(spec, images) if images else []
+    input_size = loaded[0].size if loaded and "match_input_image" in (parsed.aspect_ratio, parsed.resolution) \
+        else None
     try:
         width, height = replicate_size(parsed.aspect_ratio, parsed.resolution, parsed.width, parsed.height,
                                        input_size)
@@ -170,7 +200,7 @@ async def translate(catalog_models: ReplicateModels, model_name: str, raw: Any) 
     try:
         canonical = GenerationRequest.model_validate(request).model_dump(mode="json")
     except ValidationError as exc:
-        raise _validation_problem(exc) from None
+        raise _validation_problem(exc, canonical=True) from None
     return spec.id, canonical
 
 
@@ -201,6 +231,14 @@ def logs_text(job: Any, lines: list[Any]) -> str:
     return "\n".join(text) + ("\n" if text else "")
 
 
+def error_text(job: Any) -> str:
+    """A failed job's error; an input error names Replicate's field (``input.input_images.0: ...``)."""
+    detail = getattr(job, "error_detail", None) or {}
+    if detail.get("field") and detail.get("message"):
+        return f"{replicate_field(detail['field'])}: {detail['message']}"
+    return job.error or "prediction failed"
+
+
 def output_of(job: Any, base: str) -> str | None:
     images = (job.result or {}).get("images") or []
     if job.status != "completed" or not images:
@@ -227,7 +265,7 @@ def prediction(job: Any, base: str, lines: list[Any] | None, version: str, model
         "input": raw,
         "output": output_of(job, base),
         "logs": logs_text(job, lines) if lines is not None else None,
-        "error": job.error if job.status == "failed" else None,
+        "error": error_text(job) if job.status == "failed" else None,
         "status": STATUS.get(job.status, job.status),
         "source": "api",
         "data_removed": not job.store_io,
@@ -250,9 +288,12 @@ async def load_prediction(request: Request, job_id: str, with_logs: bool = True)
 
 
 def build_webhook(job: Any) -> tuple[str, Any] | None:
-    """The ``completed`` webhook: the prediction object (jobs/webhooks.py calls this when the job ends)."""
+    """The terminal webhook: the prediction object (jobs/webhooks.py calls this when the job ends). Sent for
+    ``completed``, and for ``output`` when the job produced its file (FLUX.2's one output appears at the end)."""
     hook = job.webhook or {}
-    if "completed" not in hook.get("events", WEBHOOK_EVENTS) or not hook.get("url"):
+    events = hook.get("events", WEBHOOK_EVENTS)
+    has_output = job.status == "completed" and bool((job.result or {}).get("images"))
+    if not hook.get("url") or not ("completed" in events or ("output" in events and has_output)):
         return None
     meta = job.input or {}
     return hook["url"], prediction(job, hook.get("base_url", ""), None, meta.get("__version__", ""),
@@ -460,7 +501,7 @@ async def stream_prediction(request: Request, job_id: str) -> AsyncIterator[byte
             elif job.status == "cancelled":
                 yield _event("done", json.dumps({"reason": "canceled"}), event_id)
             else:
-                yield _event("error", json.dumps({"detail": job.error or "prediction failed"}), event_id)
+                yield _event("error", json.dumps({"detail": error_text(job)}), event_id)
                 yield _event("done", json.dumps({"reason": "error"}), event_id + 1)
             return
         await asyncio.sleep(0.2)
