@@ -200,3 +200,20 @@ def test_internal_field_names_are_translated(catalog):
     assert openai_param("image_urls", names) == "image"
     assert openai_param("width") == "size" and openai_param("num_images") == "n"
     assert openai_param("output_quality") == "output_compression"
+
+
+@pytest.mark.parametrize("output_format, pil_format", [("jpeg", "JPEG"), ("gif", "GIF"), ("avif", "AVIF")])
+def test_output_formats(live_server, output_format, pil_format):  # noqa: F811
+    import base64
+    import io
+
+    from PIL import Image
+
+    response = live_server.post("/v1/images/generations", json={
+        "prompt": "fmt", "size": "64x64", "steps": 1, "response_format": "b64_json",
+        "output_format": output_format, "output_compression": 60})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["output_format"] == output_format and body["size"] == "64x64"
+    image = Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"])))
+    assert image.format == pil_format and image.size == (64, 64)
