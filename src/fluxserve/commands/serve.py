@@ -22,6 +22,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--workers-per-device", type=int, help="worker threads per device (default 1)")
     parser.add_argument("--no-workers", action="store_true",
                         help="API only: leave the jobs to `fluxserve worker` processes sharing the database")
+    parser.add_argument("--access-log", action="store_true",
+                        help="log every HTTP request (off by default: a line per status poll is costly)")
+    parser.add_argument("--preload", nargs="*", metavar="MODEL",
+                        help="load these catalogue models (or 'all') before accepting requests; with --demo the demo "
+                        "models are always built first")
     add_model_flags(parser)
     parser.set_defaults(func=run)
 
@@ -47,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
             )
             return 2
         app.state.auth.required = True
+    preload(app.state.engine, settings, args.preload or [])
     scheme = "https" if args.ssl_certfile else "http"
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"fluxserve: {scheme}://{shown_host}:{args.port}  (data: {settings.data_dir}, db: {settings.db_url})")
@@ -56,5 +62,19 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"  fal clients: fluxserve.compat.fal.use('{scheme}://{shown_host}:{args.port}')")
     uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
-                log_level="info", timeout_graceful_shutdown=30)
+                log_level="info", access_log=args.access_log, timeout_graceful_shutdown=30)
     return 0
+
+
+def preload(engine, settings, models: list[str]) -> None:
+    """Build the demo weights (with --demo) and make the named models resident before serving."""
+    if settings.demo:
+        from fluxserve.engine.demo import ensure_demo_weights
+
+        ensure_demo_weights(settings.demo_dir)
+    keys = list(engine.catalog.models) if models == ["all"] else models
+    for key in keys:
+        if key not in engine.catalog.models:
+            raise SystemExit(f"error: --preload: unknown model {key!r}; known: {', '.join(engine.catalog.models)}")
+        print(f"loading {key} ...", flush=True)
+        engine.load(key)
