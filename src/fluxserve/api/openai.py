@@ -30,6 +30,7 @@ from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from fluxserve.api.auth import check_request
@@ -83,6 +84,9 @@ class OpenAIRoute(APIRoute):
                     exc = ApiError(exc.status, exc.message, dialect="openai", param=exc.param,
                                    error_type=exc.error_type, headers=exc.headers)
                 response = _error_response(exc)
+            except StarletteHTTPException as exc:
+                response = _error_response(ApiError(exc.status_code, str(exc.detail), dialect="openai",
+                                                    error_type="http_error", headers=dict(exc.headers or {})))
             except Exception:  # an unexpected failure still answers in OpenAI's shape
                 log.exception("OpenAI route %s failed", request.url.path)
                 response = _error_response(ApiError(500, "The server had an error while processing your request.",

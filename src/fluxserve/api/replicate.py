@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fluxserve.api.auth import check_request
 from fluxserve.api.common import base_url, image_url
@@ -65,6 +66,12 @@ class ReplicateRoute(APIRoute):
                 return problem_response(request, Problem(exc.status, _title(exc.status), exc.message), exc.headers)
             except Problem as exc:
                 return problem_response(request, exc)
+            except StarletteHTTPException as exc:
+                return problem_response(request, Problem(exc.status_code, _title(exc.status_code), str(exc.detail)))
+            except Exception:  # an unexpected failure is still a problem detail
+                log.exception("Replicate route %s failed", request.url.path)
+                return problem_response(request, Problem(500, "Internal server error",
+                                                         "The server had an error while processing the request"))
 
         return route
 
