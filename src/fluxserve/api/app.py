@@ -98,6 +98,7 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
     app.state.store_inline = store.is_sqlite  # SQLite reads are fast enough to run on the event loop
 
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(fal.StatusFastPath)  # outermost: status polls skip routing and the middleware stack
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(FalValidationError, fal_validation_handler)
 

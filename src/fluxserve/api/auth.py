@@ -43,6 +43,10 @@ def parse_authorization(value: str | None) -> str | None:
     return secret.strip()
 
 
+def env_requires_auth() -> bool:
+    return os.environ.get("FLUXSERVE_REQUIRE_AUTH", "").lower() in ("1", "true", "yes", "on")
+
+
 class KeyChecker:
     """Answers "may this request pass?" cheaply: results are cached briefly in memory."""
 
@@ -55,7 +59,7 @@ class KeyChecker:
     def auth_needed(self) -> bool:
         if self.required is not None:
             return self.required
-        if os.environ.get("FLUXSERVE_REQUIRE_AUTH", "").lower() in ("1", "true", "yes", "on"):
+        if env_requires_auth():
             return True
         checked_at, exist = self._keys_exist
         if time.monotonic() - checked_at > _KEYS_TTL_S:
@@ -92,11 +96,14 @@ class KeyChecker:
         self._verified.clear()
 
 
-def _is_cached(checker: KeyChecker, secret: str | None) -> bool | None:
-    """Decide without touching the store when the caches allow it."""
+def is_cached(checker: KeyChecker, secret: str | None) -> bool | None:
+    """True when the caches already say this request may pass (no store read); None when the store must be
+    asked. Caches: "no key exists" for ``_KEYS_TTL_S``, a verified secret (by SHA-256) for ``_VERIFIED_TTL_S``;
+    a key revoked in another process is refused at most ``_VERIFIED_TTL_S`` later (at once in this one:
+    ``forget``)."""
     if checker.required is False:
         return True
-    if checker.required is None and not os.environ.get("FLUXSERVE_REQUIRE_AUTH"):
+    if checker.required is None and not env_requires_auth():
         checked_at, exist = checker._keys_exist
         if not exist and time.monotonic() - checked_at <= _KEYS_TTL_S:
             return True  # no key exists (checked moments ago): loopback without auth
@@ -112,7 +119,7 @@ async def check_request(request: Request, dialect: str) -> None:
     """Raise a 401 in the dialect's shape unless the request may pass."""
     checker: KeyChecker = request.app.state.auth
     secret = parse_authorization(request.headers.get("authorization"))
-    if _is_cached(checker, secret):
+    if is_cached(checker, secret):
         return
     needed = await asyncio.to_thread(checker.auth_needed)
     if not needed:

@@ -16,17 +16,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from fluxserve.api.auth import require_key
+from fluxserve.api.auth import is_cached, parse_authorization, require_key
 from fluxserve.api.common import base_url, data_uri, image_url
 from fluxserve.api.errors import (
     ApiError,
@@ -44,7 +45,11 @@ from fluxserve.sizes import SizeError, fal_image_size
 DIALECT = "fal"
 TERMINAL = ("completed", "failed", "cancelled")
 KEEPALIVE_S = 15.0
-STREAM_POLL_S = 0.2
+STREAM_TICK_S = 0.01  # status streams look at the store's change counter this often (no database read)
+STREAM_POLL_S = 0.2  # and read the database at least this often (changes made by other processes)
+# A status answer may reuse a snapshot read this long ago, unless this process changed any job since
+# (``JobStore.status``): changes made by worker processes elsewhere show up at most this much later.
+STATUS_MAX_AGE_S = 0.025
 IDEMPOTENCY_HEADERS = ("idempotency-key", "x-idempotency-key", "x-fal-idempotency-key")
 _IDEMPOTENCY_NS = uuid.UUID("5b0f3b8e-4d55-4c36-9c39-7c1f3f8f1a11")
 
@@ -76,8 +81,12 @@ def app_path(endpoint_id: str) -> str:
 
 
 def queue_urls(request: Request, prefix: str, endpoint_id: str, request_id: str) -> dict[str, str]:
-    base = f"{base_url(request)}{prefix}/{app_path(endpoint_id)}/requests/{request_id}"
-    return {"response_url": base, "status_url": f"{base}/status", "cancel_url": f"{base}/cancel"}
+    return queue_urls_at(base_url(request), prefix, endpoint_id, request_id)
+
+
+def queue_urls_at(base: str, prefix: str, endpoint_id: str, request_id: str) -> dict[str, str]:
+    url = f"{base}{prefix}/{app_path(endpoint_id)}/requests/{request_id}"
+    return {"response_url": url, "status_url": f"{url}/status", "cancel_url": f"{url}/cancel"}
 
 
 def _json(body: Any, status: int = 200, request_id: str | None = None, headers: dict | None = None) -> Response:
@@ -276,9 +285,14 @@ def log_entry(line: Any) -> dict[str, Any]:
 
 
 def inference_time(job: Any) -> float | None:
-    timings = (job.result or {}).get("timings") or {}
-    if isinstance(timings.get("inference"), (int, float)):
-        return float(timings["inference"])
+    """The engine's inference time of a job (a ``Job`` or a ``JobStatus``), else its run time."""
+    if hasattr(job, "inference"):
+        if job.inference is not None:
+            return job.inference
+    else:
+        timings = (job.result or {}).get("timings") or {}
+        if isinstance(timings.get("inference"), (int, float)):
+            return float(timings["inference"])
     if job.started_at and job.completed_at:
         return max(0.0, (job.completed_at - job.started_at).total_seconds())
     return None
@@ -437,10 +451,25 @@ async def queue_submit(request: Request, endpoint_id: str, prefix: str) -> Respo
     return _json(body, 200, job.id)
 
 
+def _belongs(job: Any, app: str) -> bool:
+    return job.dialect == DIALECT and app_path(job.endpoint) == app.strip("/")
+
+
+async def job_status(request: Request, app: str, request_id: str) -> Any:
+    """The status snapshot (``JobStatus``) of fal job ``request_id`` of ``app``, or 404."""
+    store = request.app.state.store
+    job = store.cached_status(request_id, STATUS_MAX_AGE_S)
+    if job is None:
+        job = await _store_call(request, store.status, request_id, STATUS_MAX_AGE_S)
+    if job is None or not _belongs(job, app):
+        raise ApiError(404, f"Request {request_id!r} not found for {app!r}", error_type="not_found")
+    return job
+
+
 async def find_job(request: Request, app: str, request_id: str) -> Any:
     """The fal job ``request_id`` submitted to an endpoint of ``app`` (owner/alias), or 404."""
     job = await _store_call(request, request.app.state.store.get, request_id)
-    if job is None or job.dialect != DIALECT or app_path(job.endpoint) != app.strip("/"):
+    if job is None or not _belongs(job, app):
         raise ApiError(404, f"Request {request_id!r} not found for {app!r}", error_type="not_found")
     return job
 
@@ -450,11 +479,10 @@ def _wants_logs(request: Request) -> bool:
 
 
 async def _status(request: Request, job: Any, prefix: str, with_logs: bool, after: int = 0) -> tuple[dict, int]:
+    """The status body of a ``JobStatus`` snapshot (with the log lines after ``after`` when asked)."""
     store = request.app.state.store
-    position = logs = None
-    if job.status == "queued":
-        position = await _store_call(request, store.queue_position, job.id)
-    elif with_logs:
+    position, logs = job.queue_position, None
+    if job.status != "queued" and with_logs:
         lines = await _store_call(request, store.logs, job.id, after)
         logs = [log_entry(line) for line in lines]
         if lines:
@@ -464,15 +492,22 @@ async def _status(request: Request, job: Any, prefix: str, with_logs: bool, afte
 
 
 async def queue_status(request: Request, app: str, request_id: str, prefix: str) -> Response:
-    job = await find_job(request, app, request_id)
+    job = await job_status(request, app, request_id)
     body, _ = await _status(request, job, prefix, _wants_logs(request))
     return _json(body, 200 if body["status"] == "COMPLETED" else 202, job.id)
 
 
 async def queue_status_stream(request: Request, app: str, request_id: str, prefix: str) -> Response:
-    """SSE of status bodies: one per change (logs are only the new lines), closed after COMPLETED."""
-    job = await find_job(request, app, request_id)
+    """SSE of status bodies: one per change (logs are only the new lines), closed after COMPLETED. Changes made
+    in this process are seen within ``STREAM_TICK_S``, others within ``STREAM_POLL_S``."""
+    job = await job_status(request, app, request_id)
     store, with_logs = request.app.state.store, _wants_logs(request)
+
+    async def next_snapshot() -> Any:
+        version, read_at = store.version, time.monotonic()
+        while store.version == version and time.monotonic() - read_at < STREAM_POLL_S:
+            await asyncio.sleep(STREAM_TICK_S)
+        return await _store_call(request, store.status, job.id)
 
     async def events():
         current, after, last_sent, last_beat = job, 0, None, time.monotonic()
@@ -490,8 +525,7 @@ async def queue_status_stream(request: Request, app: str, request_id: str, prefi
                 last_beat = time.monotonic()
             if await request.is_disconnected():
                 return
-            await asyncio.sleep(STREAM_POLL_S)
-            current = await _store_call(request, store.get, job.id)
+            current = await next_snapshot() or current
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"x-fal-request-id": job.id, "Cache-Control": "no-cache"})
@@ -516,6 +550,57 @@ async def queue_cancel(request: Request, app: str, request_id: str) -> Response:
     if outcome not in codes:
         raise ApiError(404, f"Request {request_id!r} not found", error_type="not_found")
     return _json({"status": outcome}, codes[outcome], request_id)
+
+
+# ---- the status hot path ----------------------------------------------------------------------------------------
+_STATUS_PATH = re.compile(r"^(/queue)?/(.*)/requests/([^/]+)/status$")
+
+
+class StatusFastPath:
+    """ASGI middleware answering ``GET .../requests/{id}/status`` (without logs) before FastAPI's routing,
+    validation and middleware stack. It answers only what it can answer exactly as the route would (the
+    caller's key is in the auth cache, the job exists and belongs to the URL's app); anything else (a 404, a
+    401, ``?logs=1``, a mounted app) falls through to the route."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "GET" or not scope["path"].endswith("/status"):
+            return await self.app(scope, receive, send)
+        match = _STATUS_PATH.match(scope["path"])
+        if match is None or scope["path"].startswith("/files/") or scope.get("root_path"):
+            return await self.app(scope, receive, send)
+        if scope["query_string"]:
+            logs = [v for k, v in parse_qsl(scope["query_string"].decode("latin-1")) if k == "logs"]
+            if logs and logs[-1].lower() in ("1", "true", "yes"):
+                return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])  # lower-case names; a repeated header's last value
+        state = scope["app"].state
+        authorization = headers.get(b"authorization")
+        secret = parse_authorization(authorization.decode("latin-1")) if authorization else None
+        if not is_cached(state.auth, secret):
+            return await self.app(scope, receive, send)
+        prefix, app, request_id = match.group(1) or "", match.group(2), match.group(3)
+        store = state.store
+        job = store.cached_status(request_id, STATUS_MAX_AGE_S)
+        if job is None:
+            if state.store_inline:
+                job = store.status(request_id, STATUS_MAX_AGE_S)
+            else:
+                job = await asyncio.to_thread(store.status, request_id, STATUS_MAX_AGE_S)
+        host = headers.get(b"x-forwarded-host", b"").split(b",")[0].strip() or headers.get(b"host")
+        if job is None or not _belongs(job, app) or not host:
+            return await self.app(scope, receive, send)
+        scheme = headers.get(b"x-forwarded-proto", b"").split(b",")[0].strip().decode("latin-1") or scope["scheme"]
+        base = f"{scheme}://{host.decode('latin-1')}"
+        body = status_body(job, queue_urls_at(base, prefix, job.endpoint, job.id), None, job.queue_position)
+        payload = json.dumps(body, separators=(",", ":")).encode()
+        await send({"type": "http.response.start", "status": 200 if body["status"] == "COMPLETED" else 202,
+                    "headers": [(b"content-length", str(len(payload)).encode()),
+                                (b"content-type", b"application/json"),
+                                (b"x-fal-request-id", job.id.encode())]})
+        await send({"type": "http.response.body", "body": payload})
 
 
 # ---- routes: prefixed layout ----------------------------------------------------------------------------------
