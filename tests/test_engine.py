@@ -221,7 +221,8 @@ def test_sigmas_pass_through(engine: Engine):
 
 def test_turbo_preset_runs_on_the_demo_with_its_stand_in_lora(engine: Engine, catalog: Catalog):
     turbo = catalog.endpoint("fal-ai/flux-2/turbo")
-    fields = dict(model=turbo.model, steps=turbo.steps, sigmas=list(turbo.sigmas), seed=5, width=256, height=256)
+    fields = {"model": turbo.model, "steps": turbo.steps, "sigmas": list(turbo.sigmas), "seed": 5,
+              "width": 256, "height": 256}
     with_lora = engine.generate(request(loras=list(turbo.loras), **fields))
     without = engine.generate(request(**fields))
     assert pixels(with_lora.images[0].data).shape == (256, 256, 3)

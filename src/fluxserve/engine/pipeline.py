@@ -26,8 +26,8 @@ from fluxserve.engine import accel, lora, safety
 from fluxserve.engine import decode as decoding
 from fluxserve.engine.demo import demo_lora_path, ensure_demo_weights
 from fluxserve.engine.encode import encode_image
-from fluxserve.engine.prompts import MAX_NEW_TOKENS, expand_prompt
 from fluxserve.engine.placement import Placement, place_pipeline
+from fluxserve.engine.prompts import MAX_NEW_TOKENS, expand_prompt
 from fluxserve.engine.weights import load_pipeline, resolve_weights
 from fluxserve.inputs import check_references, load_image
 from fluxserve.request import (
