@@ -86,6 +86,15 @@ def check_references(
         )
 
 
+def image_content_type(data: bytes, default: str = "application/octet-stream") -> str:
+    """The MIME type of an encoded image, read from its header by Pillow (``default`` when it is no image)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.get_format_mimetype() or default
+    except (UnidentifiedImageError, OSError):
+        return default
+
+
 def _download(url: str, field_name: str) -> bytes:
     import httpx
 

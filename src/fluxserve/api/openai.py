@@ -37,6 +37,7 @@ from fluxserve.api.auth import check_request
 from fluxserve.api.common import data_uri, image_url
 from fluxserve.api.errors import ApiError
 from fluxserve.catalog import Catalog, EndpointSpec
+from fluxserve.inputs import image_content_type
 from fluxserve.request import GenerationRequest, InputError
 from fluxserve.sizes import SizeError, gateway_size
 
@@ -583,13 +584,17 @@ async def _run(request: Request, fields: dict[str, Any], images: list[str], edit
 async def generations(request: Request) -> Response:
     await _authorize(request)
     body = await request.body()
+    return await _run(request, _json_object(body), [], edit=False, body=body)
+
+
+def _json_object(body: bytes) -> dict:
     try:
         fields = json.loads(body or b"{}")
     except ValueError:
         raise invalid(None, "We could not parse the JSON body of your request.", "invalid_json") from None
     if not isinstance(fields, dict):
         raise invalid(None, "The request body must be a JSON object.", "invalid_json")
-    return await _run(request, fields, [], edit=False, body=body)
+    return fields
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -602,20 +607,8 @@ async def _upload_to_uri(upload: UploadFile) -> str:
     data = await upload.read()
     content_type = upload.content_type or ""
     if not content_type.startswith("image/"):
-        content_type = _sniff(data)
+        content_type = image_content_type(data)
     return data_uri(data, content_type)
-
-
-def _sniff(data: bytes) -> str:
-    if data.startswith(b"\x89PNG"):
-        return "image/png"
-    if data.startswith(b"\xff\xd8"):
-        return "image/jpeg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return "image/gif"
-    return "application/octet-stream"
 
 
 @router.post("/images/edits", summary="Edit images with references (OpenAI Images)")
@@ -629,12 +622,7 @@ async def edits(request: Request) -> Response:
     names: list[str] = []
     if content_type.startswith("application/json"):
         body = await request.body()
-        try:
-            fields = json.loads(body or b"{}")
-        except ValueError:
-            raise invalid(None, "We could not parse the JSON body of your request.", "invalid_json") from None
-        if not isinstance(fields, dict):
-            raise invalid(None, "The request body must be a JSON object.", "invalid_json")
+        fields = _json_object(body)
         for index, item in enumerate(_as_list(fields.get("images"))):
             ref = item.get("image_url") if isinstance(item, dict) else item
             if not isinstance(ref, str):

@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from fluxserve.inputs import image_content_type
 from fluxserve.jobs.store import (
     CANCELLED_ERROR,
     CANCELLED_ERROR_TYPE,
@@ -45,18 +46,6 @@ def _engine_lock(engine: Any) -> threading.Lock:
             return _engine_locks.setdefault(engine, threading.Lock())
         except TypeError:  # not weak-referenceable
             return threading.Lock()
-
-
-def _image_content_type(data: bytes) -> str:
-    if data.startswith(b"\x89PNG"):
-        return "image/png"
-    if data.startswith(b"\xff\xd8"):
-        return "image/jpeg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    if data[:4] == b"GIF8":
-        return "image/gif"
-    return "image/png"
 
 
 def default_worker_id() -> str:
@@ -252,7 +241,7 @@ class Worker:
         lines = []
         for line, preview in pending:
             if preview:
-                line["preview_key"] = self.storage.put(preview, _image_content_type(preview), prefix="previews")
+                line["preview_key"] = self.storage.put(preview, image_content_type(preview, "image/png"), prefix="previews")
             lines.append(line)
         return lines
 
