@@ -169,6 +169,9 @@ def test_reference_errors_name_the_parameter_the_client_sent(live_server):  # no
     _error(live_server.post("/v1/images/edits", json={"prompt": "x", "images": [{"image_url": uri}]}), 400,
            "images[0].image_url")
     _error(live_server.post("/v1/images/edits", data={"prompt": "x", "image_url": uri}), 400, "image_url")
+    body = _error(live_server.post("/v1/images/edits", data={"prompt": "x", "image_url": __file__}), 400,
+                  "image_url")  # a path on the server's disk is not an image the caller may name
+    assert "http(s) URL or a data URI" in body["message"]
     assert _openai_jobs(live_server) == before  # rejected before any job was made
 
 

@@ -55,6 +55,7 @@ def _data_uri(size=(96, 64)) -> str:
         ({"prompt": "x", "aspect_ratio": "match_input_image"}, "input.aspect_ratio"),
         ({"prompt": "x", "input_images": [_data_uri((96, 64)), _data_uri((32, 64))]}, "input.input_images.1"),
         ({"prompt": "x", "input_image": ["data:image/png;base64,AAAA"]}, "input.input_images.0"),
+        ({"prompt": "x", "input_images": [__file__]}, "input.input_images.0"),  # no reading the server's disk
     ],
 )
 def test_invalid_input_is_422_naming_the_field(live_server, input_, field):  # noqa: F811

@@ -27,8 +27,17 @@ _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*
                        re.DOTALL)
 
 
+def load_remote_image(ref: str, field_name: str = "image_urls[0]") -> Image.Image:
+    """Like ``load_image``, for references that came from an API caller: http(s) URLs and data URIs only, so a
+    caller cannot read files from the server's disk."""
+    if not isinstance(ref, str) or not ref.strip().lower().startswith(("http://", "https://", "data:")):
+        raise InputError(field_name, "must be an http(s) URL or a data URI")
+    return load_image(ref, field_name)
+
+
 def load_image(ref: str, field_name: str = "image_urls[0]") -> Image.Image:
-    """One reference as an RGB ``PIL.Image``: an http(s) URL, a ``data:`` URI or a local file path."""
+    """One reference as an RGB ``PIL.Image``: an http(s) URL, a ``data:`` URI or a local file path (the CLI's
+    references, and the server's own files that a dialect resolved)."""
     if not isinstance(ref, str) or not ref.strip():
         raise InputError(field_name, "must be an image URL, a data URI or a file path")
     ref = ref.strip()

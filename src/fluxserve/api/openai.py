@@ -441,7 +441,7 @@ async def check_images(spec: EndpointSpec, images: list[str], names: list[str]) 
         loaded = []
         for index, ref in enumerate(images):
             current[0] = index
-            loaded.append(inputs.load_image(ref, f"image_urls[{index}]"))
+            loaded.append(inputs.load_remote_image(ref, f"image_urls[{index}]"))
         current[0] = -1
         inputs.check_references(loaded, spec)
 

@@ -152,7 +152,7 @@ async def _load_references(spec: Any, images: list[str]) -> list[Any]:
         loaded = []
         for index, ref in enumerate(images):
             current[0] = index
-            loaded.append(inputs.load_image(ref, f"image_urls[{index}]"))
+            loaded.append(inputs.load_remote_image(ref, f"image_urls[{index}]"))
         inputs.check_references(loaded, spec)
         return loaded
 
