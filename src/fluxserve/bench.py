@@ -275,16 +275,11 @@ def _fits(pipe, device: torch.device) -> bool:
 
 
 # ---- fluxserve ----------------------------------------------------------------------------------------------
-def _adopt_random_pipeline(engine, spec, pipe, seconds: float) -> None:
-    """Serve a random-weight pipeline built on the GPU through the engine (no weights on disk)."""
-    from fluxserve.engine.pipeline import LoadedModel
-    from fluxserve.engine.placement import Placement, module_bytes
-
-    sizes = {n: module_bytes(getattr(pipe, n)) for n in ("transformer", "text_encoder", "vae")}
-    placement = Placement(
-        str(engine.device), str(engine.dtype).removeprefix("torch."), "resident", "random", sizes
-    )
+def _adopt_random_pipeline(engine, spec, pipe, placement, seconds: float) -> None:
+    """Serve a random-weight pipeline built to fit the GPU through the engine (no weights on disk); its
+    placement (memory plan, precisions) is the one ``random_weights`` decided, reported like a loaded model's."""
     from fluxserve.engine import accel
+    from fluxserve.engine.pipeline import LoadedModel
 
     accel.apply_acceleration(pipe, "regular", engine.device)
     engine._models[spec.key] = LoadedModel(spec.key, spec, pipe, "random-weights", placement, seconds)
@@ -296,14 +291,12 @@ def run_fluxserve(
     device = engine.device
     start = time.perf_counter()
     if random_weights:
-        from fluxserve.engine.random_weights import build_random_pipeline
+        from fluxserve.engine.random_weights import build_placed_random_pipeline
 
-        _adopt_random_pipeline(
-            engine,
-            spec,
-            build_random_pipeline(spec.key, device, engine.dtype, seed=0),
-            time.perf_counter() - start,
+        pipe, placement = build_placed_random_pipeline(
+            spec.key, device, engine.dtype, seed=0, requested=engine.settings.text_encoder_placement
         )
+        _adopt_random_pipeline(engine, spec, pipe, placement, time.perf_counter() - start)
     else:
         engine.load(spec.key)
     _sync(device)
@@ -510,9 +503,13 @@ def format_report(report: dict) -> str:
     ]
     models = report["placement"].get("models", {})
     for key, info in models.items():
+        plan = info.get("plan") or {}
+        sizes = ", ".join(f"{name} {size / 2**30:.2f}" for name, size in (info.get("bytes") or {}).items())
         lines.append(
-            f"placement {key}: device {info.get('device')}, {info.get('dtype')}, text encoder "
-            f"{info.get('text_encoder')}"
+            f"placement {key}: device {info.get('device')}, {info.get('dtype')}, transformer "
+            f"{info.get('transformer')}, text encoder {info.get('text_encoder')}"
+            + (f"; plan {plan.get('needed_gib')} GiB of {plan.get('free_gib')} GiB free" if plan.get("free_gib") else "")
+            + (f"; {info.get('dtype')} GiB: {sizes}" if sizes else "")
         )
     lines.append(
         "stage medians (s): "

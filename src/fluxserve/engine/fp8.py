@@ -313,6 +313,8 @@ def plan_memory(
     vae_bytes: int = 0,
     reserve_bytes: int = 6 * GiB,
     text_encoder_choice: str = "auto",
+    transformer_fp8_bytes: int | None = None,
+    text_encoder_fp8_bytes: int | None = None,
 ) -> MemoryPlan:
     """Choose the transformer precision and the text-encoder placement for one model on one GPU.
 
@@ -320,13 +322,18 @@ def plan_memory(
     is kept free for activations, attention workspaces and the VAE decode (which is always resident).
     ``text_encoder_choice`` forces the text encoder ("resident" | "fp8" | "offload"); "auto" picks.
     Nothing fits -> the last candidate (FP8 transformer, offloaded text encoder), the smallest footprint.
+    ``transformer_fp8_bytes`` / ``text_encoder_fp8_bytes``: the exact FP8 footprints when the caller counted
+    them (only the Linear weights become FP8; embeddings, norms and the output head stay bf16); half the bf16
+    bytes otherwise.
     """
     if text_encoder_choice not in TEXT_ENCODER_CHOICES:
         raise ValueError(
             f"text encoder placement {text_encoder_choice!r}: choose one of {', '.join(TEXT_ENCODER_CHOICES)}"
         )
-    sizes = {"bf16": transformer_bytes, "fp8": transformer_bytes // 2}
-    te_sizes = {"resident": text_encoder_bytes, "fp8": text_encoder_bytes // 2, "offload": 0}
+    transformer_fp8 = transformer_bytes // 2 if transformer_fp8_bytes is None else transformer_fp8_bytes
+    text_encoder_fp8 = text_encoder_bytes // 2 if text_encoder_fp8_bytes is None else text_encoder_fp8_bytes
+    sizes = {"bf16": transformer_bytes, "fp8": transformer_fp8}
+    te_sizes = {"resident": text_encoder_bytes, "fp8": text_encoder_fp8, "offload": 0}
     if text_encoder_choice == "auto":
         candidates = list(PLAN_ORDER)
     else:
@@ -339,3 +346,13 @@ def plan_memory(
     needed = sizes[transformer] + te_sizes[text_encoder] + vae_bytes + reserve_bytes
     return MemoryPlan(transformer, text_encoder, needed, free_bytes)
 
+
+
+def fp8_footprint(bf16_bytes: int, linear_shapes: Iterable[tuple[int, int]], element_size: int = 2) -> int:
+    """Bytes of a module after its Linears of ``linear_shapes`` ((out, in) each) are held in FP8 with row
+    scales: one byte per weight plus two float32 scales per output row, instead of ``element_size`` bytes."""
+    total = bf16_bytes
+    for out_features, in_features in linear_shapes:
+        total -= out_features * in_features * (element_size - 1)
+        total += 8 * out_features
+    return total

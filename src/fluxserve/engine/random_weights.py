@@ -1,22 +1,42 @@
-"""Full-size FLUX.2 pipelines with random weights, built directly on a GPU: benchmarks without a download.
+"""Full-size FLUX.2 pipelines with random weights: benchmarks without a download.
 
 The architectures are the real ones (configs written here from the published model cards and diffusers
 configs, see shared/research/flux2-model.md): the transformer of [dev], [klein] 4B and [klein] 9B, their text
-encoders (Mistral-Small-3.2-24B with its Pixtral vision tower, Qwen3-4B, Qwen3-8B) and the FLUX.2 VAE. Every
-module is constructed under ``torch.device(device)`` with bf16 as the default dtype, so nothing is allocated
-on the CPU and nothing is ever held in float32 (the [dev] transformer alone would be 128 GB). Seeded: two
-builds with the same seed on the same device give the same weights, so a baseline and fluxserve can be
-compared "on the same weights" one after the other.
+encoders (Mistral-Small-3.2-24B with its Pixtral vision tower, Qwen3-4B, Qwen3-8B) and the FLUX.2 VAE.
 
+Built to fit, like real weights (``placement``):
+
+1. every module is constructed on the **meta device** (parameters only; the few small buffers such as rotary
+   frequencies are computed on the CPU as usual), which allocates nothing and gives the bf16 byte counts;
+2. the memory plan (``placement.plan_for`` -> ``fp8.plan_memory``, with ``placement.headroom_bytes`` kept
+   free) is made from those counts and ``torch.cuda.mem_get_info`` **before** anything is allocated;
+3. ``placement.place_components`` materialises each component tensor by tensor on its device; a Linear the
+   plan holds in FP8 (the transformer blocks', the text encoder's except ``lm_head``) is quantised right after
+   its bf16 weight is made, so the GPU never holds a whole bf16 component that is meant to be FP8. An
+   offloaded text encoder (the last resort) is materialised on the CPU.
+
+The [dev] transformer (64 GB bf16) and Mistral (48 GB) therefore build on an 80 GB H100 as FP8 + FP8, the
+same placement real weights get there, and in bf16 everywhere on a 141 GB H200.
+
+Random initialisation (timing weights, not a trained model): every tensor with two or more dimensions
+(Linear, Embedding, Conv weights) is drawn from ``normal(0, std)`` with ``std = min(0.02, fan_in ** -0.5)``
+(the cap keeps activations bounded through 56 blocks); 1-D ``weight`` tensors (norm scales) are ones, biases
+and other 1-D tensors zeros. Each tensor has its own generator seeded from ``(seed, component, name)``, so two
+builds with the same seed give identical weights on the same device, whatever the plan and build order.
 Random weights produce noise images; they are for timing and memory only. Tokenizers are the demo's
 byte-level ones (prompts are padded to 512 tokens either way, so the sequence length is the real one).
 ``parameter_counts`` builds on the meta device (no memory) to count parameters.
+
+Full-size builds need CUDA (``check_device``); pass small ``Architecture`` overrides to build anywhere (tests
+build a one-block transformer and a tiny Qwen3 on the CPU through exactly the same code).
 """
 
 from __future__ import annotations
 
 import contextlib
+import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 
@@ -110,6 +130,25 @@ PIXTRAL_VISION_CONFIG = {
 }
 
 
+@dataclass(frozen=True)
+class Architecture:
+    """The constructor arguments of one model's three components (overridable: tests use tiny ones)."""
+
+    transformer: dict  # Flux2Transformer2DModel(**transformer)
+    text: dict  # Qwen3Config(**text) for klein, MistralConfig(**text) for dev
+    vision: dict | None = None  # PixtralVisionConfig(**vision), dev only
+    vae: dict = field(default_factory=dict)  # AutoencoderKLFlux2(**vae); {} is the FLUX.2 VAE
+
+
+def architecture(model: str) -> Architecture:
+    """The published full-size architecture of ``model``."""
+    _check_model(model)
+    if model == "dev":
+        return Architecture({**TRANSFORMER_SHARED, **TRANSFORMER_CONFIGS[model]}, dict(MISTRAL_TEXT_CONFIG),
+                            dict(PIXTRAL_VISION_CONFIG))
+    return Architecture({**TRANSFORMER_SHARED, **TRANSFORMER_CONFIGS[model]}, dict(QWEN3_CONFIGS[model]))
+
+
 class RandomWeightsUnavailable(RuntimeError):
     """--random-weights was asked for where it cannot run (no CUDA device)."""
 
@@ -130,33 +169,44 @@ def check_device(device: torch.device | str) -> torch.device:
 
 @contextlib.contextmanager
 def _building(device: torch.device | str, dtype: torch.dtype) -> Iterator[None]:
+    """Construct modules in ``dtype`` on ``device``; on ``"meta"`` the parameters are meta tensors and the
+    buffers (rotary frequencies, norm statistics: small, computed in ``__init__``) real CPU tensors."""
+    from accelerate import init_empty_weights
+
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
-            yield
+        if torch.device(device).type == "meta":
+            with torch.device("cpu"), init_empty_weights(include_buffers=False):
+                yield
+        else:
+            with torch.device(device):
+                yield
     finally:
         torch.set_default_dtype(previous)
 
 
-def build_transformer(model: str, device: torch.device | str = "meta", dtype: torch.dtype = torch.bfloat16):
+def build_transformer(model: str, device: torch.device | str = "meta", dtype: torch.dtype = torch.bfloat16,
+                      arch: Architecture | None = None):
     from diffusers import Flux2Transformer2DModel
 
-    _check_model(model)
+    arch = arch or architecture(model)
     with _building(device, dtype):
-        return Flux2Transformer2DModel(**TRANSFORMER_SHARED, **TRANSFORMER_CONFIGS[model]).eval()
+        return Flux2Transformer2DModel(**arch.transformer).eval()
 
 
-def build_vae(device: torch.device | str = "meta", dtype: torch.dtype = torch.bfloat16):
+def build_vae(device: torch.device | str = "meta", dtype: torch.dtype = torch.bfloat16, arch: Architecture | None = None):
     from diffusers import AutoencoderKLFlux2
 
     with _building(device, dtype):
-        return AutoencoderKLFlux2().eval()  # the defaults are the FLUX.2 VAE configuration
+        # {} gives the defaults, which are the FLUX.2 VAE configuration
+        return AutoencoderKLFlux2(**(arch.vae if arch else {})).eval()
 
 
-def build_text_encoder(model: str, device: torch.device | str = "meta", dtype: torch.dtype = torch.bfloat16):
+def build_text_encoder(model: str, device: torch.device | str = "meta", dtype: torch.dtype = torch.bfloat16,
+                       arch: Architecture | None = None):
     """(text_encoder, tokenizer or processor) for ``model``."""
-    _check_model(model)
+    arch = arch or architecture(model)
     from fluxserve.engine import demo
 
     if model == "dev":
@@ -183,12 +233,12 @@ def build_text_encoder(model: str, device: torch.device | str = "meta", dtype: t
         )
         config = Mistral3Config(
             text_config=MistralConfig(
-                **MISTRAL_TEXT_CONFIG,
+                **arch.text,
                 pad_token_id=tokenizer.pad_token_id,
                 bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             ),
-            vision_config=PixtralVisionConfig(**PIXTRAL_VISION_CONFIG),
+            vision_config=PixtralVisionConfig(**(arch.vision or PIXTRAL_VISION_CONFIG)),
             image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
             spatial_merge_size=2,
             multimodal_projector_bias=False,
@@ -196,7 +246,8 @@ def build_text_encoder(model: str, device: torch.device | str = "meta", dtype: t
             tie_word_embeddings=False,
         )
         with _building(device, dtype):
-            return Mistral3ForConditionalGeneration(config).eval(), tokenizer
+            text_encoder = Mistral3ForConditionalGeneration(config).eval()
+        return _tied(text_encoder), tokenizer
 
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
@@ -211,46 +262,126 @@ def build_text_encoder(model: str, device: torch.device | str = "meta", dtype: t
         chat_template=demo.QWEN_CHAT_TEMPLATE,
     )
     config = Qwen3Config(
-        **QWEN3_CONFIGS[model], eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+        **arch.text, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
     with _building(device, dtype):
-        return Qwen3ForCausalLM(config).eval(), tokenizer
+        text_encoder = Qwen3ForCausalLM(config).eval()
+    return _tied(text_encoder), tokenizer
 
 
-def build_random_pipeline(
-    model: str, device: torch.device | str, dtype: torch.dtype = torch.bfloat16, seed: int = 0
-):
-    """A full-size ``Flux2Pipeline`` / ``Flux2KleinPipeline`` with random weights, built on ``device``."""
+def _tied(model):
+    """Tie the embeddings again where the config says so: on the meta device accelerate re-wraps every
+    registered parameter, which breaks the tie ``post_init`` made (Qwen3-4B shares embed_tokens/lm_head)."""
+    model.tie_weights()
+    return model
+
+
+def random_init(seed: int, component: str, std: float = 0.02):
+    """The seeded initialiser ``place_module`` calls for each meta tensor of ``component`` (see the module
+    docstring for the distribution)."""
+
+    def materialise(name: str, like: torch.Tensor, device: torch.device) -> torch.Tensor:
+        out = torch.empty(like.shape, dtype=like.dtype, device=device)
+        if not out.is_floating_point():
+            return out.zero_()
+        if out.dim() >= 2:
+            # 32 bits: the CPU generator (mt19937) keeps only the low 32 bits of a seed
+            key = zlib.crc32(f"{seed}/{component}/{name}".encode())
+            generator = torch.Generator(device=device).manual_seed(key)
+            fan_in = max(1, out[0].numel())
+            return out.normal_(0.0, min(std, fan_in**-0.5), generator=generator)
+        return out.fill_(1.0 if name.rsplit(".", 1)[-1] == "weight" else 0.0)
+
+    return materialise
+
+
+def meta_sizes(pipe, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
+    """Bytes of each component at ``dtype`` and the FP8 footprints, from the meta build (allocates nothing)."""
+    from fluxserve.engine.placement import pipeline_sizes
+
+    return pipeline_sizes(pipe, dtype)
+
+
+def build_meta_pipeline(model: str, dtype: torch.dtype = torch.bfloat16, arch: Architecture | None = None):
+    """The pipeline with every parameter on the meta device: no memory, real shapes."""
     from diffusers import Flux2KleinPipeline, Flux2Pipeline
 
     from fluxserve.engine import demo
 
     _check_model(model)
-    device = check_device(device)
-    with torch.random.fork_rng(devices=[device]):
-        torch.manual_seed(seed)
-        torch.cuda.manual_seed(seed)
-        transformer = build_transformer(model, device, dtype)
-        text_encoder, tokenizer = build_text_encoder(model, device, dtype)
-        vae = build_vae(device, dtype)
+    arch = arch or architecture(model)
+    transformer = build_transformer(model, "meta", dtype, arch)
+    text_encoder, tokenizer = build_text_encoder(model, "meta", dtype, arch)
+    vae = build_vae("meta", dtype, arch)
+    components = {"scheduler": demo._scheduler(), "vae": vae, "text_encoder": text_encoder,
+                  "tokenizer": tokenizer, "transformer": transformer}
     if model == "dev":
-        pipe = Flux2Pipeline(
-            scheduler=demo._scheduler(),
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            transformer=transformer,
-        )
+        pipe = Flux2Pipeline(**components)
     else:
-        pipe = Flux2KleinPipeline(
-            scheduler=demo._scheduler(),
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            transformer=transformer,
-            is_distilled=True,
-        )
+        pipe = Flux2KleinPipeline(**components, is_distilled=True)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_placed_random_pipeline(
+    model: str,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    *,
+    requested: str = "auto",
+    arch: Architecture | None = None,
+    plan=None,
+):
+    """``(pipe, placement)``: the pipeline with random weights, built to fit ``device``.
+
+    The plan (``fp8.MemoryPlan``) is decided from the meta build's bf16 byte counts and the device's free
+    memory before anything is allocated (pass ``plan`` to force one); then every component is materialised
+    where the plan puts it (``placement.place_components``). Full-size builds (``arch`` None) need CUDA."""
+    from fluxserve.engine import placement as placing
+
+    device = torch.device(device)
+    if arch is None:
+        device = check_device(device)
+    pipe = build_meta_pipeline(model, dtype, arch)
+    sizes = meta_sizes(pipe, dtype)
+    if plan is None:
+        plan = placing.plan_for(device, sizes, requested)
+    placed = placing.place_components(
+        pipe, device, dtype, plan, requested=requested, sizes=sizes,
+        materialise=lambda component: random_init(seed, component),
+    )
+    return pipe, placed
+
+
+def build_random_pipeline(
+    model: str, device: torch.device | str, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+    *, arch: Architecture | None = None,
+):
+    """The pipeline with random weights, everything resident at ``dtype`` (what stock diffusers holds: the
+    ``--baseline diffusers`` run). Refuses, before allocating, when that does not fit the GPU."""
+    from fluxserve.engine import fp8
+    from fluxserve.engine import placement as placing
+
+    device = torch.device(device)
+    if arch is None:
+        device = check_device(device)
+    pipe = build_meta_pipeline(model, dtype, arch)
+    sizes = meta_sizes(pipe, dtype)
+    resident = sizes["transformer"] + sizes["text_encoder"] + sizes["vae"]
+    plan = fp8.MemoryPlan("bf16", "resident", resident, 0)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        need = resident + placing.headroom_bytes(total)
+        if need > free:
+            raise RandomWeightsUnavailable(
+                f"{model} with every model resident in bf16 needs {need / 2**30:.1f} GiB (headroom included); "
+                f"{device} has {free / 2**30:.1f} GiB free. Stock diffusers cannot hold it here: drop "
+                "--baseline diffusers (fluxserve itself places it in FP8), or use a larger GPU."
+            )
+        plan = fp8.MemoryPlan("bf16", "resident", need, free)
+    placing.place_components(pipe, device, dtype, plan, sizes=sizes,
+                             materialise=lambda component: random_init(seed, component))
     return pipe
 
 

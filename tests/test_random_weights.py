@@ -1,0 +1,175 @@
+"""Random-weight builds: planned from the meta-device byte counts before allocating, then materialised
+component by component, FP8 layers quantised as they arrive. Tiny architectures on the CPU run the same code
+the full-size builds run on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fluxserve.engine import fp8, placement
+from fluxserve.engine import random_weights as rw
+from fluxserve.engine.demo import MISTRAL_SPECIALS, QWEN_SPECIALS, _byte_level_tokenizer
+
+GIB = 1024**3
+TINY_VAE = {
+    "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (2, 2, 2, 2), "layers_per_block": 0, "latent_channels": 32, "norm_num_groups": 1,
+    "mid_block_add_attention": False, "sample_size": 64,
+}
+TINY_TRANSFORMER = {  # one double block, one single block, hidden 4 x 16 = 64
+    "patch_size": 1, "in_channels": 128, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16,
+    "num_attention_heads": 4, "joint_attention_dim": 48, "timestep_guidance_channels": 32, "mlp_ratio": 2.0,
+    "axes_dims_rope": (4, 4, 4, 4),
+}
+
+
+def tiny_text(specials: list[str], layers: int, tied: bool) -> dict:
+    _, vocab = _byte_level_tokenizer(specials)
+    return {"vocab_size": vocab, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": layers,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8, "max_position_embeddings": 4096,
+            "tie_word_embeddings": tied}
+
+
+# klein stacks hidden states 9, 18, 27 (3 x 16 = joint_attention_dim 48); dev 10, 20, 30.
+TINY_KLEIN = rw.Architecture({**TINY_TRANSFORMER, "guidance_embeds": False}, tiny_text(QWEN_SPECIALS, 27, True),
+                             vae=TINY_VAE)
+TINY_DEV = rw.Architecture(
+    {**TINY_TRANSFORMER, "guidance_embeds": True}, tiny_text(MISTRAL_SPECIALS, 30, False),
+    vision={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "head_dim": 8, "patch_size": 8, "image_size": 64, "num_channels": 3},
+    vae=TINY_VAE,
+)
+FP8_BOTH = fp8.MemoryPlan("fp8", "fp8", 0, 0)
+BF16_RESIDENT = fp8.MemoryPlan("bf16", "resident", 0, 0)
+
+
+def all_tensors(pipe) -> list[tuple[str, torch.Tensor]]:
+    out = []
+    for component in ("transformer", "text_encoder", "vae"):
+        module = getattr(pipe, component)
+        out += [(f"{component}.{n}", t) for n, t in module.named_parameters()]
+        out += [(f"{component}.{n}", t) for n, t in module.named_buffers()]
+    return out
+
+
+def generate(pipe, model: str) -> torch.Tensor:
+    guidance = 2.5 if model == "dev" else 1.0
+    return pipe(prompt="a lighthouse", height=64, width=64, num_inference_steps=2, guidance_scale=guidance,
+                generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+
+# ---- the plan, from the meta build, before anything is allocated ------------------------------------------------
+@pytest.mark.parametrize(
+    ("model", "free_gib", "total_gib", "expected"),
+    [
+        ("dev", 79.2, 79.6, ("fp8", "fp8")),  # H100 80 GB: 64 + 48 GB bf16 does not fit
+        ("dev", 139.5, 139.8, ("bf16", "resident")),  # H200 141 GB: bf16 everywhere
+        ("klein-4b", 79.2, 79.6, ("bf16", "resident")),
+        ("klein-9b", 79.2, 79.6, ("bf16", "resident")),
+    ],
+)
+def test_full_size_plan_from_the_meta_build(model, free_gib, total_gib, expected):
+    pipe = rw.build_meta_pipeline(model)
+    assert all(p.is_meta for _, p in pipe.transformer.named_parameters())
+    assert all(p.is_meta for _, p in pipe.text_encoder.named_parameters())
+    sizes = rw.meta_sizes(pipe)
+    plan = placement.plan_for("cuda", sizes, "auto", int(free_gib * GIB), int(total_gib * GIB))
+    assert (plan.transformer, plan.text_encoder) == expected
+    assert plan.needed_bytes <= plan.free_bytes
+    if model == "dev":
+        assert 60 * GIB < sizes["transformer"] < 62 * GIB  # 64.4 GB
+        assert 44 * GIB < sizes["text_encoder"] < 46 * GIB  # 48 GB
+        # FP8 footprints count what stays bf16 (embeddings, lm_head, modulation): a little over half
+        assert sizes["transformer"] // 2 < sizes["transformer_fp8"] < 0.52 * sizes["transformer"]
+        assert sizes["text_encoder"] // 2 < sizes["text_encoder_fp8"] < 0.56 * sizes["text_encoder"]
+
+
+# ---- materialising, tiny, on the CPU ----------------------------------------------------------------------------
+@pytest.mark.parametrize(("model", "arch"), [("klein-4b", TINY_KLEIN), ("dev", TINY_DEV)])
+def test_tiny_fp8_build_is_complete_quantised_and_runs(model, arch):
+    meta = rw.build_meta_pipeline(model, torch.float32, arch)
+    block_linears = placement.linear_shapes(meta.transformer, fp8.transformer_block_filter)
+    text_linears = placement.linear_shapes(meta.text_encoder, placement.text_encoder_filter)
+    pipe, placed = rw.build_placed_random_pipeline(model, "cpu", torch.float32, seed=3, arch=arch, plan=FP8_BOTH)
+    assert (placed.transformer, placed.text_encoder) == ("fp8", "fp8")
+    assert placed.as_dict()["transformer"] == "fp8" and placed.bytes["transformer"] > 0
+    tensors = all_tensors(pipe)
+    assert tensors and [name for name, t in tensors if t.is_meta] == []
+    assert all(t.device.type == "cpu" for _, t in tensors)
+    # every Linear of the blocks (and of the text encoder but lm_head) is an FP8Linear, nothing else is
+    quantised = [n for n, m in pipe.transformer.named_modules() if isinstance(m, fp8.FP8Linear)]
+    assert len(quantised) == len(block_linears) > 0
+    assert all(fp8.transformer_block_filter(n, None) for n in quantised)
+    assert not any(type(m) is nn.Linear and fp8.transformer_block_filter(n, m)
+                   for n, m in pipe.transformer.named_modules())
+    assert type(pipe.transformer.proj_out) is nn.Linear
+    te_quantised = [n for n, m in pipe.text_encoder.named_modules() if isinstance(m, fp8.FP8Linear)]
+    assert len(te_quantised) == len(text_linears) > 0
+    assert type(pipe.text_encoder.lm_head) is nn.Linear
+    for _, layer in pipe.transformer.named_modules():
+        if isinstance(layer, fp8.FP8Linear):
+            assert layer.weight_fp8.dtype == torch.float8_e4m3fn and layer.original is None
+    if arch.text.get("tie_word_embeddings"):
+        assert pipe.text_encoder.lm_head.weight is pipe.text_encoder.get_input_embeddings().weight
+    image = generate(pipe, model)
+    assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all() and image.std() > 0
+
+
+def test_fp8_layers_are_quantised_as_they_arrive():
+    """Peak memory: while the transformer is materialised, at most one block Linear holds a full-precision
+    weight (the one being made); each is replaced by its FP8 copy before the next is allocated."""
+    pipe = rw.build_meta_pipeline("klein-4b", torch.float32, TINY_KLEIN)
+    sizes = rw.meta_sizes(pipe, torch.float32)
+    held: list[int] = []
+
+    def counting(component: str):
+        init = rw.random_init(0, component)
+
+        def materialise(name, like, device):
+            if component == "transformer":
+                held.append(sum(1 for n, m in pipe.transformer.named_modules() if type(m) is nn.Linear
+                                and fp8.transformer_block_filter(n, m) and not m.weight.is_meta))
+            return init(name, like, device)
+
+        return materialise
+
+    placement.place_components(pipe, torch.device("cpu"), torch.float32, FP8_BOTH, sizes=sizes,
+                               materialise=counting)
+    assert held and max(held) <= 1
+    assert fp8.has_fp8(pipe.transformer)
+
+
+def test_same_seed_same_weights_and_another_seed_differs():
+    def weights(seed: int) -> dict[str, torch.Tensor]:
+        pipe, _ = rw.build_placed_random_pipeline("klein-4b", "cpu", torch.float32, seed=seed, arch=TINY_KLEIN,
+                                                  plan=BF16_RESIDENT)
+        return {name: t.clone() for name, t in all_tensors(pipe)}
+
+    first, second, other = weights(5), weights(5), weights(6)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    matrices = [k for k, t in first.items() if t.dim() >= 2]
+    assert matrices and not any(torch.equal(first[k], other[k]) for k in matrices)
+    # the documented initialisation: norms are ones, biases zeros, weights small and centred
+    assert torch.equal(first["transformer.single_transformer_blocks.0.attn.norm_q.weight"],
+                       torch.ones_like(first["transformer.single_transformer_blocks.0.attn.norm_q.weight"]))
+    embed = first["text_encoder.model.embed_tokens.weight"]
+    assert abs(float(embed.mean())) < 0.01 and 0.01 < float(embed.std()) < 0.03
+
+
+def test_offloaded_text_encoder_is_materialised_on_the_cpu_with_a_hook():
+    plan = fp8.MemoryPlan("fp8", "offload", 0, 0)
+    pipe, placed = rw.build_placed_random_pipeline("klein-4b", "cpu", torch.float32, seed=1, arch=TINY_KLEIN,
+                                                   plan=plan)
+    assert placed.text_encoder == "offload" and placed._hook is not None
+    assert not fp8.has_fp8(pipe.text_encoder) and fp8.has_fp8(pipe.transformer)
+    assert torch.isfinite(generate(pipe, "klein-4b")).all()
+
+
+def test_full_size_builds_need_cuda():
+    with pytest.raises(rw.RandomWeightsUnavailable, match="--demo"):
+        rw.build_placed_random_pipeline("klein-4b", "cpu")
+    with pytest.raises(rw.RandomWeightsUnavailable, match="--demo"):
+        rw.build_random_pipeline("dev", "cpu")
