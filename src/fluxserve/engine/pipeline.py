@@ -26,9 +26,9 @@ from fluxserve.engine import accel, lora, safety
 from fluxserve.engine import decode as decoding
 from fluxserve.engine.demo import demo_lora_path, ensure_demo_weights
 from fluxserve.engine.encode import encode_image
-from fluxserve.engine.placement import Placement, place_pipeline
+from fluxserve.engine.placement import Placement
 from fluxserve.engine.prompts import MAX_NEW_TOKENS, expand_prompt
-from fluxserve.engine.weights import load_pipeline, resolve_weights
+from fluxserve.engine.weights import load_placed_pipeline, resolve_weights
 from fluxserve.inputs import check_references, load_image
 from fluxserve.request import (
     CONTENT_TYPES,
@@ -107,8 +107,8 @@ class Engine:
     def _load(self, spec: ModelSpec) -> LoadedModel:
         start = time.perf_counter()
         path = resolve_weights(spec, self.settings)
-        pipe = load_pipeline(spec, path, self.dtype, demo=self.settings.demo)
-        placement = place_pipeline(pipe, self.device, self.dtype, self.settings.text_encoder_placement)
+        pipe, placement = load_placed_pipeline(spec, path, self.device, self.dtype,
+                                               self.settings.text_encoder_placement, demo=self.settings.demo)
         accel.apply_acceleration(pipe, "regular", self.device)
         seconds = time.perf_counter() - start
         log.info("loaded %s from %s in %.1fs (%s)", spec.key, path, seconds, placement.as_dict())

@@ -3,18 +3,37 @@
 ``resolve_weights`` returns a local directory holding a diffusers pipeline (``model_index.json``) or raises
 ``WeightsNotFound`` with a message that names the model, where it looked and how to fix it.
 ``load_pipeline`` loads it with ``from_pretrained``: the same path for real and demo weights.
+
+``load_placed_pipeline`` is what the engine calls. On the CPU it is ``load_pipeline`` + ``place_pipeline``
+(float32, everything resident). On a GPU it never holds the whole pipeline in host memory: the memory plan is
+made first from the checkpoint's byte counts on disk (``checkpoint_bytes``: safetensors headers only), then
+the components are loaded one at a time with ``from_pretrained(subfolder=...)``: straight onto the GPU
+(``device_map``) when the plan keeps them in bf16 there; to the CPU and then moved tensor by tensor, each
+block Linear quantised to FP8 as it arrives (``placement.place_module``), when the plan holds them in FP8; to
+the CPU with an offload hook when the text encoder is offloaded. Host peak: one component; GPU peak: never the
+bf16 copy of a component held in FP8.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import json
 import re
+import struct
 from pathlib import Path
 
 from fluxserve.catalog import ModelSpec
 from fluxserve.config import Settings
 
 PIPELINE_CLASSES = ("Flux2Pipeline", "Flux2KleinPipeline")
+COMPONENTS = ("transformer", "text_encoder", "vae")
+# safetensors dtype names -> bytes per element
+SAFETENSORS_DTYPES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -96,6 +115,14 @@ def _snapshot(spec: ModelSpec, settings: Settings) -> Path:
 
 def load_pipeline(spec: ModelSpec, path: Path, dtype, demo: bool = False):
     """``Flux2Pipeline`` / ``Flux2KleinPipeline`` ``from_pretrained(path)`` in ``dtype`` (on the CPU)."""
+    cls = _pipeline_class(spec, path)
+    kwargs = {"dtype": dtype, **_pipeline_kwargs(spec, demo)}
+    pipe = cls.from_pretrained(str(path), **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _pipeline_class(spec: ModelSpec, path: Path):
     import diffusers
 
     if spec.pipeline not in PIPELINE_CLASSES:
@@ -104,13 +131,131 @@ def load_pipeline(spec: ModelSpec, path: Path, dtype, demo: bool = False):
             + ", ".join(PIPELINE_CLASSES)
         )
     _check_processor_backend(spec, path)
-    cls = getattr(diffusers, spec.pipeline)
-    kwargs = {"dtype": dtype}
+    return getattr(diffusers, spec.pipeline)
+
+
+def _pipeline_kwargs(spec: ModelSpec, demo: bool) -> dict:
     if demo and spec.pipeline == "Flux2KleinPipeline":
-        kwargs["is_distilled"] = spec.distilled  # one demo build stands in for distilled and base models
-    pipe = cls.from_pretrained(str(path), **kwargs)
+        return {"is_distilled": spec.distilled}  # one demo build stands in for distilled and base models
+    return {}
+
+
+# ---- sizes from disk ----------------------------------------------------------------------------------------
+def safetensors_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{tensor name: (dtype, shape)}`` from a safetensors file's JSON header (reads only the header)."""
+    with open(file, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    return {name: (info["dtype"], tuple(info["shape"])) for name, info in header.items() if name != "__metadata__"}
+
+
+def component_files(folder: Path) -> list[Path]:
+    """The safetensors files of one component folder: those its (non-variant) index names, else its
+    non-variant ``*.safetensors`` files (``model.safetensors``, not ``model.fp16.safetensors``), else all."""
+    folder = Path(folder)
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        if "." not in index.name.removesuffix(".safetensors.index.json"):
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            return [folder / name for name in sorted(set(weight_map.values()))]
+    files = sorted(folder.glob("*.safetensors"))
+    plain = [f for f in files if "." not in f.name.removesuffix(".safetensors")]
+    return plain or files
+
+
+def checkpoint_tensors(path: Path, component: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for file in component_files(Path(path) / component):
+        tensors.update(safetensors_header(file))
+    return tensors
+
+
+def checkpoint_bytes(path: Path, dtype=None) -> dict[str, int]:
+    """Bytes of each component's tensors on disk, without loading anything.
+
+    ``dtype`` None: in the file's dtypes. With a torch dtype: floating tensors counted at that dtype (what
+    ``from_pretrained(torch_dtype=dtype)`` will hold), plus the FP8 footprints ``transformer_fp8`` and
+    ``text_encoder_fp8`` for ``placement.plan_for`` (the Linear weights the plan would quantise: 2-D weights
+    of the transformer blocks; of the text encoder all but the embeddings and ``lm_head``)."""
+    import torch
+
+    from fluxserve.engine import fp8
+
+    target = None if dtype is None else torch.empty((), dtype=dtype).element_size()
+    sizes: dict[str, int] = {}
+    shapes: dict[str, list[tuple[int, int]]] = {"transformer": [], "text_encoder": []}
+    for component in COMPONENTS:
+        total = 0
+        for name, (kind, shape) in checkpoint_tensors(path, component).items():
+            count = 1
+            for dim in shape:
+                count *= dim
+            size = target if (target is not None and kind in FLOAT_DTYPES) else SAFETENSORS_DTYPES[kind]
+            total += count * size
+            if len(shape) == 2 and name.endswith(".weight") and _fp8_candidate(component, name):
+                shapes[component].append((shape[0], shape[1]))
+        sizes[component] = total
+    if target is not None:
+        sizes["transformer_fp8"] = fp8.fp8_footprint(sizes["transformer"], shapes["transformer"], target)
+        sizes["text_encoder_fp8"] = fp8.fp8_footprint(sizes["text_encoder"], shapes["text_encoder"], target)
+    return sizes
+
+
+def _fp8_candidate(component: str, name: str) -> bool:
+    if component == "transformer":
+        return name.startswith(("transformer_blocks.", "single_transformer_blocks."))
+    if component == "text_encoder":
+        return "lm_head" not in name and "embed" not in name
+    return False
+
+
+# ---- component-wise loading ---------------------------------------------------------------------------------
+def component_class(path: Path, component: str):
+    """The class ``model_index.json`` names for ``component`` (e.g. diffusers.Flux2Transformer2DModel)."""
+    index = json.loads((Path(path) / "model_index.json").read_text())
+    library, class_name = index[component]
+    return getattr(importlib.import_module(library), class_name)
+
+
+def load_component(path: Path, component: str, dtype, device):
+    """One component with ``from_pretrained(subfolder=component)`` in ``dtype``, loaded straight onto
+    ``device`` (``device_map``), never materialised twice."""
+    cls = component_class(path, component)
+    kwargs: dict = {"subfolder": component, "device_map": {"": str(device)}}
+    if cls.__module__.split(".")[0] == "transformers":
+        kwargs["dtype"] = dtype
+    else:
+        kwargs.update(torch_dtype=dtype, low_cpu_mem_usage=True)
+    return cls.from_pretrained(str(path), **kwargs).eval()
+
+
+def load_placed_pipeline(spec: ModelSpec, path: Path, device, dtype, requested: str = "auto",
+                         demo: bool = False, plan=None):
+    """``(pipe, placement)``: the pipeline loaded where the memory plan puts each component.
+
+    CPU with no ``plan``: ``load_pipeline`` + ``placement.place_pipeline`` (everything resident at ``dtype``).
+    Otherwise (a GPU, or a forced ``plan``, which is how the CPU tests exercise it): plan from
+    ``checkpoint_bytes``, then one component at a time (see the module docstring)."""
+    import torch
+
+    from fluxserve.engine import placement
+
+    device = torch.device(device)
+    if device.type != "cuda" and plan is None:
+        pipe = load_pipeline(spec, path, dtype, demo=demo)
+        return pipe, placement.place_pipeline(pipe, device, dtype, requested)
+    cls = _pipeline_class(spec, path)
+    sizes = checkpoint_bytes(path, dtype)
+    if plan is None:
+        plan = placement.plan_for(device, sizes, requested)
+    cpu = torch.device("cpu")
+    vae = load_component(path, "vae", dtype, device)
+    transformer = load_component(path, "transformer", dtype, device if plan.transformer == "bf16" else cpu)
+    text_encoder = load_component(path, "text_encoder", dtype, device if plan.text_encoder == "resident" else cpu)
+    pipe = cls.from_pretrained(str(path), transformer=transformer, text_encoder=text_encoder, vae=vae,
+                               **_pipeline_kwargs(spec, demo))
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    placed = placement.place_components(pipe, device, dtype, plan, requested=requested, sizes=sizes)
+    return pipe, placed
 
 
 def _check_processor_backend(spec: ModelSpec, path: Path) -> None:
