@@ -9,6 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 GPU="$($PY -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "_"))')"
+# GiB of the GPU: stock diffusers holds dev in bf16 (~112 GB), so the dev baseline only runs on the H200.
+GPU_GIB="$($PY -c 'import torch; print(int(torch.cuda.get_device_properties(0).total_memory / 2**30))')"
 OUT_DIR="${OUT_DIR:-benchmarks/results/$GPU}"
 ROWS="${ROWS:-klein-4b klein-9b dev}"
 mkdir -p "$OUT_DIR"
@@ -33,8 +35,12 @@ for row in $ROWS; do
       bench klein-9b-1024-high     --model klein-9b --size 1024x1024 --steps 4 --acceleration high --repeat 5 --warmup 2
       ;;
     dev)
-      # dev needs the H200 (bf16 everywhere) in this version: --random-weights builds bf16 on the GPU first.
-      bench dev-1024-regular       --model dev --size 1024x1024 --steps 28 --acceleration regular --baseline diffusers --repeat 3 --warmup 1
+      # --random-weights builds to fit, like real weights: on an 80 GB H100 the plan holds the transformer and
+      # Mistral in FP8 (~55 GiB of weights by the plan's arithmetic: "fp8 weights"); on a 141 GB H200 everything
+      # stays bf16. The JSON records the plan (placement.models.dev), the build's peak and the resident memory.
+      if [ "$GPU_GIB" -ge 120 ]; then DEV_BASELINE="--baseline diffusers"; else DEV_BASELINE=""; fi
+      # shellcheck disable=SC2086
+      bench dev-1024-regular       --model dev --size 1024x1024 --steps 28 --acceleration regular $DEV_BASELINE --repeat 3 --warmup 1
       bench dev-1024-high          --model dev --size 1024x1024 --steps 28 --acceleration high --repeat 3 --warmup 1
       bench dev-1024-ref1          --model dev --size 1024x1024 --steps 28 --refs 1 --acceleration regular --repeat 3 --warmup 1
       bench dev-2048-regular       --model dev --size 2048x2048 --steps 28 --acceleration regular --repeat 2 --warmup 1
@@ -45,12 +51,16 @@ done
 
 $PY - "$OUT_DIR" <<'PYEOF'
 import json, pathlib, sys
-print("| device | model | resolution | steps | precision | ms/step | end to end (s) | peak GiB | MFU | x diffusers |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+print("| device | model | resolution | steps | weights (transformer / text encoder) | precision | ms/step "
+      "| end to end (s) | peak GiB | load peak GiB | resident GiB | MFU | x diffusers |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     r = json.loads(path.read_text()); q = r["request"]; o = r["fluxserve"]
     mfu = r["mfu"]["value"]; sp = (r.get("speedup") or {}).get("end_to_end")
+    placed = r["placement"]["models"].get(r["model"], {})
+    held = f"{placed.get('transformer')} / {placed.get('text_encoder')}"
     print(f"| {r['device']['name']} | {r['model']} ({q['acceleration']}, {q['refs']} refs) | {q['width']}x{q['height']} "
-          f"| {q['steps']} | {r['precision']} | {o['step_ms']:.1f} | {o['end_to_end_s']:.2f} | {o['peak_memory_gib']} "
+          f"| {q['steps']} | {held} | {r['precision']} | {o['step_ms']:.1f} | {o['end_to_end_s']:.2f} | {o['peak_memory_gib']} "
+          f"| {o.get('load_peak_memory_gib')} | {o.get('resident_memory_gib')} "
           f"| {'' if mfu is None else f'{mfu*100:.0f}%'} | {'' if sp is None else f'{sp:.2f}'} |")
 PYEOF

@@ -122,15 +122,16 @@ def test_fp8_layers_are_quantised_as_they_arrive():
     weight (the one being made); each is replaced by its FP8 copy before the next is allocated."""
     pipe = rw.build_meta_pipeline("klein-4b", torch.float32, TINY_KLEIN)
     sizes = rw.meta_sizes(pipe, torch.float32)
+    originals = [m for n, m in pipe.transformer.named_modules()
+                 if type(m) is nn.Linear and fp8.transformer_block_filter(n, m)]
     held: list[int] = []
 
     def counting(component: str):
         init = rw.random_init(0, component)
 
         def materialise(name, like, device):
-            if component == "transformer":
-                held.append(sum(1 for n, m in pipe.transformer.named_modules() if type(m) is nn.Linear
-                                and fp8.transformer_block_filter(n, m) and not m.weight.is_meta))
+            if component == "transformer":  # full-precision block weights alive right now
+                held.append(sum(1 for m in originals if m.weight is not None and not m.weight.is_meta))
             return init(name, like, device)
 
         return materialise
@@ -138,6 +139,7 @@ def test_fp8_layers_are_quantised_as_they_arrive():
     placement.place_components(pipe, torch.device("cpu"), torch.float32, FP8_BOTH, sizes=sizes,
                                materialise=counting)
     assert held and max(held) <= 1
+    assert all(m.weight is None for m in originals)  # released, not kept until the end of the walk
     assert fp8.has_fp8(pipe.transformer)
 
 

@@ -289,6 +289,7 @@ def run_fluxserve(
     *, engine, spec, request: GenerationRequest, warmup: int, repeat: int, random_weights: bool
 ) -> dict:
     device = engine.device
+    _peak_memory_reset(device)
     start = time.perf_counter()
     if random_weights:
         from fluxserve.engine.random_weights import build_placed_random_pipeline
@@ -301,6 +302,8 @@ def run_fluxserve(
         engine.load(spec.key)
     _sync(device)
     load_s = time.perf_counter() - start
+    load_peak = _peak_memory_gib(device)  # the highest point while loading / building (FP8: never bf16 whole)
+    resident = round(torch.cuda.memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
 
     clock = StepClock(device)
 
@@ -339,6 +342,8 @@ def run_fluxserve(
         "step_ms": _median(steps),
         "step_ms_all": steps,
         "peak_memory_gib": _peak_memory_gib(device),
+        "load_peak_memory_gib": load_peak,
+        "resident_memory_gib": resident,
     }
 
 
@@ -517,7 +522,8 @@ def format_report(report: dict) -> str:
     )
     lines.append(
         f"denoising step median: {_fmt(ours['step_ms'])} ms; load {ours['load_s']:.2f} s; "
-        f"peak GPU memory {_fmt(ours['peak_memory_gib'])} GiB"
+        f"peak GPU memory {_fmt(ours['peak_memory_gib'])} GiB (loading: {_fmt(ours.get('load_peak_memory_gib'))} "
+        f"GiB, resident after load {_fmt(ours.get('resident_memory_gib'))} GiB)"
     )
     flops = report["flops"]
     mfu = report["mfu"]

@@ -180,6 +180,7 @@ def place_module(
             parent_name, _, child = name.rpartition(".")
             parent = module.get_submodule(parent_name) if parent_name else module
             setattr(parent, child, fp8.FP8Linear(sub, granularity=granularity, mode="weight_only"))
+            sub._parameters["weight"] = None  # release the full-precision weight now, not after the walk
             count += 1
     if device.type == "cuda":
         torch.cuda.empty_cache()
