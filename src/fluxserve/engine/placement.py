@@ -193,8 +193,8 @@ def place_components(pipe, device: torch.device, dtype: torch.dtype, plan: fp8.M
     """Put ``pipe``'s transformer, text encoder and VAE where ``plan`` says, each with ``place_module``.
 
     ``materialise(component)`` gives the random initialiser for a meta-device build (``random_weights``);
-    real weights are moved. Components already on ``device`` are left as they are (a loader that put a
-    bf16-resident component there directly)."""
+    real weights are moved; tensors already on ``device`` (a loader put a bf16-resident component there with
+    ``device_map``) are not copied."""
     device = torch.device(device)
     make = materialise or (lambda _component: None)
     granularity = fp8.default_granularity(device)
@@ -213,8 +213,8 @@ def place_components(pipe, device: torch.device, dtype: torch.dtype, plan: fp8.M
                      quantize=text_encoder_filter if plan.text_encoder == "fp8" else None)
     if device.type != "cuda":
         pipe.vae.to(memory_format=torch.channels_last)
-    name = _dtype_name(dtype)
-    precision = name
+    name = str(dtype).removeprefix("torch.")
+    precision = _dtype_name(dtype)
     if fp8_transformer:
         precision = _mark_held_in_fp8(pipe, device)
     component_bytes = {k: v for k, v in (sizes or {}).items() if k in ("transformer", "text_encoder", "vae")}
