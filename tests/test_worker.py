@@ -178,12 +178,12 @@ def test_a_queued_job_cancelled_behind_a_running_one_never_runs(store, worker):
 
 def test_a_running_job_past_its_timeout_is_stopped(store, engine, storage):
     engine.load("dev")
-    job = submit(store, request=request(steps=100), timeout_s=2.0)
+    job = submit(store, request=request(steps=100), timeout_s=1.0)  # 100 steps can take < 2 s here
     worker = Worker(store, engine, storage)
     done = worker.run_once()
     assert done.id == job.id
     assert done.status == "failed" and done.error_type == "request_timeout" and done.error == "Request timed out"
-    assert done.started_at is not None and done.step < 100
+    assert done.started_at is not None and (done.step or 0) < 100  # stopped before the end
 
 
 def test_a_job_of_a_dead_worker_is_claimed_again_and_completes(store, engine, storage):
