@@ -167,3 +167,17 @@ def test_fast_path_leaves_unverified_keys_to_the_route(tmp_path):
         assert locked.store.revoke_key(key_id)
         locked.app.state.auth.forget()  # what this process does after a revoke (others: within the TTL)
         assert httpx.get(job["status_url"], headers=headers).status_code == 401
+
+
+def test_change_listeners_hear_every_change_made_through_the_store(store):
+    heard: list[tuple[str, ...]] = []
+    store.add_change_listener(heard.append)
+    job = submit(store)
+    assert heard == [()]  # a submit: every queue position may have moved
+    store.claim("w1")
+    store.complete(job.id, "w1", {"images": []})
+    assert all(ids == (job.id,) for ids in heard[1:]) and len(heard) >= 3
+    store.remove_change_listener(heard.append)
+    count = len(heard)
+    submit(store)
+    assert len(heard) == count

@@ -45,8 +45,7 @@ from fluxserve.sizes import SizeError, fal_image_size
 DIALECT = "fal"
 TERMINAL = ("completed", "failed", "cancelled")
 KEEPALIVE_S = 15.0
-STREAM_TICK_S = 0.01  # status streams look at the store's change counter this often (no database read)
-STREAM_POLL_S = 0.2  # and read the database at least this often (changes made by other processes)
+STREAM_POLL_S = 0.2  # status streams are woken by this process's changes, and read the database this often
 # A status answer may reuse a snapshot read this long ago, unless this process changed any job since
 # (``JobStore.status``): changes made by worker processes elsewhere show up at most this much later.
 STATUS_MAX_AGE_S = 0.025
@@ -499,18 +498,38 @@ async def queue_status(request: Request, app: str, request_id: str, prefix: str)
 
 async def queue_status_stream(request: Request, app: str, request_id: str, prefix: str) -> Response:
     """SSE of status bodies: one per change (logs are only the new lines), closed after COMPLETED. Changes made
-    in this process are seen within ``STREAM_TICK_S``, others within ``STREAM_POLL_S``."""
+    in this process wake the stream at once (a store change listener); others are seen within ``STREAM_POLL_S``."""
     job = await job_status(request, app, request_id)
     store, with_logs = request.app.state.store, _wants_logs(request)
+    loop, changed = asyncio.get_running_loop(), asyncio.Event()
+    watching = {"queued": job.status == "queued"}
+
+    def on_change(job_ids: tuple[str, ...]) -> None:
+        # a queued job's position moves with every other job; otherwise only its own changes matter
+        if watching["queued"] or not job_ids or job.id in job_ids:
+            loop.call_soon_threadsafe(changed.set)
 
     async def next_snapshot() -> Any:
-        version, read_at = store.version, time.monotonic()
-        while store.version == version and time.monotonic() - read_at < STREAM_POLL_S:
-            await asyncio.sleep(STREAM_TICK_S)
-        return await _store_call(request, store.status, job.id)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), STREAM_POLL_S)
+        changed.clear()
+        snapshot = await _store_call(request, store.status, job.id)
+        if snapshot is not None:
+            watching["queued"] = snapshot.status == "queued"
+        return snapshot
 
     async def events():
-        current, after, last_sent, last_beat = job, 0, None, time.monotonic()
+        store.add_change_listener(on_change)
+        try:
+            async for event in status_events():
+                yield event
+        finally:
+            store.remove_change_listener(on_change)
+
+    async def status_events():
+        # read again now that the listener is in place: no change can slip between the read and the wait
+        current = await _store_call(request, store.status, job.id) or job
+        after, last_sent, last_beat = 0, None, time.monotonic()
         while True:
             body, after_now = await _status(request, current, prefix, with_logs, after)
             changed = after_now != after or (body["status"], body.get("queue_position")) != last_sent

@@ -310,6 +310,7 @@ class JobStore:
         self._leases: dict[str, float] = {}
         self._last_sweep = 0.0
         self._terminal_listeners: list[Callable[[str], None]] = []
+        self._change_listeners: list[Callable[[tuple[str, ...]], None]] = []
         self._raw_local = threading.local()  # per-thread DBAPI connection for hot reads (file SQLite)
         self._raw_path = self._sqlite_file_path()
         self._status_cache: dict[str, tuple[int, float, JobStatus]] = {}
@@ -414,6 +415,19 @@ class JobStore:
             if work:
                 self._submits += 1
             self._cond.notify_all()
+        for fn in self._change_listeners:
+            try:
+                fn(job_ids)
+            except Exception:  # a listener must never break the store
+                log.exception("change listener %r failed", fn)
+
+    def add_change_listener(self, fn: Callable[[tuple[str, ...]], None]) -> None:
+        """``fn(job_ids)`` is called (from the changing thread, outside any transaction) after every state change
+        made through this store; ``job_ids`` is empty for a submit (every queue position may have changed)."""
+        self._change_listeners = [*self._change_listeners, fn]
+
+    def remove_change_listener(self, fn: Callable[[tuple[str, ...]], None]) -> None:
+        self._change_listeners = [f for f in self._change_listeners if f != fn]
 
     def add_terminal_listener(self, fn: Callable[[str], None]) -> None:
         """``fn(job_id)`` is called (outside any transaction) whenever this store makes a job terminal."""
