@@ -320,10 +320,11 @@ class JobStore:
         return f"JobStore({self.engine.url.render_as_string(hide_password=True)!r})"
 
     def close(self) -> None:
-        conn = getattr(self._raw_local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._raw_local.conn = None
+        for name in ("conn", "pg"):
+            conn = getattr(self._raw_local, name, None)
+            if conn is not None:
+                conn.close()
+                setattr(self._raw_local, name, None)
         self.engine.dispose()
 
     def _sqlite_file_path(self) -> str | None:
@@ -349,6 +350,25 @@ class JobStore:
             conn.execute("PRAGMA foreign_keys=ON")
             self._raw_local.conn = conn
         return conn
+
+    def _postgres_read(self, sql: str, params: tuple) -> Any:
+        """A read on this thread's own autocommit PostgreSQL connection: one round trip (a pooled connection
+        adds a ping and a rollback). A broken connection is dropped and the read tried once more."""
+        for attempt in (1, 2):
+            conn = getattr(self._raw_local, "pg", None)
+            if conn is None:
+                import psycopg
+
+                dsn = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+                conn = self._raw_local.pg = psycopg.connect(dsn, autocommit=True)
+            try:
+                with conn.cursor() as cursor:
+                    return cursor.execute(sql, params).fetchone()
+            except Exception:
+                if not conn.closed and not conn.broken or attempt == 2:
+                    raise
+                self._raw_local.pg = None
+        return None
 
     @contextmanager
     def _raw_write(self) -> Iterator[_Raw]:
@@ -376,6 +396,8 @@ class JobStore:
         one."""
         if self._raw_path is not None:
             return self._thread_connection().execute(sqlite_sql, params).fetchone()
+        if not self.is_sqlite:
+            return self._postgres_read(postgres_sql, params)
         conn = self.engine.raw_connection()
         try:
             cursor = conn.cursor()
