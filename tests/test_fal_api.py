@@ -83,6 +83,8 @@ def test_unknown_endpoint_is_404_naming_it(idle):
         ("fal-ai/flux-2", {"prompt": "a", "output_format": "gif"}, ["body", "output_format"], "literal_error"),
         (TURBO, {"prompt": "a", "num_images": 0}, ["body", "num_images"], "greater_than_equal"),
         ("fal-ai/flux-2/lora", {"prompt": "a", "loras": [{"scale": 1}]}, ["body", "loras", 0, "path"], "missing"),
+        ("fal-ai/flux-2/lora", {"prompt": "a", "loras": [{"path": "/etc/passwd"}]}, ["body", "loras", 0, "path"],
+         "value_error"),
         ("fal-ai/flux-2-pro", {"prompt": "a", "output_format": "webp"}, ["body", "output_format"], "literal_error"),
         ("fal-ai/flux-2-pro", {"prompt": "a", "safety_tolerance": "9"}, ["body", "safety_tolerance"],
          "literal_error"),

@@ -37,8 +37,16 @@ class ImageSize(BaseModel):
 class LoraWeight(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    path: str = Field(description="URL or path to the LoRA weights (.safetensors), or an hf:// reference.")
+    path: str = Field(description="URL of the LoRA weights (.safetensors): http(s):// or hf://owner/repo/file.")
     scale: float = Field(1.0, ge=0, le=4, description="The scale of the LoRA weight, multiplying its effect.")
+
+    @field_validator("path")
+    @classmethod
+    def _remote_only(cls, path: str) -> str:
+        # A caller may not name files on the server's disk; operators use `fluxserve generate --lora PATH`.
+        if not path.lower().startswith(("http://", "https://", "hf://")):
+            raise ValueError("must be an http(s) URL or hf://owner/repo/path/to/file.safetensors")
+        return path
 
 
 class FalInput(BaseModel):
