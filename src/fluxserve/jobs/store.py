@@ -351,16 +351,21 @@ class JobStore:
             self._raw_local.conn = conn
         return conn
 
+    def _postgres_connection(self) -> Any:
+        """This thread's own autocommit PostgreSQL connection (opened on first use; dropped when broken)."""
+        conn = getattr(self._raw_local, "pg", None)
+        if conn is None or conn.closed:
+            import psycopg
+
+            dsn = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+            conn = self._raw_local.pg = psycopg.connect(dsn, autocommit=True)
+        return conn
+
     def _postgres_read(self, sql: str, params: tuple) -> Any:
         """A read on this thread's own autocommit PostgreSQL connection: one round trip (a pooled connection
         adds a ping and a rollback). A broken connection is dropped and the read tried once more."""
         for attempt in (1, 2):
-            conn = getattr(self._raw_local, "pg", None)
-            if conn is None:
-                import psycopg
-
-                dsn = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-                conn = self._raw_local.pg = psycopg.connect(dsn, autocommit=True)
+            conn = self._postgres_connection()
             try:
                 with conn.cursor() as cursor:
                     return cursor.execute(sql, params).fetchone()
@@ -375,17 +380,29 @@ class JobStore:
         """A write transaction on a DBAPI connection, for the hot paths (submit, claim, progress, finish):
         SQLAlchemy's statement building and execution cost ~1-2 ms per statement on a small CPU, the SQL itself
         ~50 us. SQLite: ``BEGIN IMMEDIATE`` (the write lock up front, as ``_write``)."""
-        pooled = self._raw_path is None
+        if not self.is_sqlite:  # this thread's autocommit connection, with an explicit transaction
+            conn = self._postgres_connection()
+            conn.execute("BEGIN")
+            try:
+                yield _Raw(conn, True)
+            except BaseException:
+                if conn.broken:
+                    self._raw_local.pg = None
+                else:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return
+        pooled = self._raw_path is None  # in-memory SQLite: the pool's one shared connection
         conn = self.engine.raw_connection() if pooled else self._thread_connection()
         try:
-            if self.is_sqlite:
-                conn.execute("BEGIN IMMEDIATE")
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                yield _Raw(conn, not self.is_sqlite)
+                yield _Raw(conn, False)
             except BaseException:
-                conn.rollback() if not self.is_sqlite else conn.execute("ROLLBACK")
+                conn.execute("ROLLBACK")
                 raise
-            conn.commit() if not self.is_sqlite else conn.execute("COMMIT")
+            conn.execute("COMMIT")
         finally:
             if pooled:
                 conn.close()
