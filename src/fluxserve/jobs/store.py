@@ -58,6 +58,14 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def db_time(value: datetime | None, postgres: bool) -> Any:
+    """A timestamp as the raw driver wants it: naive UTC for PostgreSQL, SQLAlchemy's text format for SQLite."""
+    if value is None:
+        return None
+    value = value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo is not None else value
+    return value if postgres else value.strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
 @dataclass
 class LogLine:
     seq: int
@@ -185,10 +193,7 @@ class _Raw:
         cursor.executemany(sql.replace("?", "%s") if self.postgres else sql, rows)
 
     def time(self, value: datetime | None) -> Any:
-        if value is None:
-            return None
-        value = value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo is not None else value
-        return value if self.postgres else value.strftime("%Y-%m-%d %H:%M:%S.%f")  # SQLAlchemy's SQLite format
+        return db_time(value, self.postgres)
 
     def json(self, value: Any) -> Any:
         if value is None:
@@ -636,8 +641,7 @@ class JobStore:
             return None
         now = utcnow()
         postgres = not self.is_sqlite
-        when = now.astimezone(UTC).replace(tzinfo=None)
-        when = when if postgres else when.strftime("%Y-%m-%d %H:%M:%S.%f")
+        when = db_time(now, postgres)
         pick = (
             "SELECT id FROM jobs WHERE cancel_requested = ? AND (timeout_at IS NULL OR timeout_at > ?) AND "
             "(status = 'queued' OR (status = 'running' AND lease_expires_at < ? AND attempts < ?))"
@@ -678,8 +682,7 @@ class JobStore:
         self._last_sweep = time.monotonic()
         now = utcnow()
         postgres = not self.is_sqlite
-        when = now.astimezone(UTC).replace(tzinfo=None)
-        when = when if postgres else when.strftime("%Y-%m-%d %H:%M:%S.%f")
+        when = db_time(now, postgres)
         condition = (
             "FROM jobs WHERE (status = 'queued' AND timeout_at IS NOT NULL AND timeout_at <= ?) OR "
             "(status = 'running' AND lease_expires_at < ? AND "
