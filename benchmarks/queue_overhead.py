@@ -25,43 +25,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from serving import cpu_model, percentile, start_server
 
 from fluxserve.config import Settings
 from fluxserve.jobs.store import JobStore
 
 DEFINITION = ("overhead = (client sees COMPLETED - client starts the submit) - the engine's timings.inference; "
               "one job at a time, one worker")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def describe_device() -> str:
@@ -104,22 +80,8 @@ def main() -> None:
 
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="fluxserve-bench-"))
     settings = Settings(data_dir=data_dir, demo=not args.real, db=args.db)
-    port = free_port()
-    command = [sys.executable, "-m", "fluxserve", "serve", "--port", str(port), "--data-dir", str(data_dir)]
-    command += ["--demo"] if not args.real else []
-    command += ["--db", args.db] if args.db else []
-    server = subprocess.Popen(command, env={**os.environ, "FLUXSERVE_REQUIRE_AUTH": "0"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            httpx.get(f"{base}/health", timeout=1)
-            break
-        except httpx.HTTPError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit(f"server did not start: {server.stderr.read().decode()[-2000:]}") from None
-            time.sleep(0.2)
+    flags = (["--demo"] if not args.real else []) + (["--db", args.db] if args.db else [])
+    server, base, _port = start_server(str(data_dir), *flags)
     store = JobStore(settings.db_url)
     body = {"prompt": "a lighthouse at dusk", "image_size": {"width": args.size, "height": args.size}}
 

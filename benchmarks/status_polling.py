@@ -20,41 +20,15 @@ import argparse
 import asyncio
 import importlib.util
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
 import httpx
+from serving import cpu_model, percentile, start_server
 
 ENDPOINT = "fal-ai/flux-2/flash"
 TARGET = 1500
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 async def poller(port: int, path: str, stop_at: float, latencies: list[float], errors: list[str]) -> None:
@@ -102,25 +76,9 @@ def main() -> None:
     parser.add_argument("--db", default="", help="job store URL (default: SQLite in a temporary directory)")
     args = parser.parse_args()
 
-    port = free_port()
     data_dir = tempfile.mkdtemp(prefix="fluxserve-poll-")
-    command = [sys.executable, "-m", "fluxserve", "serve", "--demo", "--no-workers", "--port", str(port),
-               "--data-dir", data_dir]
-    if args.db:
-        command += ["--db", args.db]
-    env = {**os.environ, "FLUXSERVE_REQUIRE_AUTH": "0"}
-    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
+    server, base, port = start_server(data_dir, "--demo", "--no-workers", *(["--db", args.db] if args.db else []))
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(f"{base}/health", timeout=1)
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit(f"server did not start: {server.stderr.read().decode()[-2000:]}") from None
-                time.sleep(0.2)
         with httpx.Client(base_url=base, timeout=30) as client:
             def submit(prompt: str) -> str:
                 body = client.post(f"/queue/{ENDPOINT}", json={"prompt": prompt}).json()
