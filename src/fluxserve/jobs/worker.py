@@ -16,6 +16,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pydantic import ValidationError
@@ -90,6 +91,9 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._run_state: _Run | None = None
         self._engine_lock = _engine_lock(engine)
+        # One long-lived reporter thread: the store keeps a connection per thread, so a thread per job would
+        # open a new database connection for every job (~10 ms on PostgreSQL).
+        self._reporter = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"reporter-{self.worker_id}")
 
     def __repr__(self) -> str:
         return f"Worker({self.worker_id!r})"
@@ -155,15 +159,13 @@ class Worker:
                 return None
             run = _Run(job)
             self._run_state = run
-            reporter = threading.Thread(target=self._report_loop, args=(run,), name=f"reporter-{job.id}",
-                                        daemon=True)
-            reporter.start()
+            reporter = self._reporter.submit(self._report_loop, run)
             try:
                 outcome = self._generate(run)
             finally:
                 run.done.set()
                 run.wake.set()
-                reporter.join()
+                reporter.result()
         try:
             finished = self._finish(run, outcome)
         finally:
@@ -241,7 +243,8 @@ class Worker:
         lines = []
         for line, preview in pending:
             if preview:
-                line["preview_key"] = self.storage.put(preview, image_content_type(preview, "image/png"), prefix="previews")
+                content_type = image_content_type(preview, "image/png")
+                line["preview_key"] = self.storage.put(preview, content_type, prefix="previews")
             lines.append(line)
         return lines
 
