@@ -37,6 +37,9 @@ DESCRIPTION = f"{AI_MARKER} image (FLUX.2, {SOFTWARE})"
 
 FORMATS = ("png", "jpeg", "webp", "avif", "gif")
 DEFAULT_QUALITY = {"jpeg": 90, "webp": 90, "avif": 80}
+# zlib level 1 encodes a 1024x768 photo-like PNG ~2.8x faster than level 6 (73 vs 203 ms here) for ~40% more
+# bytes: at serving speeds the encode time matters more than the size (pass a quality for smaller files).
+DEFAULT_PNG_LEVEL = 1
 
 _PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "avif": "AVIF", "gif": "GIF"}
 _USER_COMMENT_ASCII = b"ASCII\x00\x00\x00"  # EXIF UserComment character-code prefix
@@ -80,7 +83,7 @@ def encode_image(image: Image.Image, fmt: str, quality: int | None, metadata: di
         info.add_text("Software", SOFTWARE)
         info.add_text("Description", DESCRIPTION)
         info.add_itxt("XML:com.adobe.xmp", options.pop("xmp").decode("utf-8"))
-        level = 6 if quality is None else round(9 * (100 - quality) / 100)
+        level = DEFAULT_PNG_LEVEL if quality is None else round(9 * (100 - quality) / 100)
         image.save(out, "PNG", pnginfo=info, compress_level=level, **options)
     else:
         keep_alpha = fmt in ("webp", "avif") and image.mode in ("RGBA", "LA")
