@@ -306,3 +306,13 @@ def test_preview_is_the_clean_estimate(engine: Engine):
     final = decode.decode(pipe, decode.vae_latents(pipe, after, 192, 256))[0]
     assert preview.size == final.size == (256, 192)
     assert np.abs(np.asarray(preview).astype(int) - np.asarray(final).astype(int)).max() <= 1
+
+
+def test_serving_devices_one_engine_per_device(demo_settings, catalog: Catalog):
+    from fluxserve.engine import engines_for, serving_devices
+
+    assert serving_devices("cuda:0, cuda:1") == ["cuda:0", "cuda:1"]
+    assert serving_devices("") == (["cpu"] if not torch.cuda.is_available() else
+                                   [f"cuda:{i}" for i in range(torch.cuda.device_count())])
+    engines = engines_for(replace(demo_settings, device="cpu,cpu"), catalog)
+    assert [str(engine.device) for engine in engines] == ["cpu", "cpu"]

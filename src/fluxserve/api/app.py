@@ -48,7 +48,7 @@ class RequestIdMiddleware:
 
 
 def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
-    from fluxserve.engine import Engine
+    from fluxserve.engine import engines_for
     from fluxserve.jobs.store import JobStore
     from fluxserve.jobs.webhooks import WebhookSender, register_payload_builder
     from fluxserve.jobs.worker import Worker
@@ -61,7 +61,7 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
     catalog = Catalog.load(settings.catalog or None)
     store = JobStore(settings.db_url)
     storage = open_storage(settings.storage_location)
-    engine = Engine(settings, catalog)
+    engines = engines_for(settings, catalog)
     app_metrics = metrics.Metrics(store)
     register_payload_builder(fal.DIALECT, partial(fal.webhook_payload, catalog, storage))
     webhooks = WebhookSender(store)
@@ -72,6 +72,7 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
 
     workers = [
         Worker(store, engine, storage, on_finished=on_finished)
+        for engine in engines
         for _ in range(max(1, settings.workers_per_device) if start_workers else 0)
     ]
 
@@ -95,7 +96,7 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings, app.state.catalog, app.state.store = settings, catalog, store
-    app.state.storage, app.state.engine, app.state.workers = storage, engine, workers
+    app.state.storage, app.state.engines, app.state.workers = storage, engines, workers
     app.state.metrics, app.state.webhooks = app_metrics, webhooks
     app.state.auth = KeyChecker(store)
     app.state.signer = files.Signer()
@@ -115,7 +116,7 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
             "workers": len(workers),
             "queue_depth": counts.get("queued", 0),
             "jobs": counts,
-            "placement": engine.placement(),
+            "placement": [engine.placement() for engine in engines],
         })
 
     app.include_router(metrics.router)

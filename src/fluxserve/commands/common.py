@@ -12,7 +12,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="serve every endpoint with the tiny demo models (built on first use)")
     parser.add_argument("--catalog", help="endpoint catalogue TOML (default: the packaged catalog.toml)")
     parser.add_argument("--data-dir", help="where the database, files and model cache live")
-    parser.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    parser.add_argument("--device", help="cuda, cuda:N, a list like cuda:0,cuda:1, or cpu (default: every CUDA GPU, "
+                        "one engine and its workers each; the CPU without one)")
     parser.add_argument("--text-encoder", dest="text_encoder_placement",
                         choices=["auto", "resident", "fp8", "offload"],
                         help="text-encoder placement on CUDA (default: auto, from free GPU memory)")

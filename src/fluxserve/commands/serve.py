@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
             )
             return 2
         app.state.auth.required = True
-    preload(app.state.engine, settings, args.preload or [])
+    preload(app.state.engines, settings, args.preload or [])
     scheme = "https" if args.ssl_certfile else "http"
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"fluxserve: {scheme}://{shown_host}:{args.port}  (data: {settings.data_dir}, db: {settings.db_url})")
@@ -66,15 +66,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def preload(engine, settings, models: list[str]) -> None:
-    """Build the demo weights (with --demo) and make the named models resident before serving."""
+def preload(engines, settings, models: list[str]) -> None:
+    """Build the demo weights (with --demo) and make the named models resident on every device before serving."""
     if settings.demo:
         from fluxserve.engine.demo import ensure_demo_weights
 
         ensure_demo_weights(settings.demo_dir)
-    keys = list(engine.catalog.models) if models == ["all"] else models
+    known = engines[0].catalog.models
+    keys = list(known) if models == ["all"] else models
     for key in keys:
-        if key not in engine.catalog.models:
-            raise SystemExit(f"error: --preload: unknown model {key!r}; known: {', '.join(engine.catalog.models)}")
-        print(f"loading {key} ...", flush=True)
-        engine.load(key)
+        if key not in known:
+            raise SystemExit(f"error: --preload: unknown model {key!r}; known: {', '.join(known)}")
+        for engine in engines:
+            print(f"loading {key} on {engine.device} ...", flush=True)
+            engine.load(key)

@@ -35,7 +35,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fluxserve.catalog import Catalog
-    from fluxserve.engine import Engine
+    from fluxserve.engine import engines_for
     from fluxserve.jobs.store import JobStore
     from fluxserve.jobs.worker import Worker, default_worker_id
     from fluxserve.storage import open_storage
@@ -51,13 +51,15 @@ def run(args: argparse.Namespace) -> int:
             return 2
     store = JobStore(settings.db_url)
     storage = open_storage(settings.storage_location)
-    engine = Engine(settings, catalog)
+    engines = engines_for(settings, catalog)
     base_id = args.worker_id or default_worker_id()
-    count = max(1, settings.workers_per_device)
+    per_device = max(1, settings.workers_per_device)
+    count = per_device * len(engines)
     workers = [
-        Worker(store, engine, storage, worker_id=base_id if count == 1 else f"{base_id}-{i}",
+        Worker(store, engine, storage, worker_id=base_id if count == 1 else f"{base_id}-{d}-{i}",
                lease_s=args.lease, models=models)
-        for i in range(count)
+        for d, engine in enumerate(engines)
+        for i in range(per_device)
     ]
     print(f"fluxserve worker: {count} worker(s) {base_id} on {store!r}, storage {storage!r}"
           + (" (demo models)" if settings.demo else ""), file=sys.stderr, flush=True)

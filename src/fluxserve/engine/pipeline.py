@@ -15,7 +15,7 @@ import secrets
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
@@ -318,6 +318,21 @@ class Engine:
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------
+def serving_devices(requested: str = "") -> list[str]:
+    """The devices to serve on, one engine each: those named (``cuda:0,cuda:1``), else every CUDA GPU, else the
+    CPU."""
+    if requested:
+        return [name.strip() for name in requested.split(",") if name.strip()]
+    if torch.cuda.is_available():
+        return [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    return ["cpu"]
+
+
+def engines_for(settings: Settings, catalog: Catalog) -> list[Engine]:
+    """One engine per serving device (the models stay resident on each)."""
+    return [Engine(replace(settings, device=device), catalog) for device in serving_devices(settings.device)]
+
+
 def _pick_device(name: str) -> torch.device:
     if name:
         return torch.device(name)
