@@ -16,7 +16,7 @@ from functools import partial
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from fluxserve.api import fal, files, metrics
+from fluxserve.api import fal, files, metrics, web
 from fluxserve.api import openai as openai_api
 from fluxserve.api import replicate as replicate_api
 from fluxserve.api.auth import KeyChecker
@@ -127,5 +127,6 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
     app.include_router(openai_api.router)
     app.include_router(replicate_api.router)
     # ------------------------------------------------------------------------------------
+    app.include_router(web.router)  # the playground: GET /, /playground, /web/*, /api/history
     app.include_router(fal.root_router)  # must stay last: POST /{endpoint_id:path}
     return app

@@ -1,0 +1,99 @@
+"""The playground: a static page (``web/``) at ``GET /`` and ``/playground``, and ``GET /api/history``.
+
+The page is plain HTML, one JS module and one CSS file shipped inside the package; it talks to the server the way
+a client does (fal's queue API, ``/api/endpoints``, the per-endpoint OpenAPI documents). ``/api/history`` lists
+the recent jobs of every dialect, newest first, for its history panel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from fluxserve.api.auth import require_key
+from fluxserve.api.common import image_url
+from fluxserve.api.errors import FalValidationError, field_error
+
+WEB = resources.files("fluxserve") / "web"
+ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
+MAX_HISTORY = 200
+
+router = APIRouter(tags=["playground"])
+
+
+def _asset(name: str) -> bytes:
+    return (WEB / name).read_bytes()
+
+
+@router.get("/", include_in_schema=False)
+@router.get("/playground", include_in_schema=False)
+async def playground() -> Response:
+    return Response(_asset("index.html"), media_type="text/html; charset=utf-8",
+                    headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/web/{name}", include_in_schema=False)
+async def asset(name: str) -> Response:
+    if name not in ASSETS:
+        return Response("Not found", status_code=404, media_type="text/plain")
+    return Response(_asset(name), media_type=f"{ASSETS[name]}; charset=utf-8", headers={"Cache-Control": "no-cache"})
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _parse_before(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise FalValidationError([{**field_error([], f"Invalid ISO 8601 time: {value!r}"),
+                                   "loc": ["query", "before"]}]) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def history_item(request: Request, job: Any) -> dict[str, Any]:
+    """One job as the history panel shows it. Jobs stored without their bodies (``store_io`` off) keep only
+    their status and timing: no prompt, input or images."""
+    item: dict[str, Any] = {
+        "id": job.id, "endpoint": job.endpoint, "dialect": job.dialect, "status": job.status,
+        "created_at": _iso(job.created_at), "started_at": _iso(job.started_at),
+        "completed_at": _iso(job.completed_at), "step": job.step, "total_steps": job.total_steps,
+        "error": job.error, "error_type": job.error_type, "store_io": job.store_io,
+        "prompt": None, "input": None, "request": None, "images": [], "seed": None, "timings": None,
+    }
+    if not job.store_io:
+        return item
+    canonical = job.request or {}
+    result = job.result or {}
+    item.update(
+        prompt=result.get("prompt") or canonical.get("prompt") or (job.input or {}).get("prompt"),
+        input=job.input, request=canonical or None, seed=result.get("seed", canonical.get("seed")),
+        timings=result.get("timings"),
+        images=[{"url": image_url(request, image["key"]), "width": image.get("width"),
+                 "height": image.get("height"), "content_type": image.get("content_type")}
+                for image in result.get("images", []) if image.get("key")],
+    )
+    return item
+
+
+@router.get("/api/history", dependencies=[Depends(require_key("fal"))],
+            summary="Recent jobs of every dialect, newest first (the playground's history)")
+async def history(request: Request, limit: int = Query(50, ge=1, le=MAX_HISTORY),
+                  before: str | None = Query(None, description="ISO 8601: only jobs created before it")) -> JSONResponse:
+    cutoff = _parse_before(before)
+    jobs = await asyncio.to_thread(request.app.state.store.list, limit=limit, before=cutoff)
+    items = [history_item(request, job) for job in jobs]
+    next_before = items[-1]["created_at"] if len(items) == limit else None
+    return JSONResponse({"items": items, "next_before": next_before})

@@ -1,0 +1,702 @@
+// fluxserve playground: one module, no dependencies. It talks to the server like any fal client does:
+// GET /api/endpoints and the per-endpoint OpenAPI document (the form), POST /queue/{endpoint} (submit),
+// GET .../status/stream?logs=1 (progress, SSE read through fetch so the Authorization header goes along),
+// GET response_url (the output), PUT cancel_url (cancel), GET /api/history (every dialect's recent jobs).
+
+const KEY_STORAGE = "fluxserve.key";
+const ENDPOINT_STORAGE = "fluxserve.endpoint";
+const PREFERRED_ENDPOINT = "fal-ai/flux-2/flash";
+const HIDDEN_FIELDS = new Set(["sync_mode"]); // the playground keeps outputs, so history can show them
+const FIELD_ORDER = ["prompt", "image_urls", "image_size", "seed", "num_images", "num_inference_steps",
+  "guidance_scale", "output_format", "acceleration", "safety_tolerance", "loras"];
+const SIZE_LABELS = {
+  auto: "auto (first reference's size)", square_hd: "square HD · 1024×1024", square: "square · 512×512",
+  portrait_4_3: "portrait 3:4 · 768×1024", portrait_16_9: "portrait 9:16 · 576×1024",
+  landscape_4_3: "landscape 4:3 · 1024×768", landscape_16_9: "landscape 16:9 · 1024×576",
+};
+const STEP_RE = /step\s+(\d+)\s*\/\s*(\d+)/i;
+
+const $ = (id) => document.getElementById(id);
+const state = {
+  endpoints: [], schema: null, components: {}, fields: new Map(), job: null, abort: null,
+  historyBefore: null, historyTimer: null, formLoads: 0,
+};
+
+// ---- small DOM helper -----------------------------------------------------------------------------------------
+function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (name === "class") el.className = value;
+    else if (name.startsWith("on")) el.addEventListener(name.slice(2), value);
+    else if (name in el && typeof value !== "string") el[name] = value;
+    else el.setAttribute(name, value === true ? "" : value);
+  }
+  for (const child of children.flat()) {
+    if (child === null || child === undefined || child === false) continue;
+    el.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return el;
+}
+
+// ---- HTTP -----------------------------------------------------------------------------------------------------
+class HttpError extends Error {
+  constructor(status, body) {
+    super(describe(body) || `HTTP ${status}`);
+    this.status = status;
+    this.body = body;
+  }
+}
+
+function describe(body) {
+  if (!body) return "";
+  if (typeof body === "string") return body;
+  const detail = body.detail ?? body.error?.message ?? body.error;
+  if (typeof detail === "string") return detail;
+  if (Array.isArray(detail)) return detail.map((d) => `${(d.loc || []).slice(1).join(".")}: ${d.msg}`).join("; ");
+  return JSON.stringify(body);
+}
+
+function authHeaders() {
+  const key = localStorage.getItem(KEY_STORAGE);
+  return key ? { Authorization: `Key ${key}` } : {};
+}
+
+async function api(url, options = {}) {
+  const headers = { ...authHeaders(), ...(options.headers || {}) };
+  if (options.json !== undefined) {
+    headers["Content-Type"] = "application/json";
+    options = { ...options, body: JSON.stringify(options.json) };
+  }
+  const response = await fetch(url, { ...options, headers });
+  if (response.status === 401) {
+    const body = await response.json().catch(() => null);
+    showKeyPanel(localStorage.getItem(KEY_STORAGE)
+      ? `The saved key was refused: ${describe(body) || "invalid API key"}. Enter a valid key.`
+      : "This server requires an API key. Enter one to continue.");
+    throw new HttpError(401, body);
+  }
+  if (!response.ok && !(response.status === 202)) {
+    const text = await response.text();
+    let body = text;
+    try { body = JSON.parse(text); } catch { /* not JSON */ }
+    throw new HttpError(response.status, body);
+  }
+  return response;
+}
+
+const getJSON = async (url, options) => (await api(url, options)).json();
+
+// Server-sent events over fetch (EventSource cannot send an Authorization header).
+async function* sse(url, signal) {
+  const response = await api(url, { signal, headers: { Accept: "text/event-stream" } });
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value.replace(/\r\n/g, "\n");
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const chunk = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      const data = chunk.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trimStart());
+      if (data.length) yield JSON.parse(data.join("\n"));
+    }
+  }
+}
+
+// ---- API key ----------------------------------------------------------------------------------------------------
+function showKeyPanel(message) {
+  $("key-panel").hidden = false;
+  $("key-toggle").setAttribute("aria-expanded", "true");
+  $("key-message").textContent = message || "";
+  $("key-input").value = localStorage.getItem(KEY_STORAGE) || "";
+  if (message) $("key-input").focus();
+}
+
+function setupKey() {
+  $("key-toggle").addEventListener("click", () => {
+    const open = $("key-panel").hidden;
+    if (open) showKeyPanel("");
+    else { $("key-panel").hidden = true; $("key-toggle").setAttribute("aria-expanded", "false"); }
+  });
+  $("key-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const key = $("key-input").value.trim();
+    if (key) localStorage.setItem(KEY_STORAGE, key);
+    else localStorage.removeItem(KEY_STORAGE);
+    $("key-message").textContent = "Checking…";
+    try {
+      await loadHistory();
+      $("key-message").textContent = "";
+      $("key-panel").hidden = true;
+      $("key-toggle").setAttribute("aria-expanded", "false");
+      setStatus(key ? "Key saved." : "Key removed.");
+    } catch (error) {
+      if (!(error instanceof HttpError && error.status === 401)) $("key-message").textContent = error.message;
+    }
+  });
+  $("key-clear").addEventListener("click", () => {
+    localStorage.removeItem(KEY_STORAGE);
+    $("key-input").value = "";
+    $("key-message").textContent = "Key forgotten.";
+  });
+}
+
+// ---- endpoints and their schemas --------------------------------------------------------------------------------
+async function loadEndpoints() {
+  state.endpoints = (await getJSON("/api/endpoints")).filter((e) => ["text-to-image", "edit"].includes(e.task));
+  const select = $("endpoint");
+  select.replaceChildren();
+  for (const [task, label] of [["text-to-image", "Text to image"], ["edit", "Edit (reference images)"]]) {
+    const group = h("optgroup", { label });
+    for (const e of state.endpoints.filter((x) => x.task === task)) {
+      group.append(h("option", { value: e.endpoint_id }, e.endpoint_id));
+    }
+    select.append(group);
+  }
+  const ids = state.endpoints.map((e) => e.endpoint_id);
+  const saved = localStorage.getItem(ENDPOINT_STORAGE);
+  select.value = ids.includes(saved) ? saved : ids.includes(PREFERRED_ENDPOINT) ? PREFERRED_ENDPOINT : ids[0];
+  select.addEventListener("change", () => {
+    if (select.value === $("fields").dataset.endpoint) return;
+    localStorage.setItem(ENDPOINT_STORAGE, select.value);
+    loadForm(select.value).catch(showError);
+  });
+  await loadForm(select.value);
+}
+
+function resolve(schema) {
+  if (schema && schema.$ref) return resolve(state.components[schema.$ref.split("/").pop()]);
+  return schema || {};
+}
+
+async function loadForm(endpointId, values = null) {
+  const load = ++state.formLoads;  // a slower earlier load must not overwrite a later one
+  $("fields").dataset.endpoint = "";
+  const doc = await getJSON(`/api/openapi/queue/openapi.json?endpoint_id=${encodeURIComponent(endpointId)}`);
+  if (load !== state.formLoads) return;
+  state.components = doc.components?.schemas || {};
+  const body = doc.paths[`/${endpointId}`].post.requestBody.content["application/json"].schema;
+  state.schema = resolve(body);
+  const info = state.endpoints.find((e) => e.endpoint_id === endpointId);
+  $("endpoint-info").textContent = [state.schema.description || info?.title, info && `model: ${info.model}`]
+    .filter(Boolean).join(" · ");
+  renderForm(values);
+  $("fields").dataset.endpoint = endpointId;
+}
+
+function orderedProperties(schema) {
+  const names = Object.keys(schema.properties || {}).filter((n) => !HIDDEN_FIELDS.has(n));
+  const rank = (n) => {
+    const i = FIELD_ORDER.indexOf(n);
+    if (i >= 0) return i;
+    return resolve(schema.properties[n]).type === "boolean" ? 1000 : 500;
+  };
+  return names.sort((a, b) => rank(a) - rank(b));
+}
+
+function renderForm(values) {
+  const container = $("fields");
+  container.replaceChildren();
+  state.fields = new Map();
+  clearErrors();
+  const required = new Set(state.schema.required || []);
+  const toggles = h("div", { class: "toggles" });
+  for (const name of orderedProperties(state.schema)) {
+    const prop = state.schema.properties[name];
+    const field = makeField(name, prop, required.has(name));
+    state.fields.set(name, field);
+    (field.kind === "boolean" ? toggles : container).append(field.el);
+  }
+  if (toggles.children.length) container.append(toggles);
+  if (values) fillForm(values);
+}
+
+const LABELS = { image_urls: "Reference images", num_images: "Images", num_inference_steps: "Steps" };
+const titleOf = (name, prop) =>
+  LABELS[name] || prop.title || name.replace(/_/g, " ").replace(/^./, (c) => c.toUpperCase());
+
+// One labelled field: the control, its description (shown, or only to screen readers and as a tooltip for the
+// compact half-width fields) and its error line.
+function wrap(name, prop, control, { required = false, hint = true, kind = "", compact = false, range = "" } = {}) {
+  const errorId = `err-${name}`;
+  const hintId = `hint-${name}`;
+  const classes = `field field-${kind || "plain"}${compact ? " compact" : ""}`;
+  const el = h("div", { class: classes, id: `field-${name}`, "data-field": name },
+    h("label", { for: `in-${name}`, title: compact ? prop.description : undefined }, titleOf(name, prop),
+      required ? h("span", { class: "req", "aria-hidden": "true" }, " *") : null,
+      range ? h("span", { class: "range" }, ` ${range}`) : null),
+    control,
+    hint && prop.description
+      ? h("p", { class: compact ? "visually-hidden" : "hint", id: hintId }, prop.description) : null,
+    h("p", { class: "field-error", id: errorId, hidden: true }),
+  );
+  for (const input of el.querySelectorAll("input, select, textarea")) {
+    input.setAttribute("aria-describedby", [hint && prop.description ? hintId : "", errorId].join(" ").trim());
+  }
+  return el;
+}
+
+function makeField(name, rawProp, required) {
+  const prop = rawProp;
+  const variants = (prop.anyOf || []).map(resolve);
+  const nonNull = variants.filter((v) => v.type !== "null");
+  if (name === "image_size") return sizeField(name, prop, variants);
+  if (name === "image_urls") return referencesField(name, prop, required);
+  const schema = nonNull.length === 1 ? { ...nonNull[0], ...prop, type: nonNull[0].type } : resolve(prop);
+  if (schema.type === "boolean") {
+    const input = h("input", { type: "checkbox", id: `in-${name}`, name, checked: schema.default === true });
+    const el = h("div", { class: "field field-boolean", id: `field-${name}`, "data-field": name },
+      h("label", { class: "switch", title: prop.description || "" }, input, h("span", {}, titleOf(name, prop))),
+      h("p", { class: "field-error", id: `err-${name}`, hidden: true }));
+    input.setAttribute("aria-describedby", `err-${name}`);
+    return { kind: "boolean", el, get: () => input.checked, set: (v) => { input.checked = Boolean(v); } };
+  }
+  if (schema.enum) {
+    const select = h("select", { id: `in-${name}`, name },
+      schema.enum.map((v) => h("option", { value: String(v) }, String(v))));
+    if (schema.default !== undefined) select.value = String(schema.default);
+    const numeric = schema.type === "integer" || schema.type === "number";
+    return { kind: "enum", el: wrap(name, prop, select, { required, compact: true }),
+      get: () => (numeric ? Number(select.value) : select.value), set: (v) => { select.value = String(v); } };
+  }
+  if (schema.type === "integer" || schema.type === "number") {
+    const nullable = nonNull.length !== variants.length;
+    const input = h("input", {
+      type: "number", id: `in-${name}`, name, inputmode: schema.type === "integer" ? "numeric" : "decimal",
+      min: schema.minimum ?? undefined, max: schema.maximum ?? undefined,
+      step: schema.type === "integer" ? "1" : "any",
+      placeholder: nullable ? (name === "seed" ? "random" : "default") : undefined,
+    });
+    if (schema.default !== undefined && schema.default !== null) input.value = String(schema.default);
+    const range = schema.minimum !== undefined && schema.maximum !== undefined
+      ? `${schema.minimum}–${schema.maximum}` : "";
+    const isSeed = name === "seed";
+    const control = isSeed
+      ? h("div", { class: "number-row" }, input,
+        h("button", { type: "button", class: "secondary small", "aria-label": "Random seed",
+          onclick: () => { input.value = String(Math.floor(Math.random() * 2 ** 31)); } }, "Random"),
+        h("button", { type: "button", class: "secondary small", "aria-label": "Clear the seed",
+          onclick: () => { input.value = ""; } }, "Clear"))
+      : input;
+    return { kind: "number", el: wrap(name, prop, control, { required, compact: !isSeed, range }),
+      get: () => (input.value.trim() === "" ? undefined : Number(input.value)),
+      set: (v) => { input.value = v === null || v === undefined ? "" : String(v); } };
+  }
+  if (schema.type === "string") {
+    const isPrompt = name === "prompt";
+    const input = isPrompt
+      ? h("textarea", { id: `in-${name}`, name, rows: 4, placeholder: schema.examples?.[0] || "", required })
+      : h("input", { type: "text", id: `in-${name}`, name, required });
+    if (schema.default !== undefined && schema.default !== null) input.value = String(schema.default);
+    return { kind: "string", el: wrap(name, prop, input, { required, kind: isPrompt ? "prompt" : "" }),
+      get: () => (input.value === "" && !required ? undefined : input.value), set: (v) => { input.value = v ?? ""; } };
+  }
+  // arrays of objects (loras) and anything else: JSON
+  const area = h("textarea", { id: `in-${name}`, name, rows: 3, class: "mono",
+    placeholder: name === "loras" ? '[{"path": "https://…/lora.safetensors", "scale": 1}]' : "JSON" });
+  return { kind: "json", el: wrap(name, prop, area, { required }),
+    get: () => {
+      if (!area.value.trim()) return undefined;
+      try { return JSON.parse(area.value); } catch (error) { throw new FieldError(name, `Invalid JSON: ${error.message}`); }
+    },
+    set: (v) => { area.value = v === undefined || v === null ? "" : JSON.stringify(v, null, 1); } };
+}
+
+class FieldError extends Error {
+  constructor(field, message) { super(message); this.field = field; }
+}
+
+function sizeField(name, prop, variants) {
+  const enumVariant = variants.find((v) => v.enum);
+  const objectVariant = variants.find((v) => v.type === "object");
+  const options = enumVariant ? enumVariant.enum : [];
+  const select = h("select", { id: `in-${name}`, name },
+    options.map((v) => h("option", { value: v }, SIZE_LABELS[v] || v)),
+    objectVariant ? h("option", { value: "custom" }, "custom width × height") : null);
+  select.value = prop.default && options.includes(prop.default) ? prop.default : options[0] || "custom";
+  const dims = objectVariant?.properties || {};
+  const dim = (d) => h("input", { type: "number", id: `in-${name}-${d}`, name: `${name}.${d}`, step: "16",
+    min: dims[d]?.minimum, max: dims[d]?.maximum, value: String(dims[d]?.default ?? 1024), "aria-label": d });
+  const width = dim("width");
+  const height = dim("height");
+  const custom = h("div", { class: "size-custom", hidden: select.value !== "custom" },
+    h("label", { for: width.id }, "W"), width, h("span", { "aria-hidden": "true" }, "×"),
+    h("label", { for: height.id }, "H"), height);
+  select.addEventListener("change", () => { custom.hidden = select.value !== "custom"; });
+  const el = wrap(name, prop, h("div", { class: "size-row" }, select, custom), { hint: false });
+  return { kind: "size", el,
+    get: () => (select.value === "custom"
+      ? { width: Number(width.value), height: Number(height.value) } : select.value),
+    set: (v) => {
+      if (v && typeof v === "object") {
+        select.value = "custom"; width.value = String(v.width); height.value = String(v.height);
+      } else if (v) select.value = v;
+      custom.hidden = select.value !== "custom";
+    } };
+}
+
+function referencesField(name, prop, required) {
+  const files = [];  // data URIs from the file picker
+  const picker = h("input", { type: "file", id: `in-${name}`, accept: "image/*", multiple: true });
+  const urls = h("textarea", { id: `in-${name}-urls`, rows: 2, class: "mono",
+    placeholder: "or image URLs / data URIs, one per line", "aria-label": "Reference image URLs" });
+  const thumbs = h("div", { class: "thumbs" });
+  const redraw = () => {
+    thumbs.replaceChildren(...files.map((uri, i) => h("figure", { class: "thumb" },
+      h("img", { src: uri, alt: `Reference ${i + 1}` }),
+      h("button", { type: "button", class: "remove", "aria-label": `Remove reference ${i + 1}`,
+        onclick: () => { files.splice(i, 1); redraw(); } }, "×"))));
+  };
+  picker.addEventListener("change", async () => {
+    for (const file of picker.files) {
+      files.push(await new Promise((ok, fail) => {
+        const reader = new FileReader();
+        reader.onload = () => ok(reader.result);
+        reader.onerror = () => fail(reader.error);
+        reader.readAsDataURL(file);
+      }));
+    }
+    picker.value = "";
+    redraw();
+  });
+  const el = wrap(name, prop, h("div", { class: "refs" }, picker, urls, thumbs), { required });
+  return { kind: "refs", el,
+    get: () => {
+      const list = [...files, ...urls.value.split("\n").map((s) => s.trim()).filter(Boolean)];
+      return list.length || required ? list : undefined;
+    },
+    set: (v) => {
+      files.length = 0;
+      const list = Array.isArray(v) ? v : [];
+      for (const u of list.filter((u) => u.startsWith("data:"))) files.push(u);
+      urls.value = list.filter((u) => !u.startsWith("data:")).join("\n");
+      redraw();
+    } };
+}
+
+function collect() {
+  const input = {};
+  for (const [name, field] of state.fields) {
+    const value = field.get();
+    if (value !== undefined) input[name] = value;
+  }
+  return input;
+}
+
+function fillForm(values) {
+  for (const [name, value] of Object.entries(values || {})) state.fields.get(name)?.set(value);
+}
+
+// ---- errors -----------------------------------------------------------------------------------------------------
+function clearErrors() {
+  for (const el of document.querySelectorAll(".field-error")) { el.hidden = true; el.textContent = ""; }
+  for (const el of document.querySelectorAll("[aria-invalid]")) el.removeAttribute("aria-invalid");
+  $("form-errors").hidden = true;
+  $("form-errors").replaceChildren();
+}
+
+function showFieldError(name, message) {
+  const box = $(`err-${name}`);
+  if (!box) return false;
+  box.textContent = box.textContent ? `${box.textContent} ${message}` : message;
+  box.hidden = false;
+  box.closest(".field")?.querySelectorAll("input, select, textarea")
+    .forEach((i) => i.setAttribute("aria-invalid", "true"));
+  return true;
+}
+
+function showFormErrors(messages) {
+  const box = $("form-errors");
+  box.replaceChildren(h("ul", {}, messages.map((m) => h("li", {}, m))));
+  box.hidden = false;
+}
+
+function showValidation(detail) {
+  const general = [];
+  for (const entry of Array.isArray(detail) ? detail : [{ loc: [], msg: String(detail) }]) {
+    const loc = (entry.loc || []).filter((p) => p !== "body");
+    const field = loc[0];
+    const sub = loc.slice(1).join(".");
+    const message = sub ? `${sub}: ${entry.msg}` : entry.msg;
+    if (!(field !== undefined && showFieldError(String(field), message))) {
+      general.push(field !== undefined ? `${loc.join(".")}: ${entry.msg}` : entry.msg);
+    }
+  }
+  const first = document.querySelector("[aria-invalid='true']");
+  if (first) first.focus();
+  if (general.length) showFormErrors(general);
+  setStatus("The server rejected the input (422): see the marked fields.", "error");
+}
+
+function showError(error) {
+  if (error instanceof HttpError && error.status === 401) {
+    setStatus("Unauthorized (401): enter a valid API key above.", "error");
+  } else if (error.name !== "AbortError") {
+    setStatus(error.message || String(error), "error");
+  }
+}
+
+// ---- a job ------------------------------------------------------------------------------------------------------
+function setStatus(text, tone = "") {
+  const el = $("status");
+  el.textContent = text;
+  el.dataset.tone = tone;
+}
+
+function setProgress(step, total) {
+  const bar = $("progress");
+  bar.hidden = false;
+  if (total) { bar.max = total; bar.value = step; bar.setAttribute("aria-valuetext", `step ${step} of ${total}`); }
+  else bar.removeAttribute("value");  // indeterminate
+  bar.dataset.step = String(step ?? "");
+}
+
+function resetResult(jobId) {
+  $("job-id").textContent = jobId || "";
+  $("images").replaceChildren();
+  $("meta").hidden = true;
+  $("meta").replaceChildren();
+  $("logs").replaceChildren();
+  $("logs-box").hidden = true;
+  $("params-box").hidden = true;
+  $("progress").hidden = true;
+  $("progress").value = 0;
+}
+
+function addLogs(logs) {
+  let last = null;
+  for (const line of logs || []) {
+    $("logs").append(h("li", {}, line.message));
+    const match = STEP_RE.exec(line.message || "");
+    if (match) last = [Number(match[1]), Number(match[2])];
+  }
+  if (logs?.length) $("logs-box").hidden = false;
+  return last;
+}
+
+function busy(on) {
+  $("generate").disabled = on;
+  $("cancel").disabled = !on;
+  $("generate").textContent = on ? "Generating…" : "Generate";
+}
+
+async function submit(event) {
+  event.preventDefault();
+  if (state.job) return;
+  clearErrors();
+  const endpointId = $("endpoint").value;
+  let input;
+  try { input = collect(); } catch (error) {
+    if (error instanceof FieldError) { showFieldError(error.field, error.message); return; }
+    throw error;
+  }
+  resetResult();
+  setStatus("Submitting…");
+  busy(true);
+  try {
+    const queued = await getJSON(`/queue/${endpointId}`, { method: "POST", json: input });
+    refreshHistorySoon();
+    await follow({ ...queued, endpoint: endpointId, input });
+  } catch (error) {
+    if (error instanceof HttpError && error.status === 422) showValidation(error.body?.detail ?? error.message);
+    else showError(error);
+  } finally {
+    state.job = null;
+    busy(false);
+    refreshHistorySoon();
+  }
+}
+
+// Follow a queued fal request to its end: status stream (logs -> progress bar), then its output.
+async function follow(job) {
+  state.job = job;
+  state.abort = new AbortController();
+  $("job-id").textContent = job.request_id;
+  showParams(job.endpoint, job.input);
+  setStatus("In queue…");
+  setProgress(0, 0);
+  let final = null;
+  try {
+    for await (const status of sse(`${job.status_url}/stream?logs=1`, state.abort.signal)) {
+      final = onStatus(status) || final;
+      if (final) break;
+    }
+  } catch (error) {
+    if (error.name === "AbortError") return;
+    if (!(error instanceof TypeError)) throw error;
+  }
+  while (!final) {  // the stream ended early (a proxy, a restart): poll
+    await new Promise((r) => setTimeout(r, 500));
+    final = onStatus(await getJSON(`${job.status_url}?logs=1`));
+  }
+  if (final.error) {
+    const cancelled = final.error_type === "request_cancelled" || /cancel/i.test(final.error);
+    setStatus(cancelled ? "Cancelled." : `Failed: ${final.error}`, cancelled ? "" : "error");
+    $("progress").hidden = true;
+    return;
+  }
+  setStatus("Fetching the output…");
+  const output = await getJSON(job.response_url);
+  showOutput(output, final.metrics);
+}
+
+function onStatus(status) {
+  if (status.status === "IN_QUEUE") {
+    setStatus(`In queue · position ${status.queue_position ?? 0}`);
+    return null;
+  }
+  const step = addLogs(status.logs);
+  if (step) setProgress(step[0], step[1]);
+  if (status.status === "IN_PROGRESS") {
+    setStatus(step ? `Generating · step ${step[0]} of ${step[1]}` : "Generating…");
+    return null;
+  }
+  if (status.status === "COMPLETED") {
+    if (!status.error) { const bar = $("progress"); if (bar.max) bar.value = bar.max; }
+    return status;
+  }
+  return null;
+}
+
+async function cancel() {
+  const job = state.job;
+  if (!job?.cancel_url) return;
+  $("cancel").disabled = true;
+  try {
+    const response = await api(job.cancel_url, { method: "PUT" });
+    const body = await response.json();
+    setStatus(body.status === "CANCELLATION_REQUESTED" ? "Cancelling…" : body.status);
+  } catch (error) {
+    if (error instanceof HttpError && error.status === 400) setStatus("Already completed.");
+    else showError(error);
+  }
+}
+
+// ---- output -----------------------------------------------------------------------------------------------------
+const fmtSeconds = (s) => (typeof s === "number" ? `${s < 10 ? s.toFixed(2) : s.toFixed(1)} s` : "");
+
+function showOutput(output, metrics, jobId = $("job-id").textContent) {
+  const images = output.images || [];
+  const nsfw = output.has_nsfw_concepts || [];
+  const prompt = output.prompt || "";
+  $("images").replaceChildren(...images.map((image, i) => {
+    const ext = (image.content_type || "image/png").split("/").pop().replace("jpeg", "jpg");
+    return h("figure", { class: "image" },
+      h("a", { href: image.url, target: "_blank", rel: "noopener" },
+        h("img", { src: image.url, alt: `Generated image ${i + 1} of ${images.length}${prompt ? `: ${prompt}` : ""}`,
+          width: image.width || undefined, height: image.height || undefined, decoding: "async" })),
+      h("figcaption", {},
+        h("span", {}, `${image.width ?? "?"}×${image.height ?? "?"} · ${image.content_type || ""}`),
+        nsfw[i] ? h("span", { class: "badge warn" }, "flagged by the safety checker") : null,
+        h("a", { href: image.url, download: `fluxserve-${jobId || "image"}-${i + 1}.${ext}` }, "Download")));
+  }));
+  const timings = output.timings || {};
+  const rows = [["Seed", output.seed], ["Images", images.length]];
+  const total = timings.inference ?? metrics?.inference_time;
+  if (total !== undefined) rows.push(["Inference", fmtSeconds(total)]);
+  for (const key of ["text_encoding", "denoising", "decoding", "safety", "encoding"]) {
+    if (typeof timings[key] === "number") rows.push([key.replace("_", " "), fmtSeconds(timings[key])]);
+  }
+  $("meta").replaceChildren(...rows.filter(([, v]) => v !== undefined && v !== null)
+    .flatMap(([k, v]) => [h("dt", {}, k), h("dd", { "data-meta": k.toLowerCase() }, String(v))]));
+  $("meta").hidden = false;
+  setStatus(images.length ? `Done · ${images.length} image${images.length > 1 ? "s" : ""}` : "Done (no images).",
+    "ok");
+}
+
+function showParams(endpoint, input, dialect = "fal") {
+  $("params").textContent = JSON.stringify({ endpoint, dialect, input }, (k, v) =>
+    (typeof v === "string" && v.startsWith("data:") && v.length > 120 ? `${v.slice(0, 60)}… (${v.length} chars)` : v), 2);
+  $("params-box").hidden = false;
+}
+
+// ---- history ----------------------------------------------------------------------------------------------------
+const timeFormat = new Intl.DateTimeFormat(undefined, { dateStyle: "short", timeStyle: "medium" });
+
+function historyEntry(item) {
+  const thumb = item.images?.[0];
+  const label = item.prompt || (item.store_io ? "(no prompt)" : "(input not stored)");
+  return h("li", {},
+    h("button", { type: "button", class: "history-item", "data-job": item.id, "data-dialect": item.dialect,
+      onclick: () => openHistory(item).catch(showError) },
+      thumb ? h("img", { src: thumb.url, alt: "", loading: "lazy", width: 56, height: 56 })
+        : h("span", { class: "no-thumb", "aria-hidden": "true" }, "—"),
+      h("span", { class: "history-text" },
+        h("span", { class: "history-prompt" }, label),
+        h("span", { class: "history-meta" },
+          h("span", { class: `badge status-${item.status}` }, item.status),
+          h("span", { class: "badge" }, item.dialect),
+          h("span", { class: "endpoint" }, item.endpoint)),
+        h("time", { datetime: item.created_at }, item.created_at ? timeFormat.format(new Date(item.created_at)) : ""))));
+}
+
+async function loadHistory(older = false) {
+  const params = new URLSearchParams({ limit: "30" });
+  if (older && state.historyBefore) params.set("before", state.historyBefore);
+  const body = await getJSON(`/api/history?${params}`);
+  const list = $("history");
+  const entries = body.items.map(historyEntry);
+  if (older) list.append(...entries); else list.replaceChildren(...entries);
+  state.historyBefore = body.next_before;
+  $("history-more").hidden = !body.next_before;
+  $("history-status").textContent = list.children.length ? "" : "No jobs yet.";
+  return body;
+}
+
+function refreshHistorySoon() {
+  clearTimeout(state.historyTimer);
+  state.historyTimer = setTimeout(() => loadHistory().catch(() => {}), 100);
+}
+
+async function openHistory(item) {
+  if (state.job) return;
+  resetResult(item.id);
+  const isFal = item.dialect === "fal" && state.endpoints.some((e) => e.endpoint_id === item.endpoint);
+  if (isFal && item.input) {
+    if ($("endpoint").value !== item.endpoint) {
+      $("endpoint").value = item.endpoint;
+      localStorage.setItem(ENDPOINT_STORAGE, item.endpoint);
+    }
+    await loadForm(item.endpoint, item.input);
+  } else if (item.request) {  // another dialect: carry over what the current form has a field for
+    const r = item.request;
+    const values = { prompt: r.prompt, seed: r.seed, num_images: r.num_images, output_format: r.output_format };
+    if (r.width && r.height) values.image_size = { width: r.width, height: r.height };
+    fillForm(Object.fromEntries(Object.entries(values).filter(([, v]) => v !== undefined && v !== null)));
+  }
+  showParams(item.endpoint, item.input ?? item.request, item.dialect);
+  if (isFal && (item.status === "queued" || item.status === "running")) {
+    const base = `${location.origin}/queue/${item.endpoint.split("/").slice(0, 2).join("/")}/requests/${item.id}`;
+    busy(true);
+    try {
+      await follow({ request_id: item.id, endpoint: item.endpoint, input: item.input, status_url: `${base}/status`,
+        response_url: base, cancel_url: `${base}/cancel` });
+    } finally { state.job = null; busy(false); refreshHistorySoon(); }
+    return;
+  }
+  if (item.status === "completed") {
+    showOutput({ images: item.images, seed: item.seed, timings: item.timings || {}, prompt: item.prompt }, null, item.id);
+  } else {
+    setStatus(`${item.status}${item.error ? `: ${item.error}` : ""}`, item.status === "failed" ? "error" : "");
+  }
+}
+
+// ---- start ------------------------------------------------------------------------------------------------------
+async function main() {
+  setupKey();
+  $("gen-form").addEventListener("submit", (e) => submit(e).catch(showError));
+  $("cancel").addEventListener("click", () => cancel());
+  $("history-refresh").addEventListener("click", () => loadHistory().catch(showError));
+  $("history-more").addEventListener("click", () => loadHistory(true).catch(showError));
+  document.addEventListener("visibilitychange", () => { if (!document.hidden) refreshHistorySoon(); });
+  try { await loadEndpoints(); } catch (error) { showError(error); }
+  try { await loadHistory(); } catch (error) {
+    $("history-status").textContent = error.status === 401 ? "Enter the API key to see the history." : error.message;
+  }
+  document.body.dataset.ready = "true";
+}
+
+main();

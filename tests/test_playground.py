@@ -1,0 +1,278 @@
+"""The playground in a real browser: headless Chromium (Debian's ``chromium``, driven by Playwright) against a
+real server (uvicorn on a free port, demo models). It generates through fal's queue API with a progress bar,
+shows jobs of every dialect in the history, marks 422 fields, and asks for the API key when the server needs
+one. ``/api/history`` is checked over plain HTTP too. Screenshots land in the test's tmp dir."""
+
+from __future__ import annotations
+
+import shutil
+
+import httpx
+import pytest
+from fal_helpers import Server, settings_for
+
+FLASH = "fal-ai/flux-2/flash"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    executable = shutil.which("chromium")
+    assert executable, "Chromium is not installed: `apt-get install chromium` (scripts/install test does it)"
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def server(demo_settings):
+    with Server(settings_for(demo_settings, "playground")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def locked(demo_settings):
+    with Server(settings_for(demo_settings, "playground-auth"), auth_required=True) as running:
+        yield running
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    opened = context.new_page()
+    errors: list[str] = []
+    opened.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield opened
+    context.close()
+    assert not errors, f"JavaScript errors: {errors}"
+
+
+def open_playground(page, url: str) -> None:
+    page.goto(url + "/")
+    page.wait_for_selector("body[data-ready='true']")
+
+
+def pick(page, endpoint: str) -> None:
+    page.select_option("#endpoint", endpoint)
+    page.wait_for_selector(f"#fields[data-endpoint='{endpoint}']")
+
+
+def pick_small_flash(page, prompt: str) -> None:
+    pick(page, FLASH)
+    page.select_option("#in-image_size", "custom")
+    page.fill("#in-image_size-width", "512")
+    page.fill("#in-image_size-height", "512")
+    page.fill("#in-prompt", prompt)
+
+
+def generate_and_wait(page) -> dict:
+    """Press Generate and wait for the image; returns its natural size and the progress steps the bar showed."""
+    page.evaluate("""() => {
+        const bar = document.getElementById('progress');
+        window.__steps = [];
+        new MutationObserver(() => { if (bar.dataset.step) window.__steps.push(Number(bar.dataset.step)); })
+            .observe(bar, {attributes: true, attributeFilter: ['data-step']});
+    }""")
+    page.click("#generate")
+    page.wait_for_function(
+        "() => { const img = document.querySelector('#images img'); return img && img.complete && img.naturalWidth; }",
+        timeout=60_000,
+    )
+    return page.evaluate("""() => {
+        const img = document.querySelector('#images img');
+        return {width: img.naturalWidth, height: img.naturalHeight, src: img.src, steps: window.__steps};
+    }""")
+
+
+# ---- routes ------------------------------------------------------------------------------------------------------
+def test_page_and_assets_are_served(server):
+    for path in ("/", "/playground"):
+        response = httpx.get(server.url + path)
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/html")
+        assert '<script type="module" src="/web/app.js">' in response.text
+    assert httpx.get(server.url + "/web/app.js").headers["content-type"].startswith("text/javascript")
+    assert httpx.get(server.url + "/web/style.css").headers["content-type"].startswith("text/css")
+    assert httpx.get(server.url + "/web/secrets.txt").status_code == 404
+
+
+def test_history_route(server, locked):
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        stored = client.post("/run/" + FLASH, json={"prompt": "kept prompt", "image_size": {"width": 512, "height": 512}})
+        assert stored.status_code == 200, stored.text
+        hidden = client.post("/queue/" + FLASH, headers={"X-Fal-Store-IO": "0"},
+                             json={"prompt": "secret prompt", "image_size": {"width": 512, "height": 512}})
+        hidden_id = hidden.json()["request_id"]
+        server.store.wait(hidden_id, 60)
+
+        body = client.get("/api/history", params={"limit": 50}).json()
+        by_id = {item["id"]: item for item in body["items"]}
+        kept = by_id[stored.headers["x-fal-request-id"]]
+        assert kept["prompt"] == "kept prompt" and kept["dialect"] == "fal" and kept["status"] == "completed"
+        assert kept["input"]["prompt"] == "kept prompt"
+        assert kept["images"][0]["url"].startswith(server.url + "/files/")
+        assert (kept["images"][0]["width"], kept["images"][0]["height"]) == (512, 512)
+        assert client.get(kept["images"][0]["url"]).status_code == 200
+        secret = by_id[hidden_id]
+        assert secret["store_io"] is False
+        assert secret["prompt"] is None and secret["input"] is None and secret["request"] is None
+        assert "secret prompt" not in httpx.get(server.url + "/api/history").text
+
+        newest_first = [item["created_at"] for item in body["items"]]
+        assert newest_first == sorted(newest_first, reverse=True)
+        page = client.get("/api/history", params={"limit": 1}).json()
+        assert len(page["items"]) == 1 and page["next_before"] == page["items"][0]["created_at"]
+        older = client.get("/api/history", params={"limit": 1, "before": page["next_before"]}).json()
+        assert older["items"][0]["created_at"] < page["next_before"]
+
+        bad = client.get("/api/history", params={"before": "yesterday"})
+        assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["query", "before"]
+        assert client.get("/api/history", params={"limit": 0}).status_code == 422
+
+    assert httpx.get(locked.url + "/api/history").status_code == 401
+    _, secret_key = locked.store.create_key("history")
+    locked.app.state.auth.forget()
+    assert httpx.get(locked.url + "/api/history", headers={"Authorization": f"Key {secret_key}"}).status_code == 200
+
+
+# ---- the page in Chromium -------------------------------------------------------------------------------------------
+def test_generate_through_the_queue(page, server, tmp_path):
+    open_playground(page, server.url)
+    assert page.locator("#key-panel").is_hidden()  # loopback without keys: no key needed
+    pick_small_flash(page, "a red lighthouse on a cliff at dusk")
+    page.fill("#in-seed", "1234")
+    result = generate_and_wait(page)
+
+    assert (result["width"], result["height"]) == (512, 512)
+    assert result["src"].startswith(server.url + "/files/outputs/")
+    steps = result["steps"]
+    assert steps and steps[-1] == 4, steps  # flash: 4 steps
+    assert any(0 < s < 4 for s in steps), steps  # the bar moved through the steps, not straight to the end
+    assert steps == sorted(steps)
+    page.wait_for_selector("#status[data-tone='ok']")
+    assert page.locator("#progress").evaluate("bar => bar.value === bar.max")
+    assert page.locator("#logs li", has_text="step 4/4").count() == 1
+    assert page.locator("dd[data-meta='seed']").inner_text() == "1234"
+    download = page.locator("#images a[download]")
+    assert download.get_attribute("href") == result["src"]
+    assert download.get_attribute("download").endswith(".png")
+    assert page.locator("#generate").is_enabled() and page.locator("#cancel").is_disabled()
+
+    # the job is in the history; clicking it re-opens its output and fills the form with its input
+    page.wait_for_selector(f"#history .history-item[data-job='{page.inner_text('#job-id')}'] img")
+    page.screenshot(path=str(tmp_path / "playground.png"), full_page=True)
+    page.emulate_media(color_scheme="dark")
+    page.screenshot(path=str(tmp_path / "playground-dark.png"), full_page=True)
+    page.emulate_media(color_scheme="light")
+    page.set_viewport_size({"width": 420, "height": 900})
+    page.screenshot(path=str(tmp_path / "playground-narrow.png"), full_page=True)
+    page.set_viewport_size({"width": 1400, "height": 900})
+    page.fill("#in-prompt", "something else")
+    page.select_option("#in-image_size", "square_hd")
+    page.locator("#history .history-item").first.click()
+    page.wait_for_selector("#images img")
+    assert page.input_value("#in-prompt") == "a red lighthouse on a cliff at dusk"
+    assert page.input_value("#in-image_size") == "custom"
+    assert page.input_value("#in-image_size-width") == "512"
+    assert page.input_value("#in-seed") == "1234"
+
+
+def test_cancel_a_running_job(page, server):
+    open_playground(page, server.url)
+    pick(page, "fal-ai/flux-2")  # up to 50 steps: long enough to cancel midway
+    page.fill("#in-prompt", "to be cancelled")
+    page.fill("#in-num_inference_steps", "50")
+    page.click("#generate")
+    page.wait_for_function("() => Number(document.getElementById('progress').dataset.step) >= 1", timeout=60_000)
+    page.click("#cancel")
+    page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Cancelled')",
+                           timeout=60_000)
+    job = server.store.get(page.inner_text("#job-id"))
+    assert job.status == "cancelled"
+    assert page.locator("#images img").count() == 0
+    assert page.locator("#generate").is_enabled()
+
+
+def test_edit_with_a_picked_reference_image(page, server, reference_image, tmp_path):
+    open_playground(page, server.url)
+    pick(page, FLASH + "/edit")
+    assert page.input_value("#in-image_size") == "auto"
+    page.set_input_files("#in-image_urls", reference_image(576, 512))
+    page.wait_for_selector("#field-image_urls .thumb img")
+    page.fill("#in-prompt", "make it blue")
+    result = generate_and_wait(page)
+    assert (result["width"], result["height"]) == (576, 512)  # auto: the reference's size
+    page.screenshot(path=str(tmp_path / "playground-edit.png"))
+    job = server.store.get(page.inner_text("#job-id"))
+    assert job.input["image_urls"][0].startswith("data:image/png;base64,")
+
+
+def test_history_shows_other_dialects(page, server):
+    open_playground(page, server.url)
+    response = httpx.post(server.url + "/v1/images/generations", timeout=120,
+                          json={"prompt": "an openai teapot", "model": "flux-2-flash", "size": "512x512"})
+    assert response.status_code == 200, response.text
+    page.click("#history-refresh")
+    item = page.locator("#history .history-item[data-dialect='openai']", has_text="an openai teapot")
+    item.wait_for()
+    assert item.locator("img").count() == 1
+    assert "completed" in item.inner_text()
+    item.click()
+    page.wait_for_function("() => document.querySelector('#images img')?.naturalWidth === 512")
+    assert page.input_value("#in-prompt") == "an openai teapot"  # carried over into the current form
+    assert '"dialect": "openai"' in page.locator("#params").text_content()
+
+
+def test_validation_errors_are_shown_at_their_fields(page, server, tmp_path):
+    open_playground(page, server.url)
+    pick_small_flash(page, "")
+    page.fill("#in-image_size-width", "100")
+    page.click("#generate")
+    page.wait_for_selector("#err-prompt:not([hidden])")
+    assert "at least 1 character" in page.inner_text("#err-prompt")
+    assert page.locator("#in-prompt").get_attribute("aria-invalid") == "true"
+    size_error = page.inner_text("#err-image_size")
+    assert "width" in size_error and "512" in size_error
+    assert "422" in page.inner_text("#status")
+    page.screenshot(path=str(tmp_path / "playground-422.png"))
+    assert page.locator("#images img").count() == 0
+
+    page.fill("#in-prompt", "fixed")  # errors clear on the next submit
+    page.fill("#in-image_size-width", "512")
+    assert generate_and_wait(page)["width"] == 512
+    assert page.locator("#err-prompt").is_hidden()
+
+
+def test_key_is_asked_for_when_the_server_needs_one(page, locked, tmp_path):
+    _, secret = locked.store.create_key("playground")
+    locked.app.state.auth.forget()
+    open_playground(page, locked.url)
+    panel = page.locator("#key-panel")
+    assert panel.is_visible()
+    assert "requires an API key" in page.inner_text("#key-message")
+    assert "API key" in page.inner_text("#history-status")
+    page.screenshot(path=str(tmp_path / "playground-key.png"))
+
+    page.fill("#key-input", "key_wrong:nope")
+    page.click("#key-form button[type='submit']")
+    page.wait_for_function("() => document.getElementById('key-message').textContent.includes('refused')")
+    assert panel.is_visible()
+
+    page.fill("#key-input", secret)
+    page.click("#key-form button[type='submit']")
+    panel.wait_for(state="hidden")
+    assert page.evaluate("() => localStorage.getItem('fluxserve.key')") == secret
+    pick_small_flash(page, "a locked door")
+    assert generate_and_wait(page)["height"] == 512
+    page.screenshot(path=str(tmp_path / "playground-auth.png"), full_page=True)
+
+    page.evaluate("() => localStorage.setItem('fluxserve.key', 'key_revoked:x')")
+    page.click("#generate")
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('401')")
+    assert panel.is_visible() and "refused" in page.inner_text("#key-message")
