@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 from dialect_server import live_server  # noqa: F401  (fixture)
@@ -163,12 +168,9 @@ def test_match_input_image(models):
     assert (request["width"], request["height"]) == (96, 64)
 
 
-def test_webhooks_start_and_completed(live_server):  # noqa: F811
-    import json
-    import threading
-    import time
-    from http.server import BaseHTTPRequestHandler, HTTPServer
-
+@contextlib.contextmanager
+def webhook_receiver():
+    """A real HTTP receiver on a free port: yields (url, the JSON bodies received so far)."""
     received: list[dict] = []
 
     class Hook(BaseHTTPRequestHandler):
@@ -183,20 +185,28 @@ def test_webhooks_start_and_completed(live_server):  # noqa: F811
     server = HTTPServer(("127.0.0.1", 0), Hook)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        url = f"http://127.0.0.1:{server.server_port}/hook"
+        yield f"http://127.0.0.1:{server.server_port}/hook", received
+    finally:
+        server.shutdown()
+
+
+def _wait_for_success(received: list[dict], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not any(r["status"] == "succeeded" for r in received):
+        time.sleep(0.1)
+
+
+def test_webhooks_start_and_completed(live_server):  # noqa: F811
+    with webhook_receiver() as (url, received):
         response = live_server.post(f"/v1/models/{DEV}/predictions", json={
             "input": {"prompt": "hook", **TINY}, "webhook": url, "webhook_events_filter": ["start", "completed"]})
         assert response.status_code == 201, response.text
         prediction_id = response.json()["id"]
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not any(r["status"] == "succeeded" for r in received):
-            time.sleep(0.1)
+        _wait_for_success(received, 60)
         assert all(r["id"] == prediction_id for r in received)
         statuses = [r["status"] for r in received]
         assert statuses[0] in ("starting", "processing") and statuses[-1] == "succeeded"
         assert received[-1]["output"].startswith(live_server.url + "/files/")
-    finally:
-        server.shutdown()
     output_only = _collect_webhooks(live_server, ["output"])
     assert [r["status"] for r in output_only] == ["succeeded"]  # no start event, one output at the end
     bad = live_server.post(f"/v1/models/{DEV}/predictions", json={
@@ -206,37 +216,14 @@ def test_webhooks_start_and_completed(live_server):  # noqa: F811
 
 def _collect_webhooks(live_server, events: list[str]) -> list[dict]:  # noqa: F811
     """Run one prediction with ``webhook_events_filter=events``; the webhooks received until it ended."""
-    import json
-    import threading
-    import time
-    from http.server import BaseHTTPRequestHandler, HTTPServer
-
-    received: list[dict] = []
-
-    class Hook(BaseHTTPRequestHandler):
-        def do_POST(self):
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Hook)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}/hook"
+    with webhook_receiver() as (url, received):
         response = live_server.post(f"/v1/models/{DEV}/predictions", json={
             "input": {"prompt": "hook", **TINY}, "webhook": url, "webhook_events_filter": events},
             headers={"Prefer": "wait"})
         assert response.status_code == 201 and response.json()["status"] == "succeeded", response.text
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not any(r["status"] == "succeeded" for r in received):
-            time.sleep(0.1)
+        _wait_for_success(received, 30)
         time.sleep(0.5)  # nothing else may follow
         return list(received)
-    finally:
-        server.shutdown()
 
 
 def test_failed_prediction_names_replicate_fields():
