@@ -31,6 +31,8 @@ def test_bench_cli_demo_klein_with_diffusers_baseline(tmp_path):
         assert ours["stages_s"][stage] > 0
     assert ours["step_ms"] > 0 and len(ours["step_ms_all"]) == 2  # 2 runs x (2 steps -> 1 gap)
     assert ours["end_to_end_s"] >= ours["stages_s"]["denoising"]
+    assert ours["cold_start_s"] > 0 and "cold start: first request" in done.stdout
+    assert ours["resolution_change"]["size"] == "384x128" and ours["resolution_change"]["first_request_s"] > 0
     assert report["request"] == {"width": 256, "height": 256, "steps": 2, "refs": 0, "num_images": 1,
                                  "guidance": 1.0, "acceleration": "regular", "warmup": 1, "repeat": 2, "seed": 0}
     assert report["acceleration"]["level"] == "regular" and report["acceleration"]["fused_qkv"] is True

@@ -327,6 +327,13 @@ def run_fluxserve(
         steps.extend(clock.step_ms())
         if len(clock.ends) < 2:  # one step: the whole denoising stage is the step
             steps.append(result.timings.get("denoising", 0.0) * 1000 / max(1, request.steps))
+    # A new resolution after the warm ones: with regional compilation and dynamic shapes this must not
+    # recompile the whole model (the number to compare with the warm end-to-end time).
+    other = request.model_copy(update={"width": (request.width or 1024) + 128, "height": (request.height or 1024) - 128})
+    clock.begin()
+    engine.generate(other, on_progress=on_progress)
+    _sync(device)
+    resolution_change_s = time.perf_counter() - clock.start
     stages = {k: _median(v) for k, v in stage_runs.items()}
     pipeline_s = [
         a + b + c
@@ -335,6 +342,8 @@ def run_fluxserve(
     return {
         "load_s": round(load_s, 3),
         "warmup_s": warm,
+        "cold_start_s": warm[0] if warm else None,
+        "resolution_change": {"size": f"{other.width}x{other.height}", "first_request_s": resolution_change_s},
         "stages_s": stages,
         "stages_all_s": stage_runs,
         "end_to_end_s": stages["inference"],
@@ -524,6 +533,11 @@ def format_report(report: dict) -> str:
         f"denoising step median: {_fmt(ours['step_ms'])} ms; load {ours['load_s']:.2f} s; "
         f"peak GPU memory {_fmt(ours['peak_memory_gib'])} GiB (loading: {_fmt(ours.get('load_peak_memory_gib'))} "
         f"GiB, resident after load {_fmt(ours.get('resident_memory_gib'))} GiB)"
+    )
+    change = ours.get("resolution_change") or {}
+    lines.append(
+        f"cold start: first request {_fmt(ours.get('cold_start_s'))} s (compilation, graph capture, caches); "
+        f"first request after a resolution change to {change.get('size')}: {_fmt(change.get('first_request_s'))} s"
     )
     flops = report["flops"]
     mfu = report["mfu"]

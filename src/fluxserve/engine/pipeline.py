@@ -67,6 +67,8 @@ class Engine:
     def __init__(self, settings: Settings, catalog: Catalog) -> None:
         self.settings = settings
         self.catalog = catalog
+        # Compiled kernels and graphs persist under the data directory, so a restart does not compile again.
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.cache_dir / "torchinductor"))
         self.device = _pick_device(settings.device)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self._models: dict[str, LoadedModel] = {}
