@@ -8,7 +8,6 @@ dialects. fal's catch-all routes (``POST /{endpoint}``) are included last.
 from __future__ import annotations
 
 import logging
-import sys
 import uuid
 from contextlib import asynccontextmanager
 from functools import partial
@@ -55,9 +54,6 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
     from fluxserve.storage import open_storage
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    # The event loop shares the GIL with the worker threads; Python's default 5 ms switch interval would let a
-    # worker's Python (progress, saving outputs) hold back a status answer that long.
-    sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
     catalog = Catalog.load(settings.catalog or None)
     store = JobStore(settings.db_url)
     storage = open_storage(settings.storage_location)
