@@ -32,6 +32,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -102,12 +103,16 @@ class AccelOptions:
 
 
 # ---- fused QKV --------------------------------------------------------------------------------------
+def _is_fusable(module: nn.Module) -> bool:
+    return (
+        getattr(module, "_supports_qkv_fusion", False)
+        and hasattr(module, "fuse_projections")
+        and hasattr(module, "to_q")
+    )
+
+
 def _fusable_attention(transformer: nn.Module) -> list[nn.Module]:
-    return [
-        m
-        for m in transformer.modules()
-        if getattr(m, "_supports_qkv_fusion", False) and hasattr(m, "fuse_projections") and hasattr(m, "to_q")
-    ]
+    return [m for m in transformer.modules() if _is_fusable(m)]
 
 
 def fuse_qkv(transformer: nn.Module) -> int:
@@ -188,40 +193,71 @@ def _install_lora_guard(pipe: Any) -> None:
     pipe._fluxserve_lora_guard = True
 
 
+# The fused projection of a double-stream attention module and the per-projection layers it replaces.
+QKV_GROUPS: tuple[tuple[str, tuple[str, str, str]], ...] = (
+    ("to_qkv", ("to_q", "to_k", "to_v")),
+    ("to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj")),
+)
+
+
+def _use_fused_rows(attn: nn.Module, whole: fp8.FP8Linear, part_names: tuple[str, ...]) -> None:
+    """Make the per-projection layers row slices of the fused FP8 layer ``whole`` (no second copy); their
+    previous weights are let go."""
+    start = 0
+    for part_name in part_names:
+        rows = getattr(attn, part_name).out_features
+        setattr(attn, part_name, whole.slice_rows(start, start + rows))
+        start += rows
+
+
 def quantize_fused_transformer(
-    transformer: nn.Module, *, granularity: str, mode: str, keep_original: bool
+    transformer: nn.Module,
+    *,
+    granularity: str,
+    mode: str,
+    keep_original: bool,
+    on_layer: Callable[[str], None] | None = None,
 ) -> int:
     """FP8-quantise the transformer blocks; where QKV is fused, the unused per-projection layers become row
-    slices of the fused FP8 weight (same bytes, no second copy), so the bf16 weights can be freed."""
-    fused = [a for a in _fusable_attention(transformer) if getattr(a, "fused_projections", False)]
+    slices of the fused FP8 weight (same bytes, no second copy).
+
+    Each bf16 weight is let go as soon as its FP8 copy exists: a fused projection's per-projection views are
+    replaced by FP8 slices right after the fused layer is converted, so the peak is the FP8 transformer plus
+    one layer. ``on_layer(name)``, when given, is called after each layer is converted.
+    """
+    pending: dict[str, tuple[nn.Module, str, tuple[str, ...]]] = {}  # fused layer name -> where its parts are
     skip: set[int] = set()
-    for attn in fused:
-        skip.update(
-            id(getattr(attn, n))
-            for n in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
-            if getattr(attn, n, None) is not None
-        )
+    for attn_name, attn in transformer.named_modules():
+        if not (_is_fusable(attn) and getattr(attn, "fused_projections", False)):
+            continue
+        for fused_name, part_names in QKV_GROUPS:
+            if getattr(attn, fused_name, None) is None:
+                continue
+            pending[f"{attn_name}.{fused_name}"] = (attn, fused_name, part_names)
+            skip.update(id(getattr(attn, n)) for n in part_names if getattr(attn, n, None) is not None)
 
     def include(name: str, module: nn.Linear) -> bool:
         return fp8.transformer_block_filter(name, module) and id(module) not in skip
 
+    def converted(name: str) -> None:
+        if name in pending:
+            attn, fused_name, part_names = pending.pop(name)
+            _use_fused_rows(attn, getattr(attn, fused_name), part_names)
+        if on_layer is not None:
+            on_layer(name)
+
     count = fp8.quantize_linears(
-        transformer, include=include, granularity=granularity, mode=mode, keep_original=keep_original
+        transformer,
+        include=include,
+        granularity=granularity,
+        mode=mode,
+        keep_original=keep_original,
+        on_layer=converted,
     )
-    for attn in fused:
-        for fused_name, part_names in (
-            ("to_qkv", ("to_q", "to_k", "to_v")),
-            ("to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj")),
-        ):
-            whole = getattr(attn, fused_name, None)
-            if not isinstance(whole, fp8.FP8Linear):
-                continue
-            start = 0
-            for part_name in part_names:
-                part = getattr(attn, part_name)
-                rows = part.out_features
-                setattr(attn, part_name, whole.slice_rows(start, start + rows))
-                start += rows
+    for attn, fused_name, part_names in pending.values():  # fused layers that were in FP8 already
+        whole = getattr(attn, fused_name)
+        if isinstance(whole, fp8.FP8Linear):
+            _use_fused_rows(attn, whole, part_names)
     return count
 
 

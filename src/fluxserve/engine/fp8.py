@@ -11,6 +11,10 @@ per tensor (``"tensor"``), and runs in one of three modes:
 * ``"original"``: the bf16 weight that was kept beside the FP8 copy (``keep_original=True``), bit-exact with
   the unquantised layer.
 
+Weights are quantised a block of rows at a time (``quantize_weight``) and each full-precision weight is let
+go as soon as its FP8 copy exists (``quantize_linears``), so converting a model on a nearly full GPU needs
+little more than the FP8 model plus one layer.
+
 ``plan_memory`` is the pure function that decides, from free GPU memory, whether the transformer is held in
 bf16 or FP8 and where the text encoder goes; tests feed it numbers.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,14 +40,24 @@ _SCALE_FLOOR = 1e-12
 
 
 # ---- quantisation -----------------------------------------------------------------------------------
-def quantize_tensor(x: torch.Tensor, granularity: str = "row") -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantise ``x`` (2-D, rows = output features or tokens) to e4m3.
+# float32 bytes of the block of weight rows that ``quantize_weight`` works on at a time: converting FLUX.2
+# [dev]'s largest Linear (55296 x 6144 bf16, 0.68 GB) in one piece would take ~4 GB of float32 temporaries.
+QUANTIZE_CHUNK_BYTES = 64 * 1024**2
 
-    Returns ``(q, scale)`` with ``x ~= q.float() * scale``; ``scale`` is float32, shape ``(rows, 1)`` for
-    ``"row"`` and ``()`` for ``"tensor"``.
-    """
+
+def _check_granularity(granularity: str) -> None:
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, not {granularity!r}")
+
+
+def quantize_tensor(x: torch.Tensor, granularity: str = "row") -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise ``x`` (2-D, rows = output features or tokens) to e4m3 in one piece.
+
+    Returns ``(q, scale)`` with ``x ~= q.float() * scale``; ``scale`` is float32, shape ``(rows, 1)`` for
+    ``"row"`` and ``()`` for ``"tensor"``. This is the path for activations (small, quantised every forward,
+    fused by ``torch.compile``); whole weights go through ``quantize_weight``.
+    """
+    _check_granularity(granularity)
     xf = x.float()
     if granularity == "row":
         amax = xf.abs().amax(dim=-1, keepdim=True)
@@ -50,6 +65,45 @@ def quantize_tensor(x: torch.Tensor, granularity: str = "row") -> tuple[torch.Te
         amax = xf.abs().amax()
     scale = (amax / FP8_MAX).clamp(min=_SCALE_FLOOR)
     q = (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale.to(torch.float32)
+
+
+def quantize_weight(
+    w: torch.Tensor, granularity: str = "row", chunk_bytes: int = QUANTIZE_CHUNK_BYTES
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise a 2-D weight to e4m3 a block of rows at a time; the result is bit-identical to
+    ``quantize_tensor``.
+
+    The extra memory is about two float32 blocks of at most ``chunk_bytes`` each, whatever the weight's size,
+    so a weight can be converted on a GPU that is nearly full. For ``"tensor"`` the global amax is found
+    block by block first.
+    """
+    _check_granularity(granularity)
+    rows, cols = w.shape
+    step = max(1, chunk_bytes // max(1, cols * 4))
+    if rows <= step:
+        return quantize_tensor(w, granularity)
+    blocks = [(start, min(start + step, rows)) for start in range(0, rows, step)]
+    q = torch.empty((rows, cols), dtype=FP8_DTYPE, device=w.device)
+    if granularity == "row":
+        scale = torch.empty((rows, 1), dtype=torch.float32, device=w.device)
+    else:
+        amax = None
+        for start, stop in blocks:
+            part = w[start:stop].float().abs().amax()
+            amax = part if amax is None else torch.maximum(amax, part)
+        scale = (amax / FP8_MAX).clamp(min=_SCALE_FLOOR)
+    for start, stop in blocks:
+        xf = w[start:stop].float()
+        if granularity == "row":
+            block_scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=_SCALE_FLOOR)
+            scale[start:stop] = block_scale
+        else:
+            block_scale = scale
+        scaled = xf / block_scale
+        del xf
+        q[start:stop] = scaled.clamp_(-FP8_MAX, FP8_MAX)
+        del scaled
     return q, scale.to(torch.float32)
 
 
@@ -91,52 +145,69 @@ class FP8Linear(nn.Module):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-        self.granularity = granularity
-        self.compute_dtype = linear.weight.dtype
         with torch.no_grad():
-            q, scale = quantize_tensor(linear.weight.detach(), granularity)
-        self.register_buffer("weight_fp8", q)
-        self.register_buffer("weight_scale", scale)
+            q, scale = quantize_weight(linear.weight.detach(), granularity)
+        self._set_tensors(
+            in_features=linear.in_features,
+            granularity=granularity,
+            compute_dtype=linear.weight.dtype,
+            weight_fp8=q,
+            weight_scale=scale,
+            bias=linear.bias,
+            original=linear.weight if keep_original else None,
+            mode=mode,
+        )
+
+    def _set_tensors(
+        self,
+        *,
+        in_features: int,
+        granularity: str,
+        compute_dtype: torch.dtype,
+        weight_fp8: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        original: torch.Tensor | None,
+        mode: str,
+    ) -> None:
+        self.in_features = in_features
+        self.out_features = weight_fp8.shape[0]
+        self.granularity = granularity
+        self.compute_dtype = compute_dtype
+        self.register_buffer("weight_fp8", weight_fp8)
+        self.register_buffer("weight_scale", weight_scale)
         # _scaled_mm wants mat_b column-major: (in, out) with stride (1, in), which is weight.t() as stored.
-        self.register_buffer("weight_scale_row", scale.reshape(1, -1) if granularity == "row" else scale)
-        self.bias = linear.bias
-        self.original = linear.weight if keep_original else None
+        row = granularity == "row"
+        self.register_buffer("weight_scale_row", weight_scale.reshape(1, -1) if row else weight_scale)
+        self.bias = _parameter(bias)
+        self.original = _parameter(original)
         # _scaled_mm needs both matrix dimensions divisible by 16.
         self.mm_shapes_ok = self.in_features % 16 == 0 and self.out_features % 16 == 0
         self.mode = "weight_only"
         self.set_mode(mode)
 
+    @classmethod
+    def _assemble(cls, **fields: Any) -> FP8Linear:
+        """A layer from FP8 tensors that exist already (slices or concatenations of other layers)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._set_tensors(**fields)
+        return layer
+
     def slice_rows(self, start: int, stop: int) -> FP8Linear:
         """A layer computing output features ``start:stop`` that shares this layer's FP8 storage (used for
         the per-projection views of a fused QKV projection)."""
-        part = FP8Linear.__new__(FP8Linear)
-        nn.Module.__init__(part)
-        part.in_features = self.in_features
-        part.out_features = stop - start
-        part.granularity = self.granularity
-        part.compute_dtype = self.compute_dtype
-        part.register_buffer("weight_fp8", self.weight_fp8[start:stop])
         row = self.granularity == "row"
-        part.register_buffer(
-            "weight_scale", self.weight_scale[start:stop].clone() if row else self.weight_scale
+        return FP8Linear._assemble(
+            in_features=self.in_features,
+            granularity=self.granularity,
+            compute_dtype=self.compute_dtype,
+            weight_fp8=self.weight_fp8[start:stop],
+            weight_scale=self.weight_scale[start:stop].clone() if row else self.weight_scale,
+            bias=None if self.bias is None else self.bias.data[start:stop],
+            original=None if self.original is None else self.original.data[start:stop],
+            mode=self.mode,
         )
-        part.register_buffer(
-            "weight_scale_row", self.weight_scale_row[:, start:stop].clone() if row else self.weight_scale_row
-        )
-        part.bias = (
-            None if self.bias is None else nn.Parameter(self.bias.data[start:stop], requires_grad=False)
-        )
-        part.original = (
-            None
-            if self.original is None
-            else nn.Parameter(self.original.data[start:stop], requires_grad=False)
-        )
-        part.mm_shapes_ok = part.in_features % 16 == 0 and part.out_features % 16 == 0
-        part.mode = "weight_only"
-        part.set_mode(self.mode)
-        return part
 
     def set_mode(self, mode: str) -> str:
         """Switch mode; returns the mode actually used (``"original"`` needs a kept weight, ``"w8a8"``
@@ -188,6 +259,13 @@ class FP8Linear(nn.Module):
         )
 
 
+def _parameter(tensor: torch.Tensor | None) -> nn.Parameter | None:
+    """A frozen Parameter holding ``tensor`` (kept as it is when it is a Parameter already)."""
+    if tensor is None or isinstance(tensor, nn.Parameter):
+        return tensor
+    return nn.Parameter(tensor, requires_grad=False)
+
+
 def _default_filter(name: str, module: nn.Linear) -> bool:
     return True
 
@@ -199,11 +277,35 @@ def quantize_linears(
     granularity: str = "row",
     mode: str = "weight_only",
     keep_original: bool = False,
+    on_layer: Callable[[str], None] | None = None,
 ) -> int:
     """Replace every ``nn.Linear`` under ``root`` that ``include(name, module)`` accepts with an
-    ``FP8Linear``; return how many were replaced. Already-quantised layers are left alone."""
-    include = include or _default_filter
-    targets: list[tuple[nn.Module, str, str, nn.Linear]] = []
+    ``FP8Linear``; return how many were replaced. Already-quantised layers are left alone.
+
+    Layers are converted one at a time and each full-precision weight is let go as soon as its FP8 copy
+    exists (unless ``keep_original`` keeps it, or something else holds it), so the conversion needs the FP8
+    model plus one layer, never the two models side by side. ``on_layer(name)``, when given, is called after
+    each layer is converted (progress reporting).
+    """
+    targets = _linear_targets(root, include or _default_filter)
+    for parent, child_name, full in targets:
+        linear = getattr(parent, child_name)
+        layer = FP8Linear(linear, granularity=granularity, mode=mode, keep_original=keep_original)
+        setattr(parent, child_name, layer)
+        del linear, layer
+        if on_layer is not None:
+            on_layer(full)
+    if targets and root_device_is_cuda(root):
+        torch.cuda.empty_cache()
+    return len(targets)
+
+
+def _linear_targets(
+    root: nn.Module, include: Callable[[str, nn.Linear], bool]
+) -> list[tuple[nn.Module, str, str]]:
+    """(parent, attribute, full name) of each Linear to convert; no reference to the Linear itself is kept,
+    so its weight can be freed as soon as it is replaced."""
+    targets: list[tuple[nn.Module, str, str]] = []
     for parent_name, parent in root.named_modules():
         if isinstance(parent, FP8Linear):
             continue
@@ -211,16 +313,8 @@ def quantize_linears(
             if type(child) is nn.Linear:
                 full = f"{parent_name}.{child_name}" if parent_name else child_name
                 if include(full, child):
-                    targets.append((parent, child_name, full, child))
-    for parent, child_name, _full, child in targets:
-        setattr(
-            parent,
-            child_name,
-            FP8Linear(child, granularity=granularity, mode=mode, keep_original=keep_original),
-        )
-    if targets and root_device_is_cuda(root):
-        torch.cuda.empty_cache()
-    return len(targets)
+                    targets.append((parent, child_name, full))
+    return targets
 
 
 def root_device_is_cuda(root: nn.Module) -> bool:
@@ -241,13 +335,17 @@ def quantize_transformer(
     granularity: str = "row",
     mode: str = "weight_only",
     keep_original: bool = False,
+    on_layer: Callable[[str], None] | None = None,
 ) -> int:
+    """FP8-quantise the Linears of the transformer blocks (``quantize_linears`` with
+    ``transformer_block_filter``)."""
     return quantize_linears(
         transformer,
         include=transformer_block_filter,
         granularity=granularity,
         mode=mode,
         keep_original=keep_original,
+        on_layer=on_layer,
     )
 
 
