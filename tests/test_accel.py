@@ -205,6 +205,83 @@ def test_fp8_fused_transformer_slices_share_storage_and_stay_close():
     assert torch.allclose(unfused, weight_only, atol=1e-5)
 
 
+def _fp8_held(keep_original: bool = False):
+    """A tiny transformer held in FP8 with row-wise scales and QKV unfused, as a memory plan leaves it."""
+    transformer = _tiny_transformer()
+    with torch.no_grad():
+        accel.quantize_fused_transformer(
+            transformer, granularity="row", mode="weight_only", keep_original=keep_original
+        )
+    return transformer
+
+
+def _storage_span(t: torch.Tensor) -> tuple[int, int]:
+    start = t.data_ptr()
+    return start, start + t.numel() * t.element_size()
+
+
+def _inside(part: torch.Tensor, whole: torch.Tensor) -> bool:
+    (start, stop), (lo, hi) = _storage_span(part), _storage_span(whole)
+    return lo <= start and stop <= hi
+
+
+def test_fuse_fp8_qkv_is_identical_and_shares_storage():
+    pipe = _Pipe(_tiny_transformer())
+    transformer = pipe.transformer
+    kwargs = _inputs(8)
+    with torch.no_grad():
+        assert accel.prepare_transformer(pipe, "fp8", "cpu") == "fp8"
+        fp8.set_fp8_mode(transformer, "weight_only")
+        ref = transformer(**kwargs)[0]
+        assert accel.fuse_fp8_qkv(transformer) == 2
+        assert accel.is_fused(transformer)
+        attn = transformer.transformer_blocks[0].attn
+        for fused_name, part_names in accel.QKV_GROUPS:
+            whole = getattr(attn, fused_name)
+            assert isinstance(whole, fp8.FP8Linear)
+            for name in part_names:
+                part = getattr(attn, name)
+                assert isinstance(part, fp8.FP8Linear)
+                assert _inside(part.weight_fp8, whole.weight_fp8)  # a view, not a second copy
+        fused = transformer(**kwargs)[0]
+        assert accel.fuse_fp8_qkv(transformer) == 0  # already fused
+        fused_ptr = attn.to_qkv.weight_fp8.data_ptr()
+
+        assert accel.unfuse_qkv(transformer) == 2
+        assert not accel.is_fused(transformer) and not hasattr(attn, "to_qkv")
+        unfused = transformer(**kwargs)[0]
+
+        assert accel.fuse_fp8_qkv(transformer) == 2  # fusing the slices again reuses their storage
+        assert attn.to_qkv.weight_fp8.data_ptr() == fused_ptr
+        refused = transformer(**kwargs)[0]
+    assert torch.equal(fused, ref)
+    assert torch.equal(unfused, ref)
+    assert torch.equal(refused, ref)
+
+
+def test_fuse_fp8_qkv_keeps_the_original_weights_exact():
+    transformer = _fp8_held(keep_original=True)
+    kwargs = _inputs(9)
+    with torch.no_grad():
+        fp8.set_fp8_mode(transformer, "original")
+        ref = transformer(**kwargs)[0]
+        assert accel.fuse_fp8_qkv(transformer) == 2
+        attn = transformer.transformer_blocks[1].attn
+        assert attn.to_added_qkv.mode == "original" and _inside(attn.add_k_proj.original, attn.to_added_qkv.original)
+        fused = transformer(**kwargs)[0]
+    assert torch.equal(fused, ref)
+
+
+def test_fuse_fp8_qkv_leaves_per_tensor_scales_and_bf16_unfused():
+    transformer = _tiny_transformer()
+    with torch.no_grad():
+        assert accel.fuse_fp8_qkv(transformer) == 0  # bf16: that is fuse_qkv's job
+        accel.quantize_fused_transformer(transformer, granularity="tensor", mode="weight_only", keep_original=False)
+    assert accel.fuse_fp8_qkv(transformer) == 0  # one scale per projection: a fused layer could not keep them
+    assert not accel.is_fused(transformer)
+    assert not hasattr(transformer.transformer_blocks[0].attn, "to_qkv")
+
+
 def test_high_on_cpu_runs_regular_with_a_notice():
     pipe = _Pipe(_tiny_transformer())
     state = accel.apply_acceleration(pipe, "high", "cpu")

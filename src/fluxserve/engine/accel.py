@@ -152,6 +152,9 @@ def _share_storage(fused: nn.Module, parts: list[nn.Module]) -> None:
 
 
 def unfuse_qkv(transformer: nn.Module) -> int:
+    """Go back to separate Q/K/V projections (diffusers' ``unfuse_projections`` drops the fused layers). The
+    per-projection layers were kept as views of the fused weight (bf16 or FP8), so they still hold the same
+    weights and nothing is copied. Returns the number of attention modules unfused."""
     count = 0
     for attn in _fusable_attention(transformer):
         if getattr(attn, "fused_projections", False):
@@ -258,6 +261,35 @@ def quantize_fused_transformer(
         whole = getattr(attn, fused_name)
         if isinstance(whole, fp8.FP8Linear):
             _use_fused_rows(attn, whole, part_names)
+    return count
+
+
+def fuse_fp8_qkv(transformer: nn.Module) -> int:
+    """Fuse Q/K/V (and the text stream's added Q/K/V) of a transformer held in FP8 into one ``FP8Linear``
+    each, where diffusers' fused attention path reads them (``to_qkv``, ``to_added_qkv``,
+    ``fused_projections``).
+
+    Only for row-wise scales: each output row keeps its FP8 values and scale, and the activations are
+    quantised per token of the same input, so the fused layer computes exactly what the three did. The
+    per-projection layers become row slices of the fused one, so no second copy is held, and ``unfuse_qkv``
+    restores them by dropping the fused layer. Attention modules with per-tensor scales (one scale per
+    projection) stay unfused. Returns the number of attention modules fused.
+    """
+    count = 0
+    for attn in _fusable_attention(transformer):
+        if getattr(attn, "fused_projections", False):
+            continue
+        groups = [(fused, parts) for fused, parts in QKV_GROUPS if getattr(attn, parts[0], None) is not None]
+        layers = [getattr(attn, n, None) for _, parts in groups for n in parts]
+        if not all(isinstance(layer, fp8.FP8Linear) and layer.granularity == "row" for layer in layers):
+            continue
+        with torch.no_grad():
+            for fused_name, part_names in groups:
+                whole = fp8.FP8Linear.concat_rows([getattr(attn, n) for n in part_names])
+                setattr(attn, fused_name, whole)
+                _use_fused_rows(attn, whole, part_names)
+        attn.fused_projections = True
+        count += 1
     return count
 
 

@@ -22,7 +22,7 @@ bf16 or FP8 and where the text encoder goes; tests feed it numbers.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,6 +209,35 @@ class FP8Linear(nn.Module):
             mode=self.mode,
         )
 
+    @classmethod
+    def concat_rows(cls, layers: Sequence[FP8Linear]) -> FP8Linear:
+        """One layer computing the outputs of ``layers`` (same input, row-wise scales) one after the other,
+        e.g. a fused QKV projection from Q, K and V. Exactly the same computation: each output row keeps its
+        FP8 values and its scale, and activations are quantised per token of the shared input.
+
+        Where the layers are already consecutive rows of one storage (the slices of a layer fused before),
+        the fused weight is a view of it and nothing is copied; otherwise the weights are concatenated.
+        """
+        first = layers[0]
+        if any(layer.granularity != "row" for layer in layers):
+            raise ValueError("only layers with row-wise scales can be concatenated")
+        if any(layer.in_features != first.in_features for layer in layers):
+            raise ValueError("layers with different inputs cannot be concatenated")
+        if len({layer.bias is None for layer in layers}) > 1:
+            raise ValueError("either all layers or none have a bias")
+        if len({layer.original is None for layer in layers}) > 1:
+            raise ValueError("either all layers or none keep their original weight")
+        return cls._assemble(
+            in_features=first.in_features,
+            granularity="row",
+            compute_dtype=first.compute_dtype,
+            weight_fp8=_join_rows([layer.weight_fp8 for layer in layers]),
+            weight_scale=torch.cat([layer.weight_scale for layer in layers]),
+            bias=None if first.bias is None else _join_rows([layer.bias.data for layer in layers]),
+            original=None if first.original is None else _join_rows([layer.original.data for layer in layers]),
+            mode=first.mode,
+        )
+
     def set_mode(self, mode: str) -> str:
         """Switch mode; returns the mode actually used (``"original"`` needs a kept weight, ``"w8a8"``
         needs shapes that ``_scaled_mm`` accepts)."""
@@ -264,6 +293,19 @@ def _parameter(tensor: torch.Tensor | None) -> nn.Parameter | None:
     if tensor is None or isinstance(tensor, nn.Parameter):
         return tensor
     return nn.Parameter(tensor, requires_grad=False)
+
+
+def _join_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(tensors)``, or a view without a copy when they are consecutive rows of one storage."""
+    first = tensors[0]
+    offset = first.storage_offset()
+    for tensor in tensors:
+        same_storage = tensor.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        if not (same_storage and tensor.is_contiguous() and tensor.storage_offset() == offset):
+            return torch.cat(tensors)
+        offset += tensor.numel()
+    rows = sum(tensor.shape[0] for tensor in tensors)
+    return first.as_strided((rows, *first.shape[1:]), first.stride())
 
 
 def _default_filter(name: str, module: nn.Linear) -> bool:
