@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from fluxserve.catalog import Catalog
-from fluxserve.engine import Engine, WeightsNotFound
-from fluxserve.engine.placement import quantize_text_encoder
+from fluxserve.engine import Engine, WeightsNotFound, fp8
+from fluxserve.engine.placement import text_encoder_filter
 from fluxserve.inputs import check_references, load_image
 from fluxserve.request import GenerationCancelled, GenerationRequest, InputError
 from fluxserve.sizes import FAL_IMAGE_SIZES
@@ -286,7 +286,7 @@ def test_fp8_text_encoder_on_cpu():
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
     x = torch.randn(4, 32)
     expected = model(x)
-    assert quantize_text_encoder(model) == 2
+    assert fp8.quantize_linears(model, include=text_encoder_filter, granularity="row", mode="weight_only") == 2
     assert all(b.dtype == torch.float8_e4m3fn for name, b in model.named_buffers() if name.endswith("weight_fp8"))
     got = model(x)
     assert got.dtype == torch.float32

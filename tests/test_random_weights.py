@@ -11,6 +11,7 @@ from torch import nn
 from fluxserve.engine import fp8, placement
 from fluxserve.engine import random_weights as rw
 from fluxserve.engine.demo import MISTRAL_SPECIALS, QWEN_SPECIALS, _byte_level_tokenizer
+from fluxserve.engine.plan import MemoryPlan
 
 GIB = 1024**3
 TINY_VAE = {
@@ -41,8 +42,8 @@ TINY_DEV = rw.Architecture(
             "head_dim": 8, "patch_size": 8, "image_size": 64, "num_channels": 3},
     vae=TINY_VAE,
 )
-FP8_BOTH = fp8.MemoryPlan("fp8", "fp8", 0, 0)
-BF16_RESIDENT = fp8.MemoryPlan("bf16", "resident", 0, 0)
+FP8_BOTH = MemoryPlan("fp8", "fp8")
+BF16_RESIDENT = MemoryPlan("bf16", "resident")
 
 
 def all_tensors(pipe) -> list[tuple[str, torch.Tensor]]:
@@ -64,7 +65,7 @@ def generate(pipe, model: str) -> torch.Tensor:
 @pytest.mark.parametrize(
     ("model", "free_gib", "total_gib", "expected"),
     [
-        ("dev", 79.2, 79.6, ("fp8", "fp8")),  # H100 80 GB: 64 + 48 GB bf16 does not fit
+        ("dev", 79.2, 79.6, ("fp8", "fp8")),  # H100 80 GB: 64 + 48 GB bf16 does not fit (see test_plan.py)
         ("dev", 139.5, 139.8, ("bf16", "resident")),  # H200 141 GB: bf16 everywhere
         ("klein-4b", 79.2, 79.6, ("bf16", "resident")),
         ("klein-9b", 79.2, 79.6, ("bf16", "resident")),
@@ -75,7 +76,7 @@ def test_full_size_plan_from_the_meta_build(model, free_gib, total_gib, expected
     assert all(p.is_meta for _, p in pipe.transformer.named_parameters())
     assert all(p.is_meta for _, p in pipe.text_encoder.named_parameters())
     sizes = rw.meta_sizes(pipe)
-    plan = placement.plan_for("cuda", sizes, "auto", int(free_gib * GIB), int(total_gib * GIB))
+    plan = placement.plan_for("cuda", sizes, free_bytes=int(free_gib * GIB), total_bytes=int(total_gib * GIB))
     assert (plan.transformer, plan.text_encoder) == expected
     assert plan.needed_bytes <= plan.free_bytes
     if model == "dev":
@@ -161,13 +162,16 @@ def test_same_seed_same_weights_and_another_seed_differs():
     assert abs(float(embed.mean())) < 0.01 and 0.01 < float(embed.std()) < 0.03
 
 
-def test_offloaded_text_encoder_is_materialised_on_the_cpu_with_a_hook():
-    plan = fp8.MemoryPlan("fp8", "offload", 0, 0)
-    pipe, placed = rw.build_placed_random_pipeline("klein-4b", "cpu", torch.float32, seed=1, arch=TINY_KLEIN,
-                                                   plan=plan)
-    assert placed.text_encoder == "offload" and placed._hook is not None
-    assert not fp8.has_fp8(pipe.text_encoder) and fp8.has_fp8(pipe.transformer)
-    assert torch.isfinite(generate(pipe, "klein-4b")).all()
+@pytest.mark.parametrize(("model", "arch"), [("klein-4b", TINY_KLEIN), ("dev", TINY_DEV)])
+def test_streamed_text_encoder_gives_the_same_image(model, arch):
+    """A streamed text encoder (layer by layer from host memory) is the same function as a resident one."""
+    resident, _ = rw.build_placed_random_pipeline(model, "cpu", torch.float32, seed=1, arch=arch,
+                                                  plan=MemoryPlan("fp8", "resident"))
+    streamed, placed = rw.build_placed_random_pipeline(model, "cpu", torch.float32, seed=1, arch=arch,
+                                                       plan=MemoryPlan("fp8", "stream"))
+    assert placed.text_encoder == "stream" and placement.is_streamed(streamed.text_encoder)
+    assert not fp8.has_fp8(streamed.text_encoder) and fp8.has_fp8(streamed.transformer)
+    assert torch.equal(generate(streamed, model), generate(resident, model))
 
 
 def test_full_size_builds_need_cuda():

@@ -11,10 +11,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from fluxserve.engine import fp8, placement, weights
+from fluxserve.engine import fp8, placement, plan, weights
 from fluxserve.engine.demo import demo_path
+from fluxserve.engine.plan import MemoryPlan, fp8_footprint
 
-BF16_RESIDENT = fp8.MemoryPlan("bf16", "resident", 0, 0)
+BF16_RESIDENT = MemoryPlan("bf16", "resident")
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +56,14 @@ def test_checkpoint_bytes_equal_the_loaded_modules(demo_dirs, arch):
         assert bf16[component] == stored_bytes(loaded) < on_disk[component], component
     transformer = weights.load_component(path, "transformer", torch.bfloat16, "cpu")
     shapes = placement.linear_shapes(transformer, fp8.transformer_block_filter)
-    assert bf16["transformer_fp8"] == fp8.fp8_footprint(bf16["transformer"], shapes, 2) < bf16["transformer"]
+    assert bf16["transformer_fp8"] == fp8_footprint(bf16["transformer"], shapes, 2) < bf16["transformer"]
     assert bf16["text_encoder_fp8"] < bf16["text_encoder"]
+    # streamed: the parts outside the repeated layers plus two layers, as counted on the loaded modules
+    for component in ("transformer", "text_encoder"):
+        loaded = weights.load_component(path, component, torch.bfloat16, "cpu")
+        stored = [(n, p.numel() * p.element_size()) for n, p in loaded.named_parameters()]
+        assert bf16[f"{component}_stream"] == plan.stream_footprint(component, stored)
+        assert bf16[f"{component}_stream"] <= bf16[component]
 
 
 def test_component_files_prefer_the_index_and_skip_variants(tmp_path):
@@ -79,8 +86,8 @@ def test_plan_from_disk_for_the_published_sizes():
     """The numbers the GPU path plans with (dev: 64.4 GB transformer, 48 GB Mistral in bf16)."""
     gb = 10**9
     sizes = {"transformer": int(64.4 * gb), "text_encoder": 48 * gb, "vae": int(0.17 * gb)}
-    h100 = placement.plan_for("cuda", sizes, "auto", int(79.2 * 2**30), int(79.6 * 2**30))
-    h200 = placement.plan_for("cuda", sizes, "auto", int(139.5 * 2**30), int(139.8 * 2**30))
+    h100 = placement.plan_for("cuda", sizes, free_bytes=int(79.2 * 2**30), total_bytes=int(79.6 * 2**30))
+    h200 = placement.plan_for("cuda", sizes, free_bytes=int(139.5 * 2**30), total_bytes=int(139.8 * 2**30))
     assert (h100.transformer, h100.text_encoder) == ("fp8", "fp8")
     assert (h200.transformer, h200.text_encoder) == ("bf16", "resident")
     assert placement.plan_for("cpu", sizes).text_encoder == "resident"
@@ -103,7 +110,7 @@ def test_component_loader_matches_the_whole_pipeline_loader(catalog, demo_settin
 
     # FP8 for both: the same pipeline within FP8 rounding, the block Linears replaced
     pipe8, placed8 = weights.load_placed_pipeline(spec, path, cpu, torch.float32, demo=True,
-                                                  plan=fp8.MemoryPlan("fp8", "fp8", 0, 0))
+                                                  plan=MemoryPlan("fp8", "fp8"))
     assert (placed8.transformer, placed8.text_encoder) == ("fp8", "fp8")
     assert not any(type(m) is nn.Linear and fp8.transformer_block_filter(n, m)
                    for n, m in pipe8.transformer.named_modules())
@@ -111,11 +118,12 @@ def test_component_loader_matches_the_whole_pipeline_loader(catalog, demo_settin
     got = generate(pipe8, guidance)
     assert np.isfinite(got).all() and np.abs(got - expected).max() < 0.1
 
-    # the text encoder offloaded (exact: it only changes where it waits between prompts)
-    pipe_off, placed_off = weights.load_placed_pipeline(spec, path, cpu, torch.float32, demo=True,
-                                                        plan=fp8.MemoryPlan("bf16", "offload", 0, 0))
-    assert placed_off.text_encoder == "offload" and placed_off._hook is not None
-    assert np.array_equal(generate(pipe_off, guidance), expected)
+    # streamed, both (exact: it only changes where the weights wait between layers)
+    pipe_s, placed_s = weights.load_placed_pipeline(spec, path, cpu, torch.float32, demo=True,
+                                                    plan=MemoryPlan("stream", "stream"))
+    assert (placed_s.transformer, placed_s.text_encoder) == ("stream", "stream")
+    assert placement.is_streamed(pipe_s.transformer) and placement.is_streamed(pipe_s.text_encoder)
+    assert np.array_equal(generate(pipe_s, guidance), expected)
 
 
 def test_cpu_engine_path_stays_simple(catalog, demo_settings):

@@ -2,11 +2,17 @@
 
 It measures what the server runs: requests go through ``fluxserve.engine.Engine.generate`` (the same stages,
 acceleration and placement as ``fluxserve serve``). Per run it records the engine's stage timings (text
-encoding, denoising, decoding, safety, encoding) and the time of every denoising step (from the progress
+encoding, denoising, decoding, safety, file encoding) and the time of every denoising step (from the progress
 callback, after a device synchronise); it reports medians over ``repeat`` runs after ``warmup`` runs, the
 peak GPU memory, the model FLOPs utilisation (MFU) against the arithmetic of docs/performance.md, and, with
-``baseline="diffusers"``, the same request through a stock diffusers pipeline (plain ``__call__``, no
-acceleration) on the same weights, seed and inputs, run first in the same process, with the speed-up ratio.
+``baseline="diffusers"``, the same requests through a stock diffusers pipeline (plain ``__call__``, no
+acceleration) on the same weights, seeds and inputs, run first in the same process, with the speed-up ratio.
+
+Every run has a prompt of its own, so the prompt cache never hides the text encoder in the measured runs (the
+baseline encodes every prompt too); one extra run repeats a prompt to report the cache hit separately. The
+headline time is the pipeline (text encoding + denoising + decoding); safety and file encoding are reported
+apart (encoding a random-weight noise image says nothing about real images). Random-weight runs need nothing
+from any network: no safety checker, tokenizers built locally.
 """
 
 from __future__ import annotations
@@ -79,15 +85,23 @@ def config_flops(config: Any, width: int, height: int, ref_sizes: list[tuple[int
 
 
 def peak_flops(device_name: str, precision: str) -> tuple[float | None, str]:
-    """(peak FLOP/s, label) for a device name, or (None, reason) when unknown (CPU, other GPUs)."""
+    """(peak FLOP/s, label) for a device name, or (None, reason) when unknown (CPU, other GPUs). Only FP8
+    matmuls (``fp8-w8a8``) count against the FP8 peak; FP8 weights multiplied in bf16 run at bf16 rates."""
+    fp8_matmul = precision == "fp8-w8a8"
     for key, rates in PEAKS.items():
         if key in device_name:
-            rate = rates["fp8" if precision.startswith("fp8") else "bf16"]
-            return (
-                rate,
-                f"{key} dense {'FP8' if precision.startswith('fp8') else 'BF16'} {rate / 1e12:.0f} TFLOP/s",
-            )
+            rate = rates["fp8" if fp8_matmul else "bf16"]
+            return rate, f"{key} dense {'FP8' if fp8_matmul else 'BF16'} {rate / 1e12:.0f} TFLOP/s"
     return None, f"no peak rate known for {device_name!r}: MFU not computed"
+
+
+def prompt_for(run: int) -> str:
+    """A prompt of its own for every run (the same text encoder work, never a prompt-cache hit)."""
+    return f"{PROMPT}, take {run + 1}"
+
+
+class BenchError(RuntimeError):
+    """The benchmark cannot run as asked; the message is one line that says why."""
 
 
 # ---- timing -------------------------------------------------------------------------------------------------
@@ -243,6 +257,7 @@ def run_baseline(
     totals, steps = [], []
     _peak_memory_reset(device)
     for run in range(warmup + repeat):
+        kwargs["prompt"] = prompt_for(run)
         kwargs["generator"] = torch.Generator(device="cpu").manual_seed(request.seed or 0)
         clock.begin()
         with torch.no_grad():
@@ -285,21 +300,37 @@ def _adopt_random_pipeline(engine, spec, pipe, placement, seconds: float) -> Non
     engine._models[spec.key] = LoadedModel(spec.key, spec, pipe, "random-weights", placement, seconds)
 
 
+def load_for_bench(engine, spec, random_weights: bool, safety: bool) -> None:
+    """Load (or build) the model, and the safety checker when the runs use it, before anything is timed or
+    compiled; any failure is one ``BenchError`` line."""
+    try:
+        if random_weights:
+            from fluxserve.engine.random_weights import build_placed_random_pipeline
+
+            start = time.perf_counter()
+            pipe, placement = build_placed_random_pipeline(
+                spec.key, engine.device, engine.dtype, seed=0, requested=engine.requested_placement()
+            )
+            _adopt_random_pipeline(engine, spec, pipe, placement, time.perf_counter() - start)
+        else:
+            engine.load(spec.key)
+        if safety:
+            engine._safety_checker()
+    except (KeyboardInterrupt, BenchError):
+        raise
+    except Exception as exc:
+        what = "build" if random_weights else "load"
+        raise BenchError(f"could not {what} {spec.key}: {type(exc).__name__}: {str(exc).splitlines()[0][:500]}"
+                         ) from exc
+
+
 def run_fluxserve(
     *, engine, spec, request: GenerationRequest, warmup: int, repeat: int, random_weights: bool
 ) -> dict:
     device = engine.device
     _peak_memory_reset(device)
     start = time.perf_counter()
-    if random_weights:
-        from fluxserve.engine.random_weights import build_placed_random_pipeline
-
-        pipe, placement = build_placed_random_pipeline(
-            spec.key, device, engine.dtype, seed=0, requested=engine.settings.text_encoder_placement
-        )
-        _adopt_random_pipeline(engine, spec, pipe, placement, time.perf_counter() - start)
-    else:
-        engine.load(spec.key)
+    load_for_bench(engine, spec, random_weights, request.safety_checker)
     _sync(device)
     load_s = time.perf_counter() - start
     load_peak = _peak_memory_gib(device)  # the highest point while loading / building (FP8: never bf16 whole)
@@ -316,7 +347,7 @@ def run_fluxserve(
     _peak_memory_reset(device)
     for run in range(warmup + repeat):
         clock.begin()
-        result = engine.generate(request, on_progress=on_progress)
+        result = engine.generate(request.model_copy(update={"prompt": prompt_for(run)}), on_progress=on_progress)
         _sync(device)
         total = time.perf_counter() - clock.start
         if run < warmup:
@@ -327,9 +358,13 @@ def run_fluxserve(
         steps.extend(clock.step_ms())
         if len(clock.ends) < 2:  # one step: the whole denoising stage is the step
             steps.append(result.timings.get("denoising", 0.0) * 1000 / max(1, request.steps))
+    # The last prompt again: what a repeated prompt costs (a prompt-cache hit where the level has the cache).
+    again = engine.generate(request.model_copy(update={"prompt": prompt_for(warmup + repeat - 1)}))
     # A new resolution after the warm ones: with regional compilation and dynamic shapes this must not
     # recompile the whole model (the number to compare with the warm end-to-end time).
-    other = request.model_copy(update={"width": (request.width or 1024) + 128, "height": (request.height or 1024) - 128})
+    other = request.model_copy(update={"width": (request.width or 1024) + 128,
+                                       "height": (request.height or 1024) - 128,
+                                       "prompt": prompt_for(warmup + repeat)})
     clock.begin()
     engine.generate(other, on_progress=on_progress)
     _sync(device)
@@ -346,8 +381,12 @@ def run_fluxserve(
         "resolution_change": {"size": f"{other.width}x{other.height}", "first_request_s": resolution_change_s},
         "stages_s": stages,
         "stages_all_s": stage_runs,
-        "end_to_end_s": stages["inference"],
-        "pipeline_s": _median(pipeline_s),
+        "end_to_end_s": _median(pipeline_s),
+        "end_to_end_all_s": pipeline_s,
+        "serving_s": stages["inference"],
+        "repeated_prompt": {"text_encoding_s": again.timings.get("text_encoding"),
+                            "end_to_end_s": sum(again.timings.get(k, 0.0)
+                                                for k in ("text_encoding", "denoising", "decoding"))},
         "step_ms": _median(steps),
         "step_ms_all": steps,
         "peak_memory_gib": _peak_memory_gib(device),
@@ -410,6 +449,8 @@ def run(config: BenchConfig, settings) -> dict:
             guidance=guidance,
             acceleration=normalise_level(config.acceleration),
             output_format="png",
+            # random weights make noise, and the safety model would be a download: off for them
+            safety_checker=not config.random_weights,
         )
         baseline = None
         if config.baseline == "diffusers":
@@ -436,9 +477,11 @@ def run(config: BenchConfig, settings) -> dict:
             random_weights=config.random_weights,
         )
 
-    pipe = engine._models[spec.key].pipe
+    loaded = engine._models[spec.key]
+    pipe = loaded.pipe
     accel_state = acceleration_state(pipe) or {}
     precision = accel_state.get("transformer_precision", str(engine.dtype).removeprefix("torch."))
+    held = loaded.placement.transformer
     flops = config_flops(
         pipe.transformer.config, config.width, config.height, [(config.width, config.height)] * config.refs
     )
@@ -472,6 +515,8 @@ def run(config: BenchConfig, settings) -> dict:
         },
         "acceleration": accel_state,
         "precision": precision,
+        "precision_summary": precision_summary(held, precision),
+        "safety_checker": request.safety_checker,
         "placement": engine.placement(),
         "fluxserve": ours,
         "flops": {**flops, "passes_per_step": passes, "per_step": per_step},
@@ -486,12 +531,19 @@ def run(config: BenchConfig, settings) -> dict:
     }
     if baseline is not None:
         report["speedup"] = {
-            "end_to_end": _ratio(baseline["end_to_end_s"], ours["pipeline_s"]),
+            "end_to_end": _ratio(baseline["end_to_end_s"], ours["end_to_end_s"]),
             "per_step": _ratio(baseline["step_ms"], ours["step_ms"]),
             "note": "baseline end to end (text encoding + denoising + decoding) over fluxserve's same three "
             "stages; per step: median step time ratio",
         }
     return report
+
+
+def precision_summary(held: str, precision: str) -> str:
+    """What ran, in words: how the transformer is held and what its matmuls were."""
+    matmuls = {"fp8-w8a8": "FP8 matmuls (weights and activations in FP8)",
+               "fp8-weight-only": "bf16 matmuls on dequantised FP8 weights"}.get(precision, f"{precision} matmuls")
+    return f"transformer held {held}, {matmuls}"
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -500,7 +552,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 # ---- output -------------------------------------------------------------------------------------------------
 def format_report(report: dict) -> str:
-    env, ours, req = report["device"], report["fluxserve"], report["request"]
+    env, ours, req, state = report["device"], report["fluxserve"], report["request"], report["acceleration"]
     lines = [
         f"fluxserve bench: {report['model']} ({report['pipeline']})"
         + (" [demo model]" if report["demo"] else "")
@@ -511,23 +563,37 @@ def format_report(report: dict) -> str:
         ),
         (
             f"request: {req['width']}x{req['height']}, {req['steps']} steps, {req['refs']} refs, "
-            f"{req['num_images']} image(s), acceleration {req['acceleration']} -> {report['acceleration'].get('level')}"
-            f" ({report['precision']}); median of {req['repeat']} after {req['warmup']} warm-up"
+            f"{req['num_images']} image(s), acceleration {req['acceleration']} -> {state.get('level')}; "
+            f"safety checker {'on' if report.get('safety_checker') else 'off'}; a new prompt every run; "
+            f"median of {req['repeat']} after {req['warmup']} warm-up"
+        ),
+        f"precision: {report.get('precision_summary') or report['precision']}",
+        (
+            f"kernels: attention {state.get('attention')}, fused QKV {state.get('fused_qkv')}, compiled "
+            f"{state.get('compiled')}, CUDA graphs {state.get('cuda_graphs')}"
+            + (f" ({len(state.get('cuda_graph_shapes') or [])} shape(s) of at most {state.get('cuda_graph_cap')}, "
+               f"{(state.get('cuda_graph_bytes') or 0) / 2**30:.2f} GiB)" if state.get("cuda_graphs") else "")
         ),
     ]
+    lines += [f"note: {note}" for note in state.get("notes") or []]
     models = report["placement"].get("models", {})
     for key, info in models.items():
         plan = info.get("plan") or {}
         sizes = ", ".join(f"{name} {size / 2**30:.2f}" for name, size in (info.get("bytes") or {}).items())
         lines.append(
-            f"placement {key}: device {info.get('device')}, {info.get('dtype')}, transformer "
-            f"{info.get('transformer')}, text encoder {info.get('text_encoder')}"
+            f"placement {key}: {info.get('summary')} on {info.get('device')}"
             + (f"; plan {plan.get('needed_gib')} GiB of {plan.get('free_gib')} GiB free" if plan.get("free_gib") else "")
             + (f"; {info.get('dtype')} GiB: {sizes}" if sizes else "")
         )
     lines.append(
         "stage medians (s): "
         + ", ".join(f"{k} {_fmt(ours['stages_s'].get(k))}" for k in (*STAGES, "inference"))
+    )
+    repeated = ours.get("repeated_prompt") or {}
+    lines.append(
+        f"end to end (text encoding + denoising + decoding): {_fmt(ours['end_to_end_s'])} s; with safety and file "
+        f"encoding {_fmt(ours.get('serving_s'))} s; a repeated prompt: text encoding "
+        f"{_fmt(repeated.get('text_encoding_s'))} s, end to end {_fmt(repeated.get('end_to_end_s'))} s"
     )
     lines.append(
         f"denoising step median: {_fmt(ours['step_ms'])} ms; load {ours['load_s']:.2f} s; "

@@ -25,7 +25,8 @@ class Settings:
     catalog: str = ""  # TOML path; empty = the packaged catalog.toml
     demo: bool = False  # serve every endpoint with the tiny demo models
     device: str = ""  # "cuda", "cuda:1", "cpu"; empty = cuda when available
-    text_encoder_placement: str = "auto"  # auto | resident | fp8 | offload
+    transformer_placement: str = "auto"  # auto | bf16 | fp8 | stream (fluxserve.engine.plan)
+    text_encoder_placement: str = "auto"  # auto | resident | fp8 | stream
     workers_per_device: int = 1
     hf_token: str = ""
 

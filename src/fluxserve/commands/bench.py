@@ -24,8 +24,9 @@ def add_parser(subparsers) -> None:
         "bench",
         help="benchmark a model: per-stage and per-step times, MFU, peak memory, ratio to stock diffusers",
         description="Runs generation requests through the engine (what the server runs) and reports medians. "
-        "--random-weights builds the full-size architecture directly on the GPU (no download); --demo uses "
-        "the tiny demo models (CPU-friendly).",
+        "--random-weights builds the full-size architecture directly on the GPU (no download, no network: the "
+        "safety checker is off for it); --demo uses the tiny demo models (CPU-friendly). --transformer and "
+        "--text-encoder force a placement (see fluxserve plan).",
     )
     parser.add_argument("--model", required=True, help="catalogue model key: dev, klein-4b, klein-9b, ...")
     parser.add_argument(
@@ -52,7 +53,9 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from fluxserve import bench
     from fluxserve.commands.common import settings_from_args
+    from fluxserve.engine.plan import DoesNotFit
     from fluxserve.engine.random_weights import RandomWeightsUnavailable
+    from fluxserve.engine.weights import WeightsNotFound
 
     if args.steps < 1 or args.repeat < 1 or args.warmup < 0 or args.refs < 0:
         print("fluxserve bench: --steps and --repeat must be >= 1, --warmup and --refs >= 0", file=sys.stderr)
@@ -76,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         report = bench.run(config, settings)
-    except (RandomWeightsUnavailable, ValueError) as exc:
+    except (bench.BenchError, RandomWeightsUnavailable, WeightsNotFound, DoesNotFit, ValueError) as exc:
         print(f"fluxserve bench: {exc}", file=sys.stderr)
         return 2
     print(bench.format_report(report))

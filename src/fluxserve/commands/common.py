@@ -14,9 +14,14 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="where the database, files and model cache live")
     parser.add_argument("--device", help="cuda, cuda:N, a list like cuda:0,cuda:1, or cpu (default: every CUDA GPU, "
                         "one engine and its workers each; the CPU without one)")
+    parser.add_argument("--transformer", dest="transformer_placement", choices=["auto", "bf16", "fp8", "stream"],
+                        help="how the transformer is held on CUDA: bf16, fp8 (FP8 weights, FP8 matmuls where the "
+                        "GPU has them) or stream (host memory, block by block); default: auto, from free GPU "
+                        "memory (see fluxserve plan)")
     parser.add_argument("--text-encoder", dest="text_encoder_placement",
-                        choices=["auto", "resident", "fp8", "offload"],
-                        help="text-encoder placement on CUDA (default: auto, from free GPU memory)")
+                        choices=["auto", "resident", "fp8", "stream"],
+                        help="how the text encoder is held on CUDA: resident (bf16), fp8, or stream (host "
+                        "memory, layer by layer; no prompt expansion); default: auto")
 
 
 def settings_from_args(args: argparse.Namespace, **extra) -> Settings:
@@ -27,6 +32,7 @@ def settings_from_args(args: argparse.Namespace, **extra) -> Settings:
         "catalog": getattr(args, "catalog", None),
         "data_dir": Path(args.data_dir) if getattr(args, "data_dir", None) else None,
         "device": getattr(args, "device", None),
+        "transformer_placement": getattr(args, "transformer_placement", None),
         "text_encoder_placement": getattr(args, "text_encoder_placement", None),
     }
     overrides.update(extra)

@@ -26,7 +26,6 @@ attention backend name, e.g. ``_flash_3``, ``_native_cudnn``, ``native``), ``FLU
 from __future__ import annotations
 
 import functools
-import importlib.util
 import itertools
 import logging
 import os
@@ -82,12 +81,14 @@ class AccelOptions:
     attention: str | None = None  # None = best available
     prompt_cache_entries: int = 64
     prompt_cache_bytes: int = 2 * 1024**3
+    cuda_graph_shapes: int = 4  # input shapes (resolution x batch) that get CUDA graphs; others run without
 
     @classmethod
     def from_env(cls) -> AccelOptions:
         return cls(
             compile=_env_switch("FLUXSERVE_COMPILE"),
             cuda_graphs=_env_switch("FLUXSERVE_CUDA_GRAPHS"),
+            cuda_graph_shapes=int(os.environ.get("FLUXSERVE_CUDA_GRAPH_SHAPES", "4")),
             attention=os.environ.get("FLUXSERVE_ATTENTION") or None,
             prompt_cache_entries=int(os.environ.get("FLUXSERVE_PROMPT_CACHE", "64")),
             prompt_cache_bytes=int(float(os.environ.get("FLUXSERVE_PROMPT_CACHE_MB", "2048")) * 1024**2),
@@ -294,30 +295,85 @@ def fuse_fp8_qkv(transformer: nn.Module) -> int:
 
 
 # ---- attention backend ------------------------------------------------------------------------------
-def best_attention_backend(device: torch.device) -> str:
-    """The fastest exact attention for ``device``: FlashAttention-3 (Hopper, ``flash_attn_interface``), else
-    cuDNN SDPA (compute capability >= 8.0), else PyTorch's own SDPA dispatch."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return "native"
-    major, _ = torch.cuda.get_device_capability(device)
-    if major == 9 and importlib.util.find_spec("flash_attn_interface") is not None:
-        return "_flash_3"
+_attention_choice: dict[str, tuple[str, tuple[str, ...]]] = {}  # device -> (backend, notes), decided once
+_attention_lock = threading.Lock()
+
+
+def diffusers_can_use_flash_attention_3() -> bool:
+    """diffusers' own test for FlashAttention-3 (the ``flash_attn_3`` package, imported by it), which is what
+    its ``_flash_3`` backend needs; an importable ``flash_attn_interface`` alone is not enough."""
+    try:
+        from diffusers.models import attention_dispatch
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        return False
+    return bool(getattr(attention_dispatch, "_CAN_USE_FLASH_ATTN_3", False))
+
+
+def attention_candidates(device: torch.device, capability: tuple[int, int] | None = None,
+                         flash_attention_3: bool | None = None) -> list[str]:
+    """The exact attention kernels worth trying on ``device``, fastest first: FlashAttention-3 (Hopper, when
+    diffusers can use it), cuDNN SDPA (compute capability >= 8.0), PyTorch's own SDPA dispatch."""
+    if device.type != "cuda":
+        return ["native"]
+    major, _ = capability or torch.cuda.get_device_capability(device)
+    fa3 = diffusers_can_use_flash_attention_3() if flash_attention_3 is None else flash_attention_3
+    names = []
+    if major == 9 and fa3:
+        names.append("_flash_3")
     if major >= 8:
-        return "_native_cudnn"
-    return "native"
+        names.append("_native_cudnn")
+    return [*names, "native"]
+
+
+def probe_attention(backend: str, device: torch.device) -> None:
+    """Run ``backend`` once on FLUX.2-shaped inputs (bf16, head dim 128); raises when it cannot run here."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, 256, 2, 128, device=device, dtype=torch.bfloat16, generator=generator)
+               for _ in range(3))
+    out = dispatch_attention_fn(q, k, v, backend=backend)
+    if out.shape != q.shape or not torch.isfinite(out).all():
+        raise RuntimeError(f"{backend} returned a wrong or non-finite result")
+
+
+def choose_attention(device: torch.device, candidates: list[str] | None = None,
+                     probe=probe_attention) -> tuple[str, tuple[str, ...]]:
+    """(backend, notes): the first of ``candidates`` that runs on ``device``, decided once per device and
+    remembered (later calls neither retry nor log again); notes say which were skipped and why."""
+    key = str(device)
+    with _attention_lock:
+        if key in _attention_choice:
+            return _attention_choice[key]
+        notes = []
+        chosen = "native"
+        for name in candidates or attention_candidates(device):
+            if name == "native":
+                break
+            try:
+                probe(name, device)
+            except Exception as exc:  # noqa: BLE001 - a missing kernel or an unsupported GPU
+                notes.append(f"attention {name} unavailable ({type(exc).__name__}: {str(exc)[:200]})")
+                log.warning("attention backend %s unavailable on %s (%s); trying the next", name, device, exc)
+                continue
+            chosen = name
+            break
+        log.info("attention backend on %s: %s", device, chosen)
+        _attention_choice[key] = (chosen, tuple(notes))
+        return _attention_choice[key]
 
 
 def set_attention_backend(transformer: nn.Module, backend: str) -> str:
-    """Set a diffusers attention backend on every attention processor; falls back to ``native``."""
+    """Set a diffusers attention backend on every attention processor; ``native`` when it cannot be set."""
     if not hasattr(transformer, "set_attention_backend"):
         return "native"
-    for name in dict.fromkeys([backend, "native"]):
-        try:
-            transformer.set_attention_backend(name)
-            return name
-        except Exception as exc:  # noqa: BLE001 - missing kernels or unmet requirements
-            log.warning("attention backend %s unavailable (%s); trying the next", name, exc)
-    return "native"
+    try:
+        transformer.set_attention_backend(backend)
+        return backend
+    except Exception as exc:  # noqa: BLE001 - unmet requirements
+        log.warning("attention backend %s could not be set (%s); using native", backend, exc)
+        transformer.set_attention_backend("native")
+        return "native"
 
 
 # ---- regional compile -------------------------------------------------------------------------------
@@ -357,23 +413,53 @@ def is_compiled(transformer: nn.Module) -> bool:
     return any(getattr(b, "_compiled_call_impl", None) is not None for b in _repeated_blocks(transformer))
 
 
+GRAPH_CAPTURE_CALLS = 3  # CUDA graph trees warm a shape up, then record it, then replay
+
+
+def _shape_key(args: tuple, kwargs: dict) -> str:
+    """The input shape a CUDA graph is captured for: image (+ reference) tokens, text tokens, batch."""
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+    dims = [tuple(t.shape) for t in (hidden, text) if isinstance(t, torch.Tensor)]
+    return " ".join("x".join(str(d) for d in shape) for shape in dims)
+
+
+def _graphs_for(state: AccelState, transformer: nn.Module, key: str) -> bool:
+    """Whether this call runs with CUDA graphs: shapes already captured do, and new shapes while fewer than
+    ``cuda_graph_cap`` are captured; beyond the cap a shape runs compiled without graphs, so the graphs'
+    memory stays bounded (each captured shape keeps its own static buffers)."""
+    graphs = key in state.cuda_graph_shapes or len(state.cuda_graph_shapes) < state.cuda_graph_cap
+    compile_blocks(transformer, cuda_graphs=graphs)
+    return graphs
+
+
 def _install_forward_guard(pipe: Any) -> None:
-    """Wrap the transformer's forward once: mark a CUDA-graph step before each call, and fall back to eager
-    if a compiled call fails (a compiler or CUDA-graph error must not take the server down)."""
+    """Wrap the transformer's forward once: choose CUDA graphs or not for the call's shape and mark a graph
+    step, and fall back to eager if a compiled call fails (a compiler or CUDA-graph error must not take the
+    server down)."""
     transformer = pipe.transformer
     if getattr(transformer, "_fluxserve_guarded", False):
         return
     original = transformer.forward
+    capturing: dict[str, int] = {}  # shape -> calls seen while its graphs are warmed up and recorded
 
     @functools.wraps(original)
     def guarded(*args, **kwargs):
         state: AccelState | None = getattr(pipe, "_fluxserve_accel", None)
         if state is None or not state.compiled:
             return original(*args, **kwargs)
+        capture = None
         if state.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()
+            key = _shape_key(args, kwargs)
+            if _graphs_for(state, transformer, key):
+                torch.compiler.cudagraph_mark_step_begin()
+                if key not in state.cuda_graph_shapes:
+                    state.cuda_graph_shapes.append(key)
+                    capturing[key] = 0
+                if key in capturing:  # the first calls of a shape warm up and record its graphs
+                    capture = (key, torch.cuda.memory_reserved(state.device))
         try:
-            return original(*args, **kwargs)
+            out = original(*args, **kwargs)
         except Exception as exc:
             if not _is_compile_failure(exc):
                 raise
@@ -386,6 +472,13 @@ def _install_forward_guard(pipe: Any) -> None:
             state.compile_failed = f"{type(exc).__name__}: {exc}"[:500]
             state.notes.append("torch.compile failed on the first call; running eager")
             return original(*args, **kwargs)
+        if capture is not None:
+            key, before = capture
+            state.cuda_graph_bytes += max(0, torch.cuda.memory_reserved(state.device) - before)
+            capturing[key] += 1
+            if capturing[key] >= GRAPH_CAPTURE_CALLS:
+                del capturing[key]
+        return out
 
     transformer.forward = guarded
     transformer._fluxserve_guarded = True
@@ -569,9 +662,13 @@ class AccelState:
     attention: str = "native"
     compiled: bool = False
     cuda_graphs: bool = False
+    cuda_graph_shapes: list[str] = field(default_factory=list)  # shapes captured, oldest first
+    cuda_graph_cap: int = 0
+    cuda_graph_bytes: int = 0  # GPU memory the captured graphs took (reserved-memory growth while capturing)
     prompt_cache: bool = False
     transformer_precision: str = "bf16"  # bf16 | fp16 | fp32 | fp8-w8a8 | fp8-weight-only
     held_in_fp8: bool = False
+    streamed: bool = False
     compile_failed: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -587,22 +684,23 @@ def _dtype_name(module: nn.Module) -> str:
     return "unknown"
 
 
+HELD_IN_FP8 = "transformer held in FP8"
+
+
 def prepare_transformer(pipe: Any, precision: str, device: torch.device | str | None = None) -> str:
     """Load-time: hold the transformer in ``precision`` ("bf16" keeps it as loaded; "fp8" quantises the
-    blocks' Linear layers and frees their bf16 weights). Returns the precision held."""
+    blocks' Linear layers, if not done yet, and frees their bf16 weights). Returns the precision held."""
     state = _state(pipe, device)
-    if precision == "fp8" and not fp8.has_fp8(pipe.transformer):
-        device = torch.device(device) if device is not None else _module_device(pipe.transformer)
-        quantize_fused_transformer(
-            pipe.transformer,
-            granularity=fp8.default_granularity(device),
-            mode="weight_only",
-            keep_original=False,
-        )
-        state.held_in_fp8 = True
-        state.notes.append(
-            "transformer held in FP8 (bf16 did not fit): lossless levels dequantise FP8 weights"
-        )
+    dev = torch.device(device) if device is not None else _module_device(pipe.transformer)
+    if precision == "fp8":
+        if not fp8.has_fp8(pipe.transformer):
+            quantize_fused_transformer(pipe.transformer, granularity=fp8.default_granularity(dev),
+                                       mode="weight_only", keep_original=False)
+        if not state.held_in_fp8:
+            state.held_in_fp8 = True
+            how = ("every level runs FP8 matmuls" if fp8.scaled_mm_supported(dev)
+                   else "no FP8 matmuls on this device: every level dequantises the FP8 weights")
+            state.notes.append(f"{HELD_IN_FP8}: {how}")
     return "fp8" if fp8.has_fp8(pipe.transformer) else _dtype_name(pipe.transformer)
 
 
@@ -621,15 +719,26 @@ def _state(pipe: Any, device: torch.device | str | None) -> AccelState:
     return state
 
 
+def fp8_copy_bytes(transformer: nn.Module) -> int:
+    """Bytes an FP8 copy of the transformer blocks' Linear weights adds beside the bf16 ones (one byte per
+    weight plus the row scales), plus the largest single quantisation's working memory."""
+    sizes = [(m.out_features, m.in_features) for name, m in transformer.named_modules()
+             if type(m) is nn.Linear and fp8.transformer_block_filter(name, m)]
+    return sum(o * i + 8 * o for o, i in sizes) + 2 * fp8.QUANTIZE_CHUNK_BYTES
+
+
 def _fp8_room(transformer: nn.Module, device: torch.device) -> bool:
-    """Room on the GPU to add FP8 copies of the block weights beside the bf16 ones (half their bytes)."""
-    need = sum(
-        m.weight.numel()
-        for name, m in transformer.named_modules()
-        if isinstance(m, nn.Linear) and fp8.transformer_block_filter(name, m)
-    )
-    free, _total = torch.cuda.mem_get_info(device)
-    return free > need + 4 * 1024**3
+    """Room on the GPU to add FP8 copies of the block weights beside the bf16 ones, with working memory left
+    (``plan.headroom_bytes``)."""
+    from fluxserve.engine.placement import free_gpu_bytes
+    from fluxserve.engine.plan import headroom_bytes
+
+    free, total = free_gpu_bytes(device)
+    return free >= fp8_copy_bytes(transformer) + headroom_bytes(total)
+
+
+def _keep_note(note: str) -> bool:
+    return note.startswith((HELD_IN_FP8, "torch.compile failed", "attention "))
 
 
 def apply_acceleration(
@@ -652,14 +761,20 @@ def apply_acceleration(
     state.requested = requested
     transformer = pipe.transformer
     effective = requested
-    notes: list[str] = [n for n in state.notes if n.startswith(("transformer held", "torch.compile failed"))]
+    notes: list[str] = [n for n in state.notes if _keep_note(n)]
+    streamed = bool(getattr(transformer, "_fluxserve_streamed", False))
+    state.streamed = streamed
+    fp8_matmul = fp8.scaled_mm_supported(dev)
 
-    if effective == "high" and not fp8.scaled_mm_supported(dev):
+    if effective == "high" and not fp8_matmul:
         effective = "regular"
         notes.append(
             f"high needs FP8 matrix units (CUDA, compute capability >= 8.9); {dev.type} runs regular"
         )
         log.info("acceleration high is not available on %s: running regular", dev)
+    if effective == "high" and streamed:
+        effective = "regular"
+        notes.append("high: the transformer is streamed from host memory (bf16); running regular")
     if effective == "high" and not fp8.has_fp8(transformer):
         if _fp8_room(transformer, dev):
             quantize_fused_transformer(
@@ -669,28 +784,39 @@ def apply_acceleration(
             )
         else:
             effective = "regular"
-            notes.append("high: not enough free GPU memory to add FP8 weights beside bf16; running regular")
+            notes.append("high: not enough free GPU memory to add FP8 weights beside the bf16 ones; running "
+                         "regular (hold the transformer in FP8 with --transformer fp8 to run FP8)")
 
     _install_lora_guard(pipe)
     lora = has_lora(transformer)
-    # 1. fused QKV (lossless); undone for none and whenever LoRA layers are injected.
-    if effective == "none" or lora:
+    # 1. fused QKV (lossless); undone for none and whenever LoRA layers are injected. A streamed transformer
+    # keeps its layers as the streaming hooks know them.
+    if effective == "none" or lora or streamed:
         unfuse_qkv(transformer)
         if lora and effective != "none":
             notes.append("LoRA active: QKV left unfused so the adapters apply")
+    elif state.held_in_fp8:
+        fuse_fp8_qkv(transformer)
     else:
         fuse_qkv(transformer)
     state.fused_qkv = is_fused(transformer)
 
-    # 2. attention kernel.
-    want = "native" if effective == "none" else (options.attention or best_attention_backend(dev))
+    # 2. attention kernel: decided once per device (the fastest that runs), native for none.
+    if effective == "none":
+        want = "native"
+    elif options.attention:
+        want = options.attention
+    else:
+        want, skipped = choose_attention(dev)
+        notes.extend(n for n in skipped if n not in notes)
     if want != state.attention or not getattr(pipe, "_fluxserve_attention_set", False):
         state.attention = set_attention_backend(transformer, want)
         pipe._fluxserve_attention_set = True
 
-    # 3. FP8 mode of the transformer's quantised layers (if any).
+    # 3. FP8 mode of the transformer's quantised layers (if any). Held in FP8: FP8 matmuls at every level
+    # where the GPU has them (dequantising the weights at every step would be slower and no more exact).
     if fp8.has_fp8(transformer):
-        if effective == "high":
+        if effective == "high" or (state.held_in_fp8 and fp8_matmul):
             used = fp8.set_fp8_mode(transformer, "w8a8")
         else:
             used = fp8.set_fp8_mode(transformer, "original")
@@ -702,14 +828,18 @@ def apply_acceleration(
 
     # 4. regional compile (+ CUDA graphs), guarded.
     _install_forward_guard(pipe)
-    want_compile = effective != "none" and options.compile_on(dev) and state.compile_failed is None
+    want_compile = (effective != "none" and not streamed and options.compile_on(dev)
+                    and state.compile_failed is None)
     if want_compile:
         graphs = options.cuda_graphs_on(dev)
         compile_blocks(transformer, cuda_graphs=graphs)
         state.compiled, state.cuda_graphs = True, graphs
+        state.cuda_graph_cap = options.cuda_graph_shapes if graphs else 0
     else:
         uncompile_blocks(transformer)
         state.compiled, state.cuda_graphs = False, False
+        if streamed and effective != "none":
+            notes.append("the transformer is streamed from host memory: not compiled")
 
     # 5. prompt cache.
     install_prompt_cache(pipe)

@@ -1,4 +1,4 @@
-"""FP8 (e4m3) Linear layers for the FLUX.2 transformer, and the memory plan that decides when to use them.
+"""FP8 (e4m3) Linear layers for the FLUX.2 transformer and text encoder.
 
 ``FP8Linear`` keeps its weight in ``float8_e4m3fn`` with a float32 scale, per output row (``"row"``) or one
 per tensor (``"tensor"``), and runs in one of three modes:
@@ -15,15 +15,13 @@ Weights are quantised a block of rows at a time (``quantize_weight``) and each f
 go as soon as its FP8 copy exists (``quantize_linears``), so converting a model on a nearly full GPU needs
 little more than the FP8 model plus one layer.
 
-``plan_memory`` is the pure function that decides, from free GPU memory, whether the transformer is held in
-bf16 or FP8 and where the text encoder goes; tests feed it numbers.
+Which components are held in FP8 is decided by the memory plan (``fluxserve.engine.plan``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -411,88 +409,3 @@ def has_fp8(root: nn.Module) -> bool:
 def has_original_weights(root: nn.Module) -> bool:
     layers = list(fp8_layers(root))
     return bool(layers) and all(layer.original is not None for layer in layers)
-
-
-# ---- memory plan ------------------------------------------------------------------------------------
-GiB = 1024**3
-
-
-@dataclass(frozen=True)
-class MemoryPlan:
-    transformer: str  # "bf16" | "fp8"
-    text_encoder: str  # "resident" | "fp8" | "offload"
-    needed_bytes: int
-    free_bytes: int
-
-    def as_dict(self) -> dict:
-        return {
-            "transformer": self.transformer,
-            "text_encoder": self.text_encoder,
-            "needed_gib": round(self.needed_bytes / GiB, 2),
-            "free_gib": round(self.free_bytes / GiB, 2),
-        }
-
-
-# Tried in order: everything resident in bf16 is the reference; the text encoder goes to FP8 before the
-# transformer does (it runs once per prompt and the prompt cache hides it); the transformer goes to FP8 before
-# anything is offloaded (offloading the transformer costs a weight transfer per step).
-TEXT_ENCODER_CHOICES = ("auto", "resident", "fp8", "offload")
-PLAN_ORDER: tuple[tuple[str, str], ...] = (
-    ("bf16", "resident"),
-    ("bf16", "fp8"),
-    ("fp8", "fp8"),
-    ("fp8", "offload"),
-)
-
-
-def plan_memory(
-    *,
-    free_bytes: int,
-    transformer_bytes: int,
-    text_encoder_bytes: int,
-    vae_bytes: int = 0,
-    reserve_bytes: int = 6 * GiB,
-    text_encoder_choice: str = "auto",
-    transformer_fp8_bytes: int | None = None,
-    text_encoder_fp8_bytes: int | None = None,
-) -> MemoryPlan:
-    """Choose the transformer precision and the text-encoder placement for one model on one GPU.
-
-    ``transformer_bytes`` and ``text_encoder_bytes`` are the bf16 sizes; FP8 halves them. ``reserve_bytes``
-    is kept free for activations, attention workspaces and the VAE decode (which is always resident).
-    ``text_encoder_choice`` forces the text encoder ("resident" | "fp8" | "offload"); "auto" picks.
-    Nothing fits -> the last candidate (FP8 transformer, offloaded text encoder), the smallest footprint.
-    ``transformer_fp8_bytes`` / ``text_encoder_fp8_bytes``: the exact FP8 footprints when the caller counted
-    them (only the Linear weights become FP8; embeddings, norms and the output head stay bf16); half the bf16
-    bytes otherwise.
-    """
-    if text_encoder_choice not in TEXT_ENCODER_CHOICES:
-        raise ValueError(
-            f"text encoder placement {text_encoder_choice!r}: choose one of {', '.join(TEXT_ENCODER_CHOICES)}"
-        )
-    transformer_fp8 = transformer_bytes // 2 if transformer_fp8_bytes is None else transformer_fp8_bytes
-    text_encoder_fp8 = text_encoder_bytes // 2 if text_encoder_fp8_bytes is None else text_encoder_fp8_bytes
-    sizes = {"bf16": transformer_bytes, "fp8": transformer_fp8}
-    te_sizes = {"resident": text_encoder_bytes, "fp8": text_encoder_fp8, "offload": 0}
-    if text_encoder_choice == "auto":
-        candidates = list(PLAN_ORDER)
-    else:
-        candidates = [("bf16", text_encoder_choice), ("fp8", text_encoder_choice)]
-    for transformer, text_encoder in candidates:
-        needed = sizes[transformer] + te_sizes[text_encoder] + vae_bytes + reserve_bytes
-        if needed <= free_bytes:
-            return MemoryPlan(transformer, text_encoder, needed, free_bytes)
-    transformer, text_encoder = candidates[-1]
-    needed = sizes[transformer] + te_sizes[text_encoder] + vae_bytes + reserve_bytes
-    return MemoryPlan(transformer, text_encoder, needed, free_bytes)
-
-
-
-def fp8_footprint(bf16_bytes: int, linear_shapes: Iterable[tuple[int, int]], element_size: int = 2) -> int:
-    """Bytes of a module after its Linears of ``linear_shapes`` ((out, in) each) are held in FP8 with row
-    scales: one byte per weight plus two float32 scales per output row, instead of ``element_size`` bytes."""
-    total = bf16_bytes
-    for out_features, in_features in linear_shapes:
-        total -= out_features * in_features * (element_size - 1)
-        total += 8 * out_features
-    return total

@@ -14,6 +14,7 @@ import os
 import secrets
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
@@ -62,7 +63,9 @@ class LoadedModel:
 
 
 class Engine:
-    """Runs generation requests on one device. Thread-safe loading; one request at a time per instance."""
+    """Runs generation requests on one device. Thread-safe loading; one request at a time per instance, always
+    on the engine's own thread, whichever thread calls ``generate`` (CUDA graphs are recorded per thread, so
+    one thread keeps one set of them per engine however many workers share it)."""
 
     def __init__(self, settings: Settings, catalog: Catalog) -> None:
         self.settings = settings
@@ -76,6 +79,7 @@ class Engine:
         self._model_locks: dict[str, threading.Lock] = {}
         self._safety = None
         self._safety_lock = threading.Lock()
+        self._runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{self.device}")
 
     # ---- models -----------------------------------------------------------------------------------------
     def load(self, model_key: str) -> None:
@@ -109,12 +113,16 @@ class Engine:
     def _load(self, spec: ModelSpec) -> LoadedModel:
         start = time.perf_counter()
         path = resolve_weights(spec, self.settings)
-        pipe, placement = load_placed_pipeline(spec, path, self.device, self.dtype,
-                                               self.settings.text_encoder_placement, demo=self.settings.demo)
+        pipe, placement = load_placed_pipeline(spec, path, self.device, self.dtype, self.requested_placement(),
+                                               demo=self.settings.demo)
         accel.apply_acceleration(pipe, "regular", self.device)
         seconds = time.perf_counter() - start
         log.info("loaded %s from %s in %.1fs (%s)", spec.key, path, seconds, placement.as_dict())
         return LoadedModel(spec.key, spec, pipe, str(path), placement, seconds)
+
+    def requested_placement(self) -> dict[str, str]:
+        return {"transformer": self.settings.transformer_placement,
+                "text_encoder": self.settings.text_encoder_placement}
 
     def placement(self) -> dict:
         """What is loaded where, in which precision, and the device's memory."""
@@ -132,8 +140,7 @@ class Engine:
             memory = {"free_gib": round(free / 2**30, 2), "total_gib": round(total / 2**30, 2),
                       "allocated_gib": round(torch.cuda.memory_allocated(self.device) / 2**30, 2)}
         return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-                "demo": self.settings.demo, "text_encoder_placement": self.settings.text_encoder_placement,
-                "models": models, "memory": memory}
+                "demo": self.settings.demo, "requested": self.requested_placement(), "models": models, "memory": memory}
 
     # ---- generation -------------------------------------------------------------------------------------
     def generate(
@@ -141,6 +148,15 @@ class Engine:
         request: GenerationRequest,
         on_progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
+    ) -> GenerationResult:
+        """Run ``request`` on the engine's thread; progress and cancel checks are called from that thread."""
+        return self._runner.submit(self._generate, request, on_progress, should_cancel).result()
+
+    def _generate(
+        self,
+        request: GenerationRequest,
+        on_progress: ProgressCallback | None,
+        should_cancel: CancelCheck | None,
     ) -> GenerationResult:
         started = time.perf_counter()
         timings = dict.fromkeys(TIMING_KEYS, 0.0)
@@ -160,9 +176,8 @@ class Engine:
             t0 = time.perf_counter()
             prompt = request.prompt
             if request.expand_prompt:
-                prompt = self._expand(pipe, prompt, references, seed)
+                prompt = self._expand(loaded, prompt, references, seed)
             prompt_embeds, negative_embeds = self._encode(pipe, prompt, request)
-            loaded.placement.after_text_encoding()
             timings["text_encoding"] = time.perf_counter() - t0
 
             # 2. denoising
@@ -234,9 +249,16 @@ class Engine:
         scale = min(1.0, MODEL_MAX_SIDE / max(width, height), (MODEL_MAX_PIXELS / (width * height)) ** 0.5)
         return max(MODEL_MIN_SIDE, int(width * scale)), max(MODEL_MIN_SIDE, int(height * scale))
 
-    def _expand(self, pipe, prompt: str, references: list[Image.Image], seed: int) -> str:
+    def _expand(self, loaded: LoadedModel, prompt: str, references: list[Image.Image], seed: int) -> str:
+        if loaded.placement.text_encoder == "stream":
+            raise InputError(
+                "expand_prompt",
+                f"prompt expansion is not available for {loaded.key} on this server: its text encoder is streamed "
+                "from host memory (too little GPU memory to keep it resident), which makes generating text "
+                "minutes slow; send the request with prompt expansion off",
+            )
         tokens = DEMO_EXPANSION_TOKENS if self.settings.demo else MAX_NEW_TOKENS
-        return expand_prompt(pipe, prompt, references, seed=seed, max_new_tokens=tokens)
+        return expand_prompt(loaded.pipe, prompt, references, seed=seed, max_new_tokens=tokens)
 
     def _encode(self, pipe, prompt: str, request: GenerationRequest):
         with torch.no_grad():

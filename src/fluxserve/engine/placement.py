@@ -1,136 +1,107 @@
-"""Device placement: which model sits where, in which precision.
+"""Device placement: put each component of a pipeline where the memory plan says, in its precision.
 
-On CUDA every model stays resident when it fits in free memory. When it does not (``fp8.plan_memory`` decides
-from ``torch.cuda.mem_get_info``), the text encoder (used once per request, for a few hundred tokens) gives way
-first: stored in FP8 (weights only, per-output-channel scales, upcast in forward: half the bf16 bytes); then the
-transformer's blocks are held in FP8 too; only then is the text encoder kept on the CPU and moved in for each
-encoding (offload). The text-encoder choice can be forced with ``settings.text_encoder_placement``.
-On the CPU everything is resident in float32.
+The plan (``fluxserve.engine.plan``) is made *before* anything reaches the GPU, from byte counts
+(``pipeline_sizes`` from a meta-device build, ``weights.checkpoint_bytes`` from the checkpoint on disk) and the
+GPU's free memory (``free_gpu_bytes``: what the driver reports plus what PyTorch's allocator holds but does not
+use). Each component is then put on the GPU one tensor at a time by ``place_module``: a Linear the plan holds in
+FP8 is quantised as soon as its weight has arrived and its full-precision weight is released, so the GPU never
+holds the bf16 copy of a component that is meant to be FP8 (peak: the FP8 component plus one bf16 Linear). A
+streamed component stays in host memory and is moved to the GPU layer by layer while it runs (diffusers' group
+offloading, the next layer copied on a side stream while the current one computes).
 
-The plan is made *before* anything reaches the GPU, from byte counts (``plan_for``): the loaders count the bf16
-bytes from the checkpoint on disk (``weights.checkpoint_bytes``) or from a meta-device build
-(``random_weights``). Each component is then put on the GPU one tensor at a time by ``place_module``: a Linear
-the plan holds in FP8 is quantised as soon as its weight has arrived, so the GPU never holds the bf16 copy of a
-component that is meant to be FP8 (peak: the FP8 component plus one bf16 Linear). The same routine
-materialises meta tensors (random weights) and runs on any device, which is how it is tested on the CPU.
+The same routines materialise meta tensors (random weights) and run on any device, which is how they are tested
+on the CPU. On the CPU the engine keeps everything resident in float32.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from fluxserve.engine import fp8
+from fluxserve.engine import fp8, plan
+from fluxserve.engine.plan import GIB, MemoryPlan
 
-GIB = 1024**3
+COMPONENTS = ("transformer", "text_encoder", "vae")
+
+
+def _element_size(tensor: torch.Tensor, dtype: torch.dtype | None) -> int:
+    if dtype is not None and tensor.is_floating_point():
+        return torch.empty((), dtype=dtype).element_size()
+    return tensor.element_size()
+
+
+def named_bytes(module: nn.Module, dtype: torch.dtype | None = None) -> Iterable[tuple[str, int]]:
+    """(name, bytes) of ``module``'s parameters (tied ones once) and buffers, floating tensors counted in
+    ``dtype`` when given. Works on the meta device."""
+    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+        yield name, tensor.numel() * _element_size(tensor, dtype)
 
 
 def module_bytes(module: nn.Module, dtype: torch.dtype | None = None) -> int:
     """Bytes of ``module``'s parameters and buffers, counted in ``dtype`` for floating tensors when given."""
-    total = 0
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        size = tensor.element_size()
-        if dtype is not None and tensor.is_floating_point():
-            size = torch.empty((), dtype=dtype).element_size()
-        total += tensor.numel() * size
-    return total
+    return sum(size for _, size in named_bytes(module, dtype))
 
 
-def headroom_bytes(total_bytes: int) -> int:
-    """Working memory kept free for activations, attention and the VAE decode."""
-    return max(4 * GIB, int(0.08 * total_bytes))
+def free_gpu_bytes(device: torch.device | str) -> tuple[int, int]:
+    """(free, total) bytes of a CUDA device: the driver's free memory plus what PyTorch's caching allocator has
+    reserved but does not use (it hands that out before asking the driver for more)."""
+    free, total = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return free + max(0, cached), total
 
 
-# ---- FP8 text encoder ----------------------------------------------------------------------------------------
-def quantize_text_encoder(text_encoder: nn.Module) -> int:
-    """Store the text encoder's Linear weights in float8_e4m3fn with per-output-channel scales, upcast in
-    forward (weight-only; ``fluxserve.engine.fp8.FP8Linear``). The output head stays as it is (prompt
-    expansion samples from it). Returns how many layers were converted."""
-    return fp8.quantize_linears(text_encoder, include=lambda name, _m: "lm_head" not in name,
-                                granularity="row", mode="weight_only")
-
-
-# ---- placing a pipeline -------------------------------------------------------------------------------------
-@dataclass
-class Placement:
-    device: str
-    dtype: str
-    text_encoder: str  # resident | fp8 | offload
-    requested: str = "auto"
-    bytes: dict[str, int] = field(default_factory=dict)
-    transformer: str = ""  # the transformer's precision: bf16 | float32 | fp8
-    free_bytes: int = 0  # free GPU memory the plan was made from (0 on the CPU)
-    needed_bytes: int = 0  # what the plan expects to use, headroom included
-    _hook: object = None
-
-    def after_text_encoding(self) -> None:
-        """Move an offloaded text encoder back to the CPU."""
-        if self._hook is not None:
-            self._hook.offload()
-
-    def as_dict(self) -> dict:
-        return {
-            "device": self.device,
-            "dtype": self.dtype,
-            "text_encoder": self.text_encoder,
-            "transformer": self.transformer or self.dtype,
-            "requested": self.requested,
-            "bytes": dict(self.bytes),
-            "plan": {"free_gib": round(self.free_bytes / GIB, 2), "needed_gib": round(self.needed_bytes / GIB, 2)},
-        }
-
-
-def plan_for(device: torch.device | str, sizes: dict[str, int], requested: str = "auto",
-             free_bytes: int | None = None, total_bytes: int | None = None) -> fp8.MemoryPlan:
-    """The memory plan for ``sizes`` (bf16 bytes of ``transformer``, ``text_encoder``, ``vae``) on ``device``.
-
-    CUDA: ``fp8.plan_memory`` from ``torch.cuda.mem_get_info`` (or the given free/total bytes) with
-    ``headroom_bytes`` kept free. Other devices: everything resident at the load dtype (no FP8 there)."""
-    device = torch.device(device)
-    if device.type != "cuda" and free_bytes is None:
-        if requested not in fp8.TEXT_ENCODER_CHOICES:
-            raise ValueError(f"text encoder placement {requested!r}: choose one of "
-                             + ", ".join(fp8.TEXT_ENCODER_CHOICES))
-        return fp8.MemoryPlan("bf16", "resident", sum(sizes.values()), 0)
-    if free_bytes is None or total_bytes is None:
-        free, total = torch.cuda.mem_get_info(device)
-        free_bytes = free if free_bytes is None else free_bytes
-        total_bytes = total if total_bytes is None else total_bytes
-    return fp8.plan_memory(
-        free_bytes=free_bytes, transformer_bytes=sizes["transformer"], text_encoder_bytes=sizes["text_encoder"],
-        vae_bytes=sizes.get("vae", 0), reserve_bytes=headroom_bytes(total_bytes), text_encoder_choice=requested,
-        transformer_fp8_bytes=sizes.get("transformer_fp8"), text_encoder_fp8_bytes=sizes.get("text_encoder_fp8"),
-    )
-
-
+# ---- the plan ---------------------------------------------------------------------------------------------------
 def linear_shapes(module: nn.Module, include: Callable[[str, nn.Linear], bool]) -> list[tuple[int, int]]:
     """(out, in) of every ``nn.Linear`` under ``module`` that ``include`` accepts (works on the meta device)."""
     return [(m.out_features, m.in_features) for name, m in module.named_modules()
             if type(m) is nn.Linear and include(name, m)]
 
 
+def text_encoder_filter(name: str, _module: nn.Linear) -> bool:
+    """The text encoder's Linears held in FP8: all but the output head (prompt expansion samples from it)."""
+    return "lm_head" not in name
+
+
 def pipeline_sizes(pipe, dtype: torch.dtype) -> dict[str, int]:
-    """Bytes of each component at ``dtype``, and the FP8 footprints of the transformer and the text encoder
-    (``transformer_fp8``, ``text_encoder_fp8``) for ``plan_for``. Works on meta-device modules."""
+    """Bytes of each component at ``dtype``, and the FP8 and streamed footprints of the transformer and the text
+    encoder (``transformer_fp8``, ``transformer_stream``, ...) for ``plan.plan_memory``. Works on meta modules."""
     size = torch.empty((), dtype=dtype).element_size()
-    sizes = {name: module_bytes(getattr(pipe, name), dtype) for name in ("transformer", "text_encoder", "vae")}
-    sizes["transformer_fp8"] = fp8.fp8_footprint(
+    sizes = {name: module_bytes(getattr(pipe, name), dtype) for name in COMPONENTS}
+    sizes["transformer_fp8"] = plan.fp8_footprint(
         sizes["transformer"], linear_shapes(pipe.transformer, fp8.transformer_block_filter), size)
-    sizes["text_encoder_fp8"] = fp8.fp8_footprint(
+    sizes["text_encoder_fp8"] = plan.fp8_footprint(
         sizes["text_encoder"], linear_shapes(pipe.text_encoder, text_encoder_filter), size)
+    for name in ("transformer", "text_encoder"):
+        sizes[f"{name}_stream"] = plan.stream_footprint(name, named_bytes(getattr(pipe, name), dtype))
     return sizes
+
+
+def plan_for(device: torch.device | str, sizes: dict[str, int], transformer: str = "auto",
+             text_encoder: str = "auto", free_bytes: int | None = None, total_bytes: int | None = None,
+             fp8_matmul: bool | None = None) -> MemoryPlan:
+    """The memory plan for ``sizes`` on ``device``.
+
+    CUDA: ``plan.plan_memory`` from ``free_gpu_bytes`` (or the given free/total bytes), FP8 matmuls where the GPU
+    has them (assumed when planning without a GPU). Other devices: everything resident at the load dtype."""
+    device = torch.device(device)
+    if device.type != "cuda" and free_bytes is None:
+        plan.candidates(transformer, text_encoder)  # rejects unknown choices
+        return MemoryPlan("bf16", "resident", sum(sizes.get(c, 0) for c in COMPONENTS))
+    if free_bytes is None or total_bytes is None:
+        free, total = free_gpu_bytes(device)
+        free_bytes = free if free_bytes is None else free_bytes
+        total_bytes = total if total_bytes is None else total_bytes
+    if fp8_matmul is None:
+        fp8_matmul = fp8.scaled_mm_supported(device) if torch.cuda.is_available() else True
+    return plan.plan_memory(sizes, free_bytes=free_bytes, total_bytes=total_bytes, transformer=transformer,
+                            text_encoder=text_encoder, fp8_matmul=fp8_matmul)
 
 
 # ---- one module, one tensor at a time ---------------------------------------------------------------------------
 Materialise = Callable[[str, torch.Tensor, torch.device], torch.Tensor]
-
-
-def text_encoder_filter(name: str, _module: nn.Linear) -> bool:
-    """The text encoder's Linears held in FP8: all but the output head (prompt expansion samples from it)."""
-    return "lm_head" not in name
 
 
 def place_module(
@@ -187,72 +158,143 @@ def place_module(
     return count
 
 
-def place_components(pipe, device: torch.device, dtype: torch.dtype, plan: fp8.MemoryPlan, *,
-                     requested: str = "auto", sizes: dict[str, int] | None = None,
-                     materialise: Callable[[str], Materialise] | None = None) -> Placement:
-    """Put ``pipe``'s transformer, text encoder and VAE where ``plan`` says, each with ``place_module``.
+def stream_module(module: nn.Module, component: str, device: torch.device) -> None:
+    """Keep ``module`` in host memory and move it to ``device`` one repeated layer at a time while it runs
+    (diffusers' block-level group offloading; on CUDA the next layer is copied on a side stream while the
+    current one computes). ``module`` must be on the CPU."""
+    from diffusers.hooks import apply_group_offloading
 
-    ``materialise(component)`` gives the random initialiser for a meta-device build (``random_weights``);
-    real weights are moved; tensors already on ``device`` (a loader put a bf16-resident component there with
-    ``device_map``) are not copied."""
+    blocks = None
+    if component == "text_encoder":
+        # the decoder layers sit a level or two down (Qwen3: model.layers; Mistral3: model.language_model.layers)
+        layers = [name for name, sub in module.named_modules()
+                  if isinstance(sub, nn.ModuleList) and name.endswith("layers") and "vision" not in name]
+        blocks = sorted({part for name in layers[:1] for part in name.split(".")[:-1]})
+    apply_group_offloading(module, onload_device=device, offload_device=torch.device("cpu"),
+                           offload_type="block_level", num_blocks_per_group=1,
+                           use_stream=device.type == "cuda", block_modules=blocks)
+    module._fluxserve_streamed = True
+
+
+def is_streamed(module: nn.Module) -> bool:
+    return bool(getattr(module, "_fluxserve_streamed", False))
+
+
+def place_component(module: nn.Module, component: str, device: torch.device | str, memory_plan: MemoryPlan, *,
+                    materialise: Materialise | None = None) -> nn.Module:
+    """Put one component (``transformer`` | ``text_encoder`` | ``vae``) where ``memory_plan`` says. Tensors
+    already on ``device`` (a loader put a bf16 component there) are not copied."""
+    device = torch.device(device)
+    if component == "vae":
+        place_module(module, device, materialise=materialise)
+        # convolutions run faster in channels-last layout, on cuDNN as on oneDNN (the VAE is all convs)
+        module.to(memory_format=torch.channels_last)
+        return module
+    held = memory_plan.transformer if component == "transformer" else memory_plan.text_encoder
+    if held == "stream" and device.type == "cuda":
+        place_module(module, "cpu", materialise=materialise)
+        stream_module(module, component, device)
+    elif held == "stream":  # nothing to stream from on the CPU: the same hooks, run in place (tests)
+        place_module(module, device, materialise=materialise)
+        stream_module(module, component, device)
+    elif held == "fp8":
+        is_transformer = component == "transformer"
+        place_module(module, device, materialise=materialise,
+                     quantize=fp8.transformer_block_filter if is_transformer else text_encoder_filter,
+                     granularity=fp8.default_granularity(device) if is_transformer else "row")
+    else:
+        place_module(module, device, materialise=materialise)
+    return module
+
+
+# ---- placing a pipeline -------------------------------------------------------------------------------------
+@dataclass
+class Placement:
+    """Where a loaded model's components are and how they are held."""
+
+    device: str
+    dtype: str
+    transformer: str  # bf16 | fp8 | stream on CUDA; the load dtype (float32) on the CPU
+    text_encoder: str  # resident | fp8 | stream
+    requested: dict[str, str] = field(default_factory=lambda: {"transformer": "auto", "text_encoder": "auto"})
+    bytes: dict[str, int] = field(default_factory=dict)
+    plan: MemoryPlan | None = None
+
+    def describe(self) -> str:
+        if self.transformer not in plan.TRANSFORMER_PLACEMENTS:
+            return f"everything resident in {self.dtype} on {self.device}"
+        return plan.describe(self.transformer, self.text_encoder)
+
+    def as_dict(self) -> dict:
+        return {
+            "device": self.device,
+            "dtype": self.dtype,
+            "transformer": self.transformer,
+            "text_encoder": self.text_encoder,
+            "summary": self.describe(),
+            "requested": dict(self.requested),
+            "bytes": dict(self.bytes),
+            "plan": self.plan.as_dict() if self.plan is not None and self.plan.free_bytes else {},
+        }
+
+
+def placement_of(device: torch.device, dtype: torch.dtype, memory_plan: MemoryPlan, pipe, *,
+                 requested: dict[str, str] | None = None, sizes: dict[str, int] | None = None) -> Placement:
+    """The ``Placement`` record of a pipeline placed by ``memory_plan`` (and, for a transformer held in FP8,
+    the acceleration state told so)."""
+    if memory_plan.transformer == "fp8":
+        from fluxserve.engine import accel
+
+        accel.prepare_transformer(pipe, "fp8", device)
+    component_bytes = {k: v for k, v in (sizes or {}).items() if k in COMPONENTS}
+    return Placement(str(device), str(dtype).removeprefix("torch."), memory_plan.transformer,
+                     memory_plan.text_encoder, requested=dict(requested or {"transformer": "auto",
+                                                                             "text_encoder": "auto"}),
+                     bytes=component_bytes, plan=memory_plan)
+
+
+def place_components(pipe, device: torch.device, dtype: torch.dtype, memory_plan: MemoryPlan, *,
+                     requested: dict[str, str] | None = None, sizes: dict[str, int] | None = None,
+                     materialise: Callable[[str], Materialise] | None = None) -> Placement:
+    """Put ``pipe``'s VAE, transformer and text encoder where ``memory_plan`` says (``place_component``).
+
+    ``materialise(component)`` gives the random initialiser for a meta-device build (``random_weights``)."""
     device = torch.device(device)
     make = materialise or (lambda _component: None)
-    granularity = fp8.default_granularity(device)
-    place_module(pipe.vae, device, materialise=make("vae"))
-    fp8_transformer = plan.transformer == "fp8"
-    place_module(pipe.transformer, device, materialise=make("transformer"), granularity=granularity,
-                 quantize=fp8.transformer_block_filter if fp8_transformer else None)
-    hook = None
-    if plan.text_encoder == "offload":
-        place_module(pipe.text_encoder, "cpu", materialise=make("text_encoder"))
-        from accelerate import cpu_offload_with_hook
-
-        _, hook = cpu_offload_with_hook(pipe.text_encoder, execution_device=device)
-    else:
-        place_module(pipe.text_encoder, device, materialise=make("text_encoder"), granularity="row",
-                     quantize=text_encoder_filter if plan.text_encoder == "fp8" else None)
-    if device.type != "cuda":
-        pipe.vae.to(memory_format=torch.channels_last)
-    name = str(dtype).removeprefix("torch.")
-    precision = _dtype_name(dtype)
-    if fp8_transformer:
-        precision = _mark_held_in_fp8(pipe, device)
-    component_bytes = {k: v for k, v in (sizes or {}).items() if k in ("transformer", "text_encoder", "vae")}
-    return Placement(str(device), name, plan.text_encoder, requested=requested, bytes=component_bytes,
-                     transformer=precision, free_bytes=plan.free_bytes, needed_bytes=plan.needed_bytes,
-                     _hook=hook)
+    for component in ("vae", "transformer", "text_encoder"):
+        place_component(getattr(pipe, component), component, device, memory_plan, materialise=make(component))
+    return placement_of(device, dtype, memory_plan, pipe, requested=requested, sizes=sizes)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return "bf16" if dtype == torch.bfloat16 else str(dtype).removeprefix("torch.")
-
-
-def _mark_held_in_fp8(pipe, device: torch.device) -> str:
-    """Tell the acceleration state that the transformer is held in FP8 (its blocks are quantised already)."""
-    from fluxserve.engine import accel
-
-    precision = accel.prepare_transformer(pipe, "fp8", device)
-    state = getattr(pipe, "_fluxserve_accel", None)
-    if state is not None and not state.held_in_fp8:
-        state.held_in_fp8 = True
-        state.notes.append("transformer held in FP8 (bf16 did not fit): lossless levels dequantise FP8 weights")
-    return precision
-
-
-def place_pipeline(pipe, device: torch.device, dtype: torch.dtype, requested: str = "auto") -> Placement:
+def place_pipeline(pipe, device: torch.device, dtype: torch.dtype, requested: dict[str, str] | None = None
+                   ) -> Placement:
     """Place an already loaded pipeline (``weights.load_pipeline``) on ``device`` following the memory plan.
 
-    On the CPU everything stays resident at ``dtype`` (today's simple path). On CUDA the plan comes from the
-    modules' byte counts and each component is moved with ``place_module`` (FP8 layers quantised as they
-    arrive). The real-weight loader (``weights.load_placed_pipeline``) plans from disk instead and never holds
-    the whole pipeline on the CPU."""
+    On the CPU everything stays resident at ``dtype``. On CUDA the plan comes from the modules' byte counts and
+    each component is placed with ``place_component``. The real-weight loader (``weights.load_placed_pipeline``)
+    plans from disk instead and never holds the whole pipeline on the CPU."""
     sizes = pipeline_sizes(pipe, dtype)
+    requested = requested or {"transformer": "auto", "text_encoder": "auto"}
     if device.type != "cuda":
         pipe.to(device)
-        # oneDNN convolutions are several times faster in channels-last layout on the CPU (the VAE is all convs)
         pipe.vae.to(memory_format=torch.channels_last)
         name = str(dtype).removeprefix("torch.")
-        component_bytes = {k: sizes[k] for k in ("transformer", "text_encoder", "vae")}
-        return Placement(str(device), name, "resident", requested=requested, transformer=name, bytes=component_bytes)
-    plan = plan_for(device, sizes, requested)
-    return place_components(pipe, device, dtype, plan, requested=requested, sizes=sizes)
+        return Placement(str(device), name, name, "resident", requested=dict(requested),
+                         bytes={k: sizes[k] for k in COMPONENTS})
+    memory_plan = plan_for(device, sizes, requested["transformer"], requested["text_encoder"])
+    return place_components(pipe, device, dtype, memory_plan, requested=requested, sizes=sizes)
+
+
+__all__ = [
+    "GIB",
+    "Placement",
+    "free_gpu_bytes",
+    "module_bytes",
+    "pipeline_sizes",
+    "place_component",
+    "place_components",
+    "place_module",
+    "place_pipeline",
+    "plan_for",
+    "stream_module",
+]

@@ -8,15 +8,16 @@ Built to fit, like real weights (``placement``):
 
 1. every module is constructed on the **meta device** (parameters only; the few small buffers such as rotary
    frequencies are computed on the CPU as usual), which allocates nothing and gives the bf16 byte counts;
-2. the memory plan (``placement.plan_for`` -> ``fp8.plan_memory``, with ``placement.headroom_bytes`` kept
-   free) is made from those counts and ``torch.cuda.mem_get_info`` **before** anything is allocated;
+2. the memory plan (``placement.plan_for`` -> ``plan.plan_memory``, with ``plan.headroom_bytes`` kept free) is
+   made from those counts and the GPU's free memory **before** anything is allocated;
 3. ``placement.place_components`` materialises each component tensor by tensor on its device; a Linear the
    plan holds in FP8 (the transformer blocks', the text encoder's except ``lm_head``) is quantised right after
-   its bf16 weight is made, so the GPU never holds a whole bf16 component that is meant to be FP8. An
-   offloaded text encoder (the last resort) is materialised on the CPU.
+   its bf16 weight is made, so the GPU never holds a whole bf16 component that is meant to be FP8. A streamed
+   component is materialised on the CPU and streamed from there.
 
-The [dev] transformer (64 GB bf16) and Mistral (48 GB) therefore build on an 80 GB H100 as FP8 + FP8, the
-same placement real weights get there, and in bf16 everywhere on a 141 GB H200.
+The [dev] transformer (64 GB bf16) and Mistral (48 GB) therefore build on an 80 GB H100 as FP8 + FP8 (or, with
+``--transformer bf16``, a bf16 transformer and a streamed text encoder), the same placement real weights get
+there, and in bf16 everywhere on a 141 GB H200.
 
 Random initialisation (timing weights, not a trained model): every tensor with two or more dimensions
 (Linear, Embedding, Conv weights) is drawn from ``normal(0, std)`` with ``std = min(0.02, fan_in ** -0.5)``
@@ -329,15 +330,16 @@ def build_placed_random_pipeline(
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
     *,
-    requested: str = "auto",
+    requested: dict[str, str] | None = None,
     arch: Architecture | None = None,
     plan=None,
 ):
     """``(pipe, placement)``: the pipeline with random weights, built to fit ``device``.
 
-    The plan (``fp8.MemoryPlan``) is decided from the meta build's bf16 byte counts and the device's free
+    The plan (``plan.MemoryPlan``) is decided from the meta build's bf16 byte counts and the device's free
     memory before anything is allocated (pass ``plan`` to force one); then every component is materialised
-    where the plan puts it (``placement.place_components``). Full-size builds (``arch`` None) need CUDA."""
+    where the plan puts it (``placement.place_components``). ``requested``: {"transformer": ...,
+    "text_encoder": ...} choices ("auto" by default). Full-size builds (``arch`` None) need CUDA."""
     from fluxserve.engine import placement as placing
 
     device = torch.device(device)
@@ -345,8 +347,9 @@ def build_placed_random_pipeline(
         device = check_device(device)
     pipe = build_meta_pipeline(model, dtype, arch)
     sizes = meta_sizes(pipe, dtype)
+    requested = requested or {"transformer": "auto", "text_encoder": "auto"}
     if plan is None:
-        plan = placing.plan_for(device, sizes, requested)
+        plan = placing.plan_for(device, sizes, requested["transformer"], requested["text_encoder"])
     placed = placing.place_components(
         pipe, device, dtype, plan, requested=requested, sizes=sizes,
         materialise=lambda component: random_init(seed, component),
@@ -360,8 +363,8 @@ def build_random_pipeline(
 ):
     """The pipeline with random weights, everything resident at ``dtype`` (what stock diffusers holds: the
     ``--baseline diffusers`` run). Refuses, before allocating, when that does not fit the GPU."""
-    from fluxserve.engine import fp8
     from fluxserve.engine import placement as placing
+    from fluxserve.engine.plan import MemoryPlan, headroom_bytes
 
     device = torch.device(device)
     if arch is None:
@@ -369,17 +372,17 @@ def build_random_pipeline(
     pipe = build_meta_pipeline(model, dtype, arch)
     sizes = meta_sizes(pipe, dtype)
     resident = sizes["transformer"] + sizes["text_encoder"] + sizes["vae"]
-    plan = fp8.MemoryPlan("bf16", "resident", resident, 0)
+    plan = MemoryPlan("bf16", "resident", resident, 0)
     if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        need = resident + placing.headroom_bytes(total)
+        free, total = placing.free_gpu_bytes(device)
+        need = resident + headroom_bytes(total)
         if need > free:
             raise RandomWeightsUnavailable(
                 f"{model} with every model resident in bf16 needs {need / 2**30:.1f} GiB (headroom included); "
                 f"{device} has {free / 2**30:.1f} GiB free. Stock diffusers cannot hold it here: drop "
                 "--baseline diffusers (fluxserve itself places it in FP8), or use a larger GPU."
             )
-        plan = fp8.MemoryPlan("bf16", "resident", need, free)
+        plan = MemoryPlan("bf16", "resident", need, free)
     placing.place_components(pipe, device, dtype, plan, sizes=sizes,
                              materialise=lambda component: random_init(seed, component))
     return pipe

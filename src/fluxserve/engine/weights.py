@@ -7,11 +7,11 @@
 ``load_placed_pipeline`` is what the engine calls. On the CPU it is ``load_pipeline`` + ``place_pipeline``
 (float32, everything resident). On a GPU it never holds the whole pipeline in host memory: the memory plan is
 made first from the checkpoint's byte counts on disk (``checkpoint_bytes``: safetensors headers only), then
-the components are loaded one at a time with ``from_pretrained(subfolder=...)``: straight onto the GPU
-(``device_map``) when the plan keeps them in bf16 there; to the CPU and then moved tensor by tensor, each
+the components are loaded and placed one at a time with ``from_pretrained(subfolder=...)``: straight onto the
+GPU (``device_map``) when the plan keeps them in bf16 there; to the CPU and then moved tensor by tensor, each
 block Linear quantised to FP8 as it arrives (``placement.place_module``), when the plan holds them in FP8; to
-the CPU with an offload hook when the text encoder is offloaded. Host peak: one component; GPU peak: never the
-bf16 copy of a component held in FP8.
+the CPU with streaming hooks when the plan streams them. Each component is placed before the next is loaded, so
+the host holds at most one component; the GPU never holds the bf16 copy of a component held in FP8.
 """
 
 from __future__ import annotations
@@ -173,30 +173,35 @@ def checkpoint_bytes(path: Path, dtype=None) -> dict[str, int]:
     """Bytes of each component's tensors on disk, without loading anything.
 
     ``dtype`` None: in the file's dtypes. With a torch dtype: floating tensors counted at that dtype (what
-    ``from_pretrained(torch_dtype=dtype)`` will hold), plus the FP8 footprints ``transformer_fp8`` and
-    ``text_encoder_fp8`` for ``placement.plan_for`` (the Linear weights the plan would quantise: 2-D weights
-    of the transformer blocks; of the text encoder all but the embeddings and ``lm_head``)."""
+    ``from_pretrained(torch_dtype=dtype)`` will hold), plus the footprints ``plan.plan_memory`` needs:
+    ``transformer_fp8`` / ``text_encoder_fp8`` (the Linear weights the plan would quantise: 2-D weights of the
+    transformer blocks; of the text encoder all but the embeddings and ``lm_head``) and ``transformer_stream`` /
+    ``text_encoder_stream`` (what stays on the GPU while a component is streamed layer by layer)."""
     import torch
 
-    from fluxserve.engine import fp8
+    from fluxserve.engine import plan
 
     target = None if dtype is None else torch.empty((), dtype=dtype).element_size()
     sizes: dict[str, int] = {}
     shapes: dict[str, list[tuple[int, int]]] = {"transformer": [], "text_encoder": []}
+    named: dict[str, list[tuple[str, int]]] = {"transformer": [], "text_encoder": []}
     for component in COMPONENTS:
         total = 0
         for name, (kind, shape) in checkpoint_tensors(path, component).items():
             count = 1
             for dim in shape:
                 count *= dim
-            size = target if (target is not None and kind in FLOAT_DTYPES) else SAFETENSORS_DTYPES[kind]
-            total += count * size
+            size = count * (target if (target is not None and kind in FLOAT_DTYPES) else SAFETENSORS_DTYPES[kind])
+            total += size
+            if component in named:
+                named[component].append((name, size))
             if len(shape) == 2 and name.endswith(".weight") and _fp8_candidate(component, name):
                 shapes[component].append((shape[0], shape[1]))
         sizes[component] = total
     if target is not None:
-        sizes["transformer_fp8"] = fp8.fp8_footprint(sizes["transformer"], shapes["transformer"], target)
-        sizes["text_encoder_fp8"] = fp8.fp8_footprint(sizes["text_encoder"], shapes["text_encoder"], target)
+        for component in ("transformer", "text_encoder"):
+            sizes[f"{component}_fp8"] = plan.fp8_footprint(sizes[component], shapes[component], target)
+            sizes[f"{component}_stream"] = plan.stream_footprint(component, named[component])
     return sizes
 
 
@@ -228,34 +233,38 @@ def load_component(path: Path, component: str, dtype, device):
     return cls.from_pretrained(str(path), **kwargs).eval()
 
 
-def load_placed_pipeline(spec: ModelSpec, path: Path, device, dtype, requested: str = "auto",
+def load_placed_pipeline(spec: ModelSpec, path: Path, device, dtype, requested: dict[str, str] | None = None,
                          demo: bool = False, plan=None):
     """``(pipe, placement)``: the pipeline loaded where the memory plan puts each component.
 
     CPU with no ``plan``: ``load_pipeline`` + ``placement.place_pipeline`` (everything resident at ``dtype``).
     Otherwise (a GPU, or a forced ``plan``, which is how the CPU tests exercise it): plan from
-    ``checkpoint_bytes``, then one component at a time (see the module docstring)."""
+    ``checkpoint_bytes`` and ``requested`` ({"transformer": ..., "text_encoder": ...}, "auto" by default), then
+    load each component and place it before the next is loaded (see the module docstring)."""
     import torch
 
     from fluxserve.engine import placement
 
     device = torch.device(device)
+    requested = requested or {"transformer": "auto", "text_encoder": "auto"}
     if device.type != "cuda" and plan is None:
         pipe = load_pipeline(spec, path, dtype, demo=demo)
         return pipe, placement.place_pipeline(pipe, device, dtype, requested)
     cls = _pipeline_class(spec, path)
     sizes = checkpoint_bytes(path, dtype)
     if plan is None:
-        plan = placement.plan_for(device, sizes, requested)
+        plan = placement.plan_for(device, sizes, requested["transformer"], requested["text_encoder"])
     cpu = torch.device("cpu")
-    vae = load_component(path, "vae", dtype, device)
-    transformer = load_component(path, "transformer", dtype, device if plan.transformer == "bf16" else cpu)
-    text_encoder = load_component(path, "text_encoder", dtype, device if plan.text_encoder == "resident" else cpu)
-    pipe = cls.from_pretrained(str(path), transformer=transformer, text_encoder=text_encoder, vae=vae,
-                               **_pipeline_kwargs(spec, demo))
+    held = {"vae": "bf16", "transformer": plan.transformer, "text_encoder": plan.text_encoder}
+    parts = {}
+    for component in ("vae", "transformer", "text_encoder"):
+        # bf16 on the GPU: loaded straight there; FP8 or streamed: loaded to the CPU, then placed
+        target = device if held[component] in ("bf16", "resident") else cpu
+        parts[component] = placement.place_component(load_component(path, component, dtype, target), component,
+                                                     device, plan)
+    pipe = cls.from_pretrained(str(path), **parts, **_pipeline_kwargs(spec, demo))
     pipe.set_progress_bar_config(disable=True)
-    placed = placement.place_components(pipe, device, dtype, plan, requested=requested, sizes=sizes)
-    return pipe, placed
+    return pipe, placement.placement_of(device, dtype, plan, pipe, requested=requested, sizes=sizes)
 
 
 def _check_processor_backend(spec: ModelSpec, path: Path) -> None:

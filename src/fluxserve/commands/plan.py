@@ -1,0 +1,147 @@
+"""``fluxserve plan``: what fits where, without a GPU.
+
+For each model it prints where every component would go and in which precision on a GPU of the given memory,
+the bytes of each, the working memory kept free, the placements that fit (the default marked) and what each
+acceleration level would run. It is the engine's own plan (``fluxserve.engine.plan.plan_memory``), fed with the
+byte counts of the published architectures (built on PyTorch's meta device: nothing is allocated or downloaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+GIB = 1024**3
+MODELS = ("dev", "klein-4b", "klein-9b")
+ARCHITECTURE_OF = {"klein-4b-base": "klein-4b", "klein-9b-base": "klein-9b"}
+
+
+def memory(text: str) -> int:
+    """Bytes from "80GiB", "80 GiB", "80GB" (10^9), "141" (GiB)."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(gib|gb|g)?\s*", text.lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"--gpu-memory {text!r}: expected a size like 80GiB, 24GiB or 141GB")
+    unit = {"gb": 10**9}.get(match.group(2) or "gib", GIB)
+    return int(float(match.group(1)) * unit)
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("plan", help="what fits where: each model's placement on a GPU of a given memory",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu-memory", type=memory,
+                        help="the GPU's memory, e.g. 80GiB (default: this machine's first GPU, free memory)")
+    parser.add_argument("--model", action="append", choices=[*MODELS, *ARCHITECTURE_OF],
+                        help="a model (repeatable; default: dev, klein-4b and klein-9b)")
+    parser.add_argument("--acceleration", choices=["none", "regular", "high"],
+                        help="show only this level (default: all three)")
+    parser.add_argument("--transformer", choices=["auto", "bf16", "fp8", "stream"], default="auto",
+                        help="force how the transformer is held, as fluxserve serve --transformer")
+    parser.add_argument("--text-encoder", choices=["auto", "resident", "fp8", "stream"], default="auto",
+                        help="force how the text encoder is held, as fluxserve serve --text-encoder")
+    parser.add_argument("--no-fp8-matmul", action="store_true",
+                        help="the GPU has no FP8 matrix units (before Ada/Hopper, e.g. A100)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.set_defaults(func=run)
+
+
+def model_sizes(model: str) -> dict[str, int]:
+    """Bytes of each component of ``model``'s published architecture in bf16, and its FP8 and streamed
+    footprints (built on the meta device: nothing allocated)."""
+    from fluxserve.engine import random_weights
+
+    return random_weights.meta_sizes(random_weights.build_meta_pipeline(ARCHITECTURE_OF.get(model, model)))
+
+
+def levels(sizes: dict[str, int], chosen, fp8_matmul: bool, free_bytes: int) -> dict[str, str]:
+    """What each acceleration level runs with the chosen placement."""
+    if chosen.transformer == "stream":
+        bf16 = "bf16 matmuls, eager (a streamed transformer is not compiled)"
+        return {"none": bf16, "regular": bf16, "high": f"{bf16}: FP8 needs a resident transformer"}
+    if chosen.transformer == "fp8":
+        run = ("FP8 matmuls (weights and activations in FP8)" if fp8_matmul
+               else "bf16 matmuls on FP8 weights dequantised at every step")
+        return {"none": f"{run}, eager", "regular": f"{run}, compiled", "high": f"{run}, compiled"}
+    copy = sizes["transformer"] - sizes["transformer_fp8"]
+    if not fp8_matmul:
+        high = "as regular: no FP8 matrix units"
+    elif chosen.needed_bytes + copy <= free_bytes:
+        high = f"FP8 matmuls on an FP8 copy of the blocks added beside the bf16 weights (+{copy / GIB:.1f} GiB)"
+    else:
+        high = (f"as regular: the FP8 copy (+{copy / GIB:.1f} GiB) does not fit beside the bf16 weights; "
+                "--transformer fp8 holds the transformer in FP8 instead")
+    return {"none": "bf16, eager: the reference",
+            "regular": "bf16, lossless (fused QKV, fastest exact attention, compiled, CUDA graphs)", "high": high}
+
+
+def plan_model(model: str, free_bytes: int, args: argparse.Namespace) -> dict:
+    from fluxserve.engine import plan
+
+    sizes = model_sizes(model)
+    fp8_matmul = not args.no_fp8_matmul
+    try:
+        chosen = plan.plan_memory(sizes, free_bytes=free_bytes, transformer=args.transformer,
+                                  text_encoder=args.text_encoder, fp8_matmul=fp8_matmul)
+    except plan.DoesNotFit as exc:
+        return {"model": model, "fits": False, "message": str(exc), "bytes": sizes}
+    first = chosen.options[0]
+    summary = f"{model}: {chosen.describe()}"
+    if chosen.transformer == "stream":
+        resident = min((o for o in chosen.options if o.transformer != "stream"), key=lambda o: o.needed_bytes,
+                       default=None)
+        summary = (f"{model} cannot be resident"
+                   + (f" (the smallest resident placement, {resident.describe()}, needs "
+                      f"{resident.needed_bytes / GIB:.1f} GiB)" if resident else "")
+                   + f": it would stream the transformer from host memory block by block and the text encoder "
+                   f"layer by layer (lossless but slow: every step moves "
+                   f"{sizes['transformer'] / GIB:.0f} GiB across PCIe; no prompt expansion)")
+    elif (chosen.transformer, chosen.text_encoder) != (first.transformer, first.text_encoder):
+        summary += f" ({first.describe()} would need {first.needed_bytes / GIB:.1f} GiB)"
+    wanted = [args.acceleration] if args.acceleration else ["none", "regular", "high"]
+    runs = levels(sizes, chosen, fp8_matmul, free_bytes)
+    return {"model": model, "fits": True, "summary": summary, "plan": chosen.as_dict(), "bytes": sizes,
+            "acceleration": {level: runs[level] for level in wanted}}
+
+
+def format_model(result: dict) -> str:
+    sizes = result["bytes"]
+    lines = [(f"== {result['model']}: transformer {sizes['transformer'] / GIB:.1f} GiB bf16 "
+             f"({sizes['transformer_fp8'] / GIB:.1f} FP8), text encoder {sizes['text_encoder'] / GIB:.1f} GiB "
+             f"({sizes['text_encoder_fp8'] / GIB:.1f} FP8), VAE {sizes['vae'] / GIB:.2f} GiB")]
+    if not result["fits"]:
+        return "\n".join([*lines, f"does not fit: {result['message']}"])
+    chosen = result["plan"]
+    lines.append(result["summary"])
+    lines.append(f"placements ({chosen['free_gib']} GiB free, {chosen['headroom_gib']} GiB kept as working memory):")
+    for option in chosen["options"]:
+        mark = "*" if (option["transformer"], option["text_encoder"]) == (chosen["transformer"],
+                                                                          chosen["text_encoder"]) else " "
+        fits = "fits" if option["fits"] else "does not fit"
+        lines.append(f"  {mark} {option['summary']:<44} {option['needed_gib']:>6.1f} GiB  {fits:<12}  "
+                     f"{option['trade_off']}")
+    lines.append("  (* the default; --transformer / --text-encoder choose another that fits)")
+    for level, what in result["acceleration"].items():
+        lines.append(f"  {level:<8} {what}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    free_bytes = args.gpu_memory
+    if free_bytes is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("fluxserve plan: no GPU here; give --gpu-memory, e.g. --gpu-memory 80GiB", file=sys.stderr)
+            return 2
+        from fluxserve.engine.placement import free_gpu_bytes
+
+        free_bytes, _ = free_gpu_bytes(torch.device("cuda"))
+    results = [plan_model(model, free_bytes, args) for model in (args.model or MODELS)]
+    if args.json:
+        print(json.dumps({"gpu_memory_gib": round(free_bytes / GIB, 2), "models": results}, indent=2))
+    else:
+        print(f"fluxserve plan for a GPU with {free_bytes / GIB:.1f} GiB free"
+              + ("" if not args.no_fp8_matmul else " (no FP8 matrix units)"))
+        print("\n\n".join(format_model(result) for result in results))
+    return 0
