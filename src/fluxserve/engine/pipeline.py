@@ -29,6 +29,7 @@ from fluxserve.engine.demo import demo_lora_path, ensure_demo_weights
 from fluxserve.engine.encode import encode_image
 from fluxserve.engine.placement import Placement
 from fluxserve.engine.prompts import MAX_NEW_TOKENS, expand_prompt
+from fluxserve.engine.text_encoder import encoding_only
 from fluxserve.engine.weights import load_placed_pipeline, resolve_weights
 from fluxserve.inputs import check_references, load_image
 from fluxserve.request import (
@@ -261,7 +262,7 @@ class Engine:
         return expand_prompt(loaded.pipe, prompt, references, seed=seed, max_new_tokens=tokens)
 
     def _encode(self, pipe, prompt: str, request: GenerationRequest):
-        with torch.no_grad():
+        with torch.no_grad(), encoding_only(pipe):  # the text encoder stops after the last layer read
             prompt_embeds, _ = pipe.encode_prompt(prompt=prompt, device=self.device, num_images_per_prompt=1)
             negative = None
             if _uses_true_cfg(pipe, request.guidance):
