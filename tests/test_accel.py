@@ -311,3 +311,94 @@ def test_levels_and_go_fast():
     assert accel.level_from_go_fast(True) == "high"
     with pytest.raises(ValueError, match="acceleration"):
         accel.normalise_level("turbo")
+
+
+# ---- attention backend: decided once, fastest that runs --------------------------------------------------------
+def test_attention_candidates_by_device():
+    cuda = torch.device("cuda")
+    assert accel.attention_candidates(torch.device("cpu")) == ["native"]
+    assert accel.attention_candidates(cuda, (9, 0), flash_attention_3=True) == ["_flash_3", "_native_cudnn", "native"]
+    # an importable flash_attn_interface is not enough: diffusers must be able to use it
+    assert accel.attention_candidates(cuda, (9, 0), flash_attention_3=False) == ["_native_cudnn", "native"]
+    assert accel.attention_candidates(cuda, (8, 9), flash_attention_3=True) == ["_native_cudnn", "native"]
+    assert accel.attention_candidates(cuda, (7, 5), flash_attention_3=False) == ["native"]
+
+
+def test_attention_choice_falls_through_once_and_is_remembered(monkeypatch):
+    monkeypatch.setattr(accel, "_attention_choice", {})
+    tried: list[str] = []
+
+    def probe(name, _device):
+        tried.append(name)
+        if name == "_flash_3":
+            raise RuntimeError("FA3 kernels missing")
+
+    device = torch.device("cuda", 7)
+    candidates = ["_flash_3", "_native_cudnn", "native"]
+    backend, notes = accel.choose_attention(device, candidates, probe)
+    assert backend == "_native_cudnn" and tried == ["_flash_3", "_native_cudnn"]
+    assert len(notes) == 1 and "_flash_3" in notes[0] and "FA3 kernels missing" in notes[0]
+    assert accel.choose_attention(device, candidates, probe) == (backend, notes)
+    assert tried == ["_flash_3", "_native_cudnn"]  # not probed (nor logged) again
+
+    def broken(name, _device):
+        raise RuntimeError(f"{name} broken")
+
+    assert accel.choose_attention(torch.device("cuda", 6), candidates, broken)[0] == "native"
+
+
+def test_cpu_attention_is_native_and_set_once():
+    pipe = _Pipe(_tiny_transformer())
+    state = accel.apply_acceleration(pipe, "regular", "cpu")
+    assert state["attention"] == "native"
+    assert accel.choose_attention(torch.device("cpu")) == ("native", ())
+
+
+# ---- CUDA graphs: a bounded number of captured shapes ----------------------------------------------------------
+def test_cuda_graphs_are_kept_for_at_most_the_cap_of_shapes():
+    transformer = _tiny_transformer()
+    state = accel.AccelState(cuda_graph_cap=2, cuda_graph_shapes=["1x4096x128 1x512x15360"])
+    assert accel._graphs_for(state, transformer, "1x4096x128 1x512x15360")
+    state.cuda_graph_shapes.append("1x3072x128 1x512x15360")
+    assert not accel._graphs_for(state, transformer, "1x2048x128 1x512x15360")  # a third shape: no graphs
+    assert accel._graphs_for(state, transformer, "1x3072x128 1x512x15360")  # a captured one keeps them
+    args, kwargs = (), {"hidden_states": torch.zeros(1, 64, 16), "encoder_hidden_states": torch.zeros(1, 6, 32)}
+    assert accel._shape_key(args, kwargs) == "1x64x16 1x6x32"
+    assert accel.AccelOptions.from_env().cuda_graph_shapes >= 1
+
+
+def test_cuda_graph_cap_from_the_environment(monkeypatch):
+    monkeypatch.setenv("FLUXSERVE_CUDA_GRAPH_SHAPES", "6")
+    assert accel.AccelOptions.from_env().cuda_graph_shapes == 6
+
+
+# ---- a transformer held in FP8 or streamed -----------------------------------------------------------------------
+def test_fp8_held_transformer_fuses_qkv_in_fp8_for_the_lossless_levels():
+    pipe = _Pipe(_tiny_transformer())
+    accel.prepare_transformer(pipe, "fp8", "cpu")
+    kwargs = _inputs(3)
+    with torch.no_grad():
+        unfused = pipe.transformer(**kwargs)[0]
+    state = accel.apply_acceleration(pipe, "regular", "cpu")
+    assert state["fused_qkv"] and state["transformer_precision"] == "fp8-weight-only"  # no FP8 matmuls on a CPU
+    assert any("every level dequantises" in note for note in state["notes"])
+    with torch.no_grad():
+        fused = pipe.transformer(**kwargs)[0]
+    assert torch.equal(fused, unfused)
+    assert not accel.apply_acceleration(pipe, "none", "cpu")["fused_qkv"]
+
+
+def test_streamed_transformer_is_neither_fused_nor_compiled(monkeypatch):
+    monkeypatch.setenv("FLUXSERVE_COMPILE", "1")
+    from fluxserve.engine.placement import stream_module
+
+    pipe = _Pipe(_tiny_transformer())
+    kwargs = _inputs(4)
+    with torch.no_grad():
+        expected = pipe.transformer(**kwargs)[0]
+    stream_module(pipe.transformer, "transformer", torch.device("cpu"))
+    state = accel.apply_acceleration(pipe, "regular", "cpu")
+    assert state["streamed"] and not state["fused_qkv"] and not state["compiled"]
+    assert any("streamed" in note for note in state["notes"])
+    with torch.no_grad():
+        assert torch.equal(pipe.transformer(**kwargs)[0], expected)

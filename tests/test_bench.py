@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -30,7 +31,13 @@ def test_bench_cli_demo_klein_with_diffusers_baseline(tmp_path):
     for stage in ("denoising", "decoding", "inference"):
         assert ours["stages_s"][stage] > 0
     assert ours["step_ms"] > 0 and len(ours["step_ms_all"]) == 2  # 2 runs x (2 steps -> 1 gap)
-    assert ours["end_to_end_s"] >= ours["stages_s"]["denoising"]
+    assert ours["end_to_end_s"] >= ours["stages_s"]["denoising"]  # text encoding + denoising + decoding
+    assert ours["serving_s"] >= ours["end_to_end_s"]  # plus safety and file encoding
+    assert report["safety_checker"] is True and "safety checker on" in done.stdout
+    # a new prompt every run, so the measured runs encode; the repeated prompt is a cache hit, reported apart
+    assert all(t > 0 for t in ours["stages_all_s"]["text_encoding"])
+    assert ours["repeated_prompt"]["prompt_cache_hit"] is True
+    assert report["precision_summary"] == "transformer held float32, fp32 matmuls"
     assert ours["cold_start_s"] > 0 and "cold start: first request" in done.stdout
     assert ours["resolution_change"]["size"] == "384x128" and ours["resolution_change"]["first_request_s"] > 0
     assert report["request"] == {"width": 256, "height": 256, "steps": 2, "refs": 0, "num_images": 1,
@@ -42,6 +49,19 @@ def test_bench_cli_demo_klein_with_diffusers_baseline(tmp_path):
     base = report["baseline"]
     assert base["name"] == "diffusers" and base["end_to_end_s"] > 0 and base["step_ms"] > 0
     assert report["speedup"]["end_to_end"] > 0 and report["speedup"]["per_step"] > 0
+
+
+def test_bench_load_failure_is_one_line(tmp_path):
+    catalog = tmp_path / "catalog.toml"
+    packaged = (Path(bench.__file__).parent / "catalog.toml").read_text()
+    catalog.write_text(packaged.replace('weights = "black-forest-labs/FLUX.2-klein-4B"',
+                                        f'weights = "{tmp_path / "nowhere"}"'))
+    cmd = [sys.executable, "-m", "fluxserve", "bench", "--device", "cpu", "--data-dir", str(tmp_path / "data"),
+           "--catalog", str(catalog), "--model", "klein-4b", "--steps", "1", "--repeat", "1", "--warmup", "0"]
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.startswith("fluxserve bench: could not load klein-4b: WeightsNotFound")
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
 def test_bench_refuses_random_weights_on_cpu(tmp_path):
@@ -75,4 +95,6 @@ def test_flops_from_the_real_configs_and_peaks():
     assert bench.config_flops(config, 1024, 1024, [])["forward"] / 1e12 == pytest.approx(282.5, rel=0.01)
     assert bench.peak_flops("NVIDIA H100 80GB HBM3", "bf16")[0] == 989e12
     assert bench.peak_flops("NVIDIA H200", "fp8-w8a8")[0] == 1979e12
+    # FP8 weights multiplied in bf16 run at bf16 rates
+    assert bench.peak_flops("NVIDIA H100 80GB HBM3", "fp8-weight-only")[0] == 989e12
     assert bench.peak_flops("NVIDIA A10G", "bf16")[0] is None

@@ -13,6 +13,7 @@ from PIL import Image
 
 from fluxserve.catalog import Catalog
 from fluxserve.engine import Engine, WeightsNotFound, fp8
+from fluxserve.engine.demo import demo_path
 from fluxserve.engine.placement import text_encoder_filter
 from fluxserve.inputs import check_references, load_image
 from fluxserve.request import GenerationCancelled, GenerationRequest, InputError
@@ -235,6 +236,44 @@ def test_prompt_expansion_returns_a_different_prompt(engine: Engine):
         assert result.prompt and result.prompt != "a red fox in the snow"
         again = engine.generate(request(model=model, steps=1, expand_prompt=True, seed=3))
         assert again.prompt == result.prompt
+
+
+def test_prompt_expansion_is_refused_with_a_streamed_text_encoder(demo_settings, catalog: Catalog):
+    """Generating text through a text encoder streamed layer by layer would take minutes: a clear input error
+    naming the field instead, while plain requests run."""
+    from fluxserve.engine.pipeline import LoadedModel
+    from fluxserve.engine.plan import MemoryPlan
+    from fluxserve.engine.weights import load_placed_pipeline
+
+    spec = catalog.models["klein-4b"]
+    pipe, placed = load_placed_pipeline(spec, demo_path(demo_settings.demo_dir, spec.demo), "cpu", torch.float32,
+                                        demo=True, plan=MemoryPlan("bf16", "stream"))
+    streamed = Engine(demo_settings, catalog)
+    streamed._models["klein-4b"] = LoadedModel("klein-4b", spec, pipe, "demo", placed, 0.0)
+    with pytest.raises(InputError) as info:
+        streamed.generate(request(model="klein-4b", steps=1, expand_prompt=True, width=64, height=64))
+    assert info.value.field == "expand_prompt" and "streamed" in info.value.message
+    assert streamed.generate(request(model="klein-4b", steps=1, width=64, height=64)).images
+
+
+def test_generation_runs_on_the_engine_thread_whoever_calls(engine: Engine):
+    import threading
+
+    names: set[str] = set()
+
+    def on_progress(_progress):
+        names.add(threading.current_thread().name)
+
+    def run():
+        engine.generate(request(model="klein-4b", steps=2, width=64, height=64), on_progress=on_progress)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    run()
+    assert len(names) == 1 and next(iter(names)).startswith("engine-cpu")
 
 
 def test_unknown_model_and_half_size_are_input_errors(engine: Engine):

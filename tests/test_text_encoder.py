@@ -16,7 +16,7 @@ import torch
 
 from fluxserve.engine import fp8
 from fluxserve.engine.demo import DEV_TEXT_LAYERS, KLEIN_TEXT_LAYERS, demo_path
-from fluxserve.engine.placement import quantize_text_encoder
+from fluxserve.engine.placement import stream_module, text_encoder_filter
 from fluxserve.engine.text_encoder import encoding_only, layers_read
 from fluxserve.engine.weights import load_pipeline
 from fluxserve.request import GenerationRequest
@@ -128,23 +128,20 @@ def test_stops_after_the_last_layer_read_with_identical_embeddings(deep, arch):
         counter.remove()
 
 
-@pytest.mark.parametrize("placement", ["fp8", "offload"])
-def test_fp8_and_offloaded_text_encoders(catalog, demo_settings, placement):
-    from accelerate import cpu_offload_with_hook
-
+@pytest.mark.parametrize("held", ["fp8", "stream"])
+def test_fp8_and_streamed_text_encoders(catalog, demo_settings, held):
     pipe = load(catalog, demo_settings, "dev", REAL_LAYERS["dev"])
-    if placement == "fp8":
-        assert quantize_text_encoder(pipe.text_encoder) > 0 and fp8.has_fp8(pipe.text_encoder)
+    if held == "fp8":
+        count = fp8.quantize_linears(pipe.text_encoder, include=text_encoder_filter, mode="weight_only")
+        assert count > 0 and fp8.has_fp8(pipe.text_encoder)
     else:
-        _, hook = cpu_offload_with_hook(pipe.text_encoder, execution_device="cpu")
+        stream_module(pipe.text_encoder, "text_encoder", torch.device("cpu"))
     counter = Counter(pipe.text_encoder)
     expected = encode(pipe, PROMPTS[0])
     counter.reset()
     with encoding_only(pipe):
         got = encode(pipe, PROMPTS[0])
     assert counter.layers == LAST_READ["dev"] and torch.equal(got, expected)
-    if placement == "offload":
-        hook.offload()
 
 
 @pytest.mark.parametrize("layers", [(10, 20, 40), (10, -1), ()], ids=["no-layer-beyond", "negative", "none"])

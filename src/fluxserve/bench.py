@@ -324,6 +324,13 @@ def load_for_bench(engine, spec, random_weights: bool, safety: bool) -> None:
                          ) from exc
 
 
+def _prompt_cache_of(engine, spec):
+    from fluxserve.engine import accel
+
+    loaded = engine._models.get(spec.key)
+    return accel._cache_of(loaded.pipe) if loaded is not None else None
+
+
 def run_fluxserve(
     *, engine, spec, request: GenerationRequest, warmup: int, repeat: int, random_weights: bool
 ) -> dict:
@@ -359,7 +366,10 @@ def run_fluxserve(
         if len(clock.ends) < 2:  # one step: the whole denoising stage is the step
             steps.append(result.timings.get("denoising", 0.0) * 1000 / max(1, request.steps))
     # The last prompt again: what a repeated prompt costs (a prompt-cache hit where the level has the cache).
+    cache = _prompt_cache_of(engine, spec)
+    hits = cache.hits if cache is not None else 0
     again = engine.generate(request.model_copy(update={"prompt": prompt_for(warmup + repeat - 1)}))
+    cache_hit = cache is not None and cache.hits > hits
     # A new resolution after the warm ones: with regional compilation and dynamic shapes this must not
     # recompile the whole model (the number to compare with the warm end-to-end time).
     other = request.model_copy(update={"width": (request.width or 1024) + 128,
@@ -384,7 +394,7 @@ def run_fluxserve(
         "end_to_end_s": _median(pipeline_s),
         "end_to_end_all_s": pipeline_s,
         "serving_s": stages["inference"],
-        "repeated_prompt": {"text_encoding_s": again.timings.get("text_encoding"),
+        "repeated_prompt": {"prompt_cache_hit": cache_hit, "text_encoding_s": again.timings.get("text_encoding"),
                             "end_to_end_s": sum(again.timings.get(k, 0.0)
                                                 for k in ("text_encoding", "denoising", "decoding"))},
         "step_ms": _median(steps),
@@ -592,7 +602,8 @@ def format_report(report: dict) -> str:
     repeated = ours.get("repeated_prompt") or {}
     lines.append(
         f"end to end (text encoding + denoising + decoding): {_fmt(ours['end_to_end_s'])} s; with safety and file "
-        f"encoding {_fmt(ours.get('serving_s'))} s; a repeated prompt: text encoding "
+        f"encoding {_fmt(ours.get('serving_s'))} s; a repeated prompt "
+        f"({'prompt cache hit' if repeated.get('prompt_cache_hit') else 'no prompt cache'}): text encoding "
         f"{_fmt(repeated.get('text_encoding_s'))} s, end to end {_fmt(repeated.get('end_to_end_s'))} s"
     )
     lines.append(
