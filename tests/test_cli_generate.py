@@ -104,3 +104,4 @@ def test_model_flags_are_shared():
     parser = argparse.ArgumentParser()
     add_model_flags(parser)
     assert parser.parse_args(["--demo", "--text-encoder", "fp8"]).text_encoder_placement == "fp8"
+    assert parser.parse_args(["--demo", "--transformer", "stream"]).transformer_placement == "stream"

@@ -23,7 +23,7 @@ from PIL import Image
 
 from fluxserve.catalog import Catalog, ModelSpec
 from fluxserve.config import Settings
-from fluxserve.engine import accel, lora, safety
+from fluxserve.engine import accel, lora, plan, safety
 from fluxserve.engine import decode as decoding
 from fluxserve.engine.demo import demo_lora_path, ensure_demo_weights
 from fluxserve.engine.encode import encode_image
@@ -73,6 +73,7 @@ class Engine:
         self.catalog = catalog
         # Compiled kernels and graphs persist under the data directory, so a restart does not compile again.
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.cache_dir / "torchinductor"))
+        plan.candidates(settings.transformer_placement, settings.text_encoder_placement)  # a clear error early
         self.device = _pick_device(settings.device)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self._models: dict[str, LoadedModel] = {}
