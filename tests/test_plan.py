@@ -82,8 +82,10 @@ def test_headroom_and_footprints():
     assert plan.headroom_bytes(141 * GIB) == int(0.08 * 141 * GIB)
     # one 4x8 Linear in FP8: 32 bytes less one per weight, 8 bytes of scales per row
     assert plan.fp8_footprint(100, [(4, 8)], 2) == 100 - 32 + 32
-    named = [("embed.weight", 10), ("layers.0.w", 5), ("layers.0.b", 1), ("layers.1.w", 7), ("norm.weight", 2)]
+    named = [("embed.weight", 10), ("layers.0.w", 5), ("layers.0.b", 1), ("layers.1.w", 7), ("layers.2.w", 3),
+             ("norm.weight", 2)]
     assert plan.stream_footprint("text_encoder", named) == 12 + 2 * 7
+    assert plan.stream_footprint("text_encoder", named[:4]) == 23  # two layers: all of it, never more
     vision = [("model.vision_tower.transformer.layers.0.w", 4), ("model.language_model.layers.0.w", 3)]
     assert plan.stream_footprint("text_encoder", vision) == 4 + 2 * 3
 
