@@ -86,8 +86,9 @@ def test_headroom_and_footprints():
              ("norm.weight", 2)]
     assert plan.stream_footprint("text_encoder", named) == 12 + 2 * 7
     assert plan.stream_footprint("text_encoder", named[:4]) == 23  # two layers: all of it, never more
-    vision = [("model.vision_tower.transformer.layers.0.w", 4), ("model.language_model.layers.0.w", 3)]
-    assert plan.stream_footprint("text_encoder", vision) == 4 + 2 * 3
+    vision = [("model.vision_tower.transformer.layers.0.w", 4)] + [
+        (f"model.language_model.layers.{i}.w", 3) for i in range(3)]
+    assert plan.stream_footprint("text_encoder", vision) == 4 + 2 * 3  # the vision tower is not streamed
 
 
 def run_plan(*args: str) -> subprocess.CompletedProcess:
