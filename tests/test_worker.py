@@ -176,10 +176,29 @@ def test_a_queued_job_cancelled_behind_a_running_one_never_runs(store, worker):
     assert cancelled.status == "cancelled" and cancelled.started_at is None and cancelled.attempts == 0
 
 
+class SlowSteps:
+    """The engine with every denoising step at least ``step_s`` long, so a timeout is reached whatever the
+    machine's speed."""
+
+    def __init__(self, engine, step_s: float):
+        self.engine, self.step_s = engine, step_s
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def generate(self, request, on_progress=None, should_cancel=None):
+        def slow(progress):
+            time.sleep(self.step_s)
+            if on_progress is not None:
+                on_progress(progress)
+
+        return self.engine.generate(request, on_progress=slow, should_cancel=should_cancel)
+
+
 def test_a_running_job_past_its_timeout_is_stopped(store, engine, storage):
     engine.load("dev")
-    job = submit(store, request=request(steps=100), timeout_s=1.0)  # 100 steps can take < 2 s here
-    worker = Worker(store, engine, storage)
+    job = submit(store, request=request(steps=100), timeout_s=1.0)  # 100 steps of >= 50 ms: >= 5 s
+    worker = Worker(store, SlowSteps(engine, 0.05), storage)
     done = worker.run_once()
     assert done.id == job.id
     assert done.status == "failed" and done.error_type == "request_timeout" and done.error == "Request timed out"
