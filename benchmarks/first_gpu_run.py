@@ -140,7 +140,11 @@ def _clean(value: Any) -> Any:
 
 
 def error_record(exc: BaseException) -> dict:
-    return {"error": f"{type(exc).__name__}: {str(exc)[:2000]}", "traceback": traceback.format_exc()[-6000:]}
+    """The error and its traceback for a part's JSON; the traceback's last lines go to the log too."""
+    trace = traceback.format_exc()
+    for line in trace.strip().splitlines()[-7:-1]:
+        print(f"    | {line}", flush=True)
+    return {"error": f"{type(exc).__name__}: {str(exc)[:2000]}", "traceback": trace[-6000:]}
 
 
 @dataclass
