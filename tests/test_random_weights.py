@@ -10,38 +10,11 @@ from torch import nn
 
 from fluxserve.engine import fp8, placement
 from fluxserve.engine import random_weights as rw
-from fluxserve.engine.demo import MISTRAL_SPECIALS, QWEN_SPECIALS, _byte_level_tokenizer
 from fluxserve.engine.plan import MemoryPlan
 
 GIB = 1024**3
-TINY_VAE = {
-    "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "block_out_channels": (2, 2, 2, 2), "layers_per_block": 0, "latent_channels": 32, "norm_num_groups": 1,
-    "mid_block_add_attention": False, "sample_size": 64,
-}
-TINY_TRANSFORMER = {  # one double block, one single block, hidden 4 x 16 = 64
-    "patch_size": 1, "in_channels": 128, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16,
-    "num_attention_heads": 4, "joint_attention_dim": 48, "timestep_guidance_channels": 32, "mlp_ratio": 2.0,
-    "axes_dims_rope": (4, 4, 4, 4),
-}
-
-
-def tiny_text(specials: list[str], layers: int, tied: bool) -> dict:
-    _, vocab = _byte_level_tokenizer(specials)
-    return {"vocab_size": vocab, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": layers,
-            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8, "max_position_embeddings": 4096,
-            "tie_word_embeddings": tied}
-
-
-# klein stacks hidden states 9, 18, 27 (3 x 16 = joint_attention_dim 48); dev 10, 20, 30.
-TINY_KLEIN = rw.Architecture({**TINY_TRANSFORMER, "guidance_embeds": False}, tiny_text(QWEN_SPECIALS, 27, True),
-                             vae=TINY_VAE)
-TINY_DEV = rw.Architecture(
-    {**TINY_TRANSFORMER, "guidance_embeds": True}, tiny_text(MISTRAL_SPECIALS, 30, False),
-    vision={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-            "head_dim": 8, "patch_size": 8, "image_size": 64, "num_channels": 3},
-    vae=TINY_VAE,
-)
+TINY_KLEIN = rw.tiny_architecture("klein-4b")
+TINY_DEV = rw.tiny_architecture("dev")
 FP8_BOTH = MemoryPlan("fp8", "fp8")
 BF16_RESIDENT = MemoryPlan("bf16", "resident")
 

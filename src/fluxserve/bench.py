@@ -217,8 +217,10 @@ def run_baseline(
     references: list,
     warmup: int,
     repeat: int,
+    arch=None,
 ) -> dict:
-    """Stock ``Flux2Pipeline``/``Flux2KleinPipeline.__call__`` with no acceleration on the same weights."""
+    """Stock ``Flux2Pipeline``/``Flux2KleinPipeline.__call__`` with no acceleration on the same weights.
+    ``arch``: a ``random_weights.Architecture`` to build instead of the full-size one (tiny CPU runs)."""
     from fluxserve.engine.weights import load_pipeline, resolve_weights
 
     start = time.perf_counter()
@@ -226,7 +228,7 @@ def run_baseline(
     if random_weights:
         from fluxserve.engine.random_weights import build_random_pipeline
 
-        pipe = build_random_pipeline(spec.key, device, dtype, seed=0)
+        pipe = build_random_pipeline(spec.key, device, dtype, seed=0, arch=arch)
     else:
         pipe = load_pipeline(spec, resolve_weights(spec, settings), dtype, demo=settings.demo)
         if device.type == "cuda" and not _fits(pipe, device):
@@ -300,16 +302,17 @@ def _adopt_random_pipeline(engine, spec, pipe, placement, seconds: float) -> Non
     engine._models[spec.key] = LoadedModel(spec.key, spec, pipe, "random-weights", placement, seconds)
 
 
-def load_for_bench(engine, spec, random_weights: bool, safety: bool) -> None:
+def load_for_bench(engine, spec, random_weights: bool, safety: bool, arch=None) -> None:
     """Load (or build) the model, and the safety checker when the runs use it, before anything is timed or
-    compiled; any failure is one ``BenchError`` line."""
+    compiled; any failure is one ``BenchError`` line. ``arch``: a ``random_weights.Architecture`` to build
+    instead of the full-size one (tiny CPU runs)."""
     try:
         if random_weights:
             from fluxserve.engine.random_weights import build_placed_random_pipeline
 
             start = time.perf_counter()
             pipe, placement = build_placed_random_pipeline(
-                spec.key, engine.device, engine.dtype, seed=0, requested=engine.requested_placement()
+                spec.key, engine.device, engine.dtype, seed=0, requested=engine.requested_placement(), arch=arch
             )
             _adopt_random_pipeline(engine, spec, pipe, placement, time.perf_counter() - start)
         else:
@@ -324,25 +327,45 @@ def load_for_bench(engine, spec, random_weights: bool, safety: bool) -> None:
                          ) from exc
 
 
-def _prompt_cache_of(engine, spec):
+def _prompt_cache_of(engine, model: str):
     from fluxserve.engine import accel
 
-    loaded = engine._models.get(spec.key)
+    loaded = engine._models.get(model)
     return accel._cache_of(loaded.pipe) if loaded is not None else None
 
 
 def run_fluxserve(
     *, engine, spec, request: GenerationRequest, warmup: int, repeat: int, random_weights: bool
 ) -> dict:
+    """Load (or build) the model, then time ``request`` through the engine (``load_timed`` + ``time_requests``)."""
+    loaded = load_timed(engine, spec, random_weights=random_weights, safety=request.safety_checker)
+    return {**loaded, **time_requests(engine, request, warmup=warmup, repeat=repeat)}
+
+
+def load_timed(engine, spec, *, random_weights: bool, safety: bool, arch=None) -> dict:
+    """``load_for_bench`` with its time, the peak GPU memory while loading (FP8 placements never hold a bf16
+    component whole) and the memory resident afterwards."""
     device = engine.device
     _peak_memory_reset(device)
     start = time.perf_counter()
-    load_for_bench(engine, spec, random_weights, request.safety_checker)
+    load_for_bench(engine, spec, random_weights, safety, arch=arch)
     _sync(device)
-    load_s = time.perf_counter() - start
-    load_peak = _peak_memory_gib(device)  # the highest point while loading / building (FP8: never bf16 whole)
-    resident = round(torch.cuda.memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+    return {
+        "load_s": round(time.perf_counter() - start, 3),
+        "load_peak_memory_gib": _peak_memory_gib(device),
+        "resident_memory_gib": (round(torch.cuda.memory_allocated(device) / 2**30, 2)
+                                if device.type == "cuda" else None),
+    }
 
+
+def time_requests(
+    engine, request: GenerationRequest, *, warmup: int, repeat: int, first_prompt: int = 0, extras: bool = True
+) -> dict:
+    """Time ``warmup + repeat`` requests on an engine whose model is loaded: stage medians, per-step times,
+    the first (cold) request, peak memory. Run ``i`` has the prompt ``prompt_for(first_prompt + i)``, so a
+    later call with a higher ``first_prompt`` (another level on the same engine) never hits the prompt cache.
+    ``extras``: also time a repeated prompt (a cache hit) and a first request at another resolution."""
+    device = engine.device
     clock = StepClock(device)
 
     def on_progress(_progress: Progress) -> None:
@@ -354,7 +377,8 @@ def run_fluxserve(
     _peak_memory_reset(device)
     for run in range(warmup + repeat):
         clock.begin()
-        result = engine.generate(request.model_copy(update={"prompt": prompt_for(run)}), on_progress=on_progress)
+        prompt = prompt_for(first_prompt + run)
+        result = engine.generate(request.model_copy(update={"prompt": prompt}), on_progress=on_progress)
         _sync(device)
         total = time.perf_counter() - clock.start
         if run < warmup:
@@ -365,43 +389,45 @@ def run_fluxserve(
         steps.extend(clock.step_ms())
         if len(clock.ends) < 2:  # one step: the whole denoising stage is the step
             steps.append(result.timings.get("denoising", 0.0) * 1000 / max(1, request.steps))
-    # The last prompt again: what a repeated prompt costs (a prompt-cache hit where the level has the cache).
-    cache = _prompt_cache_of(engine, spec)
-    hits = cache.hits if cache is not None else 0
-    again = engine.generate(request.model_copy(update={"prompt": prompt_for(warmup + repeat - 1)}))
-    cache_hit = cache is not None and cache.hits > hits
-    # A new resolution after the warm ones: with regional compilation and dynamic shapes this must not
-    # recompile the whole model (the number to compare with the warm end-to-end time).
-    other = request.model_copy(update={"width": (request.width or 1024) + 128,
-                                       "height": (request.height or 1024) - 128,
-                                       "prompt": prompt_for(warmup + repeat)})
-    clock.begin()
-    engine.generate(other, on_progress=on_progress)
-    _sync(device)
-    resolution_change_s = time.perf_counter() - clock.start
+    peak = _peak_memory_gib(device)
+    repeated, change = None, None
+    if extras:
+        # The last prompt again: what a repeated prompt costs (a prompt-cache hit where the level has the cache).
+        cache = _prompt_cache_of(engine, request.model)
+        hits = cache.hits if cache is not None else 0
+        again = engine.generate(request.model_copy(
+            update={"prompt": prompt_for(first_prompt + warmup + repeat - 1)}))
+        repeated = {"prompt_cache_hit": cache is not None and cache.hits > hits,
+                    "text_encoding_s": again.timings.get("text_encoding"),
+                    "end_to_end_s": sum(again.timings.get(k, 0.0) for k in ("text_encoding", "denoising", "decoding"))}
+        # A new resolution after the warm ones: with regional compilation and dynamic shapes this must not
+        # recompile the whole model (the number to compare with the warm end-to-end time).
+        other = request.model_copy(update={"width": (request.width or 1024) + 128,
+                                           "height": (request.height or 1024) - 128,
+                                           "prompt": prompt_for(first_prompt + warmup + repeat)})
+        clock.begin()
+        engine.generate(other, on_progress=on_progress)
+        _sync(device)
+        change = {"size": f"{other.width}x{other.height}", "first_request_s": time.perf_counter() - clock.start}
+        peak = _peak_memory_gib(device)
     stages = {k: _median(v) for k, v in stage_runs.items()}
     pipeline_s = [
         a + b + c
         for a, b, c in zip(stage_runs["text_encoding"], stage_runs["denoising"], stage_runs["decoding"])
     ]
     return {
-        "load_s": round(load_s, 3),
         "warmup_s": warm,
         "cold_start_s": warm[0] if warm else None,
-        "resolution_change": {"size": f"{other.width}x{other.height}", "first_request_s": resolution_change_s},
+        "resolution_change": change,
         "stages_s": stages,
         "stages_all_s": stage_runs,
         "end_to_end_s": _median(pipeline_s),
         "end_to_end_all_s": pipeline_s,
         "serving_s": stages["inference"],
-        "repeated_prompt": {"prompt_cache_hit": cache_hit, "text_encoding_s": again.timings.get("text_encoding"),
-                            "end_to_end_s": sum(again.timings.get(k, 0.0)
-                                                for k in ("text_encoding", "denoising", "decoding"))},
+        "repeated_prompt": repeated,
         "step_ms": _median(steps),
         "step_ms_all": steps,
-        "peak_memory_gib": _peak_memory_gib(device),
-        "load_peak_memory_gib": load_peak,
-        "resident_memory_gib": resident,
+        "peak_memory_gib": peak,
     }
 
 

@@ -28,8 +28,9 @@ Random weights produce noise images; they are for timing and memory only. Tokeni
 byte-level ones (prompts are padded to 512 tokens either way, so the sequence length is the real one).
 ``parameter_counts`` builds on the meta device (no memory) to count parameters.
 
-Full-size builds need CUDA (``check_device``); pass small ``Architecture`` overrides to build anywhere (tests
-build a one-block transformer and a tiny Qwen3 on the CPU through exactly the same code).
+Full-size builds need CUDA (``check_device``); pass small ``Architecture`` overrides to build anywhere:
+``tiny_architecture(model)`` is a one-block transformer, a tiny text encoder and VAE with the real structure,
+which the tests and ``benchmarks/first_gpu_run.py --tiny`` build on the CPU through exactly the same code.
 """
 
 from __future__ import annotations
@@ -148,6 +149,47 @@ def architecture(model: str) -> Architecture:
         return Architecture({**TRANSFORMER_SHARED, **TRANSFORMER_CONFIGS[model]}, dict(MISTRAL_TEXT_CONFIG),
                             dict(PIXTRAL_VISION_CONFIG))
     return Architecture({**TRANSFORMER_SHARED, **TRANSFORMER_CONFIGS[model]}, dict(QWEN3_CONFIGS[model]))
+
+
+# Tiny stand-ins with the same structure (``tiny_architecture``): one double and one single block of hidden
+# 4 x 16 = 64, a text encoder of hidden 16 with as many layers as the pipeline reads (klein stacks hidden states
+# 9/18/27 and dev 10/20/30, 3 x 16 = joint_attention_dim 48), a four-level VAE of two channels.
+TINY_TRANSFORMER = {
+    "patch_size": 1, "in_channels": 128, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16,
+    "num_attention_heads": 4, "joint_attention_dim": 48, "timestep_guidance_channels": 32, "mlp_ratio": 2.0,
+    "axes_dims_rope": (4, 4, 4, 4),
+}
+TINY_VAE = {
+    "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (2, 2, 2, 2), "layers_per_block": 0, "latent_channels": 32, "norm_num_groups": 1,
+    "mid_block_add_attention": False, "sample_size": 64,
+}
+TINY_VISION = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+               "head_dim": 8, "patch_size": 8, "image_size": 64, "num_channels": 3}
+
+
+def tiny_text(specials: list[str], layers: int, tied: bool) -> dict:
+    """A text-encoder config of hidden 16 over the demo's byte-level vocabulary with ``specials``."""
+    from fluxserve.engine.demo import _byte_level_tokenizer
+
+    _, vocab = _byte_level_tokenizer(specials)
+    return {"vocab_size": vocab, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": layers,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8, "max_position_embeddings": 4096,
+            "tie_word_embeddings": tied}
+
+
+def tiny_architecture(model: str) -> Architecture:
+    """A tiny architecture with the structure of ``model`` (the same module classes, the same hidden states read
+    by the pipeline), small enough to build and run on a CPU in seconds: what the CPU tests and
+    ``benchmarks/first_gpu_run.py --tiny`` build through exactly the code the full-size models go through."""
+    from fluxserve.engine.demo import MISTRAL_SPECIALS, QWEN_SPECIALS
+
+    _check_model(model)
+    if model == "dev":
+        return Architecture({**TINY_TRANSFORMER, "guidance_embeds": True}, tiny_text(MISTRAL_SPECIALS, 30, False),
+                            vision=dict(TINY_VISION), vae=dict(TINY_VAE))
+    return Architecture({**TINY_TRANSFORMER, "guidance_embeds": False}, tiny_text(QWEN_SPECIALS, 27, True),
+                        vae=dict(TINY_VAE))
 
 
 class RandomWeightsUnavailable(RuntimeError):

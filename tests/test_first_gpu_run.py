@@ -1,0 +1,149 @@
+"""``benchmarks/first_gpu_run.py --tiny``: the first-GPU-run script's very code paths on the CPU with tiny models,
+as a user runs it (a subprocess), and its budget: parts and sub-steps that do not fit are skipped and say why."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "first_gpu_run.py"
+PARTS = ("checks", "klein", "dev", "profile")
+
+
+def run_script(tmp_path: Path, *args: str, timeout: int = 300) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "FLUXSERVE_FIRST_RUN_WORK": str(tmp_path / "work")}
+    done = subprocess.run([sys.executable, str(SCRIPT), "--tiny", *args, str(out)], check=False,
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    return done, out
+
+
+def load(out: Path, name: str) -> dict:
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    done, out = run_script(tmp_path_factory.mktemp("first-run"))
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return done, out
+
+
+def test_tiny_run_writes_every_part(tiny_run):
+    done, out = tiny_run
+    assert sorted(p.name for p in out.iterdir()) == sorted(["summary.json", *(f"{p}.json" for p in PARTS)])
+    summary = load(out, "summary")
+    assert summary["finished"] is True and summary["run"]["mode"] == "tiny (CPU)"
+    assert summary["elapsed_s"] < summary["run"]["budget_s"]
+    for part in PARTS:
+        entry = summary["parts"][part]
+        assert entry["status"] == "ok", entry
+        assert entry["seconds"] >= 0 and entry["file"] == f"{part}.json"
+        assert load(out, part)["status"] == "ok"
+    # progress lines carry timestamps and name what each number came from
+    assert "] == klein: ok" in done.stdout
+    assert "klein-4b 64x64, 2 steps, regular (fp32) on cpu (tiny models)" in done.stdout
+
+
+def test_tiny_checks(tiny_run):
+    _, out = tiny_run
+    checks = load(out, "checks")
+    env = checks["environment"]
+    for key in ("torch", "diffusers", "transformers", "python"):
+        assert env[key]
+    matmul = checks["matmul"]
+    assert matmul["tokens"] == 16 + 512
+    shapes = {(row["out"], row["in"]) for row in matmul["shapes"]}
+    assert (3 * matmul["hidden"], matmul["hidden"]) in shapes  # the fused Q/K/V
+    for row in matmul["shapes"]:
+        assert positive(row["bf16"]["tflops"]) and positive(row["bf16"]["ms"])
+        assert "not supported on cpu" in row["fp8_scaled_mm"]["skipped"]
+        assert "not supported on cpu" in row["fp8_linear_w8a8"]["skipped"]
+    attention = checks["attention"]
+    assert attention["chosen"] == "native"
+    native = attention["backends"]["native"]
+    assert positive(native["tflops"]) and 0 <= native["rel_error_vs_fp32"] < 0.05  # bf16 against fp32
+    for name in ("_native_cudnn", "_flash_3", "flash"):
+        assert attention["backends"][name] == {"skipped": "not supported on cpu"}
+
+
+def test_tiny_klein_levels(tiny_run):
+    _, out = tiny_run
+    klein = load(out, "klein")
+    assert klein["request"]["width"] == 64 and klein["request"]["steps"] == 2
+    assert positive(klein["baseline"]["end_to_end_s"]) and positive(klein["baseline"]["step_ms"])
+    assert set(klein["levels"]) == {"none", "regular", "high"}
+    for level, row in klein["levels"].items():
+        assert row["requested"] == level
+        assert row["precision"] == "fp32"  # the CPU's dtype; high runs regular there and says so
+        assert positive(row["step_ms"]) and positive(row["end_to_end_s"]) and positive(row["cold_start_s"])
+        assert positive(row["vs_diffusers"]["end_to_end"]) and positive(row["vs_diffusers"]["per_step"])
+        assert row["mfu"]["value"] is None and "CPU" in row["mfu"]["peak"]
+        assert math.isfinite(row["image_rel_error_vs_none"]) and row["image_std"] > 0
+        assert row["what"].startswith(f"klein-4b 64x64, 2 steps, {level} (fp32) on cpu")
+    assert klein["levels"]["none"]["image_rel_error_vs_none"] == 0
+    assert klein["levels"]["regular"]["fused_qkv"] is True and klein["levels"]["none"]["fused_qkv"] is False
+    assert klein["levels"]["high"]["level"] == "regular" and klein["levels"]["high"]["notes"]
+
+
+def test_tiny_dev_levels_and_profile(tiny_run):
+    _, out = tiny_run
+    dev = load(out, "dev")
+    assert dev["tokens"] == 16 + 512 and dev["flops"]["per_step"] > 0
+    assert set(dev["levels"]) == {"none", "regular", "high"}
+    precisions = {level: row["precision"] for level, row in dev["levels"].items()}
+    assert precisions == {"none": "fp32", "regular": "fp32", "high": "fp8-weight-only"}
+    for row in dev["levels"].values():
+        assert positive(row["step_ms"]) and positive(row["cold_first_forward_s"])
+        assert math.isfinite(row["rel_error_vs_none"])
+    assert dev["levels"]["none"]["rel_error_vs_none"] == 0
+    assert dev["levels"]["regular"]["rel_error_vs_none"] < 1e-4  # fp32: the same function up to rounding
+    assert 0 < dev["levels"]["high"]["rel_error_vs_none"] < 0.2  # FP8 weights, dequantised on the CPU
+    assert dev["levels"]["high"]["held"] == "fp8"
+    choice = dev["placement_80gb"]
+    assert positive(choice["bf16_transformer_streamed_text_encoder"]["step_ms"])
+    assert positive(choice["fp8_transformer_fp8_text_encoder"]["step_ms"])
+    profile = load(out, "profile")
+    assert profile["level"] == "high" and profile["activity"] == "CPU operators"
+    assert 0 < len(profile["top"]) <= 30 and all(positive(row["ms"]) for row in profile["top"])
+
+
+def test_tiny_budget_skips_parts_and_says_why(tmp_path):
+    done, out = run_script(tmp_path, "--budget", "5", timeout=120)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    summary = load(out, "summary")
+    assert summary["finished"] is True
+    parts = summary["parts"]
+    assert list(parts) == list(PARTS)
+    for part in ("klein", "dev"):  # estimated at more than the whole budget
+        assert parts[part]["status"] == "skipped"
+        assert "needs ~" in parts[part]["skipped"] and "of the 5 s budget" in parts[part]["skipped"]
+        assert not (out / f"{part}.json").exists()
+    assert all(entry["status"] in ("ok", "skipped") for entry in parts.values())
+    assert "klein: skipped (needs ~" in done.stdout
+
+
+def test_sub_steps_skip_when_their_estimate_does_not_fit(tmp_path):
+    done, out = run_script(tmp_path, "--budget", "200", "--estimate", "klein=1000", "--estimate", "dev.high=1000",
+                           "--estimate", "checks.matmul=1000")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    parts = load(out, "summary")["parts"]
+    assert parts["klein"]["status"] == "skipped" and "needs ~1000 s" in parts["klein"]["skipped"]
+    assert parts["checks"]["status"] == "ok" and "needs ~1000 s" in parts["checks"]["skipped_steps"]["matmul"]
+    assert "matmul" not in load(out, "checks") and load(out, "checks")["attention"]["chosen"] == "native"
+    dev = load(out, "dev")
+    assert set(dev["levels"]) == {"none", "regular"} and "needs ~1000 s" in dev["skipped"]["high"]
+    assert parts["dev"]["status"] == "ok" and "high" in parts["dev"]["skipped_steps"]
+    # the profile runs on what the dev part left: the bf16 regular level
+    assert parts["profile"]["status"] == "ok" and load(out, "profile")["level"] == "regular"
