@@ -2,7 +2,7 @@
 
     python3 benchmarks/first_gpu_run.py [--tiny] [--budget SECONDS] OUT_DIR
 
-Four parts, most important first; each writes its own JSON into OUT_DIR as soon as it ends (and partial
+Five parts, most important first; each writes its own JSON into OUT_DIR as soon as it ends (and partial
 results as they come), and ``summary.json`` lists every part with its status, seconds and headline numbers:
 
 1. ``checks``: the device and library versions; bf16 and FP8 (``torch._scaled_mm``, row-wise scales) matrix
@@ -15,6 +15,8 @@ results as they come), and ``summary.json`` lists every part with its status, se
    then high with the transformer held in FP8 (what an 80 GB GPU runs at every level): compile time, ms/step,
    peak memory, MFU, error against ``none``.
 4. ``profile``: the top CUDA kernels of one warm [dev] step at the last level the ``dev`` part ran.
+5. ``vae``: the FLUX.2 VAE decoder at 1024x1024, eager in channels-last layout (what the engine runs) and
+   compiled: whether compiling it pays.
 
 The budget (``--budget``, default 510 s) is checked before every part and every sub-step against a generous
 estimate of its cost; what does not fit is skipped and the summary says why. Every part and sub-step runs in
@@ -53,7 +55,7 @@ if (SRC / "fluxserve").is_dir() and str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
 DEFAULT_BUDGET_S = 510.0
-PARTS = ("checks", "klein", "dev", "profile")
+PARTS = ("checks", "klein", "dev", "profile", "vae")
 LEVELS = ("none", "regular", "high")
 
 # Generous costs in seconds (first compile included, no inductor cache) of each part and sub-step: one is
@@ -64,12 +66,14 @@ GPU_ESTIMATES = {
     "klein.high": 55,
     "dev": 210, "dev.build": 20, "dev.none": 15, "dev.regular": 85, "dev.high": 85,
     "profile": 40,
+    "vae": 60,
 }
 TINY_ESTIMATES = {
     "checks": 8, "checks.environment": 2, "checks.matmul": 3, "checks.attention": 3,
     "klein": 40, "klein.baseline": 8, "klein.build": 5, "klein.none": 5, "klein.regular": 5, "klein.high": 5,
     "dev": 15, "dev.build": 3, "dev.none": 3, "dev.regular": 3, "dev.high": 3,
     "profile": 5,
+    "vae": 10,
 }
 
 
@@ -951,9 +955,60 @@ def top_kernels(prof, cuda: bool, step_ms: float, count: int = 30) -> dict:
     return {"count": len(rows), "total_ms": total, "top": rows[:count]}
 
 
+# ---- part 5: the VAE decoder ----------------------------------------------------------------------------------------
+def part_vae(run: Run, report: dict) -> dict:
+    """The FLUX.2 VAE decoder with random weights at the run's resolution: eager in channels-last layout (what the
+    engine runs), then compiled (``torch.compile`` of the decoder; on the CPU with the eager backend, which checks
+    the code path without minutes of C++ compilation): warm ms, first-call (compile) time, error against eager."""
+    import torch
+
+    from fluxserve.engine import random_weights
+    from fluxserve.engine.placement import place_component
+    from fluxserve.engine.plan import MemoryPlan
+
+    device, scale = run.device, run.scale
+    arch = random_weights.tiny_architecture("klein-4b") if run.tiny else None
+    vae = random_weights.build_vae("meta", run.dtype, arch)
+    place_component(vae, "vae", device, MemoryPlan("bf16", "resident"),
+                    materialise=random_weights.random_init(0, "vae"))
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    generator = torch.Generator(device=device).manual_seed(5)
+    latents = torch.randn(1, vae.config.latent_channels, scale.height // factor, scale.width // factor,
+                          device=device, dtype=run.dtype, generator=generator).contiguous(
+                              memory_format=torch.channels_last)
+
+    def decode():
+        with torch.no_grad():
+            return vae.decode(latents, return_dict=False)[0]
+
+    memory_reset(device)
+    eager = median(time_calls(decode, device, warmup=1, repeat=scale.repeat))
+    reference = decode().float()
+    backend = "eager" if run.tiny else "inductor"
+    vae.decoder.compile(backend=backend)
+    start = time.perf_counter()
+    decode()
+    sync(device)
+    cold = time.perf_counter() - start
+    compiled = median(time_calls(decode, device, warmup=1, repeat=scale.repeat))
+    error = rel_error(decode().float(), reference)
+    speedup = _ratio(eager, compiled)
+    report.update(what=run.where("FLUX.2 VAE decoder", f"{scale.width}x{scale.height}",
+                                 str(run.dtype).removeprefix("torch.")),
+                  layout="channels_last", eager_ms=eager, compiled_ms=compiled, compile_backend=backend,
+                  first_compiled_call_s=cold, speedup=speedup, rel_error_vs_eager=error,
+                  peak_memory_gib=peak_gib(device),
+                  note="compiling pays when the speed-up is well above 1 and the first call's cost is acceptable "
+                       "at load time")
+    log(f"{report['what']}: eager {_num(eager)} ms, compiled ({backend}) {_num(compiled)} ms, first compiled call "
+        f"{cold:.1f} s, x{_num(speedup)}, error vs eager {_num(error)}")
+    return {"what": report["what"], "eager_ms": eager, "compiled_ms": compiled, "speedup": speedup,
+            "first_compiled_call_s": cold}
+
+
 # ---- the run ----------------------------------------------------------------------------------------------------
 PART_FUNCTIONS: dict[str, Callable[[Run, dict], dict]] = {
-    "checks": part_checks, "klein": part_klein, "dev": part_dev, "profile": part_profile,
+    "checks": part_checks, "klein": part_klein, "dev": part_dev, "profile": part_profile, "vae": part_vae,
 }
 
 

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "first_gpu_run.py"
-PARTS = ("checks", "klein", "dev", "profile")
+PARTS = ("checks", "klein", "dev", "profile", "vae")
 
 
 def run_script(tmp_path: Path, *args: str, timeout: int = 300) -> tuple[subprocess.CompletedProcess, Path]:
@@ -117,6 +117,14 @@ def test_tiny_dev_levels_and_profile(tiny_run):
     profile = load(out, "profile")
     assert profile["level"] == "high" and profile["activity"] == "CPU operators"
     assert 0 < len(profile["top"]) <= 30 and all(positive(row["ms"]) for row in profile["top"])
+
+
+def test_tiny_vae_eager_and_compiled(tiny_run):
+    _, out = tiny_run
+    vae = load(out, "vae")
+    assert vae["layout"] == "channels_last" and vae["compile_backend"] == "eager"
+    assert positive(vae["eager_ms"]) and positive(vae["compiled_ms"]) and positive(vae["first_compiled_call_s"])
+    assert vae["rel_error_vs_eager"] < 1e-5  # the same function
 
 
 def test_tiny_budget_skips_parts_and_says_why(tmp_path):
