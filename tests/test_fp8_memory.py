@@ -54,20 +54,9 @@ def _stack() -> nn.Sequential:
 
 
 def _tiny_transformer() -> nn.Module:
-    from diffusers import Flux2Transformer2DModel
+    from test_accel import _tiny_transformer as tiny
 
-    torch.manual_seed(0)
-    return Flux2Transformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        timestep_guidance_channels=32,
-        axes_dims_rope=(4, 4, 4, 4),
-    ).eval().to(torch.bfloat16)
+    return tiny(0).to(torch.bfloat16)
 
 
 @pytest.mark.parametrize("granularity", fp8.GRANULARITIES)
