@@ -358,3 +358,30 @@ def test_sqlite_uses_wal_and_creates_its_directory(tmp_path):
     finally:
         store.close()
     assert (tmp_path / "new" / "dir" / "jobs.db").exists()
+
+
+def test_columns_added_later_are_added_to_an_older_database(db_url, monkeypatch):
+    """A database made before a column existed gets it at start (``models.ADDED_COLUMNS``)."""
+    from sqlalchemy import Column, Integer, String, create_engine, inspect
+
+    from fluxserve.jobs import models
+    from fluxserve.jobs import store as store_module
+
+    url = db_url
+    JobStore(url).close()  # today's schema
+    extra = [Column("test_added", String(32), nullable=True), Column("test_counted", Integer, nullable=False,
+                                                                      server_default="0")]
+    for column in extra:
+        models.api_keys.append_column(column)
+    monkeypatch.setattr(store_module, "ADDED_COLUMNS", [("api_keys", "test_added"), ("api_keys", "test_counted")])
+    try:
+        reopened = JobStore(url)
+        _, secret = reopened.create_key("old")
+        assert reopened.verify_key(secret)
+        reopened.close()
+        columns = {c["name"]: c for c in inspect(create_engine(url)).get_columns("api_keys")}
+        assert "test_added" in columns and "test_counted" in columns
+        JobStore(url).close()  # a second start finds them present
+    finally:
+        for column in extra:
+            models.api_keys._columns.remove(column)

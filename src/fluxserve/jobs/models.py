@@ -125,3 +125,9 @@ webhook_deliveries = Table(
     Column("delivered_at", UTCDateTime, nullable=True),
     Index("ix_webhook_due", "status", "next_attempt_at"),
 )
+
+
+# Columns added to a table after it first shipped: ``JobStore`` adds each one that an existing database lacks
+# (``ALTER TABLE ... ADD COLUMN``), so a data directory or PostgreSQL database made by an older fluxserve keeps
+# working. Every entry must be nullable or have a ``server_default``; declare the column in its table above too.
+ADDED_COLUMNS: list[tuple[str, str]] = []  # (table name, column name)

@@ -28,6 +28,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.pool import StaticPool
 
 from fluxserve.jobs.models import (
+    ADDED_COLUMNS,
     PRIORITY_RANKS,
     UTCDateTime,
     api_keys,
@@ -439,6 +440,25 @@ class JobStore:
                 # several processes may start at once; one creates the tables, the others wait
                 conn.execute(text("SELECT pg_advisory_xact_lock(7261553)"))
             metadata.create_all(conn)
+            self._add_missing_columns(conn)
+
+    @staticmethod
+    def _add_missing_columns(conn: Connection) -> None:
+        """``ALTER TABLE ... ADD COLUMN`` for each of ``models.ADDED_COLUMNS`` an older database lacks."""
+        from sqlalchemy import inspect
+
+        if not ADDED_COLUMNS:
+            return
+        inspector = inspect(conn)
+        present = {name: {c["name"] for c in inspector.get_columns(name)} for name, _ in ADDED_COLUMNS}
+        for table_name, column_name in ADDED_COLUMNS:
+            if column_name in present[table_name]:
+                continue
+            column = metadata.tables[table_name].c[column_name]
+            ddl = f"ALTER TABLE {table_name} ADD COLUMN {column_name} {column.type.compile(conn.dialect)}"
+            if column.server_default is not None:
+                ddl += f" DEFAULT {column.server_default.arg}"
+            conn.execute(text(ddl))
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
