@@ -358,7 +358,14 @@ def test_api_keys_are_required_when_configured(base_settings):
         key_id, key_secret = secret.split(":", 1)
         assert httpx.post(url, json={"prompt": "a"},
                           headers={"Authorization": f"Key {key_id}:{key_secret}"}).status_code == 200
-        assert httpx.get(f"{locked.url}/health").status_code == 200
+        # liveness answers without a key; the placement, queue and metrics need one
+        bare = httpx.get(f"{locked.url}/health")
+        assert bare.status_code == 200 and bare.json() == {"status": "ok"}
+        detailed = httpx.get(f"{locked.url}/health", headers={"Authorization": f"Key {secret}"}).json()
+        assert "queue_depth" in detailed and "placement" in detailed
+        assert httpx.get(f"{locked.url}/metrics").status_code == 401
+        metrics = httpx.get(f"{locked.url}/metrics", headers={"Authorization": f"Bearer {secret}"})
+        assert metrics.status_code == 200 and "fluxserve_queue_depth" in metrics.text
 
 
 def test_docs_health_and_metrics(server):

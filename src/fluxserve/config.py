@@ -35,6 +35,11 @@ class Settings:
         return self.db or f"sqlite:///{self.data_dir / 'fluxserve.db'}"
 
     @property
+    def db_url_shown(self) -> str:
+        """The database URL with any password hidden, for logs and banners."""
+        return masked_url(self.db_url)
+
+    @property
     def storage_location(self) -> str:
         return self.storage or str(self.data_dir / "files")
 
@@ -65,3 +70,20 @@ class Settings:
             values["hf_token"] = os.environ["HF_TOKEN"]
         settings = cls(**values)
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def masked_url(url: str) -> str:
+    """``url`` with the password of its user-info part replaced by ``***`` (``postgresql://u:***@host/db``)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))

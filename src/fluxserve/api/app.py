@@ -7,6 +7,7 @@ dialects. fal's catch-all routes (``POST /{endpoint}``) are included last.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from contextlib import asynccontextmanager
@@ -18,7 +19,7 @@ from fastapi.responses import JSONResponse
 from fluxserve.api import fal, files, metrics, web
 from fluxserve.api import openai as openai_api
 from fluxserve.api import replicate as replicate_api
-from fluxserve.api.auth import KeyChecker
+from fluxserve.api.auth import KeyChecker, check_request
 from fluxserve.api.errors import ApiError, FalValidationError, api_error_handler, fal_validation_handler
 from fluxserve.catalog import Catalog
 from fluxserve.config import Settings
@@ -103,9 +104,13 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(FalValidationError, fal_validation_handler)
 
-    @app.get("/health", tags=["operations"], summary="Liveness, model placement and queue depth")
-    def health(request: Request) -> JSONResponse:
-        counts = store.counts()
+    @app.get("/health", tags=["operations"], summary="Liveness; with an API key, placement and queue depth")
+    async def health(request: Request) -> JSONResponse:
+        try:
+            await check_request(request, "fal")
+        except ApiError:  # liveness for probes without a key; the details need one
+            return JSONResponse({"status": "ok"})
+        counts = await asyncio.to_thread(store.counts)
         return JSONResponse({
             "status": "ok",
             "demo": settings.demo,

@@ -55,12 +55,16 @@ def run(args: argparse.Namespace) -> int:
     preload(app.state.engines, settings, args.preload or [])
     scheme = "https" if args.ssl_certfile else "http"
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"fluxserve: {scheme}://{shown_host}:{args.port}  (data: {settings.data_dir}, db: {settings.db_url})")
+    print(f"fluxserve: {scheme}://{shown_host}:{args.port}  (data: {settings.data_dir}, db: {settings.db_url_shown})")
     if scheme == "https":
         print(f"  fal clients: FAL_RUN_HOST={shown_host}:{args.port}/run "
               f"FAL_QUEUE_RUN_HOST={shown_host}:{args.port}/queue SSL_CERT_FILE={args.ssl_certfile}")
     else:
         print(f"  fal clients: fluxserve.compat.fal.use('{scheme}://{shown_host}:{args.port}')")
+    if args.access_log:
+        from fluxserve.api.logs import redact_access_log
+
+        redact_access_log()
     uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
                 log_level="info", access_log=args.access_log, timeout_graceful_shutdown=30)
     return 0

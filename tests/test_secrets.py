@@ -1,0 +1,63 @@
+"""Secrets stay out of banners and logs: database passwords masked, webhook URLs and tokens redacted from the
+access log, checked on a real ``fluxserve serve`` process."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+
+import httpx
+from fal_helpers import free_port
+
+from fluxserve.api.logs import RedactQuery, redact_query
+from fluxserve.config import masked_url
+
+pytest_plugins = ["db_fixtures"]
+
+
+def test_masked_url():
+    assert masked_url("postgresql+psycopg://u:hunter2@db.internal:5432/jobs") == \
+        "postgresql+psycopg://u:***@db.internal:5432/jobs"
+    assert masked_url("postgresql://u@db/jobs") == "postgresql://u@db/jobs"
+    assert masked_url("sqlite:////data/fluxserve.db") == "sqlite:////data/fluxserve.db"
+    assert "hunter2" not in masked_url("postgresql://u:hunter2@[::1]:5432/x")
+
+
+def test_redact_query_and_the_log_filter():
+    path = "/queue/fal-ai/flux-2?fal_webhook=https%3A%2F%2Fme.example%2Fhook%3Ftoken%3Ds3cret&x=1"
+    redacted = redact_query(path)
+    assert "s3cret" not in redacted and "me.example" not in redacted
+    assert "fal_webhook=REDACTED" in redacted and "x=1" in redacted
+    assert redact_query("/files/outputs/a.png?token=abc.def") == "/files/outputs/a.png?token=REDACTED"
+    assert redact_query("/health") == "/health"
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:5", "POST", path, "1.1", 200), None)
+    assert RedactQuery().filter(record) and "s3cret" not in record.getMessage()
+
+
+def test_serve_banner_and_access_log_keep_secrets(demo_data_dir, pg_url):
+    url = pg_url.replace("postgres@", "postgres:hunter2@")  # trust auth ignores the password
+    assert "hunter2" in url
+    port = free_port()
+    cmd = [sys.executable, "-m", "fluxserve", "serve", "--demo", "--no-workers", "--access-log", "--port", str(port),
+           "--data-dir", str(demo_data_dir), "--db", url]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        hook = "https://me.example/hook?token=s3cret"
+        response = httpx.post(f"http://127.0.0.1:{port}/queue/fal-ai/flux-2/flash",
+                              params={"fal_webhook": hook}, json={"prompt": "a fox"}, timeout=30)
+        assert response.status_code == 200, response.text
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=60)
+    assert "postgres:***@" in output and "hunter2" not in output
+    assert "fal_webhook=REDACTED" in output and "s3cret" not in output and "me.example" not in output
