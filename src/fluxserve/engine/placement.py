@@ -222,7 +222,7 @@ class Placement:
 
     def describe(self) -> str:
         if self.transformer not in plan.TRANSFORMER_PLACEMENTS:
-            return f"everything resident in {self.dtype} on {self.device}"
+            return f"everything resident in {self.dtype}"
         return plan.describe(self.transformer, self.text_encoder)
 
     def as_dict(self) -> dict:
