@@ -10,6 +10,7 @@ import base64
 import hashlib
 import time
 from dataclasses import replace
+from itertools import pairwise
 
 import httpx
 import pytest
@@ -217,5 +218,41 @@ def test_replicate_secret_route_and_signed_predictions(live_server):  # noqa: F8
         events = live_server.store.webhook_events(prediction_id)
         assert events[0]["event"] == "start" and all(e["status"] == "delivered" for e in events)
         assert live_server.store.delivery(prediction_id)["status"] == "delivered"
+    finally:
+        receiver.close()
+
+
+def test_replicate_logs_events_carry_the_prediction_as_it_ran(live_server):  # noqa: F811
+    """The job is run by hand here (workers paused), so the logs events do not depend on the model's speed."""
+    secret = replicate.Client(api_token=live_server.key, base_url=live_server.url).webhooks.default.secret()
+    receiver = SigningReceiver()
+    store = live_server.store
+    try:
+        with live_server.workers_paused():
+            response = live_server.post(f"/v1/models/{DEV}/predictions", json={
+                "input": {"prompt": "logs", **TINY}, "webhook": receiver.url,
+                "webhook_events_filter": ["logs", "completed"]})
+            assert response.status_code == 201, response.text
+            prediction_id = response.json()["id"]
+            job = store.claim("by-hand")
+            assert job is not None and job.id == prediction_id
+            store.log(prediction_id, "step 1/4")
+            first = receiver.wait_for(lambda got: len(got) >= 1)[0].json
+            assert first["status"] == "processing" and "1/4" in first["logs"]
+            store.log(prediction_id, "step 2/4")
+            store.log(prediction_id, "step 3/4")
+            receiver.wait_for(lambda got: any("3/4" in (r.json["logs"] or "") for r in got))
+            assert store.complete(prediction_id, "by-hand", {"images": [], "seed": 7})
+            got = receiver.wait_for(lambda got: any(r.json["status"] == "succeeded" for r in got))
+        time.sleep(0.5)  # nothing may follow the terminal webhook
+        got = list(receiver.received)
+        assert [r.json["status"] for r in got][-1] == "succeeded"
+        assert {r.json["status"] for r in got[:-1]} == {"processing"}
+        logs = [r.json["logs"] for r in got]
+        assert all(earlier in later for earlier, later in pairwise(logs))  # each carries all so far
+        assert "Using seed: 7" in logs[-1] and "3/4" in logs[-1]
+        for delivery in got:
+            Webhooks.validate(headers=delivery.headers, body=delivery.body.decode(), secret=secret, tolerance=300)
+        assert len(store.webhook_events(prediction_id)) <= 3  # one per burst of logs at most
     finally:
         receiver.close()
