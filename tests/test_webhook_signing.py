@@ -24,7 +24,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from webhook_receivers import Received, SigningReceiver
 
 from fluxserve.config import Settings
-from fluxserve.jobs.store import JobStore
+from fluxserve.jobs.store import JobStore, utcnow
 from fluxserve.jobs.webhooks import WebhookKeys, WebhookSender
 
 pytest_plugins = ["db_fixtures"]
@@ -168,6 +168,29 @@ def test_replicate_events_are_ordered_retried_coalesced_and_signed(store):
             time.sleep(0.05)
         assert store.webhook_events(job.id)[-1]["status"] == "skipped"
         assert len(receiver.received) == 5
+    finally:
+        sender.stop()
+        receiver.close()
+
+
+def test_the_terminal_webhook_waits_for_a_retried_event_then_follows_it_at_once(store):
+    receiver = SigningReceiver(failures=1)
+    sender = WebhookSender(store, base_delay=3600, builders={"replicate": _final_payload})  # run by hand
+    try:
+        job = store.submit(endpoint="e", dialect="replicate", request={"model": "dev"},
+                           webhook={"url": receiver.url, "dialect": "replicate"})
+        store.queue_webhook_event(job.id, "replicate", "start", receiver.url, {"event": "start"})
+        assert store.claim("w").id == job.id and store.complete(job.id, "w", {"images": []})
+        assert sender.deliver_due() == 2  # the start event fails; the terminal webhook waits behind it
+        [start] = store.webhook_events(job.id)
+        final = store.delivery(job.id)
+        assert start["attempts"] == 1 and final["attempts"] == 0 and final["status"] == "pending"
+        assert final["next_attempt_at"] >= start["next_attempt_at"]  # parked until then, not polled meanwhile
+        store.update_webhook_event(start["id"], next_attempt_at=utcnow())  # the retry falls due
+        assert sender.deliver_due() == 1
+        assert sender.deliver_due() == 1  # delivering the event released the terminal webhook
+        assert [r.json["event"] for r in receiver.received] == ["start", "start", "completed"]
+        assert store.delivery(job.id)["status"] == "delivered"
     finally:
         sender.stop()
         receiver.close()

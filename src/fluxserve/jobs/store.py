@@ -1042,11 +1042,23 @@ class JobStore:
         with self._write() as conn:
             conn.execute(update(webhook_events).where(webhook_events.c.id == event_id).values(**values))
 
-    def pending_webhook_events(self, job_id: str) -> int:
-        """How many event webhooks of a job still wait (its terminal webhook goes after them)."""
+    def pending_webhook_event_due(self, job_id: str) -> datetime | None:
+        """When the next of a job's waiting event webhooks is due; None when none waits (its terminal webhook
+        goes after them)."""
         with self._read() as conn:
-            return conn.execute(select(func.count()).select_from(webhook_events).where(
-                webhook_events.c.job_id == job_id, webhook_events.c.status == "pending")).scalar_one()
+            return conn.execute(select(func.min(webhook_events.c.next_attempt_at)).where(
+                webhook_events.c.job_id == job_id, webhook_events.c.status == "pending")).scalar()
+
+    def release_final_delivery(self, job_id: str) -> bool:
+        """Make a job's terminal webhook due now if it was waiting for event webhooks that are all done."""
+        now = utcnow()
+        ev = webhook_events.c
+        waiting = select(ev.id).where(ev.job_id == job_id, ev.status == "pending").exists()
+        with self._write() as conn:
+            return conn.execute(update(webhook_deliveries).where(
+                webhook_deliveries.c.job_id == job_id, webhook_deliveries.c.status == "pending",
+                webhook_deliveries.c.attempts == 0, webhook_deliveries.c.url.is_(None),
+                webhook_deliveries.c.next_attempt_at > now, ~waiting).values(next_attempt_at=now)).rowcount == 1
 
     def webhook_events(self, job_id: str) -> list[dict]:
         """A job's event webhook rows in order, as dicts (for tests and the admin view)."""

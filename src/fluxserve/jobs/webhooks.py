@@ -223,10 +223,12 @@ class WebhookSender:
         """One attempt; records the outcome (and the next attempt's time) in the store."""
         if isinstance(delivery, EventDelivery):
             return self._deliver_event(delivery)
-        if self.store.pending_webhook_events(delivery.job_id):
-            # the job's earlier event webhooks go first; look again shortly (this is not an attempt)
-            self.store.update_delivery(delivery.id, next_attempt_at=utcnow() + timedelta(
-                seconds=min(self.poll_s, 0.2)))
+        events_due = self.store.pending_webhook_event_due(delivery.job_id)
+        if events_due is not None:
+            # the job's event webhooks go first: wait for the next of them (not an attempt); finishing them
+            # makes this one due at once (release_final_delivery)
+            self.store.update_delivery(delivery.id, next_attempt_at=max(events_due, utcnow() + timedelta(
+                seconds=0.2)))
             return False
         url, body = delivery.url, delivery.body
         if url is None:
@@ -246,8 +248,11 @@ class WebhookSender:
             # the terminal webhook already went out; an event after it would arrive out of order
             self.store.update_webhook_event(event.id, status="skipped")
             return False
-        return self._attempt(event, event.url, event.body, f"msg_{event.job_id}_{event.id}",
-                             self.store.update_webhook_event)
+        delivered = self._attempt(event, event.url, event.body, f"msg_{event.job_id}_{event.id}",
+                                  self.store.update_webhook_event)
+        if self.store.release_final_delivery(event.job_id):
+            self._wake.set()
+        return delivered
 
     def _attempt(self, delivery: Delivery | EventDelivery, url: str, body: Any, message_id: str,
                  update: Callable[..., None]) -> bool:
