@@ -29,6 +29,8 @@ class Settings:
     text_encoder_placement: str = "auto"  # auto | resident | fp8 | stream
     workers_per_device: int = 1
     hf_token: str = ""
+    # where the public key that verifies fal-dialect webhook signatures is served, as a JWKS
+    webhook_jwks_path: str = "/.well-known/jwks.json"
 
     @property
     def db_url(self) -> str:

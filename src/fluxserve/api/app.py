@@ -50,7 +50,7 @@ class RequestIdMiddleware:
 def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
     from fluxserve.engine import engines_for
     from fluxserve.jobs.store import JobStore
-    from fluxserve.jobs.webhooks import WebhookSender, register_payload_builder
+    from fluxserve.jobs.webhooks import WebhookSender, payload_builders, register_payload_builder
     from fluxserve.jobs.worker import Worker
     from fluxserve.storage import open_storage
 
@@ -61,7 +61,10 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
     engines = engines_for(settings, catalog)
     app_metrics = metrics.Metrics(store)
     register_payload_builder(fal.DIALECT, partial(fal.webhook_payload, catalog, storage))
-    webhooks = WebhookSender(store)
+    # this app's own builders: they read this app's store and storage (several apps may share a process)
+    webhooks = WebhookSender(store, builders=payload_builders() | {
+        fal.DIALECT: partial(fal.webhook_payload, catalog, storage),
+        "replicate": partial(replicate_api.build_webhook, store=store)})
 
     def on_finished(job) -> None:
         app_metrics.finished(job)
@@ -119,6 +122,12 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
             "jobs": counts,
             "placement": [engine.placement() for engine in engines],
         })
+
+    @app.get(settings.webhook_jwks_path, tags=["webhooks"],
+             summary="Public keys that verify fal-dialect webhook signatures (JWKS)")
+    def webhook_jwks() -> JSONResponse:
+        """fal-dialect webhooks are signed with this ED25519 key; receivers fetch it as they fetch fal's."""
+        return JSONResponse(webhooks.keys.fal_jwks(), headers={"Cache-Control": "max-age=3600"})
 
     app.include_router(metrics.router)
     app.include_router(files.router)

@@ -18,9 +18,9 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
-import httpx
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
@@ -294,52 +294,48 @@ async def load_prediction(request: Request, job_id: str, with_logs: bool = True)
     return job, prediction(job, base_url(request), lines, meta.get("__version__", ""), meta.get("__model__", ""))
 
 
-def build_webhook(job: Any) -> tuple[str, Any] | None:
-    """The terminal webhook: the prediction object (jobs/webhooks.py calls this when the job ends). Sent for
-    ``completed``, and for ``output`` when the job produced its file (FLUX.2's one output appears at the end)."""
+def build_webhook(job: Any, store: Any = None) -> tuple[str, Any] | None:
+    """The terminal webhook: the prediction object, with every log line when ``store`` is given
+    (jobs/webhooks.py calls this when the job ends). Sent for ``completed``, and for ``output`` when the job
+    produced its file (FLUX.2's one output appears at the end)."""
     hook = job.webhook or {}
     events = hook.get("events", WEBHOOK_EVENTS)
     has_output = job.status == "completed" and bool((job.result or {}).get("images"))
     if not hook.get("url") or not ("completed" in events or ("output" in events and has_output)):
         return None
     meta = job.input or {}
-    return hook["url"], prediction(job, hook.get("base_url", ""), None, meta.get("__version__", ""),
+    lines = store.logs(job.id) if store is not None else None
+    return hook["url"], prediction(job, hook.get("base_url", ""), lines, meta.get("__version__", ""),
                                    meta.get("__model__", ""))
 
 
 register_payload_builder("replicate", build_webhook)
 
 
-async def _post_webhook(url: str, body: dict[str, Any]) -> None:
-    try:
-        async with httpx.AsyncClient(timeout=10.0) as client:
-            await client.post(url, json=body, headers={"User-Agent": "fluxserve-webhook"})
-    except httpx.HTTPError as exc:
-        log.warning("replicate webhook to %s failed: %s", url, exc)
+def _wake_sender(app: Any) -> None:
+    sender = getattr(app.state, "webhooks", None)
+    if sender is not None:
+        sender.notify()
 
 
-async def watch_for_webhooks(app: Any, job_id: str, base: str, url: str, events: list[str]) -> None:
-    """``start`` at once, ``logs`` / ``output`` while the job runs (at most every 0.5 s); ``completed`` is
-    delivered durably by the job store's webhook sender."""
+async def watch_for_webhooks(app: Any, job_id: str, base: str, url: str) -> None:
+    """Queue a ``logs`` webhook (the prediction with its logs so far) whenever the running job logged, at most
+    every 0.5 s and at most one waiting at a time; the job store's webhook sender delivers them in order, and
+    the terminal webhook (``completed`` / ``output``) after them, carrying every log line."""
     store = app.state.store
-    job = await run_in_threadpool(store.get, job_id)
-    if job is None:
-        return
-    meta = job.input or {}
-    version, name = meta.get("__version__", ""), meta.get("__model__", "")
-    if "start" in events:
-        await _post_webhook(url, prediction(job, base, [], version, name))
-    if "logs" not in events and "output" not in events:
-        return
     seen = 0
     while True:
         job, lines = await run_in_threadpool(store.changes, job_id, seen)
         if job is None or job.terminal:
             return
-        if lines and "logs" in events:
+        if lines:
             seen = lines[-1].seq
-            await _post_webhook(url, prediction(job, base, await run_in_threadpool(store.logs, job_id), version,
-                                                name))
+            meta = job.input or {}
+            body = prediction(job, base, await run_in_threadpool(store.logs, job_id), meta.get("__version__", ""),
+                              meta.get("__model__", ""))
+            await run_in_threadpool(partial(store.queue_webhook_event, job_id, "replicate", "logs", url, body,
+                                            coalesce=True))
+            _wake_sender(app)
         await asyncio.sleep(0.5)
 
 
@@ -396,9 +392,12 @@ async def create(request: Request, model_name: str, body: dict[str, Any]) -> Res
     metrics = getattr(request.app.state, "metrics", None)
     if metrics is not None:
         metrics.submitted(endpoint)
-    if webhook and any(e in events for e in ("start", "logs", "output")):
-        task = asyncio.get_running_loop().create_task(
-            watch_for_webhooks(request.app, job.id, base, webhook, events))
+    if webhook and "start" in events:
+        start = prediction(job, base, [], version, model_name)
+        await run_in_threadpool(store.queue_webhook_event, job.id, "replicate", "start", webhook, start)
+        _wake_sender(request.app)
+    if webhook and "logs" in events:
+        task = asyncio.get_running_loop().create_task(watch_for_webhooks(request.app, job.id, base, webhook))
         tasks = getattr(request.app.state, "replicate_webhook_tasks", None)
         if tasks is None:
             tasks = request.app.state.replicate_webhook_tasks = set()
@@ -603,3 +602,10 @@ async def upload_file(request: Request) -> Response:
         "content_type": content_type, "size": len(data), "etag": "", "checksums": {}, "metadata": {},
         "created_at": now, "expires_at": None, "urls": {"get": url},
     }, status_code=201)
+
+
+@router.get("/webhooks/default/secret", summary="The secret that signs webhooks (Replicate)")
+async def webhook_secret(request: Request) -> Response:
+    """``{"key": "whsec_..."}``: verify deliveries' ``webhook-signature`` with it (Standard Webhooks)."""
+    await _authorize(request)
+    return JSONResponse({"key": await run_in_threadpool(request.app.state.webhooks.keys.replicate_secret)})

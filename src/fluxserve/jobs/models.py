@@ -127,6 +127,40 @@ webhook_deliveries = Table(
 )
 
 
+# Replicate's ``start`` / ``logs`` / ``output`` webhooks: each a durable delivery like the terminal one, sent in
+# order per job (a row waits while an earlier row of its job is pending). ``body`` is the prediction as it was
+# when the event happened; a pending ``logs`` row not yet attempted is updated in place by newer logs.
+webhook_events = Table(
+    "webhook_events",
+    metadata,
+    Column("id", AutoId, primary_key=True, autoincrement=True),
+    Column("job_id", String(64), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("dialect", String(32), nullable=False),
+    Column("event", String(16), nullable=False),  # start | logs | output
+    Column("status", String(16), nullable=False, default="pending"),  # pending | delivered | failed | skipped
+    Column("url", Text, nullable=False),
+    Column("body", JSON(none_as_null=True), nullable=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", UTCDateTime, nullable=False),
+    Column("last_error", Text, nullable=True),
+    Column("last_status_code", Integer, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("delivered_at", UTCDateTime, nullable=True),
+    Index("ix_webhook_events_due", "status", "next_attempt_at"),
+    Index("ix_webhook_events_job", "job_id", "id"),
+)
+
+# Webhook signing keys, generated on first use and shared by every process on the store: the fal ED25519
+# private key and the Replicate (Standard Webhooks) ``whsec_`` secret.
+webhook_keys = Table(
+    "webhook_keys",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("secret", Text, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+
 # Columns added to a table after it first shipped: ``JobStore`` adds each one that an existing database lacks
 # (``ALTER TABLE ... ADD COLUMN``), so a data directory or PostgreSQL database made by an older fluxserve keeps
 # working. Every entry must be nullable or have a ``server_default``; declare the column in its table above too.

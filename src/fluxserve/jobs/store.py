@@ -36,6 +36,8 @@ from fluxserve.jobs.models import (
     jobs,
     metadata,
     webhook_deliveries,
+    webhook_events,
+    webhook_keys,
 )
 
 log = logging.getLogger(__name__)
@@ -242,6 +244,18 @@ class Delivery:
     job_id: str
     dialect: str
     url: str | None
+    body: Any
+    attempts: int
+
+
+@dataclass
+class EventDelivery:
+    """A pending per-event webhook (Replicate's ``start``, ``logs``, ``output``); its body is already built."""
+    id: int
+    job_id: str
+    dialect: str
+    event: str
+    url: str
     body: Any
     attempts: int
 
@@ -927,6 +941,7 @@ class JobStore:
             ids = select(jobs.c.id).where(jobs.c.created_at < cutoff, jobs.c.status.in_(TERMINAL))
             conn.execute(job_logs.delete().where(job_logs.c.job_id.in_(ids)))
             conn.execute(webhook_deliveries.delete().where(webhook_deliveries.c.job_id.in_(ids)))
+            conn.execute(webhook_events.delete().where(webhook_events.c.job_id.in_(ids)))
             return conn.execute(jobs.delete().where(jobs.c.id.in_(ids))).rowcount
 
     # --- webhook deliveries ---------------------------------------------------------------------------
@@ -969,6 +984,104 @@ class JobStore:
         with self._read() as conn:
             row = conn.execute(select(webhook_deliveries).where(webhook_deliveries.c.job_id == job_id)).first()
         return dict(row._mapping) if row is not None else None
+
+    # --- per-event webhooks and signing keys ------------------------------------------------------------
+
+    def queue_webhook_event(self, job_id: str, dialect: str, event: str, url: str, body: Any, *,
+                            coalesce: bool = False) -> int:
+        """Queue one event webhook for a job (delivered after the job's earlier events); returns its row id.
+        With ``coalesce``, a pending row of the same event that is the job's latest and has not been attempted
+        yet takes the new body instead, so a burst of events leaves at most one waiting."""
+        now = utcnow()
+        ev = webhook_events.c
+        with self._write() as conn:
+            if coalesce:
+                latest = select(func.max(ev.id)).where(ev.job_id == job_id).scalar_subquery()
+                row = conn.execute(
+                    update(webhook_events)
+                    .where(ev.id == latest, ev.event == event, ev.status == "pending", ev.attempts == 0,
+                           ev.next_attempt_at <= now)
+                    .values(body=body, url=url).returning(ev.id)
+                ).first()
+                if row is not None:
+                    return row.id
+            return conn.execute(insert(webhook_events).values(
+                job_id=job_id, dialect=dialect, event=event, status="pending", url=url, body=body, attempts=0,
+                next_attempt_at=now, created_at=now).returning(ev.id)).scalar_one()
+
+    def claim_webhook_events(self, dialects: list[str], limit: int = 8, lease_s: float = 60.0) -> list[EventDelivery]:
+        """Take due event webhooks, only the earliest pending one of each job (so they arrive in order); they
+        are hidden from other senders for ``lease_s``."""
+        if not dialects:
+            return []
+        now = utcnow()
+        ev = webhook_events.c
+        earlier = webhook_events.alias("earlier")
+        due = and_(ev.status == "pending", ev.next_attempt_at <= now, ev.dialect.in_(dialects),
+                   ~select(earlier.c.id).where(earlier.c.job_id == ev.job_id, earlier.c.id < ev.id,
+                                               earlier.c.status == "pending").exists())
+        with self._read() as conn:
+            if conn.execute(select(ev.id).where(due).limit(1)).first() is None:
+                return []
+        with self._write() as conn:
+            rows = conn.execute(select(webhook_events).where(due).order_by(ev.id).limit(limit)
+                                .with_for_update(skip_locked=True)).all()
+            if rows:
+                conn.execute(update(webhook_events).where(ev.id.in_([r.id for r in rows]))
+                             .values(next_attempt_at=now + timedelta(seconds=lease_s)))
+        return [EventDelivery(r.id, r.job_id, r.dialect, r.event, r.url, r.body, r.attempts) for r in rows]
+
+    def next_webhook_event_due(self, dialects: list[str]) -> datetime | None:
+        with self._read() as conn:
+            return conn.execute(
+                select(func.min(webhook_events.c.next_attempt_at))
+                .where(webhook_events.c.status == "pending", webhook_events.c.dialect.in_(dialects))
+            ).scalar()
+
+    def update_webhook_event(self, event_id: int, **values: Any) -> None:
+        with self._write() as conn:
+            conn.execute(update(webhook_events).where(webhook_events.c.id == event_id).values(**values))
+
+    def pending_webhook_event_due(self, job_id: str) -> datetime | None:
+        """When the next of a job's waiting event webhooks is due; None when none waits (its terminal webhook
+        goes after them)."""
+        with self._read() as conn:
+            return conn.execute(select(func.min(webhook_events.c.next_attempt_at)).where(
+                webhook_events.c.job_id == job_id, webhook_events.c.status == "pending")).scalar()
+
+    def release_final_delivery(self, job_id: str) -> bool:
+        """Make a job's terminal webhook due now if it was waiting for event webhooks that are all done."""
+        now = utcnow()
+        ev = webhook_events.c
+        waiting = select(ev.id).where(ev.job_id == job_id, ev.status == "pending").exists()
+        with self._write() as conn:
+            return conn.execute(update(webhook_deliveries).where(
+                webhook_deliveries.c.job_id == job_id, webhook_deliveries.c.status == "pending",
+                webhook_deliveries.c.attempts == 0, webhook_deliveries.c.url.is_(None),
+                webhook_deliveries.c.next_attempt_at > now, ~waiting).values(next_attempt_at=now)).rowcount == 1
+
+    def webhook_events(self, job_id: str) -> list[dict]:
+        """A job's event webhook rows in order, as dicts (for tests and the admin view)."""
+        with self._read() as conn:
+            rows = conn.execute(select(webhook_events).where(webhook_events.c.job_id == job_id)
+                                .order_by(webhook_events.c.id)).all()
+        return [dict(r._mapping) for r in rows]
+
+    def webhook_key(self, name: str, generate: Callable[[], str]) -> str:
+        """The signing secret called ``name``, made with ``generate`` and stored the first time it is asked
+        for; every process on this store gets the same one (the first writer wins a race)."""
+        with self._read() as conn:
+            found = conn.execute(select(webhook_keys.c.secret).where(webhook_keys.c.name == name)).scalar()
+        if found is not None:
+            return found
+        try:
+            with self._write() as conn:
+                conn.execute(insert(webhook_keys).values(name=name, secret=generate(), created_at=utcnow()))
+        except Exception as exc:
+            if not _is_integrity_error(exc):
+                raise
+        with self._read() as conn:
+            return conn.execute(select(webhook_keys.c.secret).where(webhook_keys.c.name == name)).scalar_one()
 
     # --- API keys -------------------------------------------------------------------------------------
 
