@@ -330,11 +330,14 @@ def test_uploads_like_fal_storage(idle):
         token = client.post(f"{idle.url}/storage/auth/token", params={"storage_type": "fal-cdn-v3"}, json={}).json()
         assert token["token_type"] == "Bearer" and token["base_url"] == idle.url
         assert "+00:00" in token["expires_at"]
-        uploaded = client.post(f"{idle.url}/files/upload", content=b"hello",
+        gif = b"GIF89a\x01\x00\x01\x00\x00\x00\x00;"
+        uploaded = client.post(f"{idle.url}/files/upload", content=gif,
                                headers={"Authorization": f"Bearer {token['token']}", "Content-Type": "text/plain",
-                                        "X-Fal-File-Name": "note.txt"}).json()
-        assert uploaded["access_url"].startswith(f"{idle.url}/files/") and uploaded["access_url"].endswith("note.txt")
-        assert client.get(uploaded["access_url"]).content == b"hello"
+                                        "X-Fal-File-Name": "note.gif"}).json()
+        assert uploaded["access_url"].startswith(f"{idle.url}/files/")
+        assert uploaded["access_url"].split("?")[0].endswith("note.gif")
+        fetched = client.get(uploaded["access_url"])  # stored with the type its bytes have, not the declared one
+        assert fetched.content == gif and fetched.headers["content-type"] == "image/gif"
         started = client.post(f"{idle.url}/storage/upload/initiate", params={"storage_type": "fal-cdn-v3"},
                               json={"file_name": "pic.png", "content_type": "image/png"}).json()
         png = base64.b64decode(png_data_uri().split(",", 1)[1])

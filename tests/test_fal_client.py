@@ -74,7 +74,7 @@ CLIENT_SCRIPT = textwrap.dedent(
     if len(sys.argv) > 1:  # uploads need the REST/CDN hosts: the compat helper points them here too
         import fluxserve.compat.fal
         fluxserve.compat.fal.use(sys.argv[1])
-        report["upload"] = fal_client.upload(b"uploaded bytes", "text/plain", file_name="a.txt")
+        report["upload"] = fal_client.upload(b"GIF89a uploaded bytes", "image/gif", file_name="a.gif")
     print("REPORT" + json.dumps(report))
     """
 )

@@ -31,6 +31,10 @@ class Settings:
     hf_token: str = ""
     # where the public key that verifies fal-dialect webhook signatures is served, as a JWKS
     webhook_jwks_path: str = "/.well-known/jwks.json"
+    max_queued: int = 10_000  # queued requests in all; a submit over it gets 429 (0: no limit)
+    max_queued_per_key: int = 100  # queued requests per API key (0: no limit)
+    retention_hours: float = 0.0  # delete jobs' inputs, outputs and files this long after submit (0: keep)
+    file_url_hours: float = 168.0  # how long a signed file URL in a result works (default 7 days)
 
     @property
     def db_url(self) -> str:
@@ -64,8 +68,10 @@ class Settings:
                 values[f.name] = Path(raw)
             elif f.name == "demo":
                 values[f.name] = raw.lower() in ("1", "true", "yes", "on")
-            elif f.name == "workers_per_device":
+            elif f.name in ("workers_per_device", "max_queued", "max_queued_per_key"):
                 values[f.name] = int(raw)
+            elif f.name in ("retention_hours", "file_url_hours"):
+                values[f.name] = float(raw)
             else:
                 values[f.name] = raw
         if "hf_token" not in values and os.environ.get("HF_TOKEN"):

@@ -16,7 +16,7 @@ from functools import partial
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from fluxserve.api import fal, files, metrics, web
+from fluxserve.api import fal, file_urls, files, metrics, web
 from fluxserve.api import openai as openai_api
 from fluxserve.api import replicate as replicate_api
 from fluxserve.api.auth import KeyChecker, check_request
@@ -49,6 +49,7 @@ class RequestIdMiddleware:
 
 def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
     from fluxserve.engine import engines_for
+    from fluxserve.jobs.retention import RetentionSweeper
     from fluxserve.jobs.store import JobStore
     from fluxserve.jobs.webhooks import WebhookSender, payload_builders, register_payload_builder
     from fluxserve.jobs.worker import Worker
@@ -65,6 +66,7 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
     webhooks = WebhookSender(store, builders=payload_builders() | {
         fal.DIALECT: partial(fal.webhook_payload, catalog, storage),
         "replicate": partial(replicate_api.build_webhook, store=store)})
+    retention = RetentionSweeper(store, storage, settings.retention_hours) if settings.retention_hours > 0 else None
 
     def on_finished(job) -> None:
         app_metrics.finished(job)
@@ -81,9 +83,13 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
         for worker in workers:
             worker.start()
         webhooks.start()
+        if retention is not None:
+            retention.start()
         try:
             yield
         finally:
+            if retention is not None:
+                retention.stop()
             for worker in workers:
                 worker.stop()
             webhooks.stop()
@@ -99,7 +105,10 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
     app.state.storage, app.state.engines, app.state.workers = storage, engines, workers
     app.state.metrics, app.state.webhooks = app_metrics, webhooks
     app.state.auth = KeyChecker(store)
+    store.max_queued = settings.max_queued or None
+    store.max_queued_per_owner = settings.max_queued_per_key or None
     app.state.signer = files.Signer()
+    file_urls.configure(store.secret("file-urls"), settings.file_url_hours * 3600)
     app.state.store_inline = store.is_sqlite  # SQLite reads are fast enough to run on the event loop
 
     app.add_middleware(RequestIdMiddleware)

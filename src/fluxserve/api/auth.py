@@ -13,6 +13,7 @@ import hashlib
 import ipaddress
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -22,6 +23,31 @@ from fluxserve.api.errors import ApiError
 SCHEMES = ("key", "bearer", "token")
 _KEYS_TTL_S = 2.0  # how long "are there any keys?" is cached
 _VERIFIED_TTL_S = 10.0  # how long a verified secret is trusted without asking the store again
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who is calling: the API key's id and whether it is an admin key. ``key_id`` None means the API runs
+    without keys (loopback, single-user): the caller then sees every job, as an admin does."""
+
+    key_id: str | None
+    admin: bool = False
+
+    @property
+    def sees_all(self) -> bool:
+        return self.admin or self.key_id is None
+
+    def may_see(self, owner: str | None) -> bool:
+        """May this caller read, cancel or download what ``owner`` made?"""
+        return self.sees_all or owner == self.key_id
+
+    @property
+    def list_owner(self) -> str | None:
+        """The ``owner`` filter for listings: None (everything) for admins and keyless use."""
+        return None if self.sees_all else self.key_id
+
+
+OPEN = Identity(None, admin=False)  # no key needed: keyless local use
 
 
 def is_loopback(host: str) -> bool:
@@ -54,7 +80,7 @@ class KeyChecker:
         self.store = store
         self.required = required
         self._keys_exist: tuple[float, bool] = (0.0, False)
-        self._verified: dict[str, float] = {}
+        self._verified: dict[str, tuple[float, Identity]] = {}
 
     def auth_needed(self) -> bool:
         if self.required is not None:
@@ -75,20 +101,24 @@ class KeyChecker:
                 return True
         return False
 
-    def verify(self, secret: str) -> bool:
+    def verify(self, secret: str) -> Identity | None:
+        """The identity of the key with this secret (cached for ``_VERIFIED_TTL_S``), or None."""
         digest = hashlib.sha256(secret.encode()).hexdigest()
-        verified_at = self._verified.get(digest)
-        if verified_at is not None and time.monotonic() - verified_at < _VERIFIED_TTL_S:
-            return True
+        cached = self._verified.get(digest)
+        if cached is not None and time.monotonic() - cached[0] < _VERIFIED_TTL_S:
+            return cached[1]
         candidates = [secret]
         if ":" in secret:  # FAL_KEY_ID:FAL_KEY_SECRET
             candidates.append(secret.split(":", 1)[1])
-        if any(self.store.verify_key(candidate) for candidate in candidates):
-            if len(self._verified) > 10_000:
-                self._verified.clear()
-            self._verified[digest] = time.monotonic()
-            return True
-        return False
+        for candidate in candidates:
+            key = self.store.authenticate(candidate)
+            if key is not None:
+                identity = Identity(key.id, bool(key.admin))
+                if len(self._verified) > 10_000:
+                    self._verified.clear()
+                self._verified[digest] = (time.monotonic(), identity)
+                return identity
+        return None
 
     def forget(self) -> None:
         """Drop the caches (after a key was created or revoked in this process)."""
@@ -96,41 +126,64 @@ class KeyChecker:
         self._verified.clear()
 
 
-def is_cached(checker: KeyChecker, secret: str | None) -> bool | None:
-    """True when the caches already say this request may pass (no store read); None when the store must be
-    asked. Caches: "no key exists" for ``_KEYS_TTL_S``, a verified secret (by SHA-256) for ``_VERIFIED_TTL_S``;
+def is_cached(checker: KeyChecker, secret: str | None) -> Identity | None:
+    """The caller's identity when the caches already say this request may pass (no store read): ``OPEN`` when
+    no key is needed; None when the store must be asked. Caches: "no key exists" for ``_KEYS_TTL_S``, a verified secret (by SHA-256) for ``_VERIFIED_TTL_S``;
     a key revoked in another process is refused at most ``_VERIFIED_TTL_S`` later (at once in this one:
     ``forget``)."""
     if checker.required is False:
-        return True
+        return OPEN
     if checker.required is None and not env_requires_auth():
         checked_at, exist = checker._keys_exist
         if not exist and time.monotonic() - checked_at <= _KEYS_TTL_S:
-            return True  # no key exists (checked moments ago): loopback without auth
+            return OPEN  # no key exists (checked moments ago): loopback without auth
     if secret is not None:
         digest = hashlib.sha256(secret.encode()).hexdigest()
-        verified_at = checker._verified.get(digest)
-        if verified_at is not None and time.monotonic() - verified_at < _VERIFIED_TTL_S:
-            return True
+        cached = checker._verified.get(digest)
+        if cached is not None and time.monotonic() - cached[0] < _VERIFIED_TTL_S:
+            return cached[1]
     return None
 
 
-async def check_request(request: Request, dialect: str) -> None:
-    """Raise a 401 in the dialect's shape unless the request may pass."""
+async def authenticate(request: Request) -> Identity | None:
+    """The caller's identity (``OPEN`` when no key is needed), or None when a key is needed and the request
+    has no valid one. Remembered on ``request.state.identity``."""
     checker: KeyChecker = request.app.state.auth
     secret = parse_authorization(request.headers.get("authorization"))
-    if is_cached(checker, secret):
-        return
-    needed = await asyncio.to_thread(checker.auth_needed)
-    if not needed:
-        return
+    identity = is_cached(checker, secret)
+    if identity is None:
+        if not await asyncio.to_thread(checker.auth_needed):
+            identity = OPEN
+        elif secret is not None:
+            identity = await asyncio.to_thread(checker.verify, secret)
+    request.state.identity = identity
+    return identity
+
+
+def caller(request: Request) -> Identity:
+    """The identity ``check_request`` established for this request (routes call it after the check)."""
+    identity = getattr(request.state, "identity", None)
+    if identity is None:
+        raise RuntimeError("caller() before check_request()")
+    return identity
+
+
+def queue_full(exc: Any, dialect: str) -> ApiError:
+    """A ``QueueFull`` from the job store as a 429 with ``Retry-After`` in the dialect's shape."""
+    return ApiError(429, exc.message, dialect=dialect, error_type="rate_limit_exceeded" if dialect != "fal"
+                    else "queue_full", headers={"Retry-After": str(exc.retry_after_s)})
+
+
+async def check_request(request: Request, dialect: str) -> Identity:
+    """The caller's identity; raise a 401 in the dialect's shape unless the request may pass."""
+    if await authenticate(request) is not None:
+        return request.state.identity
+    secret = parse_authorization(request.headers.get("authorization"))
     if secret is None:
         message = (
             "Missing API key: send 'Authorization: Key <key>' (fal), or 'Bearer <key>'. "
             "Create one on the server with `fluxserve keys create`."
         )
-    elif await asyncio.to_thread(checker.verify, secret):
-        return
     else:
         message = "Invalid API key."
     raise ApiError(401, message, dialect=dialect, error_type="authentication_error" if dialect != "fal" else None,

@@ -6,6 +6,8 @@ import base64
 
 from fastapi import Request
 
+from fluxserve.api.file_urls import file_url
+
 
 def base_url(request: Request) -> str:
     """Scheme and host the client used (``X-Forwarded-Proto`` / ``X-Forwarded-Host`` from a reverse
@@ -20,8 +22,8 @@ def base_url(request: Request) -> str:
 
 
 def image_url(request: Request, key: str) -> str:
-    """The absolute URL of a stored file."""
-    return f"{base_url(request)}/files/{key}"
+    """The absolute URL of a stored file, signed (``file_urls``): it works without an API key until it expires."""
+    return file_url(base_url(request), key)
 
 
 def data_uri(data: bytes, content_type: str) -> str:

@@ -27,7 +27,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from fluxserve.api.auth import is_cached, parse_authorization, require_key
+from fluxserve.api import file_urls
+from fluxserve.api.auth import caller, is_cached, parse_authorization, queue_full, require_key
 from fluxserve.api.common import base_url, data_uri, image_url
 from fluxserve.api.errors import (
     ApiError,
@@ -38,7 +39,9 @@ from fluxserve.api.errors import (
     from_pydantic,
 )
 from fluxserve.api.fal_schemas import FalInput, ProOutput, input_model, output_model
+from fluxserve.api.file_urls import file_url
 from fluxserve.catalog import Catalog, EndpointSpec
+from fluxserve.jobs.store import QueueFull
 from fluxserve.request import GenerationRequest, InputError, LoraSpec
 from fluxserve.sizes import SizeError, fal_image_size
 
@@ -162,6 +165,14 @@ def _own_file_key(request: Request, url: str) -> str | None:
     return parts.path[len(prefix):]
 
 
+def _may_reference(request: Request, url: str, key: str) -> bool:
+    """A reference to one of this server's files needs its signed URL, or the file must be the caller's."""
+    if file_urls.check(dict(parse_qsl(urlsplit(url).query)).get("token"), key):
+        return True
+    identity = caller(request)
+    return identity.sees_all or identity.may_see(request.app.state.store.file_owner(key)[1])
+
+
 def _resolve_reference(request: Request, index: int, url: str) -> str:
     """Check one reference's form; a URL of this server's own files becomes a local path or a data URI so the
     worker needs no HTTP round trip (nor this server's certificate)."""
@@ -177,6 +188,8 @@ def _resolve_reference(request: Request, index: int, url: str) -> str:
     storage = request.app.state.storage
     path = getattr(storage, "path", None)
     try:
+        if not _may_reference(request, url, key):
+            raise KeyError(key)  # another key's file: as if it did not exist
         if path is not None:
             local = path(key)
             if local.is_file():
@@ -261,8 +274,11 @@ async def submit(request: Request, spec: EndpointSpec, webhook_url: str | None =
             request=gen.model_dump(mode="json"),
             input=body,
             job_id=job_id,
+            owner=caller(request).key_id,
             **options,
         )
+    except QueueFull as exc:
+        raise queue_full(exc, DIALECT) from None
     except Exception:
         if job_id and (existing := await asyncio.to_thread(store.get, job_id)) is not None:
             return existing  # a concurrent retry with the same key won the race
@@ -328,7 +344,7 @@ def output_body(storage: Any, base: str, job: Any, spec: EndpointSpec) -> dict[s
             data, content_type = storage.get(image["key"])
             url = data_uri(data, image.get("content_type") or content_type)
         else:
-            url = f"{base}/files/{image['key']}"
+            url = file_url(base, image["key"])
         images.append(
             {"url": url, "width": image.get("width"), "height": image.get("height"),
              "content_type": image.get("content_type")}
@@ -460,7 +476,7 @@ async def job_status(request: Request, app: str, request_id: str) -> Any:
     job = store.cached_status(request_id, STATUS_MAX_AGE_S)
     if job is None:
         job = await _store_call(request, store.status, request_id, STATUS_MAX_AGE_S)
-    if job is None or not _belongs(job, app):
+    if job is None or not _belongs(job, app) or not caller(request).may_see(job.owner):
         raise ApiError(404, f"Request {request_id!r} not found for {app!r}", error_type="not_found")
     return job
 
@@ -468,7 +484,7 @@ async def job_status(request: Request, app: str, request_id: str) -> Any:
 async def find_job(request: Request, app: str, request_id: str) -> Any:
     """The fal job ``request_id`` submitted to an endpoint of ``app`` (owner/alias), or 404."""
     job = await _store_call(request, request.app.state.store.get, request_id)
-    if job is None or not _belongs(job, app):
+    if job is None or not _belongs(job, app) or not caller(request).may_see(job.owner):
         raise ApiError(404, f"Request {request_id!r} not found for {app!r}", error_type="not_found")
     return job
 
@@ -598,7 +614,8 @@ class StatusFastPath:
         state = scope["app"].state
         authorization = headers.get(b"authorization")
         secret = parse_authorization(authorization.decode("latin-1")) if authorization else None
-        if not is_cached(state.auth, secret):
+        identity = is_cached(state.auth, secret)
+        if identity is None:
             return await self.app(scope, receive, send)
         prefix, app, request_id = match.group(1) or "", match.group(2), match.group(3)
         store = state.store
@@ -609,7 +626,7 @@ class StatusFastPath:
             else:
                 job = await asyncio.to_thread(store.status, request_id, STATUS_MAX_AGE_S)
         host = headers.get(b"x-forwarded-host", b"").split(b",")[0].strip() or headers.get(b"host")
-        if job is None or not _belongs(job, app) or not host:
+        if job is None or not _belongs(job, app) or not identity.may_see(job.owner) or not host:
             return await self.app(scope, receive, send)
         scheme = headers.get(b"x-forwarded-proto", b"").split(b",")[0].strip().decode("latin-1") or scope["scheme"]
         base = f"{scheme}://{host.decode('latin-1')}"

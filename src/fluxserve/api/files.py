@@ -5,6 +5,10 @@
   -> ``{"access_url"}``; fallback ``POST /storage/upload/initiate`` -> ``{"upload_url", "file_url"}`` + ``PUT``.
 - JS ``fal.storage.upload``: ``POST /storage/upload/initiate?storage_type=fal-cdn-v3`` then ``PUT`` (no auth:
   the upload URL itself is signed).
+
+Uploads are images or safetensors LoRA weights (``upload_types``, checked on the bytes) and belong to the key
+that uploaded them. With API keys in use, ``GET /files/{key}`` needs the owner's key (or an admin key) or the
+signed ``?token=`` every returned URL carries (``file_urls``); another key gets 404, as for a missing file.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from fluxserve.api.auth import check_request, parse_authorization, require_key
+from fluxserve.api import file_urls, upload_types
+from fluxserve.api.auth import authenticate, caller, check_request, parse_authorization, require_key
 from fluxserve.api.common import base_url, image_url
 from fluxserve.api.errors import ApiError
 
@@ -77,21 +82,67 @@ async def _body(request: Request) -> bytes:
     return bytes(data)
 
 
+# Every file is served inert: never sniffed into HTML, never run as a page, whatever it holds.
+FILE_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; img-src 'self' data:; sandbox",
+}
+_SERVED_AS_IS = ("image/", upload_types.SAFETENSORS)
+
+
+def served_type(content_type: str) -> str:
+    """The stored content type, unless a browser could render it as a document (then a download)."""
+    base = content_type.split(";")[0].strip().lower()
+    return base if base.startswith(_SERVED_AS_IS) and "svg" not in base else "application/octet-stream"
+
+
+async def _may_download(request: Request, key: str) -> bool:
+    """A valid ``?token=`` for this file, no key needed, an admin key or the owner's key. Raises 401 without
+    any credential."""
+    if file_urls.check(request.query_params.get("token"), key):
+        return True
+    identity = await authenticate(request)
+    if identity is None:
+        raise ApiError(401, "This file needs its signed URL (?token=...) or the API key that made it",
+                       headers={"WWW-Authenticate": "Key"})
+    if identity.sees_all:
+        return True
+    _, owner = await asyncio.to_thread(request.app.state.store.file_owner, key)
+    return identity.may_see(owner)
+
+
 # ---- serving ---------------------------------------------------------------------------------------------------
 @router.get("/files/{key:path}", summary="A stored file (outputs, uploads, previews)")
 async def get_file(request: Request, key: str) -> Response:
+    missing = ApiError(404, f"File {key!r} not found", error_type="not_found")
+    if not await _may_download(request, key):
+        raise missing
     try:
         data, content_type = await asyncio.to_thread(request.app.state.storage.get, key)
     except KeyError:
-        raise ApiError(404, f"File {key!r} not found", error_type="not_found") from None
-    return Response(data, media_type=content_type, headers={"Cache-Control": "public, max-age=31536000, immutable"})
+        raise missing from None
+    return Response(data, media_type=served_type(content_type),
+                    headers={"Cache-Control": "private, max-age=31536000, immutable", **FILE_HEADERS})
+
+
+def checked_type(data: bytes) -> str:
+    """The sniffed content type of an upload; 415 when it is neither an image nor safetensors weights."""
+    content_type = upload_types.sniff(data)
+    if content_type is None:
+        raise ApiError(415, f"Unsupported file: uploads must be {upload_types.ACCEPTED}",
+                       error_type="unsupported_media_type")
+    return content_type
+
+
+async def _record(request: Request, key: str, owner: str | None) -> None:
+    await asyncio.to_thread(request.app.state.store.add_file, key, owner)
 
 
 # ---- uploads ---------------------------------------------------------------------------------------------------
 @router.post("/storage/auth/token", dependencies=[Depends(require_key("fal"))], summary="fal upload token")
 async def upload_token(request: Request) -> JSONResponse:
     expires = datetime.now(UTC) + timedelta(seconds=TOKEN_TTL_S)
-    token = _signer(request).sign({"kind": "upload", "exp": expires.timestamp()})
+    token = _signer(request).sign({"kind": "upload", "exp": expires.timestamp(), "owner": caller(request).key_id})
     return JSONResponse(
         {"token": token, "token_type": "Bearer", "base_url": base_url(request), "expires_at": expires.isoformat()}
     )
@@ -101,12 +152,15 @@ async def upload_token(request: Request) -> JSONResponse:
 async def upload_file(request: Request) -> JSONResponse:
     secret = parse_authorization(request.headers.get("authorization"))
     payload = _signer(request).verify(secret) if secret else None
-    if not payload or payload.get("kind") != "upload":
-        await check_request(request, "fal")  # an API key works too
+    if payload and payload.get("kind") == "upload":
+        owner = payload.get("owner")
+    else:
+        owner = (await check_request(request, "fal")).key_id  # an API key works too
     data = await _body(request)
     name = request.headers.get("x-fal-file-name") or None
-    content_type = _content_type(request.headers.get("content-type"))
+    content_type = checked_type(data)
     key = await asyncio.to_thread(request.app.state.storage.put, data, content_type, UPLOAD_PREFIX, name)
+    await _record(request, key, owner)
     return JSONResponse({"access_url": image_url(request, key), "file_name": name or key.rsplit("/", 1)[-1]})
 
 
@@ -122,6 +176,7 @@ async def initiate_upload(request: Request) -> JSONResponse:
     name = body.get("file_name") or None
     storage = request.app.state.storage
     key = await asyncio.to_thread(storage.put, b"", content_type, UPLOAD_PREFIX, name)  # reserve the slot
+    await _record(request, key, caller(request).key_id)
     token = _signer(request).sign({"kind": "put", "key": key, "ct": content_type, "exp": time.time() + TOKEN_TTL_S})
     return JSONResponse({"upload_url": f"{base_url(request)}/storage/upload/{token}", "file_url": image_url(request, key)})
 
@@ -132,5 +187,5 @@ async def put_upload(request: Request, token: str) -> JSONResponse:
     if not payload or payload.get("kind") != "put":
         raise ApiError(403, "Invalid or expired upload URL: initiate the upload again")
     data = await _body(request)
-    await asyncio.to_thread(request.app.state.storage.put_at, payload["key"], data, payload["ct"])
+    await asyncio.to_thread(request.app.state.storage.put_at, payload["key"], data, checked_type(data))
     return JSONResponse({"file_url": image_url(request, payload["key"])})

@@ -33,11 +33,12 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
-from fluxserve.api.auth import check_request
+from fluxserve.api.auth import caller, check_request, queue_full
 from fluxserve.api.common import data_uri, image_url
 from fluxserve.api.errors import ApiError
 from fluxserve.catalog import Catalog, EndpointSpec
 from fluxserve.inputs import image_content_type
+from fluxserve.jobs.store import QueueFull
 from fluxserve.request import GenerationRequest, InputError
 from fluxserve.sizes import SizeError, gateway_size
 
@@ -382,11 +383,15 @@ async def submit_jobs(
             if job is not None:
                 job_ids.append(job.id)
                 continue
-        job = await run_in_threadpool(
-            lambda c=canonical, i=ids[index]: store.submit(
-                endpoint=spec.id, dialect="openai", request=c, input=raw, store_io=store_io, job_id=i
+        try:
+            job = await run_in_threadpool(
+                lambda c=canonical, i=ids[index]: store.submit(
+                    endpoint=spec.id, dialect="openai", request=c, input=raw, store_io=store_io, job_id=i,
+                    owner=caller(request).key_id,
+                )
             )
-        )
+        except QueueFull as exc:
+            raise queue_full(exc, "openai") from None
         job_ids.append(job.id)
         metrics = getattr(request.app.state, "metrics", None)
         if metrics is not None:

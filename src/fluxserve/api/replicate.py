@@ -28,11 +28,14 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fluxserve.api.auth import check_request
+from fluxserve.api.auth import caller, check_request, queue_full
 from fluxserve.api.common import base_url, image_url
 from fluxserve.api.errors import ApiError
+from fluxserve.api.file_urls import file_url
+from fluxserve.api.files import checked_type
 from fluxserve.api.openai import preset_request
 from fluxserve.api.replicate_schemas import COG_VERSION, ReplicateModels
+from fluxserve.jobs.store import QueueFull
 from fluxserve.jobs.webhooks import register_payload_builder
 from fluxserve.request import GenerationRequest, InputError
 from fluxserve.sizes import SizeError, replicate_size
@@ -250,7 +253,7 @@ def output_of(job: Any, base: str) -> str | None:
     images = (job.result or {}).get("images") or []
     if job.status != "completed" or not images:
         return None
-    return f"{base}/files/{images[0]['key']}"
+    return file_url(base, images[0]["key"])
 
 
 def prediction(job: Any, base: str, lines: list[Any] | None, version: str, model_name: str) -> dict[str, Any]:
@@ -287,7 +290,7 @@ def prediction(job: Any, base: str, lines: list[Any] | None, version: str, model
 async def load_prediction(request: Request, job_id: str, with_logs: bool = True) -> tuple[Any, dict[str, Any]]:
     store = request.app.state.store
     job = await run_in_threadpool(store.get, job_id)
-    if job is None or job.dialect != "replicate":
+    if job is None or job.dialect != "replicate" or not caller(request).may_see(job.owner):
         raise not_found(f"Prediction {job_id!r} not found")
     lines = await run_in_threadpool(store.logs, job_id) if with_logs else None
     meta = job.input or {}
@@ -387,8 +390,12 @@ async def create(request: Request, model_name: str, body: dict[str, Any]) -> Res
     hook = ({"url": webhook, "events": events, "dialect": "replicate", "base_url": base, "model": model_name}
             if webhook else None)
     store = request.app.state.store
-    job = await run_in_threadpool(lambda: store.submit(endpoint=endpoint, dialect="replicate", request=canonical,
-                                                       input=raw, webhook=hook))
+    owner = caller(request).key_id
+    try:
+        job = await run_in_threadpool(lambda: store.submit(endpoint=endpoint, dialect="replicate",
+                                                           request=canonical, input=raw, webhook=hook, owner=owner))
+    except QueueFull as exc:
+        raise queue_full(exc, "replicate") from None
     metrics = getattr(request.app.state, "metrics", None)
     if metrics is not None:
         metrics.submitted(endpoint)
@@ -451,7 +458,9 @@ async def list_predictions(request: Request, cursor: str | None = None, page_siz
         except ValueError:
             raise Problem(400, "Bad request", "Invalid cursor") from None
     store = request.app.state.store
-    jobs = await run_in_threadpool(lambda: store.list(dialect="replicate", limit=page_size + 1, before=before))
+    owner = caller(request).list_owner
+    jobs = await run_in_threadpool(lambda: store.list(dialect="replicate", limit=page_size + 1, before=before,
+                                                      owner=owner))
     base = base_url(request)
     results = []
     for job in jobs[:page_size]:
@@ -593,8 +602,9 @@ async def upload_file(request: Request) -> Response:
     if upload is None or isinstance(upload, str):
         raise invalid_input([("content", "required", "a file part named 'content' is required")])
     data = await upload.read()
-    content_type = upload.content_type or "application/octet-stream"
+    content_type = checked_type(data)
     key = await run_in_threadpool(request.app.state.storage.put, data, content_type, "uploads", upload.filename)
+    await run_in_threadpool(request.app.state.store.add_file, key, caller(request).key_id)
     url = image_url(request, key)
     now = iso(datetime.now(UTC))
     return JSONResponse({

@@ -2,7 +2,7 @@
 
 The page is plain HTML, one JS module and one CSS file shipped inside the package; it talks to the server the way
 a client does (fal's queue API, ``/api/endpoints``, the per-endpoint OpenAPI documents). ``/api/history`` lists
-the recent jobs of every dialect, newest first, for its history panel.
+the caller's recent jobs of every dialect (an admin key's: everyone's), newest first, for its history panel.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from fluxserve.api.auth import require_key
+from fluxserve.api.auth import caller, require_key
 from fluxserve.api.common import image_url
 from fluxserve.api.errors import FalValidationError, field_error
 
@@ -93,7 +93,8 @@ def history_item(request: Request, job: Any) -> dict[str, Any]:
 async def history(request: Request, limit: int = Query(50, ge=1, le=MAX_HISTORY),
                   before: str | None = Query(None, description="ISO 8601: only jobs created before it")) -> JSONResponse:
     cutoff = _parse_before(before)
-    jobs = await asyncio.to_thread(request.app.state.store.list, limit=limit, before=cutoff)
+    jobs = await asyncio.to_thread(request.app.state.store.list, limit=limit, before=cutoff,
+                                   owner=caller(request).list_owner)
     items = [history_item(request, job) for job in jobs]
     next_before = items[-1]["created_at"] if len(items) == limit else None
     return JSONResponse({"items": items, "next_before": next_before})

@@ -14,6 +14,8 @@ def add_parser(subparsers) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     create = actions.add_parser("create", help="create a key and print its secret (shown only once)")
     create.add_argument("--name", default="", help="a label to recognise the key by")
+    create.add_argument("--admin", action="store_true",
+                        help="an admin key: sees every key's requests, history and files")
     actions.add_parser("list", help="list keys (never their secrets)")
     revoke = actions.add_parser("revoke", help="revoke a key; clients using it are refused at once")
     revoke.add_argument("key_id", metavar="ID", help="the key's id, e.g. key_0123456789abcdef")
@@ -34,8 +36,9 @@ def run(args: argparse.Namespace) -> int:
     store = JobStore(settings.db_url)
     try:
         if args.action == "create":
-            key_id, secret = store.create_key(args.name)
-            print(f"created {key_id}" + (f" ({args.name})" if args.name else ""), file=sys.stderr)
+            key_id, secret = store.create_key(args.name, admin=args.admin)
+            print(f"created {'admin key ' if args.admin else ''}{key_id}" + (f" ({args.name})" if args.name else ""),
+                  file=sys.stderr)
             print("the secret is shown only now; keep it safe:", file=sys.stderr)
             print(secret)
             return 0
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
                 return 0
             print(f"{'ID':<22} {'NAME':<20} {'CREATED':<24} {'LAST USED':<24} STATUS")
             for key in keys:
-                status = "active" if key.active else f"revoked {_when(key.revoked_at)}"
+                status = ("active" if key.active else f"revoked {_when(key.revoked_at)}") + (" admin" if key.admin else "")
                 print(f"{key.id:<22} {key.name[:20]:<20} {_when(key.created_at):<24} {_when(key.last_used_at):<24} "
                       f"{status}")
             return 0

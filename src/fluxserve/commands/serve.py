@@ -22,6 +22,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--workers-per-device", type=int, help="worker threads per device (default 1)")
     parser.add_argument("--no-workers", action="store_true",
                         help="API only: leave the jobs to `fluxserve worker` processes sharing the database")
+    parser.add_argument("--retention-hours", type=float,
+                        help="delete requests, their inputs and outputs, and uploaded files this many hours after "
+                        "they were made (default: FLUXSERVE_RETENTION_HOURS, or 0: keep everything)")
     parser.add_argument("--access-log", action="store_true",
                         help="log every HTTP request (off by default: a line per status poll is costly)")
     parser.add_argument("--preload", nargs="*", metavar="MODEL",
@@ -40,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         print("error: --ssl-certfile and --ssl-keyfile go together", file=sys.stderr)
         return 2
-    settings = settings_from_args(args, db=args.db, storage=args.storage, workers_per_device=args.workers_per_device)
+    settings = settings_from_args(args, db=args.db, storage=args.storage, workers_per_device=args.workers_per_device,
+                                  retention_hours=args.retention_hours)
     app = create_app(settings, start_workers=not args.no_workers)
     if not is_loopback(args.host):
         if not app.state.store.has_keys():

@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 from sqlalchemy.types import TypeDecorator
 
@@ -80,6 +81,8 @@ jobs = Table(
     Column("timeout_at", UTCDateTime, nullable=True),
     Column("store_io", Boolean, nullable=False, default=True),
     Column("webhook", JSON(none_as_null=True), nullable=True),
+    # the API key that submitted the job (its id); NULL when the API ran without keys (single-user local use)
+    Column("owner", String(64), nullable=True),
     Index("ix_jobs_claim", "status", "priority_rank", "created_at"),
     Index("ix_jobs_dialect_created", "dialect", "created_at"),
     Index("ix_jobs_created", "created_at"),
@@ -106,6 +109,27 @@ api_keys = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("revoked_at", UTCDateTime, nullable=True),
     Column("last_used_at", UTCDateTime, nullable=True),
+    Column("admin", Boolean, nullable=False, server_default=text("false")),  # sees every key's jobs and files
+)
+
+# Files that belong to a key: uploads, and the outputs and previews of its jobs (``owner`` NULL: no keys).
+files = Table(
+    "files",
+    metadata,
+    Column("key", String(512), primary_key=True),
+    Column("owner", String(64), nullable=True),
+    Column("job_id", String(64), nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Index("ix_files_created", "created_at"),
+)
+
+# Server-side secrets shared by every API replica (e.g. the key that signs file URLs).
+secrets = Table(
+    "secrets",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", String(256), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
 )
 
 webhook_deliveries = Table(
@@ -164,4 +188,4 @@ webhook_keys = Table(
 # Columns added to a table after it first shipped: ``JobStore`` adds each one that an existing database lacks
 # (``ALTER TABLE ... ADD COLUMN``), so a data directory or PostgreSQL database made by an older fluxserve keeps
 # working. Every entry must be nullable or have a ``server_default``; declare the column in its table above too.
-ADDED_COLUMNS: list[tuple[str, str]] = []  # (table name, column name)
+ADDED_COLUMNS: list[tuple[str, str]] = [("jobs", "owner"), ("api_keys", "admin")]  # (table name, column name)

@@ -32,6 +32,7 @@ from fluxserve.jobs.models import (
     PRIORITY_RANKS,
     UTCDateTime,
     api_keys,
+    files,
     job_logs,
     jobs,
     metadata,
@@ -39,6 +40,7 @@ from fluxserve.jobs.models import (
     webhook_events,
     webhook_keys,
 )
+from fluxserve.jobs.models import secrets as secrets_table
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,7 @@ class Job:
     store_io: bool = True
     webhook: dict | None = None
     model: str = ""
+    owner: str | None = None  # the submitting API key's id; None when the API ran without keys
 
     @property
     def terminal(self) -> bool:
@@ -137,6 +140,7 @@ class JobStatus:
     completed_at: datetime | None
     inference: float | None  # the result's ``timings.inference``
     queue_position: int | None
+    owner: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -152,7 +156,7 @@ SELECT j.id, j.endpoint, j.dialect, j.status, j.error, j.error_type, j.step, j.t
            SELECT count(*) FROM jobs q WHERE q.status = 'queued' AND (
                q.priority_rank < j.priority_rank OR (q.priority_rank = j.priority_rank AND (
                    q.created_at < j.created_at OR (q.created_at = j.created_at AND q.id < j.id))))
-       ) END
+       ) END, j.owner
 FROM jobs j WHERE j.id = {param}
 """
 _STATUS_SQL_SQLITE = _STATUS_SQL.format(inference="json_extract(j.result, '$.timings.inference')", param="?")
@@ -232,10 +236,23 @@ class ApiKey:
     created_at: datetime
     revoked_at: datetime | None = None
     last_used_at: datetime | None = None
+    admin: bool = False
 
     @property
     def active(self) -> bool:
         return self.revoked_at is None
+
+
+class QueueFull(Exception):
+    """A submit over a queue-depth limit (``JobStore.max_queued`` or ``max_queued_per_owner``)."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.message, self.retry_after_s = message, retry_after_s
+
+
+# how long a client refused by a full queue is asked to wait before trying again (seconds)
+QUEUE_FULL_RETRY_AFTER_S = 10
 
 
 @dataclass
@@ -334,6 +351,8 @@ class JobStore:
         self._raw_local = threading.local()  # per-thread DBAPI connection for hot reads (file SQLite)
         self._raw_path = self._sqlite_file_path()
         self._status_cache: dict[str, tuple[int, float, JobStatus]] = {}
+        self.max_queued: int | None = None  # queued jobs in all; None: no limit
+        self.max_queued_per_owner: int | None = None  # queued jobs per API key; None: no limit
         self._create_tables()
 
     def __repr__(self) -> str:
@@ -550,6 +569,11 @@ class JobStore:
         job = raw.job(row)
         if lines:
             self._insert_lines(raw, job_id, lines, now)
+        output_keys = [image["key"] for image in (result or {}).get("images", []) if image.get("key")]
+        if output_keys:
+            raw.executemany("INSERT INTO files (key, owner, job_id, created_at) VALUES (?, ?, ?, ?) "
+                            "ON CONFLICT (key) DO NOTHING",
+                            [(key, job.owner, job_id, raw.time(now)) for key in output_keys])
         if job.webhook:
             dialect = job.webhook.get("dialect") or job.dialect
             raw.execute("INSERT INTO webhook_deliveries (job_id, dialect, status, attempts, next_attempt_at, "
@@ -568,8 +592,9 @@ class JobStore:
 
     def submit(self, *, endpoint: str, dialect: str, request: dict, input: dict | None = None,
                priority: str = "normal", timeout_s: float | None = None, store_io: bool = True,
-               webhook: dict | None = None, job_id: str | None = None) -> Job:
-        """Queue a job. Submitting an id that exists returns the existing job (an idempotent retry)."""
+               webhook: dict | None = None, job_id: str | None = None, owner: str | None = None) -> Job:
+        """Queue a job for ``owner`` (an API key id; None without keys). Submitting an id that exists returns
+        the existing job (an idempotent retry). ``QueueFull`` when a queue-depth limit is reached."""
         if priority not in PRIORITY_RANKS:
             raise ValueError(f"priority must be one of {sorted(PRIORITY_RANKS)}, not {priority!r}")
         if timeout_s is not None and timeout_s <= 0:
@@ -581,11 +606,12 @@ class JobStore:
             "priority_rank": PRIORITY_RANKS[priority], "request": request, "input": input,
             "created_at": now, "updated_at": now, "attempts": 0, "cancel_requested": False,
             "timeout_at": now + timedelta(seconds=timeout_s) if timeout_s else None,
-            "store_io": store_io, "webhook": webhook,
+            "store_io": store_io, "webhook": webhook, "owner": owner,
         }
         names = ", ".join(f'"{name}"' for name in values)
         try:
             with self._raw_write() as raw:
+                self._check_queue_depth(raw, owner)
                 row = [raw.json(v) if k in _JSON_COLUMNS else raw.time(v) if k in _TIME_COLUMNS else v
                        for k, v in values.items()]
                 raw.execute(f"INSERT INTO jobs ({names}) VALUES ({', '.join('?' * len(values))})", row)
@@ -599,6 +625,19 @@ class JobStore:
         self._changed(work=True)
         values.pop("priority_rank")
         return Job(**values)
+
+    def _check_queue_depth(self, raw: _Raw, owner: str | None) -> None:
+        """Raise ``QueueFull`` when queuing one more job would pass a limit (inside the submit's transaction)."""
+        checks = []
+        if self.max_queued is not None:
+            checks.append(("SELECT count(*) FROM jobs WHERE status = 'queued'", (), self.max_queued,
+                           "The queue is full"))
+        if self.max_queued_per_owner is not None and owner:
+            checks.append(("SELECT count(*) FROM jobs WHERE status = 'queued' AND owner = ?", (owner,),
+                           self.max_queued_per_owner, "This API key has too many queued requests"))
+        for sql, params, limit, what in checks:
+            if raw.execute(sql, params).fetchone()[0] >= limit:
+                raise QueueFull(f"{what} ({limit} queued); try again later.", QUEUE_FULL_RETRY_AFTER_S)
 
     def get(self, job_id: str) -> Job | None:
         with self._read() as conn:
@@ -630,7 +669,7 @@ class JobStore:
         if row is None:
             return None
         (id_, endpoint, dialect, status, error, error_type, step, total, started, completed, inference,
-         timeout_at, lease_expires_at, attempts, cancel_requested, position) = row
+         timeout_at, lease_expires_at, attempts, cancel_requested, position, owner) = row
         if timeout_at is not None or (status == "running" and lease_expires_at is not None):
             # never show a job that can no longer run (the sweep's condition, as in ``get``)
             now, timeout_at, lease_expires_at = utcnow(), _as_utc(timeout_at), _as_utc(lease_expires_at)
@@ -642,7 +681,7 @@ class JobStore:
                 return self.status(job_id, _swept=True)
         snapshot = JobStatus(id_, endpoint, dialect, status, error, error_type, step, total, _as_utc(started),
                              _as_utc(completed), _as_float(inference),
-                             int(position) if status == "queued" and position is not None else None)
+                             int(position) if status == "queued" and position is not None else None, owner)
         if max_age_s > 0:
             if len(self._status_cache) > 10_000:
                 self._status_cache.clear()
@@ -872,8 +911,8 @@ class JobStore:
         return "CANCELLATION_REQUESTED"
 
     def list(self, *, dialect: str | None = None, limit: int = 100, before: datetime | None = None,
-             status: str | None = None, endpoint: str | None = None) -> list[Job]:
-        """Newest first."""
+             status: str | None = None, endpoint: str | None = None, owner: str | None = None) -> list[Job]:
+        """Newest first; given ``owner``, only that API key's jobs."""
         stmt = select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
         if dialect is not None:
             stmt = stmt.where(jobs.c.dialect == dialect)
@@ -883,6 +922,8 @@ class JobStore:
             stmt = stmt.where(jobs.c.status == status)
         if endpoint is not None:
             stmt = stmt.where(jobs.c.endpoint == endpoint)
+        if owner is not None:
+            stmt = stmt.where(jobs.c.owner == owner)
         with self._read() as conn:
             return [Job.from_row(row) for row in conn.execute(stmt)]
 
@@ -1089,37 +1130,39 @@ class JobStore:
     def _hash(secret: str) -> str:
         return hashlib.sha256(secret.encode()).hexdigest()
 
-    def create_key(self, name: str = "") -> tuple[str, str]:
+    def create_key(self, name: str = "", admin: bool = False) -> tuple[str, str]:
         """A new API key: (key_id, secret). The secret is ``<key_id>:<random>`` (usable as FAL_KEY, or as
-        FAL_KEY_ID + FAL_KEY_SECRET) and is shown only now; only its SHA-256 is stored."""
+        FAL_KEY_ID + FAL_KEY_SECRET) and is shown only now; only its SHA-256 is stored. An ``admin`` key sees
+        every key's jobs, history and files."""
         key_id = "key_" + secrets.token_hex(8)
         secret = f"{key_id}:{secrets.token_urlsafe(32)}"
         with self._write() as conn:
             conn.execute(insert(api_keys).values(
-                id=key_id, name=name, secret_hash=self._hash(secret), created_at=utcnow()))
+                id=key_id, name=name, secret_hash=self._hash(secret), created_at=utcnow(), admin=admin))
         return key_id, secret
 
     def verify_key(self, secret: str) -> bool:
+        return self.authenticate(secret) is not None
+
+    def authenticate(self, secret: str) -> ApiKey | None:
+        """The active key with this secret (its id and admin flag), or None."""
         if not secret:
-            return False
+            return None
         digest = self._hash(secret)
         with self._read() as conn:
-            row = conn.execute(
-                select(api_keys.c.id, api_keys.c.revoked_at, api_keys.c.last_used_at)
-                .where(api_keys.c.secret_hash == digest)
-            ).first()
+            row = conn.execute(select(api_keys).where(api_keys.c.secret_hash == digest)).first()
         if row is None or row.revoked_at is not None:
-            return False
+            return None
         now = utcnow()
         if row.last_used_at is None or (now - row.last_used_at).total_seconds() > KEY_USE_RESOLUTION:
             with self._write() as conn:
                 conn.execute(update(api_keys).where(api_keys.c.id == row.id).values(last_used_at=now))
-        return True
+        return ApiKey(row.id, row.name, row.created_at, row.revoked_at, row.last_used_at, bool(row.admin))
 
     def list_keys(self) -> list[ApiKey]:
         with self._read() as conn:
             rows = conn.execute(select(api_keys).order_by(api_keys.c.created_at)).all()
-        return [ApiKey(r.id, r.name, r.created_at, r.revoked_at, r.last_used_at) for r in rows]
+        return [ApiKey(r.id, r.name, r.created_at, r.revoked_at, r.last_used_at, bool(r.admin)) for r in rows]
 
     def revoke_key(self, key_id: str) -> bool:
         """False when no active key has this id."""
@@ -1134,3 +1177,50 @@ class JobStore:
         with self._read() as conn:
             return conn.execute(select(api_keys.c.id).where(api_keys.c.revoked_at.is_(None)).limit(1)).first() \
                 is not None
+
+    # --- files and secrets ----------------------------------------------------------------------------
+
+    def add_file(self, key: str, owner: str | None, job_id: str | None = None) -> None:
+        """Record who a stored file belongs to (an upload; outputs are recorded when their job completes)."""
+        with self._write() as conn:
+            conn.execute(insert(files).values(key=key, owner=owner, job_id=job_id, created_at=utcnow()))
+
+    def file_owner(self, key: str) -> tuple[bool, str | None]:
+        """(known, owner) of a stored file: known is False for files never recorded (e.g. previews)."""
+        with self._read() as conn:
+            row = conn.execute(select(files.c.owner).where(files.c.key == key)).first()
+        return (False, None) if row is None else (True, row.owner)
+
+    def secret(self, name: str) -> bytes:
+        """A random server secret, made once and kept in the database so every replica and restart shares it."""
+        with self._read() as conn:
+            value = conn.execute(select(secrets_table.c.value).where(secrets_table.c.name == name)).scalar()
+        if value is None:
+            try:
+                with self._write() as conn:
+                    conn.execute(insert(secrets_table).values(name=name, value=secrets.token_hex(32),
+                                                              created_at=utcnow()))
+            except Exception as exc:
+                if not _is_integrity_error(exc):
+                    raise  # else another replica made it first
+            with self._read() as conn:
+                value = conn.execute(select(secrets_table.c.value).where(secrets_table.c.name == name)).scalar()
+        return bytes.fromhex(value)
+
+    def expired_files(self, cutoff: datetime) -> list[str]:
+        """Storage keys to delete for retention: files recorded before ``cutoff`` (uploads, outputs) and the
+        outputs and previews of terminal jobs created before it."""
+        old_jobs = select(jobs.c.id).where(jobs.c.created_at < cutoff, jobs.c.status.in_(TERMINAL))
+        with self._read() as conn:
+            keys = set(conn.execute(select(files.c.key).where(files.c.created_at < cutoff)).scalars())
+            for result in conn.execute(select(jobs.c.result).where(jobs.c.id.in_(old_jobs))).scalars():
+                keys.update(image["key"] for image in (result or {}).get("images", []) if image.get("key"))
+            keys.update(conn.execute(select(job_logs.c.preview_key).where(
+                job_logs.c.job_id.in_(old_jobs), job_logs.c.preview_key.is_not(None))).scalars())
+        return sorted(keys)
+
+    def forget_files(self, keys: list[str]) -> None:
+        """Drop the ownership records of deleted files."""
+        with self._write() as conn:
+            for start in range(0, len(keys), 500):
+                conn.execute(files.delete().where(files.c.key.in_(keys[start:start + 500])))
