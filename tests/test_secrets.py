@@ -61,3 +61,26 @@ def test_serve_banner_and_access_log_keep_secrets(demo_data_dir, pg_url):
         output, _ = process.communicate(timeout=60)
     assert "postgres:***@" in output and "hunter2" not in output
     assert "fal_webhook=REDACTED" in output and "s3cret" not in output and "me.example" not in output
+
+
+def test_a_key_revoked_in_another_process_is_refused_at_once(tmp_path, demo_data_dir):
+    """A key revoked by `fluxserve keys revoke` (another process sharing the store) stops working on a running
+    server within the revocation check interval, although the server had just verified it."""
+    from fal_helpers import Server
+
+    from fluxserve.config import Settings
+
+    settings = Settings(data_dir=tmp_path, demo=True, device="cpu", db=f"sqlite:///{tmp_path / 'keys.db'}")
+    with Server(settings, start_workers=False, auth_required=True) as server:
+        key_id, secret = server.store.create_key("team")
+        url = f"{server.url}/queue/fal-ai/flux-2/flash/requests/nope/status"
+        headers = {"Authorization": f"Key {secret}"}
+        assert httpx.get(url, headers=headers).status_code == 404  # verified (and cached): the job does not exist
+        done = subprocess.run([sys.executable, "-m", "fluxserve", "keys", "revoke", key_id, "--db",
+                               settings.db_url], check=False, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        time.sleep(0.3)  # the server reads the store's revocation count at most every 0.1 s
+        refused = httpx.get(url, headers=headers)
+        assert refused.status_code == 401, refused.text
+        assert httpx.post(f"{server.url}/queue/fal-ai/flux-2/flash", json={"prompt": "a"},
+                          headers=headers).status_code == 401

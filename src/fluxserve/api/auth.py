@@ -23,6 +23,7 @@ from fluxserve.api.errors import ApiError
 SCHEMES = ("key", "bearer", "token")
 _KEYS_TTL_S = 2.0  # how long "are there any keys?" is cached
 _VERIFIED_TTL_S = 10.0  # how long a verified secret is trusted without asking the store again
+_REVOCATIONS_TTL_S = 0.1  # how often the store's revocation count is read: a revoked key fails within this
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,20 @@ class KeyChecker:
         self.required = required
         self._keys_exist: tuple[float, bool] = (0.0, False)
         self._verified: dict[str, tuple[float, Identity]] = {}
+        self._revocations: tuple[float, int | None] = (0.0, None)
+
+    def check_revocations(self) -> None:
+        """Forget verified secrets when a key was revoked since (in any process sharing the store): the
+        store's revocation count is read at most every ``_REVOCATIONS_TTL_S``, a single indexed read."""
+        checked_at, count = self._revocations
+        now = time.monotonic()
+        if now - checked_at < _REVOCATIONS_TTL_S:
+            return
+        current = self.store.revocations()
+        if count is not None and current != count:
+            self._verified.clear()
+            self._keys_exist = (0.0, False)
+        self._revocations = (now, current)
 
     def auth_needed(self) -> bool:
         if self.required is not None:
@@ -102,7 +117,9 @@ class KeyChecker:
         return False
 
     def verify(self, secret: str) -> Identity | None:
-        """The identity of the key with this secret (cached for ``_VERIFIED_TTL_S``), or None."""
+        """The identity of the key with this secret (cached for ``_VERIFIED_TTL_S`` unless a key is revoked
+        meanwhile), or None."""
+        self.check_revocations()
         digest = hashlib.sha256(secret.encode()).hexdigest()
         cached = self._verified.get(digest)
         if cached is not None and time.monotonic() - cached[0] < _VERIFIED_TTL_S:
@@ -128,9 +145,9 @@ class KeyChecker:
 
 def is_cached(checker: KeyChecker, secret: str | None) -> Identity | None:
     """The caller's identity when the caches already say this request may pass (no store read): ``OPEN`` when
-    no key is needed; None when the store must be asked. Caches: "no key exists" for ``_KEYS_TTL_S``, a verified secret (by SHA-256) for ``_VERIFIED_TTL_S``;
-    a key revoked in another process is refused at most ``_VERIFIED_TTL_S`` later (at once in this one:
-    ``forget``)."""
+    no key is needed; None when the store must be asked. Caches: "no key exists" for ``_KEYS_TTL_S``, a
+    verified secret (by SHA-256) for ``_VERIFIED_TTL_S``, dropped as soon as the store counts a new revocation
+    (read at most every ``_REVOCATIONS_TTL_S``, so a key revoked in any process fails within that)."""
     if checker.required is False:
         return OPEN
     if checker.required is None and not env_requires_auth():
@@ -138,6 +155,7 @@ def is_cached(checker: KeyChecker, secret: str | None) -> Identity | None:
         if not exist and time.monotonic() - checked_at <= _KEYS_TTL_S:
             return OPEN  # no key exists (checked moments ago): loopback without auth
     if secret is not None:
+        checker.check_revocations()
         digest = hashlib.sha256(secret.encode()).hexdigest()
         cached = checker._verified.get(digest)
         if cached is not None and time.monotonic() - cached[0] < _VERIFIED_TTL_S:

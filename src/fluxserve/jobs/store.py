@@ -1172,6 +1172,11 @@ class JobStore:
                 .values(revoked_at=utcnow())
             ).rowcount == 1
 
+    def revocations(self) -> int:
+        """How many keys were ever revoked: API processes compare it to drop cached verifications at once."""
+        row = self._raw_query("SELECT COUNT(revoked_at) FROM api_keys", "SELECT COUNT(revoked_at) FROM api_keys", ())
+        return int(row[0])
+
     def has_keys(self) -> bool:
         """True when at least one active key exists (the API then requires one)."""
         with self._read() as conn:
