@@ -364,10 +364,13 @@ def test_api_keys_are_required_when_configured(base_settings):
         # liveness answers without a key; the placement, queue and metrics need one
         bare = httpx.get(f"{locked.url}/health")
         assert bare.status_code == 200 and bare.json() == {"status": "ok"}
-        detailed = httpx.get(f"{locked.url}/health", headers={"Authorization": f"Key {secret}"}).json()
-        assert "queue_depth" in detailed and "placement" in detailed
+        assert httpx.get(f"{locked.url}/health", headers={"Authorization": f"Key {secret}"}).json() == {"status": "ok"}
         assert httpx.get(f"{locked.url}/metrics").status_code == 401
-        metrics = httpx.get(f"{locked.url}/metrics", headers={"Authorization": f"Bearer {secret}"})
+        assert httpx.get(f"{locked.url}/metrics", headers={"Authorization": f"Key {secret}"}).status_code == 403
+        _, admin = locked.store.create_key("ops", admin=True)
+        detailed = httpx.get(f"{locked.url}/health", headers={"Authorization": f"Key {admin}"}).json()
+        assert "queue_depth" in detailed and "placement" in detailed
+        metrics = httpx.get(f"{locked.url}/metrics", headers={"Authorization": f"Bearer {admin}"})
         assert metrics.status_code == 200 and "fluxserve_queue_depth" in metrics.text
 
 

@@ -116,11 +116,13 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(FalValidationError, fal_validation_handler)
 
-    @app.get("/health", tags=["operations"], summary="Liveness; with an API key, placement and queue depth")
+    @app.get("/health", tags=["operations"], summary="Liveness; with an admin key, placement and queue depth")
     async def health(request: Request) -> JSONResponse:
         try:
-            await check_request(request, "fal")
-        except ApiError:  # liveness for probes without a key; the details need one
+            identity = await check_request(request, "fal")
+        except ApiError:  # liveness for probes without a key
+            return JSONResponse({"status": "ok"})
+        if not identity.sees_all:  # the placement and the queue are for operators (admin keys)
             return JSONResponse({"status": "ok"})
         counts = await asyncio.to_thread(store.counts)
         return JSONResponse({

@@ -215,3 +215,16 @@ def require_key(dialect: str):
         await check_request(request, dialect)
 
     return dependency
+
+
+def require_admin(dialect: str):
+    """A FastAPI dependency for operator views (metrics): an admin key, or no key needed at all (keyless local
+    use); another key gets a 403."""
+
+    async def dependency(request: Request) -> None:
+        identity = await check_request(request, dialect)
+        if not identity.sees_all:
+            raise ApiError(403, "This needs an admin key (`fluxserve keys create --admin`).", dialect=dialect,
+                           error_type="permission_error" if dialect != "fal" else None)
+
+    return dependency

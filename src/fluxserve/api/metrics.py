@@ -9,7 +9,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from fluxserve.api.auth import require_key
+from fluxserve.api.auth import require_admin
 
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
 
@@ -63,7 +63,7 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-@router.get("/metrics", summary="Prometheus metrics (needs an API key when keys are required)",
-            dependencies=[Depends(require_key("fal"))])
+@router.get("/metrics", summary="Prometheus metrics (needs an admin key when keys are required)",
+            dependencies=[Depends(require_admin("fal"))])
 def metrics(request: Request) -> Response:
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
