@@ -29,6 +29,15 @@ class Settings:
     text_encoder_placement: str = "auto"  # auto | resident | fp8 | stream
     workers_per_device: int = 1
     hf_token: str = ""
+    # ---- outbound fetches of caller-supplied URLs (fluxserve.fetch) ----
+    fetch_allow: str = ""  # CIDR[:PORT],... of internal addresses that may be fetched; empty = none
+    fetch_connect_timeout: float = 10.0  # seconds to connect
+    fetch_deadline: float = 60.0  # seconds for a whole reference image download, redirects included
+    fetch_lora_deadline: float = 3600.0  # seconds for a whole LoRA download
+    fetch_max_reference_mb: float = 50.0  # MiB per reference image
+    fetch_max_lora_mb: float = 16384.0  # MiB per LoRA file
+    fetch_workers: int = 16  # threads that download and decode references (apart from the API's own)
+    fetch_decode_slots: int = 4  # reference images decoded at once
 
     @property
     def db_url(self) -> str:
@@ -59,6 +68,8 @@ class Settings:
                 values[f.name] = raw.lower() in ("1", "true", "yes", "on")
             elif f.name == "workers_per_device":
                 values[f.name] = int(raw)
+            elif f.name.startswith("fetch_") and f.type in (int, float, "int", "float"):
+                values[f.name] = (int if f.type in (int, "int") else float)(raw)
             else:
                 values[f.name] = raw
         if "hf_token" not in values and os.environ.get("HF_TOKEN"):
