@@ -209,6 +209,67 @@ def test_allow_list_syntax():
     assert fetch.FetchPolicy.from_settings(settings).allow == fetch.parse_allow("10.0.0.0/8")
 
 
+def test_https_keeps_the_host_name_for_tls_while_connecting_to_the_checked_address(policy, tmp_path):
+    """The connection goes to 127.0.0.1, the certificate (valid for ``localhost`` only, no IP address) is
+    checked against the URL's host name: the TLS server name survives the pinning."""
+    import ssl
+
+    cert, key = certificate_for("localhost", tmp_path)
+    site = Site()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    site.server.socket = context.wrap_socket(site.server.socket, server_side=True)
+    policy(allow=fetch.parse_allow(f"127.0.0.1:{site.port}"))
+    trust = ssl.create_default_context(cafile=str(cert))
+    try:
+        with fetch.client(verify=trust) as http:
+            response = http.get(f"https://localhost:{site.port}/tls.png")
+            assert response.status_code == 200 and response.content == png_bytes()
+            with pytest.raises(httpx.ConnectError):  # the same server by IP: the name does not match
+                http.get(f"https://127.0.0.1:{site.port}/by-ip.png")
+        assert site.hits == ["/tls.png"]
+    finally:
+        site.close()
+
+
+def certificate_for(host: str, directory) -> tuple[str, str]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def test_lora_urls_are_checked_and_name_their_field(policy, tripwire, tmp_path):
+    from fluxserve.engine.lora import resolve_lora
+
+    with pytest.raises(InputError) as info:
+        resolve_lora(f"http://localhost:{tripwire.port}/style.safetensors", tmp_path, "loras[1].path")
+    assert info.value.field == "loras[1].path" and info.value.message.endswith(fetch.REFUSED_MESSAGE)
+    assert tripwire.hits == []
+    policy(allow=fetch.parse_allow(f"127.0.0.1:{tripwire.port}"), max_lora_bytes=1000)
+    with pytest.raises(InputError) as info:  # allowed now; an HTML page or a PNG is no safetensors file
+        resolve_lora(f"{tripwire.url}/style.safetensors", tmp_path, "loras[1].path")
+    assert info.value.field == "loras[1].path" and "safetensors" in info.value.message
+    assert tripwire.hits == ["/style.safetensors"]
+
+
 # ---- deadline and size ---------------------------------------------------------------------------------
 def test_a_slow_drip_download_stops_at_the_whole_download_deadline(policy):
     def drip(site: Site, h: BaseHTTPRequestHandler) -> None:

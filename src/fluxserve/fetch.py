@@ -196,9 +196,28 @@ class GuardedTransport(httpx.BaseTransport):
     """An httpx transport that resolves the host, checks the address and connects to that address, keeping
     the ``Host`` header and the TLS server name; used with ``follow_redirects`` every hop is checked."""
 
+    _MAX_TLS_POOLS = 32
+
     def __init__(self, policy: FetchPolicy | None = None, **transport_options: Any):
         self._policy = policy
-        self._inner = httpx.HTTPTransport(**transport_options)
+        self._options = transport_options
+        self._plain = httpx.HTTPTransport(**transport_options)
+        # connections are pooled by the address connected to; a TLS connection verified for one host name
+        # must not serve another name on the same address, so each name has its own pool
+        self._tls: dict[str, httpx.HTTPTransport] = {}
+        self._lock = threading.Lock()
+
+    def _inner(self, scheme: str, host: str) -> httpx.HTTPTransport:
+        if scheme != "https":
+            return self._plain
+        with self._lock:
+            transport = self._tls.pop(host, None)
+            if transport is None:
+                transport = httpx.HTTPTransport(**self._options)
+                if len(self._tls) >= self._MAX_TLS_POOLS:
+                    self._tls.pop(next(iter(self._tls))).close()
+            self._tls[host] = transport  # most recently used last
+            return transport
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
@@ -212,17 +231,21 @@ class GuardedTransport(httpx.BaseTransport):
         pinned = httpx.Request(request.method, url.copy_with(host=str(address)), headers=request.headers,
                                stream=request.stream, extensions=extensions)
         try:
-            return self._inner.handle_request(pinned)
+            return self._inner(url.scheme, url.host).handle_request(pinned)
         except (httpx.ConnectError, httpx.ConnectTimeout):
             raise httpx.ConnectError(f"could not connect to {url.host}") from None
 
     def close(self) -> None:
-        self._inner.close()
+        with self._lock:
+            transports, self._tls = [self._plain, *self._tls.values()], {}
+        for transport in transports:
+            transport.close()
 
 
-def client(policy: FetchPolicy | None = None, **options: Any) -> httpx.Client:
-    """An ``httpx.Client`` whose every connection (redirects included) goes through the address check."""
-    return httpx.Client(transport=GuardedTransport(policy), **options)
+def client(policy: FetchPolicy | None = None, *, verify: Any = True, **options: Any) -> httpx.Client:
+    """An ``httpx.Client`` whose every connection (redirects included) goes through the address check;
+    ``verify`` (TLS verification: True or an ``ssl.SSLContext``) goes to the transport."""
+    return httpx.Client(transport=GuardedTransport(policy, verify=verify), **options)
 
 
 @contextmanager
