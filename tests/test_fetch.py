@@ -443,3 +443,15 @@ def test_a_webhook_to_an_internal_address_is_not_delivered_and_says_why(store, p
         assert store.delivery(job.id)["status"] == "delivered" and tripwire.hits == ["/hook"]
     finally:
         sender.stop()
+
+
+def test_the_command_line_sets_the_allow_list(policy):
+    from fluxserve.cli import build_parser
+    from fluxserve.commands.common import settings_from_args
+
+    args = build_parser().parse_args(["serve", "--fetch-allow", "10.0.0.0/8,192.168.1.5:8080"])
+    settings = settings_from_args(args)
+    assert settings.fetch_allow == "10.0.0.0/8,192.168.1.5:8080"
+    assert fetch.current().allow == fetch.parse_allow("10.0.0.0/8, 192.168.1.5:8080")
+    with pytest.raises(SystemExit, match="fetch allow list"):
+        settings_from_args(build_parser().parse_args(["serve", "--fetch-allow", "intranet"]))
