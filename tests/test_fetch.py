@@ -455,3 +455,34 @@ def test_the_command_line_sets_the_allow_list(policy):
     assert fetch.current().allow == fetch.parse_allow("10.0.0.0/8, 192.168.1.5:8080")
     with pytest.raises(SystemExit, match="fetch allow list"):
         settings_from_args(build_parser().parse_args(["serve", "--fetch-allow", "intranet"]))
+
+
+def test_a_webhook_receiver_that_answers_slowly_is_cut_off_at_the_timeout(store, policy):
+    def drip(site: Site, h: BaseHTTPRequestHandler) -> None:
+        h.rfile.read(int(h.headers["Content-Length"]))
+        h.send_response(200)
+        h.send_header("Content-Length", "120")
+        h.end_headers()
+        for _ in range(120):  # one byte every 0.5 s: 60 s in all, unless released
+            h.wfile.write(b"x")
+            h.wfile.flush()
+            if site.release.wait(0.5):
+                return
+
+    receiver = Site(drip)
+    sender = WebhookSender(store, timeout=1.5, builders={"test": lambda job: (job.webhook["url"], {"id": job.id})})
+    try:
+        policy(allow=fetch.parse_allow(f"127.0.0.1:{receiver.port}"))
+        job: Job = store.submit(endpoint="e", dialect="test", request={"model": "dev"},
+                                webhook={"url": f"{receiver.url}/hook", "dialect": "test"})
+        assert store.claim("w").id == job.id
+        assert store.complete(job.id, "w", {"images": []})
+        started = time.monotonic()
+        assert sender.deliver_due() == 1
+        assert time.monotonic() - started < 30  # not the 60 s the receiver would take
+        record = store.delivery(job.id)
+        assert record["status"] != "delivered" and "ReadTimeout" in record["last_error"], record
+        assert receiver.hits == ["/hook"]
+    finally:
+        sender.stop()
+        receiver.close()

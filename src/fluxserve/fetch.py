@@ -41,6 +41,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 T = TypeVar("T")
 
 MAX_REDIRECTS = 5
+WEBHOOK_RESPONSE_BYTES = 1024**2  # a webhook receiver's answer is read, but not more of it than this
 REFUSED_MESSAGE = ("the URL points to an address this server does not fetch from (loopback, private, "
                    "link-local or otherwise internal); operators can allow it with --fetch-allow")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -194,12 +195,16 @@ def resolve_allowed(host: str, port: int, policy: FetchPolicy | None = None) -> 
 
 class GuardedTransport(httpx.BaseTransport):
     """An httpx transport that resolves the host, checks the address and connects to that address, keeping
-    the ``Host`` header and the TLS server name; used with ``follow_redirects`` every hop is checked."""
+    the ``Host`` header and the TLS server name; used with ``follow_redirects`` every hop is checked.
+    ``deadline_s`` bounds each request with its whole response, ``max_response_bytes`` the response body."""
 
     _MAX_TLS_POOLS = 32
 
-    def __init__(self, policy: FetchPolicy | None = None, **transport_options: Any):
+    def __init__(self, policy: FetchPolicy | None = None, *, deadline_s: float | None = None,
+                 max_response_bytes: int | None = None, **transport_options: Any):
         self._policy = policy
+        self._deadline_s = deadline_s
+        self._max_response_bytes = max_response_bytes
         self._options = transport_options
         self._plain = httpx.HTTPTransport(**transport_options)
         # connections are pooled by the address connected to; a TLS connection verified for one host name
@@ -228,12 +233,22 @@ class GuardedTransport(httpx.BaseTransport):
         extensions = dict(request.extensions)  # shares the timeout dict: a caller may shorten reads later
         if url.scheme == "https":
             extensions.setdefault("sni_hostname", url.host)
+        deadline = None
+        if self._deadline_s is not None:
+            deadline = time.monotonic() + self._deadline_s
+            extensions["timeout"] = {name: self._deadline_s if value is None else min(value, self._deadline_s)
+                                     for name, value in dict(extensions.get("timeout") or {}).items()}
         pinned = httpx.Request(request.method, url.copy_with(host=str(address)), headers=request.headers,
                                stream=request.stream, extensions=extensions)
         try:
-            return self._inner(url.scheme, url.host).handle_request(pinned)
+            response = self._inner(url.scheme, url.host).handle_request(pinned)
         except (httpx.ConnectError, httpx.ConnectTimeout):
             raise httpx.ConnectError(f"could not connect to {url.host}") from None
+        if deadline is None and self._max_response_bytes is None:
+            return response
+        limited = _LimitedStream(response.stream, deadline, extensions.get("timeout"), self._max_response_bytes)
+        return httpx.Response(response.status_code, headers=response.headers, stream=limited,
+                              extensions=response.extensions)
 
     def close(self) -> None:
         with self._lock:
@@ -242,10 +257,44 @@ class GuardedTransport(httpx.BaseTransport):
             transport.close()
 
 
-def client(policy: FetchPolicy | None = None, *, verify: Any = True, **options: Any) -> httpx.Client:
+class _LimitedStream(httpx.SyncByteStream):
+    """A response body that ends in an ``httpx`` error past its deadline or its byte cap."""
+
+    def __init__(self, stream: Any, deadline: float | None, timeouts: Any, max_bytes: int | None):
+        self._stream, self._deadline, self._timeouts, self._max_bytes = stream, deadline, timeouts, max_bytes
+
+    def __iter__(self) -> Iterator[bytes]:
+        received = 0
+        chunks = iter(self._stream)
+        while True:
+            if self._deadline is not None:
+                remaining = self._deadline - time.monotonic()
+                if remaining <= 0:
+                    raise httpx.ReadTimeout("the response did not finish in time")
+                if isinstance(self._timeouts, dict):
+                    self._timeouts["read"] = remaining
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                return
+            received += len(chunk)
+            if self._max_bytes is not None and received > self._max_bytes:
+                raise httpx.ReadError("the response is too large")
+            yield chunk
+
+    def close(self) -> None:
+        close = getattr(self._stream, "close", None)
+        if close is not None:
+            close()
+
+
+def client(policy: FetchPolicy | None = None, *, verify: Any = True, deadline_s: float | None = None,
+           max_response_bytes: int | None = None, **options: Any) -> httpx.Client:
     """An ``httpx.Client`` whose every connection (redirects included) goes through the address check;
-    ``verify`` (TLS verification: True or an ``ssl.SSLContext``) goes to the transport."""
-    return httpx.Client(transport=GuardedTransport(policy, verify=verify), **options)
+    ``verify`` (TLS verification: True or an ``ssl.SSLContext``), ``deadline_s`` (per request, response
+    included) and ``max_response_bytes`` go to the transport."""
+    return httpx.Client(transport=GuardedTransport(policy, verify=verify, deadline_s=deadline_s,
+                                                   max_response_bytes=max_response_bytes), **options)
 
 
 @contextmanager
@@ -301,10 +350,17 @@ def download(url: str, *, max_bytes: int, deadline_s: float, policy: FetchPolicy
         return b"".join(body)
 
 
+def webhook_client(timeout_s: float, policy: FetchPolicy | None = None) -> httpx.Client:
+    """A client for webhook deliveries: no redirects, ``timeout_s`` for each delivery as a whole (a receiver
+    that answers slowly cannot hold a sender thread longer), a capped answer."""
+    return client(policy, timeout=timeout_s, follow_redirects=False, deadline_s=timeout_s,
+                  max_response_bytes=WEBHOOK_RESPONSE_BYTES)
+
+
 def post_json(url: str, body: Any, *, timeout_s: float, headers: dict[str, str] | None = None,
               policy: FetchPolicy | None = None) -> httpx.Response:
-    """POST ``body`` as JSON through the address check, without following redirects."""
-    with client(policy, timeout=timeout_s, follow_redirects=False) as http:
+    """POST ``body`` as JSON like a webhook delivery (see ``webhook_client``)."""
+    with webhook_client(timeout_s, policy) as http:
         return http.post(url, json=body, headers=headers)
 
 

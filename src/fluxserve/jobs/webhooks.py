@@ -55,7 +55,7 @@ class WebhookSender:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._client = fetch.client(timeout=timeout, follow_redirects=False)  # internal addresses refused
+        self._client = fetch.webhook_client(timeout)  # internal addresses refused
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="webhook")
         store.add_terminal_listener(lambda _job_id: self._wake.set())
 
@@ -72,7 +72,7 @@ class WebhookSender:
             return self
         self._stopping.clear()
         if self._client.is_closed:
-            self._client = fetch.client(timeout=self.timeout, follow_redirects=False)
+            self._client = fetch.webhook_client(self.timeout)
             self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="webhook")
         self._thread = threading.Thread(target=self._run, name="webhook-sender", daemon=True)
         self._thread.start()
