@@ -397,6 +397,10 @@ def test_the_api_refuses_its_own_metrics_as_a_reference(api):
     response = httpx.post(f"{api.url}/v1/images/edits", json={
         "model": "flux-2-dev", "prompt": "a cat", "images": [{"image_url": f"{api.url}/metrics"}]}, timeout=60)
     assert response.status_code == 400 and fetch.REFUSED_MESSAGE in response.text, response.text
+    response = httpx.post(f"{api.url}/v1/models/black-forest-labs/flux-2-dev/predictions", json={
+        "input": {"prompt": "a cat", "input_images": [f"http://localhost:{api.port}/metrics"]}}, timeout=60)
+    assert response.status_code == 422 and fetch.REFUSED_MESSAGE in response.text, response.text
+    assert "input.input_images.0" in response.text
 
 
 def test_slow_references_do_not_hold_up_other_requests(api, hold_site):
