@@ -67,3 +67,16 @@ def reference_image(tmp_path_factory):
         return str(path)
 
     return make
+
+
+@pytest.fixture
+def loopback_fetches():
+    """Let outbound fetches (references, LoRAs, webhooks) reach the test servers on 127.0.0.1, as an operator's
+    ``--fetch-allow 127.0.0.1`` does; the previous policy is restored afterwards."""
+    from dataclasses import replace
+
+    from fluxserve import fetch
+
+    previous = fetch.configure(replace(fetch.current(), allow=fetch.parse_allow("127.0.0.1")))
+    yield
+    fetch.configure(previous)

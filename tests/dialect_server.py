@@ -62,7 +62,8 @@ def live_server(tmp_path_factory) -> LiveServer:
     from fluxserve.api.app import create_app
 
     data_dir = tmp_path_factory.mktemp("dialects")
-    settings = Settings(data_dir=data_dir, demo=True, device="cpu")
+    settings = Settings(data_dir=data_dir, demo=True, device="cpu",
+                        fetch_allow="127.0.0.1")  # test servers serve references on 127.0.0.1
     app = create_app(settings)
     _, secret = app.state.store.create_key("dialect tests")
     port = _free_port()

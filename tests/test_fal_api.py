@@ -24,7 +24,8 @@ FLASH = "fal-ai/flux-2/flash"
 
 @pytest.fixture(scope="module")
 def base_settings(tmp_path_factory) -> Settings:
-    return Settings(data_dir=tmp_path_factory.mktemp("fal-api"), demo=True, device="cpu")
+    # fetch_allow: the tests serve reference images from servers on 127.0.0.1
+    return Settings(data_dir=tmp_path_factory.mktemp("fal-api"), demo=True, device="cpu", fetch_allow="127.0.0.1")
 
 
 @pytest.fixture(scope="module")

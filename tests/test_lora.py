@@ -16,6 +16,8 @@ from safetensors.torch import save_file
 from fluxserve.engine.lora import applied_loras, resolve_lora
 from fluxserve.request import InputError, LoraSpec
 
+pytestmark = pytest.mark.usefixtures("loopback_fetches")  # the test servers run on 127.0.0.1
+
 ATTENTION = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v",
              "transformer_blocks.0.attn.add_q_proj", "transformer_blocks.0.attn.add_k_proj",
              "transformer_blocks.0.attn.add_v_proj"]

@@ -12,6 +12,8 @@ import pytest
 from fluxserve.jobs.store import Job, JobStore
 from fluxserve.jobs.webhooks import WebhookSender
 
+pytestmark = pytest.mark.usefixtures("loopback_fetches")  # the test servers run on 127.0.0.1
+
 pytest_plugins = ["db_fixtures"]
 
 

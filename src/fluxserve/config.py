@@ -35,6 +35,15 @@ class Settings:
     max_queued_per_key: int = 100  # queued requests per API key (0: no limit)
     retention_hours: float = 0.0  # delete jobs' inputs, outputs and files this long after submit (0: keep)
     file_url_hours: float = 168.0  # how long a signed file URL in a result works (default 7 days)
+    # ---- outbound fetches of caller-supplied URLs (fluxserve.fetch) ----
+    fetch_allow: str = ""  # CIDR[:PORT],... of internal addresses that may be fetched; empty = none
+    fetch_connect_timeout: float = 10.0  # seconds to connect
+    fetch_deadline: float = 60.0  # seconds for a whole reference image download, redirects included
+    fetch_lora_deadline: float = 3600.0  # seconds for a whole LoRA download
+    fetch_max_reference_mb: float = 50.0  # MiB per reference image
+    fetch_max_lora_mb: float = 16384.0  # MiB per LoRA file
+    fetch_workers: int = 16  # threads that download and decode references (apart from the API's own)
+    fetch_decode_slots: int = 4  # reference images decoded at once
 
     @property
     def db_url(self) -> str:
@@ -72,6 +81,8 @@ class Settings:
                 values[f.name] = int(raw)
             elif f.name in ("retention_hours", "file_url_hours"):
                 values[f.name] = float(raw)
+            elif f.name.startswith("fetch_") and f.type in (int, float, "int", "float"):
+                values[f.name] = (int if f.type in (int, "int") else float)(raw)
             else:
                 values[f.name] = raw
         if "hf_token" not in values and os.environ.get("HF_TOKEN"):

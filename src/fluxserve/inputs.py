@@ -10,57 +10,71 @@ import base64
 import binascii
 import io
 import re
+import threading
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from fluxserve import fetch
 from fluxserve.request import InputError
 
-MAX_DOWNLOAD_BYTES = 50 * 1024 * 1024
-DOWNLOAD_TIMEOUT_S = 30.0
 MIN_SIDE = 64  # the reference code rejects smaller sides
 MAX_ASPECT = 8.0  # ... and more extreme aspect ratios
 DEFAULT_MAX_REFERENCES = 10
 DEFAULT_MAX_INPUT_MEGAPIXELS = 14.0
 
+# Pillow's own decompression-bomb guard, a backstop behind the header check in ``_open_header``: it warns
+# above this many pixels and refuses twice as many when an image is opened, before anything is decoded.
+Image.MAX_IMAGE_PIXELS = int(DEFAULT_MAX_INPUT_MEGAPIXELS * 1_000_000)
+
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?)(?P<b64>;base64)?,(?P<data>.*)$",
                        re.DOTALL)
 
 
-def load_remote_image(ref: str, field_name: str = "image_urls[0]") -> Image.Image:
+def load_remote_image(ref: str, field_name: str = "image_urls[0]", *, max_megapixels: float | None = None
+                      ) -> Image.Image:
     """Like ``load_image``, for references that came from an API caller: http(s) URLs and data URIs only, so a
     caller cannot read files from the server's disk."""
-    if not isinstance(ref, str) or not ref.strip().lower().startswith(("http://", "https://", "data:")):
-        raise InputError(field_name, "must be an http(s) URL or a data URI")
-    return load_image(ref, field_name)
+    _check_remote(ref, field_name)
+    return load_image(ref, field_name, max_megapixels=max_megapixels)
 
 
-def load_image(ref: str, field_name: str = "image_urls[0]") -> Image.Image:
+def load_image(ref: str, field_name: str = "image_urls[0]", *, max_megapixels: float | None = None
+               ) -> Image.Image:
     """One reference as an RGB ``PIL.Image``: an http(s) URL, a ``data:`` URI or a local file path (the CLI's
-    references, and the server's own files that a dialect resolved)."""
-    if not isinstance(ref, str) or not ref.strip():
-        raise InputError(field_name, "must be an image URL, a data URI or a file path")
-    ref = ref.strip()
-    if ref.startswith(("http://", "https://")):
-        data = _download(ref, field_name)
-    elif ref.startswith("data:"):
-        data = _decode_data_uri(ref, field_name)
-    else:
-        path = Path(ref.removeprefix("file://")).expanduser()
-        if not path.is_file():
-            raise InputError(field_name, f"{_short(ref)!r} is not an http(s) URL, a data URI or an existing file")
-        data = path.read_bytes()
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise InputError(field_name, f"could not read an image from {_short(ref)!r}: {exc}") from None
-    if image.mode == "RGBA" or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.split()[-1])
-        return background
-    return image.convert("RGB")
+    references, and the server's own files that a dialect resolved). Images declaring more than
+    ``max_megapixels`` (default 14) are refused from their header, before decoding."""
+    limit = max_megapixels or DEFAULT_MAX_INPUT_MEGAPIXELS
+    return _decode(_open_header(ref, field_name, limit), field_name)
+
+
+def load_references(
+    refs: list[str],
+    endpoint=None,
+    *,
+    remote: bool = False,
+    max_references: int | None = None,
+    max_input_megapixels: float | None = None,
+    field_name: str = "image_urls",
+) -> list[Image.Image]:
+    """A request's references, checked against the endpoint's limits (see ``check_references``) from their
+    headers before any is decoded; ``remote`` refuses local file paths (references from API callers)."""
+    max_references, max_input_megapixels = _limits(endpoint, max_references, max_input_megapixels)
+    if len(refs) > max_references:
+        raise InputError(field_name, f"{len(refs)} reference images given; at most {max_references} are allowed")
+    headers, total = [], 0
+    for index, ref in enumerate(refs):
+        name = f"{field_name}[{index}]"
+        if remote:
+            _check_remote(ref, name)
+        image = _open_header(ref, name, max_input_megapixels)
+        headers.append(image)
+        total += image.size[0] * image.size[1]
+        if total > max_input_megapixels * 1_000_000:  # stop downloading once the total is over
+            break
+    check_references(headers, max_references=max_references, max_input_megapixels=max_input_megapixels,
+                     field_name=field_name)
+    return [_decode(image, f"{field_name}[{index}]") for index, image in enumerate(headers)]
 
 
 def check_references(
@@ -73,10 +87,7 @@ def check_references(
 ) -> None:
     """Reject too many references, sides below 64 px, aspect ratios beyond 8:1 and more than the endpoint's
     total input megapixels (14 MP by default). ``endpoint`` is an ``EndpointSpec`` (its limits are used)."""
-    if max_references is None:
-        max_references = getattr(endpoint, "max_references", None) or DEFAULT_MAX_REFERENCES
-    if max_input_megapixels is None:
-        max_input_megapixels = getattr(endpoint, "max_input_megapixels", None) or DEFAULT_MAX_INPUT_MEGAPIXELS
+    max_references, max_input_megapixels = _limits(endpoint, max_references, max_input_megapixels)
     if len(images) > max_references:
         raise InputError(field_name, f"{len(images)} reference images given; at most {max_references} are allowed")
     total = 0
@@ -100,26 +111,87 @@ def image_content_type(data: bytes, default: str = "application/octet-stream") -
     try:
         with Image.open(io.BytesIO(data)) as image:
             return image.get_format_mimetype() or default
-    except (UnidentifiedImageError, OSError):
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
         return default
 
 
-def _download(url: str, field_name: str) -> bytes:
-    import httpx
+def _limits(endpoint, max_references: int | None, max_input_megapixels: float | None) -> tuple[int, float]:
+    if max_references is None:
+        max_references = getattr(endpoint, "max_references", None) or DEFAULT_MAX_REFERENCES
+    if max_input_megapixels is None:
+        max_input_megapixels = getattr(endpoint, "max_input_megapixels", None) or DEFAULT_MAX_INPUT_MEGAPIXELS
+    return max_references, max_input_megapixels
 
+
+def _check_remote(ref: str, field_name: str) -> None:
+    if not isinstance(ref, str) or not ref.strip().lower().startswith(("http://", "https://", "data:")):
+        raise InputError(field_name, "must be an http(s) URL or a data URI")
+
+
+def _open_header(ref: str, field_name: str, max_megapixels: float) -> Image.Image:
+    """Fetch the encoded image and let Pillow read its header only; refuse it when it declares more than
+    ``max_megapixels`` (nothing is decoded yet)."""
+    if not isinstance(ref, str) or not ref.strip():
+        raise InputError(field_name, "must be an image URL, a data URI or a file path")
+    ref = ref.strip()
+    if ref.startswith(("http://", "https://")):
+        data = _download(ref, field_name)
+    elif ref.startswith("data:"):
+        data = _decode_data_uri(ref, field_name)
+    else:
+        path = Path(ref.removeprefix("file://")).expanduser()
+        if not path.is_file():
+            raise InputError(field_name, f"{_short(ref)!r} is not an http(s) URL, a data URI or an existing file")
+        data = path.read_bytes()
     try:
-        with httpx.stream("GET", url, timeout=DOWNLOAD_TIMEOUT_S, follow_redirects=True) as response:
-            if response.status_code != 200:
-                raise InputError(field_name, f"downloading {_short(url)!r} failed with HTTP {response.status_code}")
-            chunks, size = [], 0
-            for chunk in response.iter_bytes():
-                size += len(chunk)
-                if size > MAX_DOWNLOAD_BYTES:
-                    raise InputError(field_name, f"{_short(url)!r} is larger than {MAX_DOWNLOAD_BYTES // 2**20} MiB")
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except httpx.HTTPError as exc:
-        raise InputError(field_name, f"could not download {_short(url)!r}: {exc}") from None
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise InputError(field_name, f"image declares more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:g} MP in its "
+                         f"header; a reference may have at most {max_megapixels:g} MP") from None
+    except Exception as exc:  # noqa: BLE001 - any failure to read the header is the input's fault
+        raise InputError(field_name, f"could not read an image from {_short(ref)!r}: {exc}") from None
+    width, height = image.size
+    if width * height > max_megapixels * 1_000_000:
+        raise InputError(field_name, f"image is {width}x{height} ({width * height / 1e6:.1f} MP); a reference may "
+                         f"have at most {max_megapixels:g} MP")
+    return image
+
+
+def _decode(image: Image.Image, field_name: str) -> Image.Image:
+    """Decode an opened image (at most ``decode_slots`` at once in the process) as RGB on white."""
+    with _decode_slots():
+        try:
+            image.load()
+        except Exception as exc:  # noqa: BLE001 - any failure to decode is the input's fault
+            raise InputError(field_name, f"could not decode the image: {exc}") from None
+        if image.mode == "RGBA" or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            background = Image.new("RGB", rgba.size, (255, 255, 255))
+            background.paste(rgba, mask=rgba.split()[-1])
+            return background
+        return image.convert("RGB")
+
+
+_slots_lock = threading.Lock()
+_slots: tuple[int, threading.BoundedSemaphore] | None = None
+
+
+def _decode_slots() -> threading.BoundedSemaphore:
+    global _slots
+    wanted = fetch.current().decode_slots
+    with _slots_lock:
+        if _slots is None or _slots[0] != wanted:
+            _slots = (wanted, threading.BoundedSemaphore(wanted))
+        return _slots[1]
+
+
+def _download(url: str, field_name: str) -> bytes:
+    policy = fetch.current()
+    try:
+        return fetch.download(url, max_bytes=policy.max_reference_bytes, deadline_s=policy.deadline_s,
+                              policy=policy)
+    except fetch.FetchError as exc:
+        raise InputError(field_name, f"could not download {_short(url)!r}: {exc.message}") from None
 
 
 def _decode_data_uri(uri: str, field_name: str) -> bytes:

@@ -16,6 +16,7 @@ from functools import partial
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from fluxserve import fetch
 from fluxserve.api import fal, file_urls, files, metrics, web
 from fluxserve.api import openai as openai_api
 from fluxserve.api import replicate as replicate_api
@@ -55,6 +56,7 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
     from fluxserve.jobs.worker import Worker
     from fluxserve.storage import open_storage
 
+    fetch.configure(fetch.FetchPolicy.from_settings(settings))
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     catalog = Catalog.load(settings.catalog or None)
     store = JobStore(settings.db_url)

@@ -27,6 +27,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
+from fluxserve import fetch
 from fluxserve.api import file_urls
 from fluxserve.api.auth import caller, is_cached, parse_authorization, queue_full, require_key
 from fluxserve.api.common import base_url, data_uri, image_url
@@ -205,16 +206,8 @@ def _check_references(spec: EndpointSpec, urls: list[str]) -> None:
     """Load every reference (blocking: runs in a thread) and check the endpoint's limits."""
     from fluxserve import inputs
 
-    images = []
-    for index, url in enumerate(urls):
-        try:
-            images.append(inputs.load_image(url, f"image_urls[{index}]"))
-        except InputError as exc:
-            raise FalValidationError([field_error(["image_urls", index], exc.message)]) from None
-        except Exception as exc:  # noqa: BLE001 - any failure to fetch or decode is the input's fault
-            raise FalValidationError([field_error(["image_urls", index], f"could not load the image: {exc}")]) from None
     try:
-        inputs.check_references(images, spec)
+        inputs.load_references(urls, spec)
     except (InputError, SizeError) as exc:
         raise FalValidationError(from_field_error(exc)) from None
 
@@ -224,7 +217,7 @@ async def prepare(request: Request, spec: EndpointSpec) -> tuple[GenerationReque
     gen = generation_request(spec, inp)
     if spec.is_edit:
         gen.image_urls = [_resolve_reference(request, i, url) for i, url in enumerate(gen.image_urls)]
-        await asyncio.to_thread(_check_references, spec, gen.image_urls)
+        await fetch.run_blocking(_check_references, spec, gen.image_urls)
     return gen, body, inp
 
 

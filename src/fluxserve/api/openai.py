@@ -33,6 +33,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
+from fluxserve import fetch
 from fluxserve.api.auth import caller, check_request, queue_full
 from fluxserve.api.common import data_uri, image_url
 from fluxserve.api.errors import ApiError
@@ -443,15 +444,10 @@ async def check_images(spec: EndpointSpec, images: list[str], names: list[str]) 
     current = [0]
 
     def work() -> None:
-        loaded = []
-        for index, ref in enumerate(images):
-            current[0] = index
-            loaded.append(inputs.load_remote_image(ref, f"image_urls[{index}]"))
-        current[0] = -1
-        inputs.check_references(loaded, spec)
+        inputs.load_references(images, spec, remote=True)
 
     try:
-        await run_in_threadpool(work)
+        await fetch.run_blocking(work)
     except (InputError, SizeError) as exc:
         param = openai_param(exc.field, names)
         raise invalid(param, f"Invalid '{param}': {exc.message}.") from None

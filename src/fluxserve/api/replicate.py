@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from fluxserve import fetch
 from fluxserve.api.auth import caller, check_request, queue_full
 from fluxserve.api.common import base_url, image_url
 from fluxserve.api.errors import ApiError
@@ -152,15 +153,10 @@ async def _load_references(spec: Any, images: list[str]) -> list[Any]:
     current = [0]
 
     def work() -> list[Any]:
-        loaded = []
-        for index, ref in enumerate(images):
-            current[0] = index
-            loaded.append(inputs.load_remote_image(ref, f"image_urls[{index}]"))
-        inputs.check_references(loaded, spec)
-        return loaded
+        return inputs.load_references(images, spec, remote=True)
 
     try:
-        return await run_in_threadpool(work)
+        return await fetch.run_blocking(work)
     except (InputError, SizeError) as exc:
         raise invalid_input([(replicate_field(exc.field), "value", exc.message)]) from None
     except Exception as exc:  # noqa: BLE001 - an unreadable image is the caller's input error

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from fluxserve import fetch
 from fluxserve.config import Settings
 
 
@@ -22,6 +23,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         choices=["auto", "resident", "fp8", "stream"],
                         help="how the text encoder is held on CUDA: resident (bf16), fp8, or stream (host "
                         "memory, layer by layer; no prompt expansion); default: auto")
+    parser.add_argument("--fetch-allow", metavar="CIDR[:PORT],...",
+                        help="internal addresses that reference image, LoRA and webhook URLs may reach, e.g. "
+                        "10.0.0.0/8 or 192.168.1.5:8080 (default: none; loopback, private and link-local "
+                        "addresses are refused)")
 
 
 def settings_from_args(args: argparse.Namespace, **extra) -> Settings:
@@ -34,6 +39,12 @@ def settings_from_args(args: argparse.Namespace, **extra) -> Settings:
         "device": getattr(args, "device", None),
         "transformer_placement": getattr(args, "transformer_placement", None),
         "text_encoder_placement": getattr(args, "text_encoder_placement", None),
+        "fetch_allow": getattr(args, "fetch_allow", None),
     }
     overrides.update(extra)
-    return Settings.from_env(**overrides)
+    settings = Settings.from_env(**overrides)
+    try:
+        fetch.configure(fetch.FetchPolicy.from_settings(settings))
+    except ValueError as exc:
+        raise SystemExit(f"fluxserve: {exc}") from None
+    return settings

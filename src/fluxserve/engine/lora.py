@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from fluxserve import fetch
 from fluxserve.request import InputError, LoraSpec
 
-MAX_DOWNLOAD_BYTES = 16 * 1024**3
 MAX_HEADER_BYTES = 100 * 1024**2  # the safetensors format's own limit
 _CHUNK = 1024 * 1024
 _HINT = "give a local path, an http(s) URL or hf://owner/repo/path/to/file.safetensors"
@@ -132,8 +132,7 @@ def _not_safetensors(name: str, reason: str) -> str:
 
 # ---- downloads -------------------------------------------------------------------------------------------
 def _download(url: str, root: Path, field: str, token: str | None) -> LoraFile:
-    import httpx
-
+    policy = fetch.current()
     index = root / "urls" / f"{hashlib.sha256(url.encode()).hexdigest()}.json"
     with _memo_lock:
         url_lock = _url_locks.setdefault(url, threading.Lock())
@@ -151,28 +150,23 @@ def _download(url: str, root: Path, field: str, token: str | None) -> LoraFile:
         fd, tmp_name = tempfile.mkstemp(dir=root, prefix=".download-", suffix=".part")
         tmp = Path(tmp_name)
         try:
-            with os.fdopen(fd, "wb") as out, httpx.Client(follow_redirects=True, timeout=httpx.Timeout(
-                    30.0, read=300.0)) as client, client.stream("GET", url, headers=headers) as response:
-                if response.status_code >= 400:
-                    raise InputError(field, f"could not download {url}: HTTP {response.status_code}")
-                received = 0
+            with os.fdopen(fd, "wb") as out, fetch.open_stream(
+                    url, max_bytes=policy.max_lora_bytes, deadline_s=policy.lora_deadline_s, policy=policy,
+                    headers=headers) as body:
                 head = b""
-                for chunk in response.iter_bytes(_CHUNK):
+                for chunk in body:
                     if len(head) < 8:  # refuse an HTML page or a pickle before downloading all of it
                         head += chunk[:8]
                         if len(head) >= 8 and not 2 <= struct.unpack("<Q", head[:8])[0] <= MAX_HEADER_BYTES:
                             raise InputError(field, _not_safetensors(url, "no safetensors header"))
-                    received += len(chunk)
-                    if received > MAX_DOWNLOAD_BYTES:
-                        raise InputError(field, f"{url} is larger than {MAX_DOWNLOAD_BYTES >> 30} GiB")
                     digest.update(chunk)
                     out.write(chunk)
             check_safetensors(tmp, field, url)
             sha = digest.hexdigest()
             final = root / f"{sha}.safetensors"
             os.replace(tmp, final)
-        except httpx.HTTPError as exc:
-            raise InputError(field, f"could not download {url}: {exc}") from exc
+        except fetch.FetchError as exc:
+            raise InputError(field, f"could not download {url}: {exc.message}") from None
         finally:
             tmp.unlink(missing_ok=True)
         _write_atomic(index, json.dumps({"url": url, "sha256": sha}))

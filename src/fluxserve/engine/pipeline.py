@@ -31,7 +31,7 @@ from fluxserve.engine.placement import Placement
 from fluxserve.engine.prompts import MAX_NEW_TOKENS, expand_prompt
 from fluxserve.engine.text_encoder import encoding_only
 from fluxserve.engine.weights import load_placed_pipeline, resolve_weights
-from fluxserve.inputs import check_references, load_image
+from fluxserve.inputs import load_references
 from fluxserve.request import (
     CONTENT_TYPES,
     CancelCheck,
@@ -226,13 +226,12 @@ class Engine:
 
     # ---- stages -----------------------------------------------------------------------------------------
     def _references(self, request: GenerationRequest) -> list[Image.Image]:
-        images = [load_image(ref, f"image_urls[{i}]") for i, ref in enumerate(request.image_urls)]
-        if images:
-            limits = [e for e in self.catalog.endpoints.values() if e.model == request.model and e.is_edit]
-            max_refs = max((e.max_references for e in limits), default=10) or 10
-            max_mp = max((e.max_input_megapixels for e in limits), default=14.0)
-            check_references(images, max_references=max_refs, max_input_megapixels=max_mp)
-        return images
+        if not request.image_urls:
+            return []
+        limits = [e for e in self.catalog.endpoints.values() if e.model == request.model and e.is_edit]
+        max_refs = max((e.max_references for e in limits), default=10) or 10
+        max_mp = max((e.max_input_megapixels for e in limits), default=14.0)
+        return load_references(request.image_urls, max_references=max_refs, max_input_megapixels=max_mp)
 
     @staticmethod
     def _output_size(request: GenerationRequest, references: list[Image.Image]) -> tuple[int, int]:

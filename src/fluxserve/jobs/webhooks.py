@@ -43,6 +43,7 @@ from typing import Any
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fluxserve import fetch
 from fluxserve.jobs.store import Delivery, EventDelivery, Job, JobStore, utcnow
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ class WebhookSender:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._client = httpx.Client(timeout=timeout, follow_redirects=False)
+        self._client = fetch.webhook_client(timeout)  # internal addresses refused
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="webhook")
         store.add_terminal_listener(lambda _job_id: self._wake.set())
 
@@ -172,7 +173,7 @@ class WebhookSender:
             return self
         self._stopping.clear()
         if self._client.is_closed:
-            self._client = httpx.Client(timeout=self.timeout, follow_redirects=False)
+            self._client = fetch.webhook_client(self.timeout)
             self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="webhook")
         self._thread = threading.Thread(target=self._run, name="webhook-sender", daemon=True)
         self._thread.start()
