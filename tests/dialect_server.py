@@ -23,6 +23,7 @@ class LiveServer:
     url: str
     key: str
     app: Any
+    admin_key: str = ""  # sees every key's work, the metrics and the health details
 
     @property
     def store(self):
@@ -66,6 +67,7 @@ def live_server(tmp_path_factory) -> LiveServer:
                         fetch_allow="127.0.0.1")  # test servers serve references on 127.0.0.1
     app = create_app(settings)
     _, secret = app.state.store.create_key("dialect tests")
+    _, admin = app.state.store.create_key("operators", admin=True)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -75,6 +77,6 @@ def live_server(tmp_path_factory) -> LiveServer:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.05)
-    yield LiveServer(f"http://127.0.0.1:{port}", secret, app)
+    yield LiveServer(f"http://127.0.0.1:{port}", secret, app, admin)
     server.should_exit = True
     thread.join(30)

@@ -490,3 +490,28 @@ def test_a_webhook_receiver_that_answers_slowly_is_cut_off_at_the_timeout(store,
     finally:
         sender.stop()
         receiver.close()
+
+
+def test_own_files_are_read_from_storage_not_fetched(api):
+    """This server's own file URLs (an upload, an earlier output) are references that the address guard would
+    refuse over HTTP (the server listens on loopback); every dialect reads them from storage instead."""
+    with httpx.Client(timeout=60) as client:
+        started = client.post(f"{api.url}/storage/upload/initiate",
+                              json={"file_name": "ref.png", "content_type": "image/png"}).json()
+        assert client.put(started["upload_url"], content=png_bytes(),
+                          headers={"Content-Type": "image/png"}).status_code == 200
+        own = started["file_url"]
+        created = client.post(f"{api.url}/v1/models/black-forest-labs/flux-2-dev/predictions",
+                              json={"input": {"prompt": "a cat", "input_images": [own]}})
+        assert created.status_code == 201, created.text
+        assert created.json()["input"]["input_images"] == [own]  # the caller's input is echoed as sent
+        queued = client.post(f"{api.url}/queue/fal-ai/flux-2/edit", json={"prompt": "a cat", "image_urls": [own]})
+        assert queued.status_code == 200, queued.text
+        missing = f"{api.url}/files/uploads/none.png"
+        response = client.post(f"{api.url}/v1/models/black-forest-labs/flux-2-dev/predictions",
+                               json={"input": {"prompt": "a cat", "input_images": [missing]}})
+        assert response.status_code == 422 and "input.input_images.0" in response.text
+        assert "not found on this server" in response.text and fetch.REFUSED_MESSAGE not in response.text
+        response = client.post(f"{api.url}/v1/images/edits", json={
+            "model": "flux-2-dev", "prompt": "a cat", "images": [{"image_url": missing}]})
+        assert response.status_code == 400 and "not found on this server" in response.text, response.text

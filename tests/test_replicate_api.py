@@ -108,7 +108,7 @@ def test_pagination(live_server):  # noqa: F811
 def _finished(live_server, endpoint: str) -> float:  # noqa: F811
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = live_server.get("/metrics").text
+    text = live_server.get("/metrics", headers={"Authorization": f"Bearer {live_server.admin_key}"}).text
     total = 0.0
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

@@ -35,9 +35,11 @@ TINY = {"aspect_ratio": "custom", "width": 64, "height": 64, "steps": 4, "go_fas
 JWKS_PATH = "/keys/fal-webhooks.json"
 
 
+pytestmark = pytest.mark.usefixtures("loopback_fetches")  # the receivers run on 127.0.0.1
+
 def server_settings(base: Settings) -> Settings:
     """The settings of the servers these tests start (their receivers listen on 127.0.0.1)."""
-    return replace(base, webhook_jwks_path=JWKS_PATH)
+    return replace(base, webhook_jwks_path=JWKS_PATH, fetch_allow="127.0.0.1")
 
 
 # ---- fal's documented verification ----------------------------------------------------------------------------

@@ -28,9 +28,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from fluxserve import fetch
-from fluxserve.api import file_urls
 from fluxserve.api.auth import caller, is_cached, parse_authorization, queue_full, require_key
-from fluxserve.api.common import base_url, data_uri, image_url
+from fluxserve.api.common import OwnFileMissing, base_url, data_uri, image_url, resolve_own_file
 from fluxserve.api.errors import (
     ApiError,
     FalValidationError,
@@ -154,26 +153,6 @@ def generation_request(spec: EndpointSpec, inp: FalInput) -> GenerationRequest:
     )
 
 
-def _own_file_key(request: Request, url: str) -> str | None:
-    """The storage key when ``url`` points at this server's ``/files/``, else None."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        return None
-    own = urlsplit(base_url(request))
-    prefix = f"{own.path}/files/"
-    if parts.netloc != own.netloc or not parts.path.startswith(prefix):
-        return None
-    return parts.path[len(prefix):]
-
-
-def _may_reference(request: Request, url: str, key: str) -> bool:
-    """A reference to one of this server's files needs its signed URL, or the file must be the caller's."""
-    if file_urls.check(dict(parse_qsl(urlsplit(url).query)).get("token"), key):
-        return True
-    identity = caller(request)
-    return identity.sees_all or identity.may_see(request.app.state.store.file_owner(key)[1])
-
-
 def _resolve_reference(request: Request, index: int, url: str) -> str:
     """Check one reference's form; a URL of this server's own files becomes a local path or a data URI so the
     worker needs no HTTP round trip (nor this server's certificate)."""
@@ -183,23 +162,10 @@ def _resolve_reference(request: Request, index: int, url: str) -> str:
     scheme = urlsplit(url).scheme.lower()
     if scheme not in ("http", "https", "data"):
         raise FalValidationError([field_error(loc, f"{url[:60]!r} is not an http(s) URL or a data URI")])
-    key = _own_file_key(request, url)
-    if key is None:
-        return url
-    storage = request.app.state.storage
-    path = getattr(storage, "path", None)
     try:
-        if not _may_reference(request, url, key):
-            raise KeyError(key)  # another key's file: as if it did not exist
-        if path is not None:
-            local = path(key)
-            if local.is_file():
-                return str(local)
-            raise KeyError(key)
-        data, content_type = storage.get(key)
-    except KeyError:
-        raise FalValidationError([field_error(loc, f"file {key!r} not found on this server")]) from None
-    return data_uri(data, content_type)
+        return resolve_own_file(request, url)
+    except OwnFileMissing as exc:
+        raise FalValidationError([field_error(loc, str(exc))]) from None
 
 
 def _check_references(spec: EndpointSpec, urls: list[str]) -> None:

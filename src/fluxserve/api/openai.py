@@ -35,7 +35,7 @@ from starlette.formparsers import MultiPartException
 
 from fluxserve import fetch
 from fluxserve.api.auth import caller, check_request, queue_full
-from fluxserve.api.common import data_uri, image_url
+from fluxserve.api.common import OwnFileMissing, data_uri, image_url, is_url_or_data_uri, resolve_own_file
 from fluxserve.api.errors import ApiError
 from fluxserve.catalog import Catalog, EndpointSpec
 from fluxserve.inputs import image_content_type
@@ -436,6 +436,25 @@ def _field_of(message: str) -> str | None:
     return head if sep and re.fullmatch(r"[A-Za-z_][\w.]*(\[\d+\])?", head) else None
 
 
+async def resolve_images(request: Request, images: list[str], names: list[str]) -> list[str]:
+    """URLs of this server's own files (an upload, an earlier output) read from storage, not over HTTP; a missing
+    or foreign one is a 400 naming the parameter."""
+
+    def work() -> list[str]:
+        resolved = []
+        for i, url in enumerate(images):
+            param = names[i] if i < len(names) else "image"
+            if not is_url_or_data_uri(url):
+                raise invalid(param, f"Invalid '{param}': must be an http(s) URL or a data URI.")
+            try:
+                resolved.append(resolve_own_file(request, url))
+            except OwnFileMissing as exc:
+                raise invalid(param, f"Invalid '{param}': {exc}.") from None
+        return resolved
+
+    return await fetch.run_blocking(work)
+
+
 async def check_images(spec: EndpointSpec, images: list[str], names: list[str]) -> None:
     """Load every reference and check the endpoint's limits before any job exists, so a bad image is a 400
     naming the parameter that carried it (the engine checks again)."""
@@ -444,7 +463,7 @@ async def check_images(spec: EndpointSpec, images: list[str], names: list[str]) 
     current = [0]
 
     def work() -> None:
-        inputs.load_references(images, spec, remote=True)
+        inputs.load_references(images, spec)  # callers' references were checked by resolve_images
 
     try:
         await fetch.run_blocking(work)
@@ -555,8 +574,10 @@ async def _authorize(request: Request) -> None:
 async def _run(request: Request, fields: dict[str, Any], images: list[str], edit: bool, body: bytes,
                names: list[str] | None = None) -> Response:
     catalog: Catalog = request.app.state.catalog
-    spec, requests, options = translate(fields, catalog, images, edit)
     names = names or [f"image[{i}]" for i in range(len(images))]
+    if images:
+        images = await resolve_images(request, images, names)
+    spec, requests, options = translate(fields, catalog, images, edit)
     options["image_params"] = names
     if images:
         await check_images(spec, images, names)

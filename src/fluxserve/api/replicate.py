@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fluxserve import fetch
 from fluxserve.api.auth import caller, check_request, queue_full
-from fluxserve.api.common import base_url, image_url
+from fluxserve.api.common import OwnFileMissing, base_url, image_url, is_url_or_data_uri, resolve_own_file
 from fluxserve.api.errors import ApiError
 from fluxserve.api.file_urls import file_url
 from fluxserve.api.files import checked_type
@@ -145,7 +145,22 @@ def replicate_field(field: str) -> str:
                        "acceleration": "go_fast"}.get(head, head)
 
 
-async def _load_references(spec: Any, images: list[str]) -> list[Any]:
+async def _resolve_own_files(request: Request, images: list[str]) -> list[str]:
+    def work() -> list[str]:
+        resolved = []
+        for i, url in enumerate(images):
+            if not is_url_or_data_uri(url):
+                raise invalid_input([(f"input.input_images.{i}", "value", "must be an http(s) URL or a data URI")])
+            try:
+                resolved.append(resolve_own_file(request, url))
+            except OwnFileMissing as exc:
+                raise invalid_input([(f"input.input_images.{i}", "value", str(exc))]) from None
+        return resolved
+
+    return await fetch.run_blocking(work)
+
+
+async def _load_references(spec: Any, images: list[str], remote: bool = True) -> list[Any]:
     """Every input image, loaded and checked against the endpoint's limits before a prediction exists, so a
     bad one is a 422 naming ``input.input_images.N`` (the engine checks again)."""
     from fluxserve import inputs
@@ -153,7 +168,7 @@ async def _load_references(spec: Any, images: list[str]) -> list[Any]:
     current = [0]
 
     def work() -> list[Any]:
-        return inputs.load_references(images, spec, remote=True)
+        return inputs.load_references(images, spec, remote=remote)
 
     try:
         return await fetch.run_blocking(work)
@@ -164,8 +179,11 @@ async def _load_references(spec: Any, images: list[str]) -> list[Any]:
         raise invalid_input([(field, "format", f"could not read the image: {exc}")]) from None
 
 
-async def translate(catalog_models: ReplicateModels, model_name: str, raw: Any) -> tuple[str, dict[str, Any]]:
-    """Replicate input -> (endpoint id, canonical request dict). Raises Problem (422)."""
+async def translate(catalog_models: ReplicateModels, model_name: str, raw: Any,
+                    request: Request | None = None) -> tuple[str, dict[str, Any]]:
+    """Replicate input -> (endpoint id, canonical request dict). Raises Problem (422). With the ``request``,
+    input images that are this server's own files (``/v1/files`` uploads, earlier outputs) are read from
+    storage rather than over HTTP."""
     if not isinstance(raw, dict):
         raise invalid_input([("input", "type", "input must be an object")])
     try:
@@ -174,8 +192,11 @@ async def translate(catalog_models: ReplicateModels, model_name: str, raw: Any) 
         raise _validation_problem(exc) from None
     text_spec, edit_spec = catalog_models.specs(model_name)
     images = parsed.input_images
+    if images and request is not None:
+        images = await _resolve_own_files(request, images)
     spec = edit_spec if images else text_spec
-    loaded = await _load_references(spec, images) if images else []
+    # resolved by _resolve_own_files (which checked the caller's forms) when the request is at hand
+    loaded = await _load_references(spec, images, remote=request is None) if images else []
     input_size = loaded[0].size if loaded and "match_input_image" in (parsed.aspect_ratio, parsed.resolution) \
         else None
     try:
@@ -371,7 +392,7 @@ async def _body(request: Request) -> dict[str, Any]:
 
 async def create(request: Request, model_name: str, body: dict[str, Any]) -> Response:
     catalog_models = models(request)
-    endpoint, canonical = await translate(catalog_models, model_name, body.get("input", {}))
+    endpoint, canonical = await translate(catalog_models, model_name, body.get("input", {}), request)
     webhook = body.get("webhook")
     events = body.get("webhook_events_filter") or list(WEBHOOK_EVENTS)
     if not isinstance(events, list) or any(e not in WEBHOOK_EVENTS for e in events):
