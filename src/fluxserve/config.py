@@ -29,6 +29,9 @@ class Settings:
     text_encoder_placement: str = "auto"  # auto | resident | fp8 | stream
     workers_per_device: int = 1
     hf_token: str = ""
+    # ---- limits at the edge (fluxserve.api.limits): 413 / 4xx naming the field in each dialect ----
+    max_body_mb: int = 32  # request bodies other than file uploads (FLUXSERVE_MAX_UPLOAD_MB caps those)
+    max_prompt_chars: int = 8192  # FLUX.2 reads at most 512 tokens of a prompt
 
     @property
     def db_url(self) -> str:
@@ -57,7 +60,7 @@ class Settings:
                 values[f.name] = Path(raw)
             elif f.name == "demo":
                 values[f.name] = raw.lower() in ("1", "true", "yes", "on")
-            elif f.name == "workers_per_device":
+            elif f.type == "int":
                 values[f.name] = int(raw)
             else:
                 values[f.name] = raw

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Acceleration = Literal["none", "regular", "high"]
 OutputFormat = Literal["png", "jpeg", "webp", "avif", "gif"]
+# Seeds go to torch generators, which take 64-bit values: 0 to 2**63 - 1 fits every client and database.
+MAX_SEED = 2**63 - 1
 
 CONTENT_TYPES: dict[str, str] = {
     "png": "image/png",
@@ -46,7 +48,7 @@ class GenerationRequest(BaseModel):
     width: int | None = None
     height: int | None = None
     num_images: int = Field(1, ge=1, le=4)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     steps: int = Field(28, ge=1, le=100)
     guidance: float = 2.5
     sigmas: list[float] | None = None
