@@ -165,3 +165,19 @@ def test_uploads_have_their_own_larger_limit(server):
     response = httpx.post(server.url + "/v1/files", files={"content": ("big.png", data, "image/png")}, timeout=60)
     assert response.status_code == 201, response.text
     assert response.json()["size"] == len(data)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e300", "-5", "soon"])
+def test_fal_refuses_a_bad_request_timeout(server, value):
+    response = httpx.post(server.url + FAL_QUEUE, json={"prompt": "a fox"}, timeout=60,
+                          headers={"X-Fal-Request-Timeout": value})
+    assert response.status_code == 400, response.text
+    assert "X-Fal-Request-Timeout" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("field", ["n", "seed", "output_compression"])
+def test_openai_refuses_an_infinite_integer(server, field):
+    response = httpx.post(server.url + OPENAI, content=f'{{"prompt": "a fox", "{field}": 1e400}}', timeout=60,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == field

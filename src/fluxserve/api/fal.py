@@ -52,6 +52,7 @@ STREAM_POLL_S = 0.2  # status streams are woken by this process's changes, and r
 # A status answer may reuse a snapshot read this long ago, unless this process changed any job since
 # (``JobStore.status``): changes made by worker processes elsewhere show up at most this much later.
 STATUS_MAX_AGE_S = 0.025
+MAX_REQUEST_TIMEOUT_S = 7 * 24 * 3600  # X-Fal-Request-Timeout: a week at most
 IDEMPOTENCY_HEADERS = ("idempotency-key", "x-idempotency-key", "x-fal-idempotency-key")
 _IDEMPOTENCY_NS = uuid.UUID("5b0f3b8e-4d55-4c36-9c39-7c1f3f8f1a11")
 
@@ -241,8 +242,8 @@ def _options(request: Request, inp: FalInput) -> dict[str, Any]:
             timeout_s = float(raw)
         except ValueError:
             raise ApiError(400, f"X-Fal-Request-Timeout must be a number of seconds, not {raw!r}") from None
-        if timeout_s <= 0:
-            raise ApiError(400, "X-Fal-Request-Timeout must be positive")
+        if not 0 < timeout_s <= MAX_REQUEST_TIMEOUT_S:  # also refuses nan
+            raise ApiError(400, f"X-Fal-Request-Timeout must be a number of seconds from 0 to {MAX_REQUEST_TIMEOUT_S}")
     store_io = headers.get("x-fal-store-io", "1").strip() not in ("0", "false") and not inp.sync_mode
     return {"priority": priority, "timeout_s": timeout_s, "store_io": store_io}
 

@@ -162,7 +162,7 @@ def _int(fields: dict[str, Any], name: str, low: int, high: int, default: int | 
         number = int(value)
         if isinstance(value, float) and number != value:
             raise ValueError
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: 1e400 parses as infinity
         raise invalid(name, f"Invalid type for '{name}': expected an integer, got {value!r}.",
                       "invalid_type") from None
     if number < low:

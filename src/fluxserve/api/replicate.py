@@ -424,7 +424,26 @@ async def create(request: Request, model_name: str, body: dict[str, Any]) -> Res
     return JSONResponse(body_out, status_code=201, headers={"Location": body_out["urls"]["get"]})
 
 
-@router.post("/models/{owner}/{name}/predictions", summary="Create a prediction (Replicate, official model)")
+def _prediction_body(with_version: bool) -> dict[str, Any]:
+    """The documented body of the create routes (the routes read and validate it themselves)."""
+    from fluxserve.api.replicate_schemas import Flux2Input
+
+    properties: dict[str, Any] = {
+        "input": Flux2Input.model_json_schema(),
+        "webhook": {"type": "string", "description": "http(s) URL to notify"},
+        "webhook_events_filter": {"type": "array", "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)}},
+    }
+    required = ["input"]
+    if with_version:
+        properties["version"] = {"type": "string",
+                                 "description": "'owner/name', 'owner/name:<version id>' or a version id"}
+        required.append("version")
+    schema = {"type": "object", "required": required, "properties": properties}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+@router.post("/models/{owner}/{name}/predictions", summary="Create a prediction (Replicate, official model)",
+             openapi_extra=_prediction_body(with_version=False))
 async def create_model_prediction(owner: str, name: str, request: Request) -> Response:
     await _authorize(request)
     model_name = f"{owner}/{name}"
@@ -433,7 +452,8 @@ async def create_model_prediction(owner: str, name: str, request: Request) -> Re
     return await create(request, model_name, await _body(request))
 
 
-@router.post("/predictions", summary="Create a prediction (Replicate, by version)")
+@router.post("/predictions", summary="Create a prediction (Replicate, by version)",
+             openapi_extra=_prediction_body(with_version=True))
 async def create_prediction(request: Request) -> Response:
     await _authorize(request)
     body = await _body(request)
