@@ -181,3 +181,20 @@ def test_openai_refuses_an_infinite_integer(server, field):
                           headers={"content-type": "application/json"})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == field
+
+
+def test_the_limits_come_from_the_environment_and_the_serve_flags(monkeypatch):
+    import argparse
+
+    from fluxserve.commands import serve
+    from fluxserve.commands.common import settings_from_args
+
+    monkeypatch.setenv("FLUXSERVE_MAX_BODY_MB", "5")
+    monkeypatch.setenv("FLUXSERVE_MAX_PROMPT_CHARS", "300")
+    assert (Settings.from_env().max_body_mb, Settings.from_env().max_prompt_chars) == (5, 300)
+    assert Settings().max_body_mb == 32 and Settings().max_prompt_chars == 8192
+    parser = argparse.ArgumentParser()
+    serve.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--max-body-mb", "7", "--max-prompt-chars", "1000"])
+    settings = settings_from_args(args, max_body_mb=args.max_body_mb, max_prompt_chars=args.max_prompt_chars)
+    assert (settings.max_body_mb, settings.max_prompt_chars) == (7, 1000)
