@@ -198,3 +198,19 @@ def test_the_limits_come_from_the_environment_and_the_serve_flags(monkeypatch):
     args = parser.parse_args(["serve", "--max-body-mb", "7", "--max-prompt-chars", "1000"])
     settings = settings_from_args(args, max_body_mb=args.max_body_mb, max_prompt_chars=args.max_prompt_chars)
     assert (settings.max_body_mb, settings.max_prompt_chars) == (7, 1000)
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_openai_refuses_a_guidance_that_is_not_a_number(server, literal):
+    response = httpx.post(server.url + OPENAI, content=f'{{"prompt": "a fox", "guidance": {literal}}}', timeout=60,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "guidance"
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity"])
+def test_fal_refuses_a_guidance_that_is_not_a_number(server, literal):
+    response = httpx.post(server.url + FAL_QUEUE, content=f'{{"prompt": "a fox", "guidance_scale": {literal}}}',
+                          timeout=60, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"] == ["body", "guidance_scale"]

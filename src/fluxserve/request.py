@@ -38,9 +38,10 @@ class LoraSpec(BaseModel):
 
 class GenerationRequest(BaseModel):
     """What to generate. Sizes are already resolved by ``fluxserve.sizes`` (multiples of 16) or left
-    ``None`` to take the first reference's size (or the model default without references)."""
+    ``None`` to take the first reference's size (or the model default without references). Numbers are finite:
+    NaN and infinity (which JSON parsers accept) are refused."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str = Field(description="catalogue model key, e.g. 'dev' or 'klein-4b'")
     prompt: str
