@@ -214,3 +214,51 @@ def test_fal_refuses_a_guidance_that_is_not_a_number(server, literal):
                           timeout=60, headers={"content-type": "application/json"})
     assert response.status_code == 422, response.text
     assert response.json()["detail"][0]["loc"] == ["body", "guidance_scale"]
+
+
+# ---- the official clients see these as their own error types ----------------------------------------------
+def test_fal_client_sees_a_422_naming_the_seed(server):
+    import fal_client
+
+    import fluxserve.compat.fal
+
+    names = ("RUN_URL_FORMAT", "QUEUE_URL_FORMAT", "REALTIME_URL_FORMAT", "REST_URL", "CDN_URL")
+    saved = {name: getattr(fal_client.client, name) for name in names}
+    fluxserve.compat.fal.use(server.url)
+    try:
+        for arguments in ({"prompt": "a fox", "seed": True}, {"prompt": "a fox", "seed": TOO_BIG_SEED}):
+            with pytest.raises(fal_client.client.FalClientHTTPError) as err:
+                fal_client.submit("fal-ai/flux-2", arguments=arguments)
+            assert err.value.status_code == 422
+            assert err.value.response.json()["detail"][0]["loc"] == ["body", "seed"]
+    finally:
+        for name, value in saved.items():
+            setattr(fal_client.client, name, value)
+
+
+def test_openai_client_sees_a_bad_request_naming_the_field(server):
+    import openai
+
+    from fluxserve.compat.openai import client as openai_client
+
+    client = openai_client(server.url, key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.images.generate(prompt="a fox", extra_body={"seed": TOO_BIG_SEED})
+    assert err.value.param == "seed"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.images.generate(prompt=LONG_PROMPT)
+    assert err.value.param == "prompt" and err.value.code == "string_above_max_length"
+
+
+def test_replicate_client_sees_a_422_naming_the_field(server):
+    from replicate.exceptions import ReplicateError
+
+    from fluxserve.compat.replicate import client as replicate_client
+
+    client = replicate_client(server.url, key="unused")
+    with pytest.raises(ReplicateError) as err:
+        client.predictions.create(model="black-forest-labs/flux-2-dev", input={"prompt": "a fox", "seed": -1})
+    assert err.value.status == 422 and "input.seed" in err.value.detail
+    with pytest.raises(ReplicateError) as err:
+        client.predictions.create(model="black-forest-labs/flux-2-dev", input={"prompt": LONG_PROMPT})
+    assert err.value.status == 422 and "input.prompt" in err.value.detail
