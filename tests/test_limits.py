@@ -262,3 +262,11 @@ def test_replicate_client_sees_a_422_naming_the_field(server):
     with pytest.raises(ReplicateError) as err:
         client.predictions.create(model="black-forest-labs/flux-2-dev", input={"prompt": LONG_PROMPT})
     assert err.value.status == 422 and "input.prompt" in err.value.detail
+
+
+def test_a_huge_body_to_a_route_that_ignores_bodies_is_not_read_either(server):
+    body = CountingBody(HUGE)
+    response = httpx.request("GET", server.url + "/health", content=body, timeout=120,
+                             headers={"content-length": str(HUGE)})
+    assert response.status_code == 200 and response.headers["connection"] == "close"
+    assert body.consumed < HUGE // 4

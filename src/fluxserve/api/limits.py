@@ -71,21 +71,27 @@ class BodyLimitMiddleware:
         async def limited_receive():
             nonlocal received, refused
             if declared is not None and declared > limit:
-                refused = True
-                raise too_large(limit)
+                return refuse()
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    refused = True
-                    raise too_large(limit)
+                    return refuse()
             return message
+
+        def refuse():
+            nonlocal refused
+            refused = True
+            if response_started:  # a route answering without the body, now waiting for a disconnect
+                return {"type": "http.disconnect"}
+            raise too_large(limit)
 
         async def watching_send(message):
             nonlocal response_started
             if message["type"] == "http.response.start":
                 response_started = True
-                if refused:  # close the connection after the answer: the server reads no more of the body
+                if refused or (declared is not None and declared > limit):
+                    # close the connection after the answer: the server reads no more of the body
                     message["headers"] = [*message.get("headers", []), (b"connection", b"close")]
             await send(message)
 
