@@ -44,6 +44,9 @@ class Settings:
     fetch_max_lora_mb: float = 16384.0  # MiB per LoRA file
     fetch_workers: int = 16  # threads that download and decode references (apart from the API's own)
     fetch_decode_slots: int = 4  # reference images decoded at once
+    # ---- limits at the edge (fluxserve.api.limits): 413 / 4xx naming the field in each dialect ----
+    max_body_mb: int = 32  # request bodies other than file uploads (FLUXSERVE_MAX_UPLOAD_MB caps those)
+    max_prompt_chars: int = 8192  # FLUX.2 reads at most 512 tokens of a prompt
 
     @property
     def db_url(self) -> str:
@@ -77,12 +80,10 @@ class Settings:
                 values[f.name] = Path(raw)
             elif f.name == "demo":
                 values[f.name] = raw.lower() in ("1", "true", "yes", "on")
-            elif f.name in ("workers_per_device", "max_queued", "max_queued_per_key"):
+            elif f.type == "int":
                 values[f.name] = int(raw)
-            elif f.name in ("retention_hours", "file_url_hours"):
+            elif f.type == "float":
                 values[f.name] = float(raw)
-            elif f.name.startswith("fetch_") and f.type in (int, float, "int", "float"):
-                values[f.name] = (int if f.type in (int, "int") else float)(raw)
             else:
                 values[f.name] = raw
         if "hf_token" not in values and os.environ.get("HF_TOKEN"):

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Acceleration = Literal["none", "regular", "high"]
 OutputFormat = Literal["png", "jpeg", "webp", "avif", "gif"]
+# Seeds go to torch generators, which take 64-bit values: 0 to 2**63 - 1 fits every client and database.
+MAX_SEED = 2**63 - 1
 
 CONTENT_TYPES: dict[str, str] = {
     "png": "image/png",
@@ -36,9 +38,10 @@ class LoraSpec(BaseModel):
 
 class GenerationRequest(BaseModel):
     """What to generate. Sizes are already resolved by ``fluxserve.sizes`` (multiples of 16) or left
-    ``None`` to take the first reference's size (or the model default without references)."""
+    ``None`` to take the first reference's size (or the model default without references). Numbers are finite:
+    NaN and infinity (which JSON parsers accept) are refused."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str = Field(description="catalogue model key, e.g. 'dev' or 'klein-4b'")
     prompt: str
@@ -46,7 +49,7 @@ class GenerationRequest(BaseModel):
     width: int | None = None
     height: int | None = None
     num_images: int = Field(1, ge=1, le=4)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     steps: int = Field(28, ge=1, le=100)
     guidance: float = 2.5
     sigmas: list[float] | None = None

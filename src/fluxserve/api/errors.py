@@ -127,3 +127,15 @@ async def api_error_handler(request: Request, exc: ApiError) -> JSONResponse:
 
 async def fal_validation_handler(request: Request, exc: FalValidationError) -> JSONResponse:
     return JSONResponse({"detail": exc.errors}, status_code=422)
+
+
+def documented(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a router: the error answers its routes can give, for the OpenAPI document."""
+    text = {
+        400: "Bad request: a parameter of the wrong type or value, named in the answer",
+        401: "No valid API key",
+        404: "Unknown model, endpoint, request or prediction",
+        413: "The request body is larger than the server accepts",
+        422: "Invalid input: the answer names each field",
+    }
+    return {code: {"description": text[code]} for code in codes}

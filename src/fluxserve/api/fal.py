@@ -33,6 +33,7 @@ from fluxserve.api.common import OwnFileMissing, base_url, data_uri, image_url, 
 from fluxserve.api.errors import (
     ApiError,
     FalValidationError,
+    documented,
     fal_error,
     field_error,
     from_field_error,
@@ -40,6 +41,8 @@ from fluxserve.api.errors import (
 )
 from fluxserve.api.fal_schemas import FalInput, ProOutput, input_model, output_model
 from fluxserve.api.file_urls import file_url
+from fluxserve.api.limits import prompt_error
+from fluxserve.api.openapi30 import to_openapi30
 from fluxserve.catalog import Catalog, EndpointSpec
 from fluxserve.jobs.store import QueueFull
 from fluxserve.request import GenerationRequest, InputError, LoraSpec
@@ -52,10 +55,12 @@ STREAM_POLL_S = 0.2  # status streams are woken by this process's changes, and r
 # A status answer may reuse a snapshot read this long ago, unless this process changed any job since
 # (``JobStore.status``): changes made by worker processes elsewhere show up at most this much later.
 STATUS_MAX_AGE_S = 0.025
+MAX_REQUEST_TIMEOUT_S = 7 * 24 * 3600  # X-Fal-Request-Timeout: a week at most
 IDEMPOTENCY_HEADERS = ("idempotency-key", "x-idempotency-key", "x-fal-idempotency-key")
 _IDEMPOTENCY_NS = uuid.UUID("5b0f3b8e-4d55-4c36-9c39-7c1f3f8f1a11")
 
-router = APIRouter(dependencies=[Depends(require_key(DIALECT))], tags=["fal"])
+router = APIRouter(dependencies=[Depends(require_key(DIALECT))], tags=["fal"],
+                   responses=documented(400, 401, 404, 413, 422))
 root_router = APIRouter(dependencies=[Depends(require_key(DIALECT))], tags=["fal"])
 
 
@@ -117,9 +122,12 @@ async def read_input(request: Request, spec: EndpointSpec) -> tuple[FalInput, di
     if not isinstance(body, dict):
         raise FalValidationError([field_error([], "Input should be a JSON object", "model_type")])
     try:
-        return input_model(spec).model_validate(body), body
+        inp = input_model(spec).model_validate(body)
     except ValidationError as exc:
         raise FalValidationError(from_pydantic(exc, body)) from None
+    if message := prompt_error(inp.prompt, request.app.state.settings.max_prompt_chars):
+        raise FalValidationError([field_error(["prompt"], message, "string_too_long")])
+    return inp, body
 
 
 def generation_request(spec: EndpointSpec, inp: FalInput) -> GenerationRequest:
@@ -133,6 +141,14 @@ def generation_request(spec: EndpointSpec, inp: FalInput) -> GenerationRequest:
     width, height = resolved if resolved else (None, None)
     loras = list(spec.loras) + [LoraSpec(path=lora["path"], scale=lora["scale"]) for lora in values.get("loras", [])]
     tolerance = values.get("safety_tolerance")
+    try:
+        return _canonical(spec, inp, values, width, height, loras, tolerance)
+    except ValidationError as exc:  # the schema's limits are inside the canonical ones; this is a safety net
+        raise FalValidationError(from_pydantic(exc)) from None
+
+
+def _canonical(spec: EndpointSpec, inp: FalInput, values: dict, width: int | None, height: int | None,
+               loras: list[LoraSpec], tolerance: Any) -> GenerationRequest:
     return GenerationRequest(
         model=spec.model,
         prompt=inp.prompt,
@@ -198,8 +214,8 @@ def _options(request: Request, inp: FalInput) -> dict[str, Any]:
             timeout_s = float(raw)
         except ValueError:
             raise ApiError(400, f"X-Fal-Request-Timeout must be a number of seconds, not {raw!r}") from None
-        if timeout_s <= 0:
-            raise ApiError(400, "X-Fal-Request-Timeout must be positive")
+        if not 0 < timeout_s <= MAX_REQUEST_TIMEOUT_S:  # also refuses nan
+            raise ApiError(400, f"X-Fal-Request-Timeout must be a number of seconds from 0 to {MAX_REQUEST_TIMEOUT_S}")
     store_io = headers.get("x-fal-store-io", "1").strip() not in ("0", "false") and not inp.sync_mode
     return {"priority": priority, "timeout_s": timeout_s, "store_io": store_io}
 
@@ -694,31 +710,70 @@ def endpoint_openapi_document(spec: EndpointSpec, server: str) -> dict[str, Any]
         components.update(schema.pop("$defs", {}))
     input_name, output_name = input_model(spec).__name__, output_model(spec).__name__
     components[input_name], components[output_name] = input_schema, output_schema
+    components = to_openapi30(components)
     status = {"type": "object", "properties": {
         "status": {"type": "string", "enum": ["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]},
         "request_id": {"type": "string"}, "response_url": {"type": "string"}, "status_url": {"type": "string"},
         "cancel_url": {"type": "string"}, "queue_position": {"type": "integer"}, "logs": {"type": "array"},
         "metrics": {"type": "object"}, "error": {"type": "string"}, "error_type": {"type": "string"}}}
     components["QueueStatus"] = status
+    components.update(ERROR_SCHEMAS)
     app = app_path(spec.id)
     ok = {"description": "Successful Response"}
+    request_id = [{"name": "request_id", "in": "path", "required": True, "schema": {"type": "string"},
+                   "description": "The request_id the queue answered"}]
+    errors = {code: ERROR_RESPONSES[code] for code in ("401", "404")}
     return {
         "openapi": "3.0.4",
         "info": {"title": spec.title, "version": "1.0.0", "x-fal-metadata": {"endpointId": spec.id}},
         "servers": [{"url": f"{server}/queue"}],
         "paths": {
             f"/{spec.id}": {"post": {
+                "operationId": "submit",
                 "requestBody": {"required": True, "content": {"application/json": {
                     "schema": {"$ref": f"#/components/schemas/{input_name}"}}}},
                 "responses": {"200": {**ok, "content": {"application/json": {
-                    "schema": {"$ref": "#/components/schemas/QueueStatus"}}}}}}},
-            f"/{app}/requests/{{request_id}}/status": {"get": {"responses": {"200": ok, "202": ok}}},
-            f"/{app}/requests/{{request_id}}/cancel": {"put": {"responses": {"202": ok, "400": ok}}},
-            f"/{app}/requests/{{request_id}}": {"get": {"responses": {"200": {**ok, "content": {"application/json": {
-                "schema": {"$ref": f"#/components/schemas/{output_name}"}}}}}}},
+                    "schema": {"$ref": "#/components/schemas/QueueStatus"}}}}, **ERROR_RESPONSES}}},
+            f"/{app}/requests/{{request_id}}/status": {"get": {
+                "operationId": "status", "parameters": request_id,
+                "responses": {"200": ok, "202": ok, **errors}}},
+            f"/{app}/requests/{{request_id}}/cancel": {"put": {
+                "operationId": "cancel", "parameters": request_id,
+                "responses": {"202": ok, "400": ERROR_RESPONSES["400"], **errors}}},
+            f"/{app}/requests/{{request_id}}": {"get": {
+                "operationId": "result", "parameters": request_id,
+                "responses": {"200": {**ok, "content": {"application/json": {
+                    "schema": {"$ref": f"#/components/schemas/{output_name}"}}}},
+                    "400": ERROR_RESPONSES["400"], **errors}}},
         },
         "components": {"schemas": components},
     }
+
+
+# Error answers of fal's queue, as the per-endpoint documents describe them.
+ERROR_SCHEMAS: dict[str, Any] = {
+    "FalError": {"type": "object", "required": ["detail"], "properties": {
+        "detail": {"type": "string"}, "error_type": {"type": "string"}}},
+    "ValidationError": {"type": "object", "required": ["loc", "msg", "type"], "properties": {
+        "loc": {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]}},
+        "msg": {"type": "string"}, "type": {"type": "string"}}},
+    "HTTPValidationError": {"type": "object", "properties": {
+        "detail": {"type": "array", "items": {"$ref": "#/components/schemas/ValidationError"}}}},
+}
+
+
+def _error(description: str, schema: str = "FalError") -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
+
+
+ERROR_RESPONSES: dict[str, Any] = {
+    "400": _error("Bad request: a bad header, or a request that is not finished or cannot be cancelled"),
+    "401": _error("No valid API key (Authorization: Key <key>)"),
+    "404": _error("Unknown endpoint or request id"),
+    "413": _error("The request body is larger than the server accepts"),
+    "422": _error("Invalid input: each entry names its field in `loc`", "HTTPValidationError"),
+}
 
 
 # ---- webhooks ----------------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Families (catalog.toml ``schema``): ``dev`` (seed 001, FLUX.2 [dev] Standard), `
 ``num_inference_steps`` / ``acceleration``), ``lora`` (dev + ``loras``), ``pro`` (seed 000: no steps or
 guidance, ``safety_tolerance``, jpeg/png), ``flex`` (pro + steps, guidance, prompt expansion), ``klein``
 (like dev). Edit endpoints add ``image_urls``. Defaults of steps, guidance, prompt expansion and output format
-come from the endpoint's preset. Unknown fields are ignored, as fal does.
+come from the endpoint's preset. Unknown fields are ignored, as fal does. Types are strict, as fal's are: a
+number is not a boolean, ``true`` is not a seed, ``"2"`` is not a count. Seeds run from 0 to 2**63 - 1.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from fluxserve.catalog import EndpointSpec
+from fluxserve.request import MAX_SEED
 
 ImageSizeName = Literal["square_hd", "square", "portrait_4_3", "portrait_16_9", "landscape_4_3", "landscape_16_9"]
 EditImageSizeName = Literal[
@@ -30,15 +32,15 @@ class ImageSize(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    width: int = Field(512, ge=512, le=2048, description="The width of the generated image.")
-    height: int = Field(512, ge=512, le=2048, description="The height of the generated image.")
+    width: int = Field(512, ge=512, le=2048, strict=True, description="The width of the generated image.")
+    height: int = Field(512, ge=512, le=2048, strict=True, description="The height of the generated image.")
 
 
 class LoraWeight(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     path: str = Field(description="URL of the LoRA weights (.safetensors): http(s):// or hf://owner/repo/file.")
-    scale: float = Field(1.0, ge=0, le=4, description="The scale of the LoRA weight, multiplying its effect.")
+    scale: float = Field(1.0, ge=0, le=4, strict=True, description="The scale of the LoRA weight, multiplying its effect.")
 
     @field_validator("path")
     @classmethod
@@ -58,14 +60,16 @@ class FalInput(BaseModel):
         examples=["A cinematic portrait of a weathered sailor with white beard, golden hour lighting"],
     )
     seed: int | None = Field(
-        None, description="The seed to use for the generation. If not provided, a random seed will be used."
+        None, ge=0, le=MAX_SEED, strict=True,
+        description="The seed to use for the generation. If not provided, a random seed will be used.",
     )
     sync_mode: bool = Field(
         False,
+        strict=True,
         description="If `True`, the media will be returned as a data URI and the output data won't be available "
         "in the request history.",
     )
-    enable_safety_checker: bool = Field(True, description="If set to true, the safety checker will be enabled.")
+    enable_safety_checker: bool = Field(True, strict=True, description="If set to true, the safety checker will be enabled.")
 
 
 def _coerce_tolerance(value: Any) -> Any:
@@ -132,7 +136,7 @@ def _fields(spec: EndpointSpec) -> dict[str, Any]:
             ),
         )
     else:
-        fields["num_images"] = (int, Field(1, ge=1, le=4, description="The number of images to generate."))
+        fields["num_images"] = (int, Field(1, ge=1, le=4, strict=True, description="The number of images to generate."))
     if family != "pro":
         fields["guidance_scale"] = (
             float,
@@ -140,18 +144,19 @@ def _fields(spec: EndpointSpec) -> dict[str, Any]:
                 spec.guidance,
                 ge=0,
                 le=20,
+                strict=True,
                 description="Guidance Scale is a measure of how close you want the model to stick to your prompt "
                 "when looking for a related image to show you.",
             ),
         )
         fields["enable_prompt_expansion"] = (
             bool,
-            Field(spec.expand_prompt, description="If set to true, the prompt will be expanded for better results."),
+            Field(spec.expand_prompt, strict=True, description="If set to true, the prompt will be expanded for better results."),
         )
     if family in ("dev", "lora", "flex", "klein"):
         fields["num_inference_steps"] = (
             int,
-            Field(spec.steps, ge=4, le=50, description="The number of inference steps to perform."),
+            Field(spec.steps, ge=4, le=50, strict=True, description="The number of inference steps to perform."),
         )
     if family in ("dev", "lora", "klein"):
         fields["acceleration"] = (

@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
@@ -36,11 +37,12 @@ from starlette.formparsers import MultiPartException
 from fluxserve import fetch
 from fluxserve.api.auth import caller, check_request, queue_full
 from fluxserve.api.common import OwnFileMissing, data_uri, image_url, is_url_or_data_uri, resolve_own_file
-from fluxserve.api.errors import ApiError
+from fluxserve.api.errors import ApiError, documented
+from fluxserve.api.limits import prompt_error
 from fluxserve.catalog import Catalog, EndpointSpec
 from fluxserve.inputs import image_content_type
 from fluxserve.jobs.store import QueueFull
-from fluxserve.request import GenerationRequest, InputError
+from fluxserve.request import MAX_SEED, GenerationRequest, InputError
 from fluxserve.sizes import SizeError, gateway_size
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,10 @@ class OpenAIRoute(APIRoute):
             except StarletteHTTPException as exc:
                 response = _error_response(ApiError(exc.status_code, str(exc.detail), dialect="openai",
                                                     error_type="http_error", headers=dict(exc.headers or {})))
+            except RequestValidationError as exc:  # a path or query parameter of the wrong type or range
+                err = exc.errors()[0]
+                param = str(err["loc"][-1]) if err.get("loc") else None
+                response = _error_response(invalid(param, f"Invalid '{param}': {err['msg']}.", "invalid_value"))
             except Exception:  # an unexpected failure still answers in OpenAI's shape
                 log.exception("OpenAI route %s failed", request.url.path)
                 response = _error_response(ApiError(500, "The server had an error while processing your request.",
@@ -102,7 +108,8 @@ class OpenAIRoute(APIRoute):
         return route
 
 
-router = APIRouter(prefix="/v1", tags=["OpenAI Images"], route_class=OpenAIRoute)
+router = APIRouter(prefix="/v1", tags=["OpenAI Images"], route_class=OpenAIRoute,
+                   responses=documented(400, 401, 404, 413))
 
 
 def _error_response(exc: ApiError) -> JSONResponse:
@@ -157,7 +164,7 @@ def _int(fields: dict[str, Any], name: str, low: int, high: int, default: int | 
         number = int(value)
         if isinstance(value, float) and number != value:
             raise ValueError
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: 1e400 parses as infinity
         raise invalid(name, f"Invalid type for '{name}': expected an integer, got {value!r}.",
                       "invalid_type") from None
     if number < low:
@@ -254,7 +261,7 @@ def translate(
     response_format = _choice(fields, "response_format", ("url", "b64_json"), "url")
     output_format = _choice(fields, "output_format", OUTPUT_FORMATS, "png")
     compression = _int(fields, "output_compression", 0, 100)
-    seed = _int(fields, "seed", 0, 2**63 - 1)
+    seed = _int(fields, "seed", 0, MAX_SEED)
     stream = _bool(fields.get("stream", False), "stream")
     partial_images = _int(fields, "partial_images", 0, 3, default=0) if stream else 0
     for name in ("size", "aspect_ratio", "resolution"):
@@ -574,6 +581,8 @@ async def _authorize(request: Request) -> None:
 async def _run(request: Request, fields: dict[str, Any], images: list[str], edit: bool, body: bytes,
                names: list[str] | None = None) -> Response:
     catalog: Catalog = request.app.state.catalog
+    if message := prompt_error(fields.get("prompt"), request.app.state.settings.max_prompt_chars):
+        raise invalid("prompt", f"Invalid 'prompt': {message}.", "string_above_max_length")
     names = names or [f"image[{i}]" for i in range(len(images))]
     if images:
         images = await resolve_images(request, images, names)

@@ -21,7 +21,8 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
@@ -31,9 +32,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fluxserve import fetch
 from fluxserve.api.auth import caller, check_request, queue_full
 from fluxserve.api.common import OwnFileMissing, base_url, image_url, is_url_or_data_uri, resolve_own_file
-from fluxserve.api.errors import ApiError
+from fluxserve.api.errors import ApiError, documented
 from fluxserve.api.file_urls import file_url
 from fluxserve.api.files import checked_type
+from fluxserve.api.limits import prompt_error
 from fluxserve.api.openai import preset_request
 from fluxserve.api.replicate_schemas import COG_VERSION, ReplicateModels
 from fluxserve.jobs.store import QueueFull
@@ -47,6 +49,7 @@ STATUS = {"queued": "starting", "running": "processing", "completed": "succeeded
           "cancelled": "canceled"}
 WEBHOOK_EVENTS = ("start", "output", "logs", "completed")
 MAX_WAIT_S = 60
+MAX_PAGE_SIZE = 1000
 FORMATS = {"webp": "webp", "jpg": "jpeg", "png": "png"}
 _STEP = re.compile(r"step (\d+)\s*/\s*(\d+)", re.IGNORECASE)
 
@@ -72,6 +75,10 @@ class ReplicateRoute(APIRoute):
                 return problem_response(request, exc)
             except StarletteHTTPException as exc:
                 return problem_response(request, Problem(exc.status_code, _title(exc.status_code), str(exc.detail)))
+            except RequestValidationError as exc:  # a path or query parameter of the wrong type or range
+                return problem_response(request, invalid_input(
+                    [(".".join(str(p) for p in err["loc"][1:]) or str(err["loc"][0]), err["type"], err["msg"])
+                     for err in exc.errors()]))
             except Exception:  # an unexpected failure is still a problem detail
                 log.exception("Replicate route %s failed", request.url.path)
                 return problem_response(request, Problem(500, "Internal server error",
@@ -81,8 +88,8 @@ class ReplicateRoute(APIRoute):
 
 
 def _title(status: int) -> str:
-    return {401: "Unauthenticated", 403: "Forbidden", 404: "Not found", 422: "Input validation failed"}.get(
-        status, "Error")
+    return {401: "Unauthenticated", 403: "Forbidden", 404: "Not found", 413: "Request too large",
+            422: "Input validation failed"}.get(status, "Error")
 
 
 def problem_response(request: Request, exc: Problem, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -110,7 +117,8 @@ def invalid_input(fields: list[tuple[str, str, str]]) -> Problem:
                    [{"type": kind, "field": field, "description": description} for field, kind, description in fields])
 
 
-router = APIRouter(prefix="/v1", tags=["Replicate"], route_class=ReplicateRoute)
+router = APIRouter(prefix="/v1", tags=["Replicate"], route_class=ReplicateRoute,
+                   responses=documented(400, 401, 404, 413, 422))
 
 
 def models(request: Request) -> ReplicateModels:
@@ -392,7 +400,11 @@ async def _body(request: Request) -> dict[str, Any]:
 
 async def create(request: Request, model_name: str, body: dict[str, Any]) -> Response:
     catalog_models = models(request)
-    endpoint, canonical = await translate(catalog_models, model_name, body.get("input", {}), request)
+    raw_input = body.get("input", {})
+    prompt = raw_input.get("prompt") if isinstance(raw_input, dict) else None
+    if message := prompt_error(prompt, request.app.state.settings.max_prompt_chars):
+        raise invalid_input([("input.prompt", "string_too_long", message)])
+    endpoint, canonical = await translate(catalog_models, model_name, raw_input, request)
     webhook = body.get("webhook")
     events = body.get("webhook_events_filter") or list(WEBHOOK_EVENTS)
     if not isinstance(events, list) or any(e not in WEBHOOK_EVENTS for e in events):
@@ -435,7 +447,26 @@ async def create(request: Request, model_name: str, body: dict[str, Any]) -> Res
     return JSONResponse(body_out, status_code=201, headers={"Location": body_out["urls"]["get"]})
 
 
-@router.post("/models/{owner}/{name}/predictions", summary="Create a prediction (Replicate, official model)")
+def _prediction_body(with_version: bool) -> dict[str, Any]:
+    """The documented body of the create routes (the routes read and validate it themselves)."""
+    from fluxserve.api.replicate_schemas import Flux2Input
+
+    properties: dict[str, Any] = {
+        "input": Flux2Input.model_json_schema(),
+        "webhook": {"type": "string", "description": "http(s) URL to notify"},
+        "webhook_events_filter": {"type": "array", "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)}},
+    }
+    required = ["input"]
+    if with_version:
+        properties["version"] = {"type": "string",
+                                 "description": "'owner/name', 'owner/name:<version id>' or a version id"}
+        required.append("version")
+    schema = {"type": "object", "required": required, "properties": properties}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+@router.post("/models/{owner}/{name}/predictions", summary="Create a prediction (Replicate, official model)",
+             openapi_extra=_prediction_body(with_version=False))
 async def create_model_prediction(owner: str, name: str, request: Request) -> Response:
     await _authorize(request)
     model_name = f"{owner}/{name}"
@@ -444,7 +475,8 @@ async def create_model_prediction(owner: str, name: str, request: Request) -> Re
     return await create(request, model_name, await _body(request))
 
 
-@router.post("/predictions", summary="Create a prediction (Replicate, by version)")
+@router.post("/predictions", summary="Create a prediction (Replicate, by version)",
+             openapi_extra=_prediction_body(with_version=True))
 async def create_prediction(request: Request) -> Response:
     await _authorize(request)
     body = await _body(request)
@@ -465,15 +497,19 @@ async def create_prediction(request: Request) -> Response:
 
 
 @router.get("/predictions", summary="List predictions (Replicate)")
-async def list_predictions(request: Request, cursor: str | None = None, page_size: int = 100) -> Response:
+async def list_predictions(
+    request: Request,
+    cursor: str | None = Query(None, description="The page to read: the cursor of a previous page's `next` URL"),
+    page_size: int = Query(100, ge=1, le=MAX_PAGE_SIZE, description="Predictions per page"),
+) -> Response:
     await _authorize(request)
-    page_size = max(1, min(page_size, 1000))
     before = None
     if cursor:
         try:
             before = datetime.fromisoformat(base64.urlsafe_b64decode(cursor.encode()).decode())
         except ValueError:
-            raise Problem(400, "Bad request", "Invalid cursor") from None
+            raise invalid_input([("cursor", "format", "not a cursor of this server: use a page's `next` URL")]) \
+                from None
     store = request.app.state.store
     owner = caller(request).list_owner
     jobs = await run_in_threadpool(lambda: store.list(dialect="replicate", limit=page_size + 1, before=before,

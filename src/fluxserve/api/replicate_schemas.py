@@ -15,7 +15,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
+from fluxserve.api.openapi30 import to_openapi30
 from fluxserve.catalog import Catalog, EndpointSpec
+from fluxserve.request import MAX_SEED
 
 AspectRatio = Literal["1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "match_input_image", "custom"]
 Resolution = Literal["match_input_image", "0.5 MP", "1 MP", "2 MP", "4 MP"]
@@ -53,7 +55,7 @@ class Flux2Input(BaseModel):
         None, ge=64, le=2048,
         description="Height when aspect_ratio is 'custom'; rounded to the nearest multiple of 16",
     )
-    seed: int | None = Field(None, description="Random seed. Set for reproducible generation")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed. Set for reproducible generation")
     output_format: ReplicateFormat = Field("webp", description="Format of the output image")
     output_quality: int = Field(
         80, ge=0, le=100,
@@ -125,7 +127,7 @@ def input_model(model_name: str, steps: int, guidance: float, max_references: in
 
 def openapi_schema(model_cls: type[Flux2Input]) -> dict[str, Any]:
     """The version's ``openapi_schema``: Cog's shape, with ``Input`` and ``Output`` components."""
-    schema = model_cls.model_json_schema()
+    schema = to_openapi30(model_cls.model_json_schema())
     schema["title"] = "Input"
     return {
         "openapi": "3.0.2",

@@ -30,6 +30,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--preload", nargs="*", metavar="MODEL",
                         help="load these catalogue models (or 'all') before accepting requests; with --demo the demo "
                         "models are always built first")
+    parser.add_argument("--max-body-mb", type=int,
+                        help="largest request body in MiB, uploads aside (default 32; FLUXSERVE_MAX_BODY_MB)")
+    parser.add_argument("--max-prompt-chars", type=int,
+                        help="longest prompt in characters (default 8192; FLUXSERVE_MAX_PROMPT_CHARS)")
     add_model_flags(parser)
     parser.set_defaults(func=run)
 
@@ -44,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
         print("error: --ssl-certfile and --ssl-keyfile go together", file=sys.stderr)
         return 2
     settings = settings_from_args(args, db=args.db, storage=args.storage, workers_per_device=args.workers_per_device,
-                                  retention_hours=args.retention_hours)
+                                  retention_hours=args.retention_hours, max_body_mb=args.max_body_mb,
+                                  max_prompt_chars=args.max_prompt_chars)
     app = create_app(settings, start_workers=not args.no_workers)
     if not is_loopback(args.host):
         if not app.state.store.has_keys():

@@ -263,7 +263,7 @@ function makeField(name, rawProp, required) {
       get: () => (numeric ? Number(select.value) : select.value), set: (v) => { select.value = String(v); } };
   }
   if (schema.type === "integer" || schema.type === "number") {
-    const nullable = nonNull.length !== variants.length;
+    const nullable = prop.nullable === true || nonNull.length !== variants.length; // OpenAPI 3.0 or 3.1
     const input = h("input", {
       type: "number", id: `in-${name}`, name, inputmode: schema.type === "integer" ? "numeric" : "decimal",
       min: schema.minimum ?? undefined, max: schema.maximum ?? undefined,
@@ -288,7 +288,7 @@ function makeField(name, rawProp, required) {
   if (schema.type === "string") {
     const isPrompt = name === "prompt";
     const input = isPrompt
-      ? h("textarea", { id: `in-${name}`, name, rows: 4, placeholder: schema.examples?.[0] || "", required })
+      ? h("textarea", { id: `in-${name}`, name, rows: 4, placeholder: schema.example ?? schema.examples?.[0] ?? "", required })
       : h("input", { type: "text", id: `in-${name}`, name, required });
     if (schema.default !== undefined && schema.default !== null) input.value = String(schema.default);
     return { kind: "string", el: wrap(name, prop, input, { required, kind: isPrompt ? "prompt" : "" }),
