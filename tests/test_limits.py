@@ -4,11 +4,13 @@ Each is a 4xx naming the field in the calling dialect's error format, never a 5x
 
 from __future__ import annotations
 
+import io
 from dataclasses import replace
 
 import httpx
 import pytest
 from fal_helpers import Server, settings_for
+from PIL import Image
 
 from fluxserve.config import Settings
 
@@ -157,7 +159,9 @@ def test_a_huge_body_is_refused_before_it_is_read(server, path, shape, declared)
 
 
 def test_uploads_have_their_own_larger_limit(server):
-    data = b"\x89PNG" + b"\0" * (2 * BODY_LIMIT_MB * MIB)
+    small = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(small, format="PNG")
+    data = small.getvalue() + b"\0" * (2 * BODY_LIMIT_MB * MIB)  # a real PNG (uploads are checked) made big
     token = httpx.post(server.url + "/storage/auth/token", timeout=60).json()["token"]
     response = httpx.post(server.url + "/files/upload", content=data, timeout=60,
                           headers={"Authorization": f"Bearer {token}", "content-type": "image/png"})
