@@ -240,8 +240,10 @@ def _idempotent_id(request: Request, endpoint_id: str) -> str | None:
     return None
 
 
-async def submit(request: Request, spec: EndpointSpec, webhook_url: str | None = None):
-    """Validate and queue; returns the job (an existing one for a repeated idempotency key)."""
+async def submit(request: Request, spec: EndpointSpec, webhook_url: str | None = None, *, sync: bool = False):
+    """Validate and queue; returns the job (an existing one for a repeated idempotency key). A ``sync`` job
+    names this server process as its caller (unless an idempotency key lets the caller come back for it), so
+    it is cancelled rather than run for nobody if the process stops."""
     gen, body, inp = await prepare(request, spec)
     options = _options(request, inp)
     store = request.app.state.store
@@ -261,6 +263,7 @@ async def submit(request: Request, spec: EndpointSpec, webhook_url: str | None =
             request=gen.model_dump(mode="json"),
             input=body,
             job_id=job_id,
+            caller=getattr(request.app.state, "process_id", None) if sync and not job_id else None,
             **options,
         )
     except Exception:
@@ -394,7 +397,7 @@ async def wait_for(request: Request, job_id: str, *, cancel_on_disconnect: bool 
 
 async def run(request: Request, endpoint_id: str) -> Response:
     spec = endpoint_spec(request, endpoint_id)
-    job = await submit(request, spec)
+    job = await submit(request, spec, sync=True)
     job = await wait_for(request, job.id)
     return await asyncio.to_thread(result_response, request, job, spec)
 
@@ -402,7 +405,7 @@ async def run(request: Request, endpoint_id: str) -> Response:
 async def run_stream(request: Request, endpoint_id: str) -> Response:
     """SSE: a ``data:`` event per progress step, then the output (or the error)."""
     spec = endpoint_spec(request, endpoint_id)
-    job = await submit(request, spec)
+    job = await submit(request, spec, sync=True)
     store = request.app.state.store
 
     async def events():

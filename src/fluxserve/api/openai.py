@@ -49,6 +49,7 @@ SINGLE_IMAGE_SCHEMAS = ("pro", "flex")  # fal's [pro] and [flex] make one image 
 OUTPUT_FORMATS = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg", "webp": "webp", "gif": "gif", "avif": "avif"}
 TERMINAL = ("completed", "failed", "cancelled")
 INPUT_ERRORS = ("input_error", "invalid_input", "validation_error", "bad_request")
+WAIT_POLL_S = 1.0  # how often a waiting request checks that its caller is still connected
 
 # Provider fields (seed 004 "passthrough") -> canonical request fields.
 PASSTHROUGH: dict[str, str] = {
@@ -339,6 +340,10 @@ class RetryMemory:
             return entry[1]
         return None
 
+    def forget_jobs(self, job_ids: list[str]) -> None:
+        """Forget the request that made these jobs (they were cancelled: a retry must make new ones)."""
+        self._seen = {k: v for k, v in self._seen.items() if v[1] != job_ids}
+
 
 def _memory(request: Request) -> RetryMemory:
     state = request.app.state
@@ -361,6 +366,8 @@ async def submit_jobs(
 ) -> list[str]:
     store = request.app.state.store
     idempotency_key = request.headers.get("idempotency-key")
+    # the caller waits on this connection; with an Idempotency-Key it may come back for the jobs elsewhere
+    caller = None if idempotency_key else getattr(request.app.state, "process_id", None)
     ids: list[str | None] = [None] * len(requests)
     if idempotency_key:
         namespace = uuid.uuid5(uuid.NAMESPACE_URL, "fluxserve/openai")
@@ -384,7 +391,8 @@ async def submit_jobs(
                 continue
         job = await run_in_threadpool(
             lambda c=canonical, i=ids[index]: store.submit(
-                endpoint=spec.id, dialect="openai", request=c, input=raw, store_io=store_io, job_id=i
+                endpoint=spec.id, dialect="openai", request=c, input=raw, store_io=store_io, job_id=i,
+                caller=caller,
             )
         )
         job_ids.append(job.id)
@@ -396,14 +404,28 @@ async def submit_jobs(
 
 
 async def wait_all(request: Request, job_ids: list[str]) -> list[Any]:
+    """The request's jobs once all are terminal. A caller that disconnects first (without an Idempotency-Key
+    to come back with) has its jobs that have not started cancelled: nobody would receive their images."""
     store = request.app.state.store
     jobs = []
     for job_id in job_ids:
-        job = await run_in_threadpool(store.wait, job_id, 30.0)
+        job = await run_in_threadpool(store.wait, job_id, WAIT_POLL_S)
         while job.status not in TERMINAL:
-            job = await run_in_threadpool(store.wait, job_id, 30.0)
+            if await request.is_disconnected():
+                await _caller_gone(request, job_ids)
+            job = await run_in_threadpool(store.wait, job_id, WAIT_POLL_S)
         jobs.append(job)
     return jobs
+
+
+async def _caller_gone(request: Request, job_ids: list[str]) -> None:
+    if not request.headers.get("idempotency-key"):
+        store = request.app.state.store
+        cancelled = [job_id for job_id in job_ids if await run_in_threadpool(store.cancel_queued, job_id)]
+        if cancelled:
+            _memory(request).forget_jobs(job_ids)
+    raise ApiError(499, "The client closed the connection before the images were ready.", dialect="openai",
+                   error_type="client_closed_request")
 
 
 def job_failure(job: Any, names: list[str] | None = None) -> ApiError:
