@@ -353,7 +353,9 @@ def _post_and_hang_up(port: int, path: str, body: dict, store: JobStore, dialect
 
 @pytest.mark.parametrize("dialect, path, body", [
     ("fal", "/fal-ai/flux-2", {"prompt": "a lighthouse", "num_inference_steps": 4}),
+    ("fal", "/fal-ai/flux-2/stream", {"prompt": "a lighthouse", "num_inference_steps": 4}),
     ("openai", "/v1/images/generations", {"prompt": "a lighthouse", "n": 1}),
+    ("openai", "/v1/images/generations", {"prompt": "a lighthouse", "stream": True}),
 ])
 def test_a_sync_caller_that_hangs_up_has_its_queued_job_cancelled(engine, dialect, path, body):
     settings = settings_for(replace(engine.settings, demo=True, device="cpu"), f"hangup-{dialect}")

@@ -24,6 +24,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
@@ -418,12 +419,32 @@ async def wait_all(request: Request, job_ids: list[str]) -> list[Any]:
     return jobs
 
 
+async def _until_hang_up(request: Request, job_ids: list[str], events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """A streamed answer's events; if the caller hangs up first, its jobs that have not started are cancelled
+    (as in ``wait_all``)."""
+    answered = False
+    try:
+        async for event in events:
+            yield event
+        answered = True
+    finally:
+        if not answered:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(_cancel_queued, request, job_ids)
+
+
+def _cancel_queued(request: Request, job_ids: list[str]) -> None:
+    """The caller is gone: cancel the request's jobs that have not started (unless an Idempotency-Key lets it
+    come back for them); a retry of the same body then makes new jobs."""
+    if request.headers.get("idempotency-key"):
+        return
+    store = request.app.state.store
+    if [job_id for job_id in job_ids if store.cancel_queued(job_id)]:
+        _memory(request).forget_jobs(job_ids)
+
+
 async def _caller_gone(request: Request, job_ids: list[str]) -> None:
-    if not request.headers.get("idempotency-key"):
-        store = request.app.state.store
-        cancelled = [job_id for job_id in job_ids if await run_in_threadpool(store.cancel_queued, job_id)]
-        if cancelled:
-            _memory(request).forget_jobs(job_ids)
+    await run_in_threadpool(_cancel_queued, request, job_ids)
     raise ApiError(499, "The client closed the connection before the images were ready.", dialect="openai",
                    error_type="client_closed_request")
 
@@ -589,7 +610,7 @@ async def _run(request: Request, fields: dict[str, Any], images: list[str], edit
     headers = {"x-fluxserve-job-ids": ",".join(job_ids)}
     if options["stream"]:
         prefix = "image_edit" if edit else "image_generation"
-        return StreamingResponse(stream_events(request, job_ids, options, prefix),
+        return StreamingResponse(_until_hang_up(request, job_ids, stream_events(request, job_ids, options, prefix)),
                                  media_type="text/event-stream", headers=headers | {"cache-control": "no-store"})
     jobs = await wait_all(request, job_ids)
     for job in jobs:
