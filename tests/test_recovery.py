@@ -162,6 +162,19 @@ def test_slots_are_per_process_and_remember_the_previous_incarnation(tmp_path, s
         slot.close()
 
 
+def test_a_named_worker_takes_back_the_jobs_of_its_previous_incarnation(tmp_path, store):
+    job = submit(store)
+    named = ProcessSlot.acquire(tmp_path, "worker", "gpu-7")
+    assert named.process_id == "gpu-7"
+    named.start(store, ["gpu-7"])
+    assert store.claim("gpu-7", lease_s=LONG_LEASE_S).id == job.id
+    named.close()
+    again = ProcessSlot.acquire(tmp_path, "worker", "gpu-7")
+    assert again.start(store, ["gpu-7"])["requeued"] == 1
+    assert store.claim("gpu-7").attempts == 2
+    again.close()
+
+
 # ---- a lost lease ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def engine(request, tmp_path_factory) -> Engine:

@@ -89,7 +89,8 @@ class ProcessSlot:
         ``JobStore.recover`` did."""
         counts = {"requeued": 0, "failed": 0, "cancelled": 0}
         previous = self.previous or {}
-        old_ids = [wid for wid in previous.get("worker_ids", []) if isinstance(wid, str) and wid not in worker_ids]
+        # (a named worker's ids are the same in every incarnation: this process claims nothing before this)
+        old_ids = [wid for wid in previous.get("worker_ids", []) if isinstance(wid, str)]
         old_process = previous.get("process_id")
         if not isinstance(old_process, str) or old_process == self.process_id:
             old_process = None
