@@ -293,9 +293,12 @@ def test_worker_command_once(db_url, engine_settings, tmp_path, capsys, monkeypa
 
 def test_worker_command_stops_cleanly_on_sigterm(engine_settings, tmp_path):
     db = f"sqlite:///{tmp_path / 'fleet.db'}"
+    data_dir = tmp_path / "data"  # its own worker slots (a named worker runs once per data directory)
+    data_dir.mkdir()
+    (data_dir / "cache").symlink_to(engine_settings.data_dir / "cache", target_is_directory=True)
     proc = subprocess.Popen(
         [sys.executable, "-m", "fluxserve", "worker", "--demo", "--db", db, "--storage", str(tmp_path / "f"),
-         "--data-dir", str(engine_settings.data_dir), "--worker-id", "gpu-7", "--grace", "0"],
+         "--data-dir", str(data_dir), "--worker-id", "gpu-7", "--grace", "0"],
         env=_cli_env(engine_settings), stderr=subprocess.PIPE, text=True,
     )
     try:

@@ -51,6 +51,7 @@ class RequestIdMiddleware:
 
 def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
     from fluxserve.engine import engines_for
+    from fluxserve.jobs.identity import ProcessSlot
     from fluxserve.jobs.retention import RetentionSweeper
     from fluxserve.jobs.store import JobStore
     from fluxserve.jobs.webhooks import WebhookSender, payload_builders, register_payload_builder
@@ -75,14 +76,19 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
         app_metrics.finished(job)
         webhooks.notify(job)
 
+    # this process's slot on the machine: its jobs are recovered at once if it is killed and started again
+    slot = ProcessSlot.acquire(settings.data_dir, "serve")
+    per_device = max(1, settings.workers_per_device) if start_workers else 0
+    worker_ids = iter(slot.auto_worker_ids(per_device * len(engines)))
     workers = [
-        Worker(store, engine, storage, on_finished=on_finished)
+        Worker(store, engine, storage, worker_id=next(worker_ids), on_finished=on_finished)
         for engine in engines
-        for _ in range(max(1, settings.workers_per_device) if start_workers else 0)
+        for _ in range(per_device)
     ]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        slot.start(store, [worker.worker_id for worker in workers])
         for worker in workers:
             worker.start()
         webhooks.start()
@@ -96,6 +102,7 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
             for worker in workers:
                 worker.stop()
             webhooks.stop()
+            slot.close()
 
     app = FastAPI(
         title="fluxserve",
@@ -107,6 +114,7 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
     app.state.settings, app.state.catalog, app.state.store = settings, catalog, store
     app.state.storage, app.state.engines, app.state.workers = storage, engines, workers
     app.state.metrics, app.state.webhooks = app_metrics, webhooks
+    app.state.process_id = slot.process_id  # recorded as the caller of synchronous requests
     app.state.auth = KeyChecker(store)
     store.max_queued = settings.max_queued or None
     store.max_queued_per_owner = settings.max_queued_per_key or None

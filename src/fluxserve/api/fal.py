@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
@@ -228,8 +229,10 @@ def _idempotent_id(request: Request, endpoint_id: str) -> str | None:
     return None
 
 
-async def submit(request: Request, spec: EndpointSpec, webhook_url: str | None = None):
-    """Validate and queue; returns the job (an existing one for a repeated idempotency key)."""
+async def submit(request: Request, spec: EndpointSpec, webhook_url: str | None = None, *, sync: bool = False):
+    """Validate and queue; returns the job (an existing one for a repeated idempotency key). A ``sync`` job
+    names this server process as its caller (unless an idempotency key lets the caller come back for it), so
+    it is cancelled rather than run for nobody if the process stops."""
     gen, body, inp = await prepare(request, spec)
     options = _options(request, inp)
     store = request.app.state.store
@@ -250,6 +253,7 @@ async def submit(request: Request, spec: EndpointSpec, webhook_url: str | None =
             input=body,
             job_id=job_id,
             owner=caller(request).key_id,
+            caller=getattr(request.app.state, "process_id", None) if sync and not job_id else None,
             **options,
         )
     except QueueFull as exc:
@@ -385,43 +389,57 @@ async def wait_for(request: Request, job_id: str, *, cancel_on_disconnect: bool 
 
 async def run(request: Request, endpoint_id: str) -> Response:
     spec = endpoint_spec(request, endpoint_id)
-    job = await submit(request, spec)
+    job = await submit(request, spec, sync=True)
     job = await wait_for(request, job.id)
     return await asyncio.to_thread(result_response, request, job, spec)
+
+
+async def _stream_events(request: Request, spec: EndpointSpec, job_id: str):
+    """The events of ``run_stream`` until the job ends (or, the caller gone, is cancelled)."""
+    store = request.app.state.store
+    after, last_beat = 0, time.monotonic()
+    while True:
+        current = await asyncio.to_thread(store.get, job_id)
+        lines = await asyncio.to_thread(store.logs, job_id, after)
+        if lines:
+            after = lines[-1].seq
+            progress = {"step": current.step, "total": current.total_steps}
+            event: dict[str, Any] = {"status": "IN_PROGRESS", "progress": progress,
+                                     "logs": [log_entry(line) for line in lines]}
+            previews = [line.preview_key for line in lines if line.preview_key]
+            if previews:
+                event["images"] = [{"url": image_url(request, key)} for key in previews]
+            yield f"data: {json.dumps(event)}\n\n"
+            last_beat = time.monotonic()
+        if current.status in TERMINAL:
+            response = await asyncio.to_thread(result_response, request, current, spec)
+            yield f"data: {response.body.decode()}\n\n"
+            return
+        if await request.is_disconnected():
+            await asyncio.to_thread(store.request_cancel, job_id)
+            return
+        if time.monotonic() - last_beat > KEEPALIVE_S:
+            yield ": keep-alive\n\n"
+            last_beat = time.monotonic()
+        await asyncio.sleep(STREAM_POLL_S)
 
 
 async def run_stream(request: Request, endpoint_id: str) -> Response:
     """SSE: a ``data:`` event per progress step, then the output (or the error)."""
     spec = endpoint_spec(request, endpoint_id)
-    job = await submit(request, spec)
+    job = await submit(request, spec, sync=True)
     store = request.app.state.store
 
     async def events():
-        after, last_beat = 0, time.monotonic()
-        while True:
-            current = await asyncio.to_thread(store.get, job.id)
-            lines = await asyncio.to_thread(store.logs, job.id, after)
-            if lines:
-                after = lines[-1].seq
-                progress = {"step": current.step, "total": current.total_steps}
-                event: dict[str, Any] = {"status": "IN_PROGRESS", "progress": progress,
-                                         "logs": [log_entry(line) for line in lines]}
-                previews = [line.preview_key for line in lines if line.preview_key]
-                if previews:
-                    event["images"] = [{"url": image_url(request, key)} for key in previews]
-                yield f"data: {json.dumps(event)}\n\n"
-                last_beat = time.monotonic()
-            if current.status in TERMINAL:
-                response = await asyncio.to_thread(result_response, request, current, spec)
-                yield f"data: {response.body.decode()}\n\n"
-                return
-            if await request.is_disconnected():
-                await asyncio.to_thread(store.request_cancel, job.id)
-                return
-            if time.monotonic() - last_beat > KEEPALIVE_S:
-                yield ": keep-alive\n\n"
-                last_beat = time.monotonic()
-            await asyncio.sleep(STREAM_POLL_S)
+        answered = False
+        try:
+            async for event in _stream_events(request, spec, job.id):
+                yield event
+            answered = True
+        finally:
+            if not answered:  # the caller hung up (the response was cancelled): nobody will read the result
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(store.request_cancel, job.id)
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"x-fal-request-id": job.id, "Cache-Control": "no-cache"})

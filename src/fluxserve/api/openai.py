@@ -24,6 +24,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -53,6 +54,7 @@ SINGLE_IMAGE_SCHEMAS = ("pro", "flex")  # fal's [pro] and [flex] make one image 
 OUTPUT_FORMATS = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg", "webp": "webp", "gif": "gif", "avif": "avif"}
 TERMINAL = ("completed", "failed", "cancelled")
 INPUT_ERRORS = ("input_error", "invalid_input", "validation_error", "bad_request")
+WAIT_POLL_S = 1.0  # how often a waiting request checks that its caller is still connected
 
 # Provider fields (seed 004 "passthrough") -> canonical request fields.
 PASSTHROUGH: dict[str, str] = {
@@ -348,6 +350,10 @@ class RetryMemory:
             return entry[1]
         return None
 
+    def forget_jobs(self, job_ids: list[str]) -> None:
+        """Forget the request that made these jobs (they were cancelled: a retry must make new ones)."""
+        self._seen = {k: v for k, v in self._seen.items() if v[1] != job_ids}
+
 
 def _memory(request: Request) -> RetryMemory:
     state = request.app.state
@@ -370,6 +376,8 @@ async def submit_jobs(
 ) -> list[str]:
     store = request.app.state.store
     idempotency_key = request.headers.get("idempotency-key")
+    # the caller waits on this connection; with an Idempotency-Key it may come back for the jobs elsewhere
+    held_by = None if idempotency_key else getattr(request.app.state, "process_id", None)
     ids: list[str | None] = [None] * len(requests)
     if idempotency_key:
         namespace = uuid.uuid5(uuid.NAMESPACE_URL, "fluxserve/openai")
@@ -395,7 +403,7 @@ async def submit_jobs(
             job = await run_in_threadpool(
                 lambda c=canonical, i=ids[index]: store.submit(
                     endpoint=spec.id, dialect="openai", request=c, input=raw, store_io=store_io, job_id=i,
-                    owner=caller(request).key_id,
+                    owner=caller(request).key_id, caller=held_by,
                 )
             )
         except QueueFull as exc:
@@ -409,14 +417,48 @@ async def submit_jobs(
 
 
 async def wait_all(request: Request, job_ids: list[str]) -> list[Any]:
+    """The request's jobs once all are terminal. A caller that disconnects first (without an Idempotency-Key
+    to come back with) has its jobs that have not started cancelled: nobody would receive their images."""
     store = request.app.state.store
     jobs = []
     for job_id in job_ids:
-        job = await run_in_threadpool(store.wait, job_id, 30.0)
+        job = await run_in_threadpool(store.wait, job_id, WAIT_POLL_S)
         while job.status not in TERMINAL:
-            job = await run_in_threadpool(store.wait, job_id, 30.0)
+            if await request.is_disconnected():
+                await _caller_gone(request, job_ids)
+            job = await run_in_threadpool(store.wait, job_id, WAIT_POLL_S)
         jobs.append(job)
     return jobs
+
+
+async def _until_hang_up(request: Request, job_ids: list[str], events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """A streamed answer's events; if the caller hangs up first, its jobs that have not started are cancelled
+    (as in ``wait_all``)."""
+    answered = False
+    try:
+        async for event in events:
+            yield event
+        answered = True
+    finally:
+        if not answered:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(_cancel_queued, request, job_ids)
+
+
+def _cancel_queued(request: Request, job_ids: list[str]) -> None:
+    """The caller is gone: cancel the request's jobs that have not started (unless an Idempotency-Key lets it
+    come back for them); a retry of the same body then makes new jobs."""
+    if request.headers.get("idempotency-key"):
+        return
+    store = request.app.state.store
+    if [job_id for job_id in job_ids if store.cancel_queued(job_id)]:
+        _memory(request).forget_jobs(job_ids)
+
+
+async def _caller_gone(request: Request, job_ids: list[str]) -> None:
+    await run_in_threadpool(_cancel_queued, request, job_ids)
+    raise ApiError(499, "The client closed the connection before the images were ready.", dialect="openai",
+                   error_type="client_closed_request")
 
 
 def job_failure(job: Any, names: list[str] | None = None) -> ApiError:
@@ -598,7 +640,7 @@ async def _run(request: Request, fields: dict[str, Any], images: list[str], edit
     headers = {"x-fluxserve-job-ids": ",".join(job_ids)}
     if options["stream"]:
         prefix = "image_edit" if edit else "image_generation"
-        return StreamingResponse(stream_events(request, job_ids, options, prefix),
+        return StreamingResponse(_until_hang_up(request, job_ids, stream_events(request, job_ids, options, prefix)),
                                  media_type="text/event-stream", headers=headers | {"cache-control": "no-store"})
     jobs = await wait_all(request, job_ids)
     for job in jobs:

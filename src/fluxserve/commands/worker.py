@@ -21,7 +21,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--storage", help="file storage: a directory or s3://bucket/prefix")
     parser.add_argument("--workers", type=int, dest="workers_per_device",
                         help="worker threads sharing this process's engine (default 1)")
-    parser.add_argument("--worker-id", help="a name for this worker in job records (default: host-pid-random)")
+    parser.add_argument("--worker-id", help="a name for this worker in job records, unique in the fleet (default: "
+                        "<host>-worker<n>-<random>/<thread>; a restarted worker takes back its predecessor's jobs "
+                        "either way)")
     parser.add_argument("--models", help="only take jobs for these catalogue model keys, comma-separated "
                         "(default: any)")
     parser.add_argument("--lease", type=float, default=30.0,
@@ -36,8 +38,9 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from fluxserve.catalog import Catalog
     from fluxserve.engine import engines_for
+    from fluxserve.jobs.identity import ProcessSlot, SlotBusy
     from fluxserve.jobs.store import JobStore
-    from fluxserve.jobs.worker import Worker, default_worker_id
+    from fluxserve.jobs.worker import Worker
     from fluxserve.storage import open_storage
 
     settings = settings_from_args(args, db=args.db, storage=args.storage, workers_per_device=args.workers_per_device)
@@ -49,20 +52,33 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: --models: unknown model(s) {', '.join(unknown)}; known: {', '.join(catalog.models)}",
                   file=sys.stderr)
             return 2
+    try:
+        slot = ProcessSlot.acquire(settings.data_dir, "worker", args.worker_id)
+    except SlotBusy as e:
+        print(f"error: --worker-id: {e}", file=sys.stderr)
+        return 2
     store = JobStore(settings.db_url)
     storage = open_storage(settings.storage_location)
     engines = engines_for(settings, catalog)
-    base_id = args.worker_id or default_worker_id()
     per_device = max(1, settings.workers_per_device)
     count = per_device * len(engines)
+    if args.worker_id:
+        base_id = args.worker_id
+        ids = [base_id if count == 1 else f"{base_id}-{d}-{i}" for d in range(len(engines)) for i in range(per_device)]
+    else:
+        base_id = slot.process_id
+        ids = slot.auto_worker_ids(count)
     workers = [
-        Worker(store, engine, storage, worker_id=base_id if count == 1 else f"{base_id}-{d}-{i}",
-               lease_s=args.lease, models=models)
-        for d, engine in enumerate(engines)
-        for i in range(per_device)
+        Worker(store, engine, storage, worker_id=worker_id, lease_s=args.lease, models=models)
+        for worker_id, engine in zip(ids, [engine for engine in engines for _ in range(per_device)], strict=True)
     ]
+    recovered = slot.start(store, ids)
     print(f"fluxserve worker: {count} worker(s) {base_id} on {store!r}, storage {storage!r}"
           + (" (demo models)" if settings.demo else ""), file=sys.stderr, flush=True)
+    if any(recovered.values()):
+        print(f"the previous worker in this slot stopped without giving its jobs back: {recovered['requeued']} "
+              f"back in the queue, {recovered['failed']} failed, {recovered['cancelled']} cancelled",
+              file=sys.stderr, flush=True)
 
     if args.once:
         done = 0
@@ -70,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
             done += 1
         print(f"queue empty after {done} job(s)", file=sys.stderr)
         store.close()
+        slot.close()
         return 0
 
     stopping = threading.Event()
@@ -94,5 +111,6 @@ def run(args: argparse.Namespace) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         store.close()
+        slot.close()
     print(f"stopped after {sum(w.jobs_done for w in workers)} job(s)", file=sys.stderr)
     return 0

@@ -83,6 +83,8 @@ jobs = Table(
     Column("webhook", JSON(none_as_null=True), nullable=True),
     # the API key that submitted the job (its id); NULL when the API ran without keys (single-user local use)
     Column("owner", String(64), nullable=True),
+    # the server process holding a synchronous caller's connection (None: the caller polls, or may come back)
+    Column("caller", String(200), nullable=True),
     Index("ix_jobs_claim", "status", "priority_rank", "created_at"),
     Index("ix_jobs_dialect_created", "dialect", "created_at"),
     Index("ix_jobs_created", "created_at"),
@@ -188,4 +190,4 @@ webhook_keys = Table(
 # Columns added to a table after it first shipped: ``JobStore`` adds each one that an existing database lacks
 # (``ALTER TABLE ... ADD COLUMN``), so a data directory or PostgreSQL database made by an older fluxserve keeps
 # working. Every entry must be nullable or have a ``server_default``; declare the column in its table above too.
-ADDED_COLUMNS: list[tuple[str, str]] = [("jobs", "owner"), ("api_keys", "admin")]  # (table name, column name)
+ADDED_COLUMNS: list[tuple[str, str]] = [("jobs", "owner"), ("api_keys", "admin"), ("jobs", "caller")]  # (table, column)

@@ -52,6 +52,12 @@ TIMEOUT_ERROR = "Request timed out"
 TIMEOUT_ERROR_TYPE = "request_timeout"
 CANCELLED_ERROR = "Request was cancelled"
 CANCELLED_ERROR_TYPE = "cancelled"
+CALLER_GONE_ERROR = "Request was cancelled: the server holding the caller's connection stopped"
+
+# A running job whose worker lives in the server process that holds its synchronous caller's connection (worker
+# ids there are "<process id>/<n>"): when its lease expires that process is gone, and so is the caller.
+_CALLER_GONE_SQL = ("(caller IS NOT NULL AND worker_id IS NOT NULL AND "
+                    "substr(worker_id, 1, length(caller) + 1) = caller || '/')")
 
 # how often a store looks for expired queued jobs and dead workers' jobs (seconds)
 SWEEP_INTERVAL = 0.5
@@ -109,6 +115,7 @@ class Job:
     webhook: dict | None = None
     model: str = ""
     owner: str | None = None  # the submitting API key's id; None when the API ran without keys
+    caller: str | None = None  # the server process holding a synchronous caller's connection
 
     @property
     def terminal(self) -> bool:
@@ -161,6 +168,11 @@ FROM jobs j WHERE j.id = {param}
 """
 _STATUS_SQL_SQLITE = _STATUS_SQL.format(inference="json_extract(j.result, '$.timings.inference')", param="?")
 _STATUS_SQL_POSTGRES = _STATUS_SQL.format(inference="j.result #>> '{timings,inference}'", param="%s")
+
+
+def _caller_gone(job: Any) -> bool:
+    """``_CALLER_GONE_SQL`` for one job (with ``caller`` and ``worker_id``)."""
+    return bool(job.caller and job.worker_id and job.worker_id.startswith(job.caller + "/"))
 
 
 def _as_utc(value: Any) -> datetime | None:
@@ -592,9 +604,12 @@ class JobStore:
 
     def submit(self, *, endpoint: str, dialect: str, request: dict, input: dict | None = None,
                priority: str = "normal", timeout_s: float | None = None, store_io: bool = True,
-               webhook: dict | None = None, job_id: str | None = None, owner: str | None = None) -> Job:
+               webhook: dict | None = None, job_id: str | None = None, owner: str | None = None,
+               caller: str | None = None) -> Job:
         """Queue a job for ``owner`` (an API key id; None without keys). Submitting an id that exists returns
-        the existing job (an idempotent retry). ``QueueFull`` when a queue-depth limit is reached."""
+        the existing job (an idempotent retry). ``QueueFull`` when a queue-depth limit is reached. ``caller``
+        names the server process holding a synchronous caller's connection: if that process stops, nobody
+        waits for the result any more and the job is cancelled instead of run again."""
         if priority not in PRIORITY_RANKS:
             raise ValueError(f"priority must be one of {sorted(PRIORITY_RANKS)}, not {priority!r}")
         if timeout_s is not None and timeout_s <= 0:
@@ -606,7 +621,7 @@ class JobStore:
             "priority_rank": PRIORITY_RANKS[priority], "request": request, "input": input,
             "created_at": now, "updated_at": now, "attempts": 0, "cancel_requested": False,
             "timeout_at": now + timedelta(seconds=timeout_s) if timeout_s else None,
-            "store_io": store_io, "webhook": webhook, "owner": owner,
+            "store_io": store_io, "webhook": webhook, "owner": owner, "caller": caller,
         }
         names = ", ".join(f'"{name}"' for name in values)
         try:
@@ -656,7 +671,8 @@ class JobStore:
         if job.status == "queued":
             return timed_out
         dead = job.status == "running" and job.lease_expires_at is not None and job.lease_expires_at < now
-        return dead and (job.cancel_requested or timed_out or job.attempts >= self.max_attempts)
+        return dead and (job.cancel_requested or timed_out or job.attempts >= self.max_attempts
+                         or _caller_gone(job))
 
     def status(self, job_id: str, max_age_s: float = 0.0, *, _swept: bool = False) -> JobStatus | None:
         """The job's status fields and queue position in one cheap read (None if unknown). With ``max_age_s``
@@ -717,7 +733,8 @@ class JobStore:
         when = db_time(now, postgres)
         pick = (
             "SELECT id FROM jobs WHERE cancel_requested = ? AND (timeout_at IS NULL OR timeout_at > ?) AND "
-            "(status = 'queued' OR (status = 'running' AND lease_expires_at < ? AND attempts < ?))"
+            "(status = 'queued' OR (status = 'running' AND lease_expires_at < ? AND attempts < ? AND "
+            f"NOT {_CALLER_GONE_SQL}))"
         )
         params: list[Any] = [False, when, when, self.max_attempts]
         if models is not None:
@@ -759,7 +776,8 @@ class JobStore:
         condition = (
             "FROM jobs WHERE (status = 'queued' AND timeout_at IS NOT NULL AND timeout_at <= ?) OR "
             "(status = 'running' AND lease_expires_at < ? AND "
-            "(cancel_requested = ? OR (timeout_at IS NOT NULL AND timeout_at <= ?) OR attempts >= ?))"
+            f"(cancel_requested = ? OR (timeout_at IS NOT NULL AND timeout_at <= ?) OR attempts >= ? OR "
+            f"{_CALLER_GONE_SQL}))"
         )
         params = (when, when, True, when, self.max_attempts)
         probe = f"SELECT id {condition} LIMIT 1"  # the common case finds nothing and takes no write lock
@@ -768,13 +786,17 @@ class JobStore:
         finished = []
         with self._raw_write() as raw:
             lock = " FOR UPDATE SKIP LOCKED" if postgres else ""
-            for job_id, cancel_requested, timeout_at, attempts in raw.execute(
-                    f"SELECT id, cancel_requested, timeout_at, attempts {condition}{lock}", params).fetchall():
+            for job_id, cancel_requested, timeout_at, attempts, caller, worker_id in raw.execute(
+                    f"SELECT id, cancel_requested, timeout_at, attempts, caller, worker_id {condition}{lock}",
+                    params).fetchall():
                 timeout_at = _as_utc(timeout_at)
                 if timeout_at is not None and timeout_at <= now:
                     outcome = {"status": "failed", "error": TIMEOUT_ERROR, "error_type": TIMEOUT_ERROR_TYPE}
                 elif cancel_requested:
                     outcome = {"status": "cancelled", "error": CANCELLED_ERROR, "error_type": CANCELLED_ERROR_TYPE}
+                elif _caller_gone(SimpleNamespace(caller=caller, worker_id=worker_id)):
+                    outcome = {"status": "cancelled", "error": CALLER_GONE_ERROR,
+                               "error_type": CANCELLED_ERROR_TYPE}
                 else:
                     outcome = {
                         "status": "failed", "error_type": "internal_error",
@@ -883,6 +905,94 @@ class JobStore:
         self._leases.pop(job_id, None)
         self._changed(job_id, work=True)
         return count == 1
+
+    def recover(self, worker_ids: list[str], process_id: str | None = None) -> dict[str, int]:
+        """Clean up after a server or worker process that stopped without giving its jobs back (killed, crashed,
+        the machine rebooted), as soon as its next incarnation starts instead of a whole lease later.
+
+        The running jobs held by ``worker_ids`` go back to the queue, keeping their place and counting the
+        attempt (a job that brought its worker down ``max_attempts`` times fails); those cancelled or past their
+        timeout end so. The jobs whose synchronous caller was connected to ``process_id`` are cancelled: nobody
+        waits for their result. Only call this for ids no live process uses. Returns how many jobs were
+        ``requeued``, ``failed`` and ``cancelled``."""
+        counts = {"requeued": 0, "failed": 0, "cancelled": 0}
+        if not worker_ids and not process_id:
+            return counts
+        now = utcnow()
+        finished: list[str] = []
+        touched: list[str] = []
+        held = set(worker_ids)
+        with self._raw_write() as raw:
+            where = []
+            params: list[Any] = []
+            if worker_ids:
+                where.append(f"(status = 'running' AND worker_id IN ({', '.join('?' * len(worker_ids))}))")
+                params += list(worker_ids)
+            if process_id:
+                where.append("caller = ?")
+                params.append(process_id)
+            lock = " FOR UPDATE" if raw.postgres else ""
+            rows = raw.execute(
+                "SELECT id, status, worker_id, cancel_requested, timeout_at, attempts, caller FROM jobs "
+                f"WHERE status IN ('queued', 'running') AND ({' OR '.join(where)}){lock}", params).fetchall()
+            for job_id, status, worker_id, cancel_requested, timeout_at, attempts, caller in rows:
+                timeout_at = _as_utc(timeout_at)
+                caller_gone = bool(process_id) and caller == process_id
+                if status == "running" and worker_id in held:
+                    if timeout_at is not None and timeout_at <= now:
+                        outcome = {"status": "failed", "error": TIMEOUT_ERROR, "error_type": TIMEOUT_ERROR_TYPE}
+                    elif cancel_requested:
+                        outcome = {"status": "cancelled", "error": CANCELLED_ERROR,
+                                   "error_type": CANCELLED_ERROR_TYPE}
+                    elif caller_gone:
+                        outcome = {"status": "cancelled", "error": CALLER_GONE_ERROR,
+                                   "error_type": CANCELLED_ERROR_TYPE}
+                    elif attempts >= self.max_attempts:
+                        outcome = {"status": "failed", "error_type": "internal_error",
+                                   "error": f"The worker running this request stopped {attempts} times; giving up."}
+                    else:
+                        raw.execute("UPDATE jobs SET status = 'queued', worker_id = NULL, lease_expires_at = NULL, "
+                                    "step = NULL, total_steps = NULL, updated_at = ? WHERE id = ?",
+                                    (raw.time(now), job_id))
+                        self._insert_lines(raw, job_id, [{
+                            "level": "WARN", "message": "the worker running this request stopped; it restarted "
+                            "and put the request back in the queue"}], now)
+                        counts["requeued"] += 1
+                        touched.append(job_id)
+                        continue
+                elif status == "queued":
+                    outcome = {"status": "cancelled", "error": CALLER_GONE_ERROR, "error_type": CANCELLED_ERROR_TYPE}
+                else:  # running on a live worker elsewhere: it stops at its next heartbeat
+                    raw.execute("UPDATE jobs SET cancel_requested = ?, updated_at = ? WHERE id = ?",
+                                (True, raw.time(now), job_id))
+                    self._insert_lines(raw, job_id, [{"message": "cancellation requested: the server holding "
+                                                      "the caller's connection stopped"}], now)
+                    counts["cancelled"] += 1
+                    touched.append(job_id)
+                    continue
+                if self._finish(raw, job_id, now, **outcome) is not None:
+                    counts["cancelled" if outcome["status"] == "cancelled" else "failed"] += 1
+                    finished.append(job_id)
+        if finished:
+            self._terminated(finished)
+        if touched:
+            self._changed(*touched, work=True)
+        return counts
+
+    def cancel_queued(self, job_id: str) -> bool:
+        """Cancel the job if it is still queued (a synchronous caller that went away before it started);
+        True when it was."""
+        now = utcnow()
+        with self._raw_write() as raw:
+            lock = " FOR UPDATE" if raw.postgres else ""
+            row = raw.execute(f"SELECT status FROM jobs WHERE id = ?{lock}", (job_id,)).fetchone()
+            job = None
+            if row is not None and row[0] == "queued":
+                job = self._finish(raw, job_id, now, status="cancelled", error=CANCELLED_ERROR,
+                                   error_type=CANCELLED_ERROR_TYPE)
+        if job is not None:
+            self._terminated([job_id])
+        return job is not None
 
     def request_cancel(self, job_id: str) -> str:
         """"CANCELLATION_REQUESTED" | "ALREADY_COMPLETED" | "NOT_FOUND". A queued job is cancelled at once;
