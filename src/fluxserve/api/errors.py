@@ -136,6 +136,8 @@ def documented(*codes: int) -> dict[int | str, dict[str, Any]]:
         401: "No valid API key",
         404: "Unknown model, endpoint, request or prediction",
         413: "The request body is larger than the server accepts",
+        415: "An upload that is not an image or safetensors file",
         422: "Invalid input: the answer names each field",
+        429: "The queue is full for this key or for the server; retry after the Retry-After seconds",
     }
     return {code: {"description": text[code]} for code in codes}

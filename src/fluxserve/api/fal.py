@@ -61,7 +61,7 @@ IDEMPOTENCY_HEADERS = ("idempotency-key", "x-idempotency-key", "x-fal-idempotenc
 _IDEMPOTENCY_NS = uuid.UUID("5b0f3b8e-4d55-4c36-9c39-7c1f3f8f1a11")
 
 router = APIRouter(dependencies=[Depends(require_key(DIALECT))], tags=["fal"],
-                   responses=documented(400, 401, 404, 413, 422))
+                   responses=documented(400, 401, 404, 413, 422, 429))
 root_router = APIRouter(dependencies=[Depends(require_key(DIALECT))], tags=["fal"])
 
 
@@ -791,6 +791,7 @@ ERROR_RESPONSES: dict[str, Any] = {
     "404": _error("Unknown endpoint or request id"),
     "413": _error("The request body is larger than the server accepts"),
     "422": _error("Invalid input: each entry names its field in `loc`", "HTTPValidationError"),
+    "429": _error("The queue is full for this key or for the server; retry after `Retry-After` seconds"),
 }
 
 

@@ -111,7 +111,7 @@ class OpenAIRoute(APIRoute):
 
 
 router = APIRouter(prefix="/v1", tags=["OpenAI Images"], route_class=OpenAIRoute,
-                   responses=documented(400, 401, 404, 413))
+                   responses=documented(400, 401, 404, 413, 429))
 
 
 def _error_response(exc: ApiError) -> JSONResponse:

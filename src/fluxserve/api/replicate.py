@@ -118,7 +118,7 @@ def invalid_input(fields: list[tuple[str, str, str]]) -> Problem:
 
 
 router = APIRouter(prefix="/v1", tags=["Replicate"], route_class=ReplicateRoute,
-                   responses=documented(400, 401, 404, 413, 422))
+                   responses=documented(400, 401, 404, 413, 422, 429))
 
 
 def models(request: Request) -> ReplicateModels:
