@@ -3,6 +3,7 @@ the status stream, a storage upload, and a validation error. ``tests/js`` is ins
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import subprocess
@@ -47,7 +48,8 @@ def test_official_js_client(node_client, tmp_path):
         assert len(streaming["logs"]) == len(set(streaming["logs"]))
 
         assert report["upload"].startswith(f"{server.url}/files/uploads/")
-        assert httpx.get(report["upload"]).content == bytes([137, 80, 78, 71])
+        assert httpx.get(report["upload"]).content == base64.b64decode(
+            "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
 
         invalid = report["invalid"]
         assert invalid["status"] == 422 and invalid["isValidation"]

@@ -41,7 +41,9 @@ const viaStream = await fal.subscribe("fal-ai/flux-2/klein/4b", {
 report.streaming = { data: viaStream.data, requestId: viaStream.requestId,
   statuses: streamed.map((u) => u.status), logs: streamed.at(-1)?.logs?.map((l) => l.message) || [] };
 
-const blob = new Blob([new Uint8Array([137, 80, 78, 71])], { type: "image/png" });
+// a 1x1 PNG (uploads must be images or safetensors files)
+const png = Uint8Array.from(atob("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="), (c) => c.charCodeAt(0));
+const blob = new Blob([png], { type: "image/png" });
 report.upload = await fal.storage.upload(blob);
 
 try {
