@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 
@@ -64,6 +65,18 @@ def test_models_lists_endpoints_and_weights(demo_data_dir):
     assert "hub black-forest-labs/FLUX.2-dev" in listing["models"]["dev"]["resolves_to"]
     demo = run_cli("models", "--json", "--demo", data_dir=demo_data_dir)
     assert "demo 'klein'" in json.loads(demo.stdout)["models"]["klein-9b"]["resolves_to"]
+    # the tables print titles as written: "[dev]" is text, not rich markup
+    table = subprocess.run([sys.executable, "-m", "fluxserve", "models", "--data-dir", str(demo_data_dir)],
+                           check=False, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "250"})
+    assert table.returncode == 0 and "FLUX.2 [dev]" in table.stdout and "FLUX.2 [klein] 4B" in table.stdout
+
+
+def test_version():
+    from fluxserve import __version__
+
+    done = subprocess.run([sys.executable, "-m", "fluxserve", "--version"], check=False, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == f"fluxserve {__version__}"
 
 
 def parse(*argv: str) -> argparse.Namespace:

@@ -11,7 +11,10 @@ COMMANDS = ("serve", "worker", "generate", "bench", "plan", "models", "keys", "d
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fluxserve import __version__
+
     parser = argparse.ArgumentParser(prog="fluxserve", description="Self-hosted FLUX.2 image generation.")
+    parser.add_argument("--version", action="version", version=f"fluxserve {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(f"fluxserve.commands.{name}").add_parser(subparsers)

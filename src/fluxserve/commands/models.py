@@ -66,21 +66,22 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"catalog": str(catalog.source), "models": models, "endpoints": endpoints}, indent=2))
         return 0
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
-    table = Table(title=f"Endpoints ({catalog.source})")
+    table = Table(title=escape(f"Endpoints ({catalog.source})"))
     table.add_column("endpoint", no_wrap=True)
     table.add_column("model", no_wrap=True)
     table.add_column("task")
     table.add_column("preset")
-    for eid, info in endpoints.items():
-        table.add_row(eid, info["model"], info["task"], info["preset"])
+    for eid, info in endpoints.items():  # escaped: "FLUX.2 [dev]" is text, not rich markup
+        table.add_row(*(escape(str(v)) for v in (eid, info["model"], info["task"], info["preset"])))
     console.print(table)
     table = Table(title="Models" + (" (--demo: served by the demo models)" if settings.demo else ""))
     for column in ("model", "title", "pipeline", "weights resolve to"):
         table.add_column(column)
     for key, info in models.items():
-        table.add_row(key, info["title"], info["pipeline"], info["resolves_to"])
+        table.add_row(*(escape(str(v)) for v in (key, info["title"], info["pipeline"], info["resolves_to"])))
     console.print(table)
     return 0
