@@ -403,3 +403,18 @@ def test_accepted_job_survives_a_restart(base_settings):
         base = f"{second.url}/queue/fal-ai/flux-2/requests/{submitted['request_id']}"
         wait_completed(client, base + "/status")
         assert client.get(base).json()["images"][0]["width"] == 512
+
+
+def test_docs_work_offline_and_the_favicon_is_served(server):
+    """/docs and /redoc load their scripts from this server (no CDN), and /favicon.ico is an image."""
+    import re
+
+    for page in ("/docs", "/redoc"):
+        html = httpx.get(f"{server.url}{page}").text
+        assets = re.findall(r'(?:src|href)="([^"]+)"', html)
+        assert assets and not [a for a in assets if a.startswith(("http://", "https://", "//"))], assets
+        for asset in assets:
+            assert httpx.get(f"{server.url}{asset}").status_code == 200, asset
+    icon = httpx.get(f"{server.url}/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"] == "image/png"
+    assert icon.content.startswith(b"\x89PNG")

@@ -8,13 +8,15 @@ dialects. fal's catch-all routes (``POST /{endpoint}``) are included last.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from contextlib import asynccontextmanager
 from functools import partial
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 
 from fluxserve import fetch
 from fluxserve.api import fal, file_urls, files, metrics, web
@@ -47,6 +49,20 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+@functools.cache
+def favicon_png() -> bytes:
+    """The site icon: a light triangle on a dark square, 32x32."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGBA", (32, 32), (17, 24, 39, 255))
+    ImageDraw.Draw(image).polygon([(5, 27), (16, 5), (27, 27)], fill=(250, 204, 21, 255))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
@@ -104,7 +120,10 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
             webhooks.stop()
             slot.close()
 
-    app = FastAPI(
+    # the documentation pages (/docs, /redoc) with their scripts served here: they work offline
+    app = FastAPIOffline(
+        static_url="/static-docs",
+        favicon_url="/favicon.ico",
         title="fluxserve",
         version="0.1.0",
         description="Self-hosted FLUX.2: the fal, OpenAI Images and Replicate APIs on your own GPUs. "
@@ -151,6 +170,10 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
     def webhook_jwks() -> JSONResponse:
         """fal-dialect webhooks are signed with this ED25519 key; receivers fetch it as they fetch fal's."""
         return JSONResponse(webhooks.keys.fal_jwks(), headers={"Cache-Control": "max-age=3600"})
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return Response(favicon_png(), media_type="image/png", headers={"Cache-Control": "public, max-age=86400"})
 
     app.include_router(metrics.router)
     app.include_router(files.router)
