@@ -52,7 +52,8 @@ def _data_uri(size=(96, 64)) -> str:
         ({"prompt": "x", "output_format": "gif"}, "input.output_format"),
         ({"prompt": "x", "output_quality": 101}, "input.output_quality"),
         ({"prompt": "x", "steps": 51}, "input.steps"),
-        ({"prompt": "x", "num_inference_steps": 0}, "input.steps"),
+        ({"prompt": "x", "num_inference_steps": 0}, "input.num_inference_steps"),  # named as sent
+        ({"prompt": "x", "num_inference_steps": 51}, "input.num_inference_steps"),
         ({"prompt": "x", "guidance": 11}, "input.guidance"),
         ({"prompt": "x", "safety_tolerance": 6}, "input.safety_tolerance"),
         ({"prompt": "x", "input_images": ["a", "b", "c", "d", "e"]}, "input.input_images"),

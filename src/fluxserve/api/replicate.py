@@ -129,12 +129,20 @@ def models(request: Request) -> ReplicateModels:
 
 
 # ---- translation ------------------------------------------------------------------------------------
-def _validation_problem(exc: ValidationError, canonical: bool = False) -> Problem:
+# other names the input schema accepts for a field (seed 003's): an error names the one the caller sent
+SENT_AS = {"steps": "num_inference_steps", "input_images": "input_image"}
+
+
+def _validation_problem(exc: ValidationError, canonical: bool = False, sent: Any = None) -> Problem:
     """pydantic errors -> 422. ``canonical``: the errors are about the canonical request, whose field names
-    are translated back to Replicate's."""
+    are translated back to Replicate's. ``sent``: the caller's input, so a field is named as it was sent
+    (``num_inference_steps`` rather than ``steps``)."""
     fields = []
     for err in exc.errors(include_url=False):
-        path = ".".join(str(part) for part in err["loc"])
+        parts = [str(part) for part in err["loc"]]
+        if isinstance(sent, dict) and parts and parts[0] not in sent and SENT_AS.get(parts[0]) in sent:
+            parts[0] = SENT_AS[parts[0]]
+        path = ".".join(parts)
         if canonical and path:
             field = replicate_field(path)
         else:
@@ -197,7 +205,7 @@ async def translate(catalog_models: ReplicateModels, model_name: str, raw: Any,
     try:
         parsed = catalog_models.input_model(model_name).model_validate(raw)
     except ValidationError as exc:
-        raise _validation_problem(exc) from None
+        raise _validation_problem(exc, sent=raw) from None
     text_spec, edit_spec = catalog_models.specs(model_name)
     images = parsed.input_images
     if images and request is not None:
