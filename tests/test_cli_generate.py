@@ -21,12 +21,12 @@ def run_cli(*args: str, data_dir) -> subprocess.CompletedProcess:
 
 def test_generate_writes_the_file_and_prints_seed_and_timings(demo_data_dir, tmp_path):
     out = tmp_path / "fox.png"
-    done = run_cli("generate", "a fox", "--demo", "--size", "256x192", "--steps", "2", "--seed", "3",
+    done = run_cli("generate", "a fox", "--demo", "--size", "640x512", "--steps", "2", "--seed", "3",
                    "--num-images", "2", "-o", str(out), data_dir=demo_data_dir)
     assert done.returncode == 0, done.stderr
     files = [tmp_path / "fox-0.png", tmp_path / "fox-1.png"]
     for path in files:
-        assert Image.open(path).size == (256, 192)
+        assert Image.open(path).size == (640, 512)
         assert f"wrote {path}" in done.stdout
     assert "seed: 3" in done.stdout
     assert "timings: text_encoding" in done.stdout and "inference" in done.stdout
@@ -104,6 +104,10 @@ def test_request_takes_the_endpoint_preset(catalog):
         build_request(parse("a fox", "--endpoint", "fal-ai/flux-2/edit"), catalog)
     with pytest.raises(ArgumentError, match="--size"):
         build_request(parse("a fox", "--size", "10x10"), catalog)
+    with pytest.raises(ArgumentError, match="between 512 and 2048"):  # the endpoint's own image_size rules
+        build_request(parse("a fox", "--endpoint", "fal-ai/flux-2", "--size", "100x100"), catalog)
+    with pytest.raises(ArgumentError, match="--image.*no such file"):  # before any model is loaded
+        build_request(parse("a fox", "--endpoint", "fal-ai/flux-2/edit", "--image", "/nonexistent/x.png"), catalog)
 
 
 def test_parse_lora():

@@ -103,7 +103,8 @@ def build_request(args: argparse.Namespace, catalog):
 
 
 def parse_size(value: str | None) -> tuple[int | None, int | None]:
-    from fluxserve.sizes import FAL_IMAGE_SIZES, MODEL_MAX_SIDE, MODEL_MIN_SIDE
+    """``--size`` by the endpoint's own schema (fal's ``image_size``: an enum, or each side 512-2048)."""
+    from fluxserve.sizes import FAL_IMAGE_SIZES, FAL_MAX_SIDE, FAL_MIN_SIDE
 
     if value is None or value == "auto":
         return None, None
@@ -115,9 +116,9 @@ def parse_size(value: str | None) -> tuple[int | None, int | None]:
                             "or WIDTHxHEIGHT such as 1024x768")
     width, height = int(match.group(1)), int(match.group(2))
     for side in (width, height):
-        if not MODEL_MIN_SIDE <= side <= MODEL_MAX_SIDE:
-            raise ArgumentError("--size", f"{value!r}: each side must be between {MODEL_MIN_SIDE} and "
-                                f"{MODEL_MAX_SIDE} pixels")
+        if not FAL_MIN_SIDE <= side <= FAL_MAX_SIDE:
+            raise ArgumentError("--size", f"{value!r}: each side must be between {FAL_MIN_SIDE} and "
+                                f"{FAL_MAX_SIDE} pixels, as the endpoint's image_size allows")
     return width, height
 
 
@@ -137,9 +138,13 @@ def parse_lora(value: str):
 
 
 def _reference(ref: str) -> str:
+    """A URL or data URI as given; a local path resolved, and checked before any model loads."""
     if ref.startswith(("http://", "https://", "data:")):
         return ref
-    return str(Path(ref).expanduser().resolve())
+    path = Path(ref.removeprefix("file://")).expanduser().resolve()
+    if not path.is_file():
+        raise ArgumentError("--image", f"{ref!r}: no such file")
+    return str(path)
 
 
 def output_paths(output: str | None, seed: int, count: int, fmt: str) -> list[Path]:
