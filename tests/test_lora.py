@@ -280,3 +280,24 @@ def test_engine_rejects_a_pickled_lora_with_the_field(engine, tmp_path: Path):
     with pytest.raises(InputError) as info:
         engine_pixels(engine, loras=[LoraSpec(path=str(pickled))])
     assert info.value.field == "loras[0].path"
+
+
+def test_output_metadata_keeps_lora_url_secrets_out(engine, demo_settings, file_server, tmp_path: Path):
+    """A signed LoRA URL's token (and any user:password) does not travel inside the generated image's
+    parameters; the URL's host and path do."""
+    import io
+
+    from diffusers import Flux2Transformer2DModel
+    from PIL import Image
+
+    from fluxserve.request import GenerationRequest
+
+    served, base_url = file_server
+    demo_transformer = Flux2Transformer2DModel.from_pretrained(demo_settings.demo_dir / "dev", subfolder="transformer")
+    write_lora(served / "style.safetensors", demo_transformer, seed=7)
+    url = base_url.replace("http://", "http://user:pw-secret@") + "/style.safetensors?token=sig-secret#frag"
+    result = engine.generate(GenerationRequest(model="dev", prompt="a lighthouse", width=64, height=64, steps=1,
+                                               seed=1, safety_checker=False, loras=[LoraSpec(path=url)]))
+    parameters = Image.open(io.BytesIO(result.images[0].data)).info["parameters"]
+    assert f"{base_url}/style.safetensors" in parameters
+    assert "secret" not in parameters and "token" not in parameters

@@ -211,7 +211,7 @@ class Engine:
             "steps": request.steps, "guidance": request.guidance, "width": out_width, "height": out_height,
         }
         if request.loras:
-            metadata["loras"] = [{"path": lora.path, "scale": lora.scale} for lora in request.loras]
+            metadata["loras"] = [{"path": public_url(lora.path), "scale": lora.scale} for lora in request.loras]
         outputs = [
             GeneratedImage(
                 data=encode_image(image, request.output_format, request.output_quality, metadata),
@@ -362,6 +362,19 @@ def _pick_device(name: str) -> torch.device:
     if name:
         return torch.device(name)
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def public_url(url: str) -> str:
+    """``url`` without what may be secret: no user info, query or fragment (signed URLs carry their tokens
+    there). The files' embedded parameters travel with every copy of an image."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return url
+    host = parts.hostname or ""
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def _cancelled(should_cancel: CancelCheck | None) -> bool:
