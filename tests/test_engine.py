@@ -168,11 +168,13 @@ def test_reference_validation_names_the_field(engine: Engine, reference_image):
 
 
 def test_reference_limits_per_endpoint(catalog: Catalog):
-    big = [Image.new("RGB", (4000, 2000))] * 2  # 16 MP in total
+    big = [Image.new("RGB", (4000, 2000))] * 2  # 15.3 MP in total (1 MP = 1024x1024 pixels)
     with pytest.raises(InputError) as info:
         check_references(big, catalog.endpoint("fal-ai/flux-2/edit"))
     assert info.value.field == "image_urls" and "14 MP" in info.value.message
     check_references(big[:1], catalog.endpoint("fal-ai/flux-2/edit"))
+    # 14 MP is 14 x 1024 x 1024 pixels: 14.5 million pixels (13.8 MP) pass
+    check_references([Image.new("RGB", (4000, 3625))], catalog.endpoint("fal-ai/flux-2/edit"))
     small = [Image.new("RGB", (64, 64))] * 10
     check_references(small, catalog.endpoint("fal-ai/flux-2-flex/edit"))
     with pytest.raises(InputError, match="at most 9"):

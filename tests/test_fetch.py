@@ -344,18 +344,18 @@ def test_a_decompression_bomb_is_refused_from_its_header(policy, images):
     # between the per-image limit and Pillow's own guard: refused by the header check, which names the size
     medium = "data:image/png;base64," + __import__("base64").b64encode(png_header_only(5000, 4000)).decode()
     error = refusal(medium)
-    assert "image is 5000x4000 (20.0 MP); a reference may have at most 14 MP" in error.message
+    assert "image is 5000x4000 (19.1 MP); a reference may have at most 14 MP" in error.message  # 1 MP = 1024^2
     assert "could not decode" not in error.message  # the truncated pixel data was never decoded
 
 
 def test_references_are_refused_in_total_before_decoding():
     import base64
 
-    uri = "data:image/png;base64," + base64.b64encode(png_header_only(3000, 2000)).decode()  # 6 MP each
+    uri = "data:image/png;base64," + base64.b64encode(png_header_only(3000, 2000)).decode()  # 5.7 MP each
     with pytest.raises(InputError) as info:
         inputs.load_references([uri, uri, uri], max_input_megapixels=14)
     assert info.value.field == "image_urls"
-    assert "the reference images total 18.0 MP; at most 14 MP" in info.value.message
+    assert "the reference images total 17.2 MP; at most 14 MP" in info.value.message
     with pytest.raises(InputError) as info:  # under the total they are decoded, and these cannot be
         inputs.load_references([uri, uri], max_input_megapixels=14)
     assert info.value.field == "image_urls[0]" and "could not decode" in info.value.message

@@ -22,10 +22,11 @@ MIN_SIDE = 64  # the reference code rejects smaller sides
 MAX_ASPECT = 8.0  # ... and more extreme aspect ratios
 DEFAULT_MAX_REFERENCES = 10
 DEFAULT_MAX_INPUT_MEGAPIXELS = 14.0
+MEGAPIXEL = 1024 * 1024  # as the providers count it (seed 004: "1 megapixel = 1024x1024 pixels")
 
 # Pillow's own decompression-bomb guard, a backstop behind the header check in ``_open_header``: it warns
 # above this many pixels and refuses twice as many when an image is opened, before anything is decoded.
-Image.MAX_IMAGE_PIXELS = int(DEFAULT_MAX_INPUT_MEGAPIXELS * 1_000_000)
+Image.MAX_IMAGE_PIXELS = int(DEFAULT_MAX_INPUT_MEGAPIXELS * MEGAPIXEL)
 
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?)(?P<b64>;base64)?,(?P<data>.*)$",
                        re.DOTALL)
@@ -70,7 +71,7 @@ def load_references(
         image = _open_header(ref, name, max_input_megapixels)
         headers.append(image)
         total += image.size[0] * image.size[1]
-        if total > max_input_megapixels * 1_000_000:  # stop downloading once the total is over
+        if total > max_input_megapixels * MEGAPIXEL:  # stop downloading once the total is over
             break
     check_references(headers, max_references=max_references, max_input_megapixels=max_input_megapixels,
                      field_name=field_name)
@@ -99,10 +100,10 @@ def check_references(
         if max(width / height, height / width) > MAX_ASPECT:
             raise InputError(name, f"image is {width}x{height}; the aspect ratio must be at most {MAX_ASPECT:g}:1")
         total += width * height
-    if total > max_input_megapixels * 1_000_000:
+    if total > max_input_megapixels * MEGAPIXEL:
         raise InputError(
             field_name,
-            f"the reference images total {total / 1e6:.1f} MP; at most {max_input_megapixels:g} MP of input is allowed",
+            f"the reference images total {total / MEGAPIXEL:.1f} MP; at most {max_input_megapixels:g} MP of input is allowed",
         )
 
 
@@ -146,13 +147,15 @@ def _open_header(ref: str, field_name: str, max_megapixels: float) -> Image.Imag
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
-        raise InputError(field_name, f"image declares more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:g} MP in its "
+        declared = 2 * Image.MAX_IMAGE_PIXELS / MEGAPIXEL
+        raise InputError(field_name, f"image declares more than {declared:g} MP in its "
                          f"header; a reference may have at most {max_megapixels:g} MP") from None
     except Exception as exc:  # noqa: BLE001 - any failure to read the header is the input's fault
         raise InputError(field_name, f"could not read an image from {_short(ref)!r}: {exc}") from None
     width, height = image.size
-    if width * height > max_megapixels * 1_000_000:
-        raise InputError(field_name, f"image is {width}x{height} ({width * height / 1e6:.1f} MP); a reference may "
+    if width * height > max_megapixels * MEGAPIXEL:
+        megapixels = width * height / MEGAPIXEL
+        raise InputError(field_name, f"image is {width}x{height} ({megapixels:.1f} MP); a reference may "
                          f"have at most {max_megapixels:g} MP")
     return image
 
