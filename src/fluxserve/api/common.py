@@ -86,3 +86,32 @@ def resolve_own_file(request: Request, url: str) -> str:
     except KeyError:
         raise OwnFileMissing(f"file {key!r} not found on this server") from None
     return data_uri(data, content_type)
+
+
+class BadReference(ValueError):
+    """A caller's reference that cannot be used: ``index`` in the list, ``message`` without the field name."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
+        self.message = message
+
+
+async def resolve_references(request: Request, urls: list[str]) -> list[str]:
+    """A caller's references with this server's own files read from storage (``resolve_own_file``), on the
+    fetch pool. Raises ``BadReference`` for one that is not an http(s) URL or data URI, or a missing or foreign
+    own file; the dialect names the field in its own error shape."""
+    from fluxserve import fetch
+
+    def work() -> list[str]:
+        resolved = []
+        for index, url in enumerate(urls):
+            if not is_url_or_data_uri(url):
+                raise BadReference(index, "must be an http(s) URL or a data URI")
+            try:
+                resolved.append(resolve_own_file(request, url))
+            except OwnFileMissing as exc:
+                raise BadReference(index, str(exc)) from None
+        return resolved
+
+    return await fetch.run_blocking(work)

@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from fluxserve import fetch
-from fluxserve.api.auth import caller, is_cached, parse_authorization, queue_full, require_key
+from fluxserve.api.auth import Identity, caller, is_cached, parse_authorization, queue_full, require_key
 from fluxserve.api.common import OwnFileMissing, base_url, data_uri, image_url, resolve_own_file
 from fluxserve.api.errors import (
     ApiError,
@@ -459,8 +459,10 @@ async def queue_submit(request: Request, endpoint_id: str, prefix: str) -> Respo
     return _json(body, 200, job.id)
 
 
-def _belongs(job: Any, app: str) -> bool:
-    return job.dialect == DIALECT and app_path(job.endpoint) == app.strip("/")
+def _visible(job: Any, app: str, identity: Identity) -> bool:
+    """A fal job of endpoint ``app`` (owner/alias) that this caller may see; anything else answers as missing."""
+    return (job is not None and job.dialect == DIALECT and app_path(job.endpoint) == app.strip("/")
+            and identity.may_see(job.owner))
 
 
 async def job_status(request: Request, app: str, request_id: str) -> Any:
@@ -469,7 +471,7 @@ async def job_status(request: Request, app: str, request_id: str) -> Any:
     job = store.cached_status(request_id, STATUS_MAX_AGE_S)
     if job is None:
         job = await _store_call(request, store.status, request_id, STATUS_MAX_AGE_S)
-    if job is None or not _belongs(job, app) or not caller(request).may_see(job.owner):
+    if not _visible(job, app, caller(request)):
         raise ApiError(404, f"Request {request_id!r} not found for {app!r}", error_type="not_found")
     return job
 
@@ -477,7 +479,7 @@ async def job_status(request: Request, app: str, request_id: str) -> Any:
 async def find_job(request: Request, app: str, request_id: str) -> Any:
     """The fal job ``request_id`` submitted to an endpoint of ``app`` (owner/alias), or 404."""
     job = await _store_call(request, request.app.state.store.get, request_id)
-    if job is None or not _belongs(job, app) or not caller(request).may_see(job.owner):
+    if not _visible(job, app, caller(request)):
         raise ApiError(404, f"Request {request_id!r} not found for {app!r}", error_type="not_found")
     return job
 
@@ -619,7 +621,7 @@ class StatusFastPath:
             else:
                 job = await asyncio.to_thread(store.status, request_id, STATUS_MAX_AGE_S)
         host = headers.get(b"x-forwarded-host", b"").split(b",")[0].strip() or headers.get(b"host")
-        if job is None or not _belongs(job, app) or not identity.may_see(job.owner) or not host:
+        if not _visible(job, app, identity) or not host:
             return await self.app(scope, receive, send)
         scheme = headers.get(b"x-forwarded-proto", b"").split(b",")[0].strip().decode("latin-1") or scope["scheme"]
         base = f"{scheme}://{host.decode('latin-1')}"

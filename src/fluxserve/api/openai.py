@@ -37,7 +37,7 @@ from starlette.formparsers import MultiPartException
 
 from fluxserve import fetch
 from fluxserve.api.auth import caller, check_request, queue_full
-from fluxserve.api.common import OwnFileMissing, data_uri, image_url, is_url_or_data_uri, resolve_own_file
+from fluxserve.api.common import BadReference, data_uri, image_url, resolve_references
 from fluxserve.api.errors import ApiError, documented
 from fluxserve.api.limits import prompt_error
 from fluxserve.catalog import Catalog, EndpointSpec
@@ -486,22 +486,13 @@ def _field_of(message: str) -> str | None:
 
 
 async def resolve_images(request: Request, images: list[str], names: list[str]) -> list[str]:
-    """URLs of this server's own files (an upload, an earlier output) read from storage, not over HTTP; a missing
-    or foreign one is a 400 naming the parameter."""
-
-    def work() -> list[str]:
-        resolved = []
-        for i, url in enumerate(images):
-            param = names[i] if i < len(names) else "image"
-            if not is_url_or_data_uri(url):
-                raise invalid(param, f"Invalid '{param}': must be an http(s) URL or a data URI.")
-            try:
-                resolved.append(resolve_own_file(request, url))
-            except OwnFileMissing as exc:
-                raise invalid(param, f"Invalid '{param}': {exc}.") from None
-        return resolved
-
-    return await fetch.run_blocking(work)
+    """URLs of this server's own files (an upload, an earlier output) read from storage, not over HTTP; a bad,
+    missing or foreign one is a 400 naming the parameter."""
+    try:
+        return await resolve_references(request, images)
+    except BadReference as exc:
+        param = names[exc.index] if exc.index < len(names) else "image"
+        raise invalid(param, f"Invalid '{param}': {exc.message}.") from None
 
 
 async def check_images(spec: EndpointSpec, images: list[str], names: list[str]) -> None:

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fluxserve import fetch
 from fluxserve.api.auth import caller, check_request, queue_full
-from fluxserve.api.common import OwnFileMissing, base_url, image_url, is_url_or_data_uri, resolve_own_file
+from fluxserve.api.common import BadReference, base_url, image_url, resolve_references
 from fluxserve.api.errors import ApiError, documented
 from fluxserve.api.file_urls import file_url
 from fluxserve.api.files import checked_type
@@ -162,18 +162,10 @@ def replicate_field(field: str) -> str:
 
 
 async def _resolve_own_files(request: Request, images: list[str]) -> list[str]:
-    def work() -> list[str]:
-        resolved = []
-        for i, url in enumerate(images):
-            if not is_url_or_data_uri(url):
-                raise invalid_input([(f"input.input_images.{i}", "value", "must be an http(s) URL or a data URI")])
-            try:
-                resolved.append(resolve_own_file(request, url))
-            except OwnFileMissing as exc:
-                raise invalid_input([(f"input.input_images.{i}", "value", str(exc))]) from None
-        return resolved
-
-    return await fetch.run_blocking(work)
+    try:
+        return await resolve_references(request, images)
+    except BadReference as exc:
+        raise invalid_input([(f"input.input_images.{exc.index}", "value", exc.message)]) from None
 
 
 async def _load_references(spec: Any, images: list[str], remote: bool = True) -> list[Any]:
