@@ -270,18 +270,23 @@ def test_lora_urls_are_checked_and_name_their_field(policy, tripwire, tmp_path):
     assert tripwire.hits == ["/style.safetensors"]
 
 
+def drip_body(site: Site, h: BaseHTTPRequestHandler, size: int = 120) -> None:
+    """Announce ``size`` bytes, then send one every 0.5 s (a minute for 120) unless the site is released."""
+    h.send_header("Content-Length", str(size))
+    h.end_headers()
+    for _ in range(size):
+        h.wfile.write(b"x")
+        h.wfile.flush()
+        if site.release.wait(0.5):
+            return
+
+
 # ---- deadline and size ---------------------------------------------------------------------------------
 def test_a_slow_drip_download_stops_at_the_whole_download_deadline(policy):
     def drip(site: Site, h: BaseHTTPRequestHandler) -> None:
         h.send_response(200)
         h.send_header("Content-Type", "image/png")
-        h.send_header("Content-Length", "120")
-        h.end_headers()
-        for _ in range(120):  # one byte every 0.5 s: 60 s in all, unless released
-            h.wfile.write(b"x")
-            h.wfile.flush()
-            if site.release.wait(0.5):
-                return
+        drip_body(site, h)
 
     slow = Site(drip)
     try:
@@ -465,13 +470,7 @@ def test_a_webhook_receiver_that_answers_slowly_is_cut_off_at_the_timeout(store,
     def drip(site: Site, h: BaseHTTPRequestHandler) -> None:
         h.rfile.read(int(h.headers["Content-Length"]))
         h.send_response(200)
-        h.send_header("Content-Length", "120")
-        h.end_headers()
-        for _ in range(120):  # one byte every 0.5 s: 60 s in all, unless released
-            h.wfile.write(b"x")
-            h.wfile.flush()
-            if site.release.wait(0.5):
-                return
+        drip_body(site, h)
 
     receiver = Site(drip)
     sender = WebhookSender(store, timeout=1.5, builders={"test": lambda job: (job.webhook["url"], {"id": job.id})})

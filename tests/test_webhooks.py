@@ -3,11 +3,10 @@ persisted state that survives a restart, and dialect payload builders."""
 
 from __future__ import annotations
 
-import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from webhook_receivers import SigningReceiver
 
 from fluxserve.jobs.store import Job, JobStore
 from fluxserve.jobs.webhooks import WebhookSender
@@ -17,42 +16,16 @@ pytestmark = pytest.mark.usefixtures("loopback_fetches")  # the test servers run
 pytest_plugins = ["db_fixtures"]
 
 
-class Receiver:
-    """An http.server on a free port that answers 500 to the first ``failures`` POSTs, then 200."""
+class Receiver(SigningReceiver):
+    """The shared receiver (500 to the first ``failures`` POSTs, then 200), read as parsed JSON bodies."""
 
-    def __init__(self, failures: int = 0):
-        self.failures = failures
-        self.bodies: list[dict] = []
-        self.received = threading.Condition()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with receiver.received:
-                    receiver.bodies.append(body)
-                    failing = len(receiver.bodies) <= receiver.failures
-                    receiver.received.notify_all()
-                self.send_response(500 if failing else 200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+    @property
+    def bodies(self) -> list[dict]:
+        with self.condition:
+            return [delivery.json for delivery in self.received]
 
     def wait_for(self, count: int, timeout: float = 30) -> list[dict]:
-        with self.received:
-            self.received.wait_for(lambda: len(self.bodies) >= count, timeout)
-            return list(self.bodies)
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        return [delivery.json for delivery in super().wait_for(lambda got: len(got) >= count, timeout)]
 
 
 @pytest.fixture
