@@ -5,6 +5,7 @@
 * ``catalog`` - the packaged catalogue.
 * ``engine`` - one session-wide ``Engine`` on the demo models (models load lazily and stay resident).
 * ``reference_image`` - a factory: ``reference_image(width, height, seed=0) -> path of a PNG``.
+* ``browser``, ``page`` - headless Chromium and a fresh page, for the playground's tests (playground_helpers.py).
 
 Set ``FLUXSERVE_TEST_DATA_DIR`` to reuse a data directory (and its demo weights) across sessions.
 """
@@ -12,6 +13,7 @@ Set ``FLUXSERVE_TEST_DATA_DIR`` to reuse a data directory (and its demo weights)
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -80,3 +82,34 @@ def loopback_fetches():
     previous = fetch.configure(replace(fetch.current(), allow=fetch.parse_allow("127.0.0.1")))
     yield
     fetch.configure(previous)
+
+
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (Debian's ``chromium``, driven by Playwright) for the playground's tests."""
+    from playwright.sync_api import sync_playwright
+
+    executable = shutil.which("chromium")
+    assert executable, "Chromium is not installed: `apt-get install chromium` (scripts/install test does it)"
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh page; any JavaScript error on it fails the test."""
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    opened = context.new_page()
+    errors: list[str] = []
+    opened.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield opened
+    context.close()
+    assert not errors, f"JavaScript errors: {errors}"

@@ -1,33 +1,14 @@
 """The playground in a real browser: headless Chromium (Debian's ``chromium``, driven by Playwright) against a
 real server (uvicorn on a free port, demo models). It generates through fal's queue API with a progress bar,
 shows jobs of every dialect in the history, marks 422 fields, and asks for the API key when the server needs
-one. ``/api/history`` is checked over plain HTTP too. Screenshots land in the test's tmp dir."""
+one. ``/api/history`` is checked over plain HTTP too. Screenshots land in test-results/playground/."""
 
 from __future__ import annotations
-
-import shutil
 
 import httpx
 import pytest
 from fal_helpers import Server, settings_for
-
-FLASH = "fal-ai/flux-2/flash"
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    executable = shutil.which("chromium")
-    assert executable, "Chromium is not installed: `apt-get install chromium` (scripts/install test does it)"
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
-        yield launched
-        launched.close()
+from playground_helpers import FLASH, generate_and_wait, open_playground, pick, pick_small_flash, shot
 
 
 @pytest.fixture(scope="module")
@@ -40,54 +21,6 @@ def server(demo_settings):
 def locked(demo_settings):
     with Server(settings_for(demo_settings, "playground-auth"), auth_required=True) as running:
         yield running
-
-
-@pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1400, "height": 900})
-    opened = context.new_page()
-    errors: list[str] = []
-    opened.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield opened
-    context.close()
-    assert not errors, f"JavaScript errors: {errors}"
-
-
-def open_playground(page, url: str) -> None:
-    page.goto(url + "/")
-    page.wait_for_selector("body[data-ready='true']")
-
-
-def pick(page, endpoint: str) -> None:
-    page.select_option("#endpoint", endpoint)
-    page.wait_for_selector(f"#fields[data-endpoint='{endpoint}']")
-
-
-def pick_small_flash(page, prompt: str) -> None:
-    pick(page, FLASH)
-    page.select_option("#in-image_size", "custom")
-    page.fill("#in-image_size-width", "512")
-    page.fill("#in-image_size-height", "512")
-    page.fill("#in-prompt", prompt)
-
-
-def generate_and_wait(page) -> dict:
-    """Press Generate and wait for the image; returns its natural size and the progress steps the bar showed."""
-    page.evaluate("""() => {
-        const bar = document.getElementById('progress');
-        window.__steps = [];
-        new MutationObserver(() => { if (bar.dataset.step) window.__steps.push(Number(bar.dataset.step)); })
-            .observe(bar, {attributes: true, attributeFilter: ['data-step']});
-    }""")
-    page.click("#generate")
-    page.wait_for_function(
-        "() => { const img = document.querySelector('#images img'); return img && img.complete && img.naturalWidth; }",
-        timeout=60_000,
-    )
-    return page.evaluate("""() => {
-        const img = document.querySelector('#images img');
-        return {width: img.naturalWidth, height: img.naturalHeight, src: img.src, steps: window.__steps};
-    }""")
 
 
 # ---- routes ------------------------------------------------------------------------------------------------------
@@ -142,7 +75,7 @@ def test_history_route(server, locked):
 
 
 # ---- the page in Chromium -------------------------------------------------------------------------------------------
-def test_generate_through_the_queue(page, server, tmp_path):
+def test_generate_through_the_queue(page, server):
     open_playground(page, server.url)
     assert page.locator("#key-panel").is_hidden()  # loopback without keys: no key needed
     pick_small_flash(page, "a red lighthouse on a cliff at dusk")
@@ -166,12 +99,12 @@ def test_generate_through_the_queue(page, server, tmp_path):
 
     # the job is in the history; clicking it re-opens its output and fills the form with its input
     page.wait_for_selector(f"#history .history-item[data-job='{page.inner_text('#job-id')}'] img")
-    page.screenshot(path=str(tmp_path / "playground.png"), full_page=True)
+    shot(page, "playground", full_page=True)
     page.emulate_media(color_scheme="dark")
-    page.screenshot(path=str(tmp_path / "playground-dark.png"), full_page=True)
+    shot(page, "playground-dark", full_page=True)
     page.emulate_media(color_scheme="light")
     page.set_viewport_size({"width": 420, "height": 900})
-    page.screenshot(path=str(tmp_path / "playground-narrow.png"), full_page=True)
+    shot(page, "playground-narrow", full_page=True)
     page.set_viewport_size({"width": 1400, "height": 900})
     page.fill("#in-prompt", "something else")
     page.select_option("#in-image_size", "square_hd")
@@ -199,7 +132,7 @@ def test_cancel_a_running_job(page, server):
     assert page.locator("#generate").is_enabled()
 
 
-def test_edit_with_a_picked_reference_image(page, server, reference_image, tmp_path):
+def test_edit_with_a_picked_reference_image(page, server, reference_image):
     open_playground(page, server.url)
     pick(page, FLASH + "/edit")
     assert page.input_value("#in-image_size") == "auto"
@@ -208,7 +141,7 @@ def test_edit_with_a_picked_reference_image(page, server, reference_image, tmp_p
     page.fill("#in-prompt", "make it blue")
     result = generate_and_wait(page)
     assert (result["width"], result["height"]) == (576, 512)  # auto: the reference's size
-    page.screenshot(path=str(tmp_path / "playground-edit.png"))
+    shot(page, "playground-edit")
     job = server.store.get(page.inner_text("#job-id"))
     assert job.input["image_urls"][0].startswith("data:image/png;base64,")
 
@@ -229,7 +162,7 @@ def test_history_shows_other_dialects(page, server):
     assert '"dialect": "openai"' in page.locator("#params").text_content()
 
 
-def test_validation_errors_are_shown_at_their_fields(page, server, tmp_path):
+def test_validation_errors_are_shown_at_their_fields(page, server):
     open_playground(page, server.url)
     pick_small_flash(page, "")
     page.fill("#in-image_size-width", "100")
@@ -240,7 +173,7 @@ def test_validation_errors_are_shown_at_their_fields(page, server, tmp_path):
     size_error = page.inner_text("#err-image_size")
     assert "width" in size_error and "512" in size_error
     assert "422" in page.inner_text("#status")
-    page.screenshot(path=str(tmp_path / "playground-422.png"))
+    shot(page, "playground-422")
     assert page.locator("#images img").count() == 0
 
     page.fill("#in-prompt", "fixed")  # errors clear on the next submit
@@ -249,7 +182,7 @@ def test_validation_errors_are_shown_at_their_fields(page, server, tmp_path):
     assert page.locator("#err-prompt").is_hidden()
 
 
-def test_key_is_asked_for_when_the_server_needs_one(page, locked, tmp_path):
+def test_key_is_asked_for_when_the_server_needs_one(page, locked):
     _, secret = locked.store.create_key("playground")
     locked.app.state.auth.forget()
     open_playground(page, locked.url)
@@ -257,7 +190,7 @@ def test_key_is_asked_for_when_the_server_needs_one(page, locked, tmp_path):
     assert panel.is_visible()
     assert "requires an API key" in page.inner_text("#key-message")
     assert "API key" in page.inner_text("#history-status")
-    page.screenshot(path=str(tmp_path / "playground-key.png"))
+    shot(page, "playground-key")
 
     page.fill("#key-input", "key_wrong:nope")
     page.click("#key-form button[type='submit']")
@@ -270,7 +203,7 @@ def test_key_is_asked_for_when_the_server_needs_one(page, locked, tmp_path):
     assert page.evaluate("() => localStorage.getItem('fluxserve.key')") == secret
     pick_small_flash(page, "a locked door")
     assert generate_and_wait(page)["height"] == 512
-    page.screenshot(path=str(tmp_path / "playground-auth.png"), full_page=True)
+    shot(page, "playground-auth", full_page=True)
 
     page.evaluate("() => localStorage.setItem('fluxserve.key', 'key_revoked:x')")
     page.click("#generate")

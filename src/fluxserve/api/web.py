@@ -1,6 +1,6 @@
 """The playground: a static page (``web/``) at ``GET /`` and ``/playground``, and ``GET /api/history``.
 
-The page is plain HTML, one JS module and one CSS file shipped inside the package; it talks to the server the way
+The page is plain HTML, a few JS modules and one CSS file shipped inside the package; it talks to the server the way
 a client does (fal's queue API, ``/api/endpoints``, the per-endpoint OpenAPI documents). ``/api/history`` lists
 the caller's recent jobs of every dialect (an admin key's: everyone's), newest first, for its history panel.
 """
@@ -20,7 +20,9 @@ from fluxserve.api.common import image_url
 from fluxserve.api.errors import FalValidationError, field_error
 
 WEB = resources.files("fluxserve") / "web"
-ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
+TYPES = {".js": "text/javascript", ".css": "text/css"}
+ASSETS = {item.name: TYPES[item.name[item.name.rfind("."):]] for item in WEB.iterdir()
+          if item.is_file() and item.name[item.name.rfind("."):] in TYPES}  # web/'s scripts and styles, by name
 MAX_HISTORY = 200
 
 router = APIRouter(tags=["playground"])
