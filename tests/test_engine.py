@@ -139,10 +139,12 @@ def test_engine_matches_plain_diffusers_pipeline(engine: Engine, demo_settings, 
 
 def test_editing_with_one_and_three_references(engine: Engine, reference_image):
     one = engine.generate(request(width=None, height=None, image_urls=[reference_image(200, 136)]))
-    assert (one.images[0].width, one.images[0].height) == (200, 136)  # from the first reference
+    assert (one.images[0].width, one.images[0].height) == (192, 128)  # the first reference's, in multiples of 16
     refs = [reference_image(160, 160, 1), reference_image(256, 128, 2), reference_image(96, 192, 3)]
     three = engine.generate(request(width=None, height=None, image_urls=refs))
     assert (three.images[0].width, three.images[0].height) == (160, 160)
+    held = engine.generate(request(width=None, height=None, min_side=512, image_urls=[reference_image(200, 136)]))
+    assert (held.images[0].width, held.images[0].height) == (752, 512)  # held to an endpoint's 512 minimum
     sized = engine.generate(request(image_urls=refs))
     assert (sized.images[0].width, sized.images[0].height) == (256, 192)
     plain = engine.generate(request(width=160, height=160))

@@ -140,7 +140,8 @@ def test_unknown_fields_are_ignored_and_presets_apply(idle):
     assert request["safety_tolerance"] == 4 and request["expand_prompt"] is True and request["output_format"] == "jpeg"
     edit = httpx.post(f"{idle.url}/queue/fal-ai/flux-2/edit", json={"prompt": "a", "image_urls": [png_data_uri()]})
     assert edit.status_code == 200, edit.text
-    assert idle.store.get(edit.json()["request_id"]).request["width"] is None  # auto: the first image's size
+    edit_request = idle.store.get(edit.json()["request_id"]).request
+    assert edit_request["width"] is None and edit_request["min_side"] == 512  # auto: the first image's, 512 at least
 
 
 def test_priorities_order_the_queue(idle):

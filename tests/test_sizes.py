@@ -10,6 +10,7 @@ from fluxserve.sizes import (
     REPLICATE_MEGAPIXELS,
     TABLE_1K,
     SizeError,
+    auto_size,
     fal_image_size,
     gateway_size,
     nearest_ratio,
@@ -94,6 +95,16 @@ def test_auto_means_input_or_model_default():
     assert gateway_size(None) is None
     assert gateway_size("auto", "16:9") == (1365, 768)
     assert gateway_size(None, None, "auto") is None
+
+
+def test_auto_size_holds_to_the_minimum_side_and_multiples_of_16():
+    assert auto_size(300, 200, 512) == (768, 512)  # scaled up to fal's 512 minimum, shape kept
+    assert auto_size(200, 136) == (192, 128)  # the model's own minimum is 64: only rounded to multiples of 16
+    assert auto_size(1000, 750, 512) == (992, 752)
+    assert auto_size(4000, 3000, 512) == (2048, 1536)  # scaled down to fit 2048 per side and 4 MP
+    assert auto_size(3000, 3000, 512) == (2048, 2048)
+    for size in (auto_size(517, 913, 512), auto_size(71, 65), auto_size(2047, 1999, 512)):
+        assert all(side % 16 == 0 and 64 <= side <= 2048 for side in size), size
 
 
 def test_nearest_ratio_on_a_log_scale():

@@ -48,6 +48,7 @@ class GenerationRequest(BaseModel):
     image_urls: list[str] = Field(default_factory=list, description="reference images: URLs, data URIs, paths")
     width: int | None = None
     height: int | None = None
+    min_side: int = Field(64, ge=64, le=2048, description="the shortest side an auto size may have")
     num_images: int = Field(1, ge=1, le=4)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     steps: int = Field(28, ge=1, le=100)

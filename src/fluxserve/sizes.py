@@ -157,6 +157,16 @@ def fit_model_limits(width: int, height: int) -> tuple[int, int]:
     return check_model_limits(round(width * factor), round(height * factor), "resolution")
 
 
+def auto_size(width: int, height: int, min_side: int = MODEL_MIN_SIDE) -> tuple[int, int]:
+    """An ``auto`` output size from a reference image's: its shape, scaled up until the short side reaches
+    ``min_side`` (the endpoint's minimum) and down until it fits the model, in multiples of 16."""
+    factor = max(1.0, min_side / min(width, height))
+    factor = min(factor, MODEL_MAX_SIDE / max(width, height), math.sqrt(MODEL_MAX_PIXELS / (width * height)))
+    w = min(MODEL_MAX_SIDE, max(min_side, round16(width * factor)))
+    h = min(MODEL_MAX_SIDE, max(min_side, round16(height * factor)))
+    return w, h
+
+
 # ---- Replicate -----------------------------------------------------------------------------------------
 def replicate_size(
     aspect_ratio: str,

@@ -47,7 +47,7 @@ from fluxserve.api.openapi30 import to_openapi30
 from fluxserve.catalog import Catalog, EndpointSpec
 from fluxserve.jobs.store import QueueFull
 from fluxserve.request import GenerationRequest, InputError, LoraSpec
-from fluxserve.sizes import SizeError, fal_image_size
+from fluxserve.sizes import FAL_MIN_SIDE, SizeError, fal_image_size
 
 DIALECT = "fal"
 TERMINAL = ("completed", "failed", "cancelled")
@@ -156,6 +156,7 @@ def _canonical(spec: EndpointSpec, inp: FalInput, values: dict, width: int | Non
         image_urls=list(values.get("image_urls") or []),
         width=width,
         height=height,
+        min_side=FAL_MIN_SIDE,  # an auto size holds to the endpoint's own limits
         num_images=values.get("num_images", 1),
         seed=inp.seed,
         steps=values.get("num_inference_steps", spec.steps),

@@ -58,6 +58,7 @@ def add_parser(subparsers) -> None:
 def build_request(args: argparse.Namespace, catalog):
     """The canonical request for these arguments, from the endpoint's preset. Raises ArgumentError."""
     from fluxserve.request import GenerationRequest, LoraSpec
+    from fluxserve.sizes import FAL_MIN_SIDE
 
     try:
         endpoint = catalog.endpoint(args.endpoint)
@@ -88,6 +89,7 @@ def build_request(args: argparse.Namespace, catalog):
         image_urls=[_reference(ref) for ref in args.image],
         width=width,
         height=height,
+        min_side=FAL_MIN_SIDE,  # as the API: an auto size holds to the endpoint's 512-pixel minimum
         num_images=args.num_images,
         seed=args.seed,
         steps=steps,

@@ -43,7 +43,7 @@ from fluxserve.request import (
     Progress,
     ProgressCallback,
 )
-from fluxserve.sizes import MODEL_MAX_PIXELS, MODEL_MAX_SIDE, MODEL_MIN_SIDE, round16
+from fluxserve.sizes import MODEL_MAX_SIDE, MODEL_MIN_SIDE, auto_size, round16
 
 log = logging.getLogger(__name__)
 
@@ -246,9 +246,7 @@ class Engine:
             return width, height
         if not references:
             return DEFAULT_SIZE
-        width, height = references[0].size
-        scale = min(1.0, MODEL_MAX_SIDE / max(width, height), (MODEL_MAX_PIXELS / (width * height)) ** 0.5)
-        return max(MODEL_MIN_SIDE, int(width * scale)), max(MODEL_MIN_SIDE, int(height * scale))
+        return auto_size(*references[0].size, request.min_side)
 
     def _expand(self, loaded: LoadedModel, prompt: str, references: list[Image.Image], seed: int) -> str:
         if loaded.placement.text_encoder == "stream":
