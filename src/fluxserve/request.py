@@ -58,6 +58,8 @@ class GenerationRequest(BaseModel):
     expand_prompt: bool = False
     safety_checker: bool = True
     safety_tolerance: int = Field(2, ge=1, le=5)
+    fail_if_blocked: bool = Field(False, description="an image the safety checker blocks fails the job "
+                                  "(content_policy_violation) instead of coming back black and flagged")
     acceleration: Acceleration = "regular"
     output_format: OutputFormat = "png"
     output_quality: int | None = Field(None, ge=0, le=100)

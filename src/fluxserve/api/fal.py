@@ -329,9 +329,9 @@ def output_body(storage: Any, base: str, job: Any, spec: EndpointSpec) -> dict[s
             {"url": url, "width": image.get("width"), "height": image.get("height"),
              "content_type": image.get("content_type")}
         )
-    if output_model(spec) is ProOutput:
-        return {"images": images, "seed": result.get("seed")}
     nsfw = result.get("has_nsfw_concepts") or [bool(i.get("nsfw")) for i in result.get("images", [])]
+    if output_model(spec) is ProOutput:  # pro's schema has no flags field: it says so only for a blocked image
+        return {"images": images, "seed": result.get("seed"), **({"has_nsfw_concepts": nsfw} if any(nsfw) else {})}
     return {
         "images": images,
         "timings": result.get("timings") or {},

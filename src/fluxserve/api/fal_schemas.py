@@ -101,6 +101,9 @@ class DevOutput(BaseModel):
 class ProOutput(BaseModel):
     images: list[ImageFile] = Field(description="The generated images.")
     seed: int = Field(description="The seed used for the generation.")
+    has_nsfw_concepts: list[bool] | None = Field(
+        None, description="Present only when the safety checker blocked an image (it comes back black): "
+        "whether each image contains NSFW concepts.")
 
 
 def output_model(spec: EndpointSpec) -> type[BaseModel]:

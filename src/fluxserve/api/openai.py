@@ -42,7 +42,7 @@ from fluxserve.api.errors import ApiError, documented
 from fluxserve.api.limits import prompt_error
 from fluxserve.catalog import Catalog, EndpointSpec
 from fluxserve.inputs import image_content_type
-from fluxserve.jobs.store import QueueFull
+from fluxserve.jobs.store import BLOCKED_ERROR_TYPE, QueueFull
 from fluxserve.request import MAX_SEED, GenerationRequest, InputError
 from fluxserve.sizes import SizeError, gateway_size
 
@@ -297,7 +297,7 @@ def translate(
     base = preset_request(
         spec, prompt=prompt, image_urls=images, width=size[0] if size else None,
         height=size[1] if size else None, output_format=output_format, output_quality=compression,
-        partial_images=partial_images,
+        partial_images=partial_images, fail_if_blocked=True,  # OpenAI rejects what its safety system blocks
     )
     base.update(passthrough)
     if spec.sigmas:  # fixed schedules fix the step count
@@ -471,6 +471,9 @@ def job_failure(job: Any, names: list[str] | None = None) -> ApiError:
         if detail.get("message") and param:
             message = f"Invalid '{param}': {detail['message']}."
         return invalid(param, message)
+    if job.error_type == BLOCKED_ERROR_TYPE:  # OpenAI's answer when its safety system blocks an image
+        return ApiError(400, f"Your request was rejected by the safety system: {message}.", dialect="openai",
+                        error_type="moderation_blocked")
     headers = {"x-should-retry": "false"}
     if job.status == "cancelled":
         return ApiError(500, "The image generation was cancelled.", dialect="openai", error_type="cancelled",

@@ -223,6 +223,7 @@ async def translate(catalog_models: ReplicateModels, model_name: str, raw: Any,
         "guidance": parsed.guidance,
         "safety_checker": not parsed.disable_safety_checker,
         "safety_tolerance": parsed.safety_tolerance,
+        "fail_if_blocked": True,  # as Replicate's FLUX models: a blocked output fails the prediction
         "output_format": FORMATS[parsed.output_format],
         "output_quality": parsed.output_quality,
     }

@@ -52,6 +52,7 @@ TIMEOUT_ERROR = "Request timed out"
 TIMEOUT_ERROR_TYPE = "request_timeout"
 CANCELLED_ERROR = "Request was cancelled"
 CANCELLED_ERROR_TYPE = "cancelled"
+BLOCKED_ERROR_TYPE = "content_policy_violation"  # fal's name for content a checker refused
 CALLER_GONE_ERROR = "Request was cancelled: the server holding the caller's connection stopped"
 
 # A running job whose worker lives in the server process that holds its synchronous caller's connection (worker

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from fluxserve.inputs import image_content_type
 from fluxserve.jobs.store import (
+    BLOCKED_ERROR_TYPE,
     CANCELLED_ERROR,
     CANCELLED_ERROR_TYPE,
     TIMEOUT_ERROR,
@@ -52,6 +53,15 @@ def _engine_lock(engine: Any) -> threading.Lock:
 def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
+
+
+def blocked_message(flagged: list[int], count: int) -> str:
+    """The log line (and, where the request asks for it, the error) for images the safety checker blocked."""
+    if count == 1:
+        return "NSFW content detected in the output image: the safety checker blocked it"
+    which = ", ".join(str(i + 1) for i in flagged)
+    return (f"NSFW content detected in {len(flagged)} of {count} output images (image {which}): "
+            "the safety checker blocked them")
 
 class _Run:
     """The state of one job while a worker runs it."""
@@ -278,6 +288,12 @@ class Worker:
             message = f"{type(outcome).__name__}: {outcome}" if str(outcome) else type(outcome).__name__
             lines.append({"message": message, "level": "ERROR"})
             return store.fail(job.id, message, "internal_error", worker_id=wid, lines=lines)
+        flagged = [i for i, image in enumerate(outcome.images) if image.nsfw]
+        if flagged:
+            message = blocked_message(flagged, len(outcome.images))
+            lines.append({"message": message, "level": "WARN"})
+            if (job.request or {}).get("fail_if_blocked"):
+                return store.fail(job.id, message, BLOCKED_ERROR_TYPE, worker_id=wid, lines=lines)
         try:
             result = self._save(outcome)
         except Exception as e:
