@@ -129,7 +129,7 @@ def policy() -> Iterator[callable]:
 
 def refusal(ref: str) -> InputError:
     with pytest.raises(InputError) as info:
-        inputs.load_remote_image(ref, "image_urls[0]")
+        inputs.load_references([ref], remote=True)
     return info.value
 
 
@@ -188,13 +188,13 @@ def test_a_redirect_to_an_internal_address_is_refused(policy, images, tripwire):
 
 def test_the_allow_list_opens_an_internal_address(policy, images):
     with pytest.raises(InputError):
-        inputs.load_remote_image(f"{images.url}/a.png")
+        inputs.load_references([f"{images.url}/a.png"], remote=True)
     assert images.hits == []
     policy(allow=fetch.parse_allow("127.0.0.0/8"))
-    image = inputs.load_remote_image(f"{images.url}/a.png")
+    image = inputs.load_references([f"{images.url}/a.png"], remote=True)[0]
     assert image.size == (96, 80)
     policy(allow=fetch.parse_allow(f"127.0.0.1:{images.port}"))
-    assert inputs.load_remote_image(f"http://localhost:{images.port}/b.png").size == (96, 80)  # via DNS
+    assert inputs.load_references([f"http://localhost:{images.port}/b.png"], remote=True)[0].size == (96, 80)  # DNS
     assert images.hits == ["/a.png", "/b.png"]
 
 

@@ -41,7 +41,7 @@ from fluxserve.api.common import BadReference, data_uri, image_url, resolve_refe
 from fluxserve.api.errors import ApiError, documented
 from fluxserve.api.limits import prompt_error
 from fluxserve.catalog import Catalog, EndpointSpec
-from fluxserve.inputs import image_content_type
+from fluxserve.inputs import image_type
 from fluxserve.jobs.store import BLOCKED_ERROR_TYPE, QueueFull
 from fluxserve.request import MAX_SEED, GenerationRequest, InputError
 from fluxserve.sizes import SizeError, gateway_size
@@ -674,7 +674,7 @@ async def _upload_to_uri(upload: UploadFile) -> str:
     data = await upload.read()
     content_type = upload.content_type or ""
     if not content_type.startswith("image/"):
-        content_type = image_content_type(data)
+        content_type = image_type(data) or "application/octet-stream"
     return data_uri(data, content_type)
 
 

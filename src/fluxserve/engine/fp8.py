@@ -404,8 +404,3 @@ def set_fp8_mode(root: nn.Module, mode: str) -> str | None:
 
 def has_fp8(root: nn.Module) -> bool:
     return any(True for _ in fp8_layers(root))
-
-
-def has_original_weights(root: nn.Module) -> bool:
-    layers = list(fp8_layers(root))
-    return bool(layers) and all(layer.original is not None for layer in layers)

@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from fluxserve.inputs import image_content_type
+from fluxserve.inputs import image_type
 from fluxserve.jobs.store import (
     BLOCKED_ERROR_TYPE,
     CANCELLED_ERROR,
@@ -253,7 +253,7 @@ class Worker:
         lines = []
         for line, preview in pending:
             if preview:
-                content_type = image_content_type(preview, "image/png")
+                content_type = image_type(preview) or "image/png"
                 line["preview_key"] = self.storage.put(preview, content_type, prefix="previews")
             lines.append(line)
         return lines
