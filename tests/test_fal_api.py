@@ -350,6 +350,22 @@ def test_uploads_like_fal_storage(idle):
         assert client.get(f"{idle.url}/files/outputs/none.png").status_code == 404
 
 
+def test_upload_tokens_work_on_every_replica(idle):
+    """A token and a signed upload URL from one API process work on another sharing the store (and after a
+    restart): the signing secret lives in the database."""
+    with Server(idle.settings, start_workers=False) as replica, httpx.Client(timeout=30) as client:
+        token = client.post(f"{idle.url}/storage/auth/token", params={"storage_type": "fal-cdn-v3"}, json={}).json()
+        uploaded = client.post(f"{replica.url}/files/upload", content=b"GIF89a\x01\x00\x01\x00\x00\x00\x00;",
+                               headers={"Authorization": f"Bearer {token['token']}", "X-Fal-File-Name": "a.gif"})
+        assert uploaded.status_code == 200, uploaded.text
+        started = client.post(f"{idle.url}/storage/upload/initiate", params={"storage_type": "fal-cdn-v3"},
+                              json={"file_name": "b.png", "content_type": "image/png"}).json()
+        moved = started["upload_url"].replace(idle.url, replica.url)
+        png = base64.b64decode(png_data_uri().split(",", 1)[1])
+        assert client.put(moved, content=png, headers={"Content-Type": "image/png"}).status_code == 200
+        assert client.get(started["file_url"]).content == png
+
+
 def test_api_keys_are_required_when_configured(base_settings):
     with Server(settings_for(base_settings, "auth"), start_workers=False, auth_required=True) as locked:
         _, secret = locked.store.create_key("test")

@@ -137,7 +137,7 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
     app.state.auth = KeyChecker(store)
     store.max_queued = settings.max_queued or None
     store.max_queued_per_owner = settings.max_queued_per_key or None
-    app.state.signer = files.Signer()
+    app.state.signer = files.Signer(store.secret("upload-tokens"))  # shared by replicas and restarts
     file_urls.configure(store.secret("file-urls"), settings.file_url_hours * 3600)
     app.state.store_inline = store.is_sqlite  # SQLite reads are fast enough to run on the event loop
 

@@ -40,8 +40,8 @@ router = APIRouter(tags=["files"])
 
 
 class Signer:
-    """HMAC-signed, expiring tokens (upload tokens and signed upload URLs). The secret lives in memory:
-    tokens die with the process, and clients simply ask for a new one."""
+    """HMAC-signed, expiring tokens (upload tokens and signed upload URLs). The server's secret is kept in the job
+    store, so a token from one API replica works on another and after a restart."""
 
     def __init__(self, secret: bytes | None = None):
         self.secret = secret or secrets.token_bytes(32)
