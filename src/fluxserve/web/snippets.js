@@ -15,7 +15,7 @@ export const CLIENTS = [
   { id: "replicate", label: "Replicate", title: "replicate client" },
 ];
 
-const KEY_NOTE = "on loopback, until the server's first key exists, any text works";
+const KEY_NOTE = "any text on loopback until a key exists";
 const FAL_SIZES = {
   square_hd: [1024, 1024], square: [512, 512], portrait_4_3: [768, 1024], portrait_16_9: [576, 1024],
   landscape_4_3: [1024, 768], landscape_16_9: [1024, 576],
@@ -60,7 +60,7 @@ function droppedComment(names, dialect) {
 // ---- fal: Python, JavaScript, cURL ----------------------------------------------------------------------------
 function falPython(endpointId, input, server) {
   return `# fal_client against fluxserve (pip install fal-client)
-# Key: set FAL_KEY to your fluxserve API key (${KEY_NOTE})
+# Key: set FAL_KEY to your fluxserve key (${KEY_NOTE})
 import os
 
 import fal_client
@@ -82,7 +82,7 @@ for image in result["images"]:
 
 function falJs(endpointId, input, server) {
   return `// @fal-ai/client against fluxserve (npm install @fal-ai/client; Node 18+, save as snippet.mjs)
-// Key: set FAL_KEY to your fluxserve API key (${KEY_NOTE})
+// Key: set FAL_KEY to your fluxserve key (${KEY_NOTE})
 import { createFalClient } from "@fal-ai/client";
 
 const server = ${JSON.stringify(server)};
@@ -110,7 +110,7 @@ for (const image of result.data.images) console.log(image.url);
 
 function falCurl(endpointId, input, server) {
   return `# fal's sync API: POST /run/<endpoint> answers with the output (POST /queue/<endpoint> to submit and poll)
-# Key: set FAL_KEY to your fluxserve API key (${KEY_NOTE})
+# Key: set FAL_KEY to your fluxserve key (${KEY_NOTE})
 curl -sS -w "\\n" -X POST ${JSON.stringify(`${server}/run/${endpointId}`)} \\
   -H "Authorization: Key \${FAL_KEY:-local}" \\
   -H "Content-Type: application/json" \\
@@ -150,12 +150,15 @@ function openai(endpointId, input, server, info) {
       : literal(v, "py", "    ")},`);
   const refs = edit ? `references = ${literal(input.image_urls, "py")}  # URLs or data URIs, sent as files\n` : "";
   const code = `# OpenAI SDK against fluxserve (pip install openai)
-# Key: set OPENAI_API_KEY to your fluxserve API key (${KEY_NOTE})
+# Key: set OPENAI_API_KEY to your fluxserve key (${KEY_NOTE})
 ${droppedComment(drop, "OpenAI")}import os
 ${edit ? "from urllib.request import urlopen\n" : ""}
 from openai import OpenAI
 
-client = OpenAI(base_url=${JSON.stringify(`${server}/v1`)}, api_key=os.environ.get("OPENAI_API_KEY") or "local")
+client = OpenAI(
+    base_url=${JSON.stringify(`${server}/v1`)},
+    api_key=os.environ.get("OPENAI_API_KEY") or "local",
+)
 ${refs}result = client.images.${edit ? "edit" : "generate"}(
 ${lines.join("\n")}
 )
@@ -199,12 +202,15 @@ function replicate(endpointId, input, server, info) {
   if (input.num_images === 1) used.add("num_images");  // a prediction makes one image
   const drop = dropped(input, used, { ...info.defaults, num_images: 1 });
   const code = `# Replicate client against fluxserve (pip install replicate)
-# Key: set REPLICATE_API_TOKEN to your fluxserve API key (${KEY_NOTE})
+# Key: set REPLICATE_API_TOKEN to your fluxserve key (${KEY_NOTE})
 ${droppedComment(drop, "Replicate")}import os
 
 import replicate
 
-client = replicate.Client(api_token=os.environ.get("REPLICATE_API_TOKEN") or "local", base_url=${JSON.stringify(server)})
+client = replicate.Client(
+    api_token=os.environ.get("REPLICATE_API_TOKEN") or "local",
+    base_url=${JSON.stringify(server)},
+)
 output = client.run(
     ${JSON.stringify(model)},
     input=${literal(body, "py", "    ")},
@@ -305,9 +311,10 @@ function codePanel(s) {
     clearTimeout(copy.timer);
     copy.timer = setTimeout(() => { copied.textContent = ""; }, 2500);
   });
+  if (s.dropped.length) {
+    panel.append(h("p", { class: "code-dropped" }, `Not sent, ${s.title} has no equivalent: ${s.dropped.join(", ")}`));
+  }
   panel.append(
-    s.dropped.length
-      ? h("p", { class: "code-dropped" }, `Not sent, ${s.title} has no equivalent: ${s.dropped.join(", ")}`) : null,
     h("div", { class: "code-actions" }, copy, copied),
     h("pre", { class: "mono code-text", "data-elided": String(elide(s.code) !== s.code) }, elide(s.code)),
   );
