@@ -196,13 +196,18 @@ def test_endpoints_and_fields_without_an_equivalent_say_so(page, server):
 
     pick_small_flash(page, "two foxes")
     page.fill("#in-num_images", "2")
+    page.fill("#in-guidance_scale", "12")
     open_dialog(page)
     page.click("#code-tab-replicate")
     note = page.inner_text("#code-panel-replicate .code-dropped")
-    assert "num_images=2" in note
-    assert "# Not sent (no Replicate equivalent): num_images=2" in page.inner_text("#code-panel-replicate pre")
+    assert note == "Not sent (no Replicate equivalent): num_images=2, guidance_scale=12 (Replicate takes 0-10)"
+    code = page.inner_text("#code-panel-replicate pre")
+    assert "# Not sent (no Replicate equivalent): num_images=2, guidance_scale=12" in code
+    assert '"guidance"' not in code
+    shot(page, "code-dialog-dropped")
     assert page.locator("#code-panel-openai .code-dropped").count() == 0  # n=2 maps
     assert "n=2," in page.inner_text("#code-panel-openai pre")
+    assert '"guidance_scale": 12' in page.inner_text("#code-panel-openai pre")
 
 
 def test_dialog_tabs_keyboard_and_closing(page, server):

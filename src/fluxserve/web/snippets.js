@@ -170,6 +170,7 @@ for image in result.data:
 
 // ---- Replicate ------------------------------------------------------------------------------------------------
 const REPLICATE_FORMATS = { jpeg: "jpg", png: "png", webp: "webp" };
+const REPLICATE_MAX_GUIDANCE = 10;
 
 function replicate(endpointId, input, server, info) {
   const model = info?.replicate_model;
@@ -187,7 +188,9 @@ function replicate(endpointId, input, server, info) {
   else Object.assign(body, { aspect_ratio: "match_input_image", resolution: "match_input_image" });
   if (input.seed !== undefined) body.seed = input.seed;
   if (input.num_inference_steps !== undefined) body.steps = input.num_inference_steps;
-  if (input.guidance_scale !== undefined) body.guidance = input.guidance_scale;
+  if (input.guidance_scale !== undefined && input.guidance_scale <= REPLICATE_MAX_GUIDANCE) {
+    body.guidance = input.guidance_scale;
+  } else used.delete("guidance_scale");
   if (input.output_format !== undefined) body.output_format = REPLICATE_FORMATS[input.output_format];
   if (input.safety_tolerance !== undefined) body.safety_tolerance = Number(input.safety_tolerance);
   if (input.enable_safety_checker !== undefined) body.disable_safety_checker = !input.enable_safety_checker;
@@ -200,7 +203,8 @@ function replicate(endpointId, input, server, info) {
     used.add("enable_prompt_expansion");
   }
   if (input.num_images === 1) used.add("num_images");  // a prediction makes one image
-  const drop = dropped(input, used, { ...info.defaults, num_images: 1 });
+  const drop = dropped(input, used, { ...info.defaults, num_images: 1 })
+    .map((d) => (d.startsWith("guidance_scale=") ? `${d} (Replicate takes 0-${REPLICATE_MAX_GUIDANCE})` : d));
   const code = `# Replicate client against fluxserve (pip install replicate)
 # Key: set REPLICATE_API_TOKEN to your fluxserve key (${KEY_NOTE})
 ${droppedComment(drop, "Replicate")}import os
@@ -312,7 +316,7 @@ function codePanel(s) {
     copy.timer = setTimeout(() => { copied.textContent = ""; }, 2500);
   });
   if (s.dropped.length) {
-    panel.append(h("p", { class: "code-dropped" }, `Not sent, ${s.title} has no equivalent: ${s.dropped.join(", ")}`));
+    panel.append(h("p", { class: "code-dropped" }, `Not sent (no ${s.label} equivalent): ${s.dropped.join(", ")}`));
   }
   panel.append(
     h("div", { class: "code-actions" }, copy, copied),
