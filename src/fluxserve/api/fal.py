@@ -712,13 +712,20 @@ async def endpoint_openapi(request: Request, endpoint_id: str) -> JSONResponse:
     return JSONResponse(endpoint_openapi_document(spec, base_url(request)))
 
 
+def _alias(table: dict[str, tuple[str, str]], spec: EndpointSpec) -> str | None:
+    """The first name of an OpenAI or Replicate model table that reaches ``spec`` (None: no name does)."""
+    return next((name for name, ids in table.items() if ids[1 if spec.is_edit else 0] == spec.id), None)
+
+
 @docs_router.get("/api/endpoints", summary="Every endpoint of the catalogue")
 async def list_endpoints(request: Request) -> JSONResponse:
+    """Each endpoint, with the OpenAI ``model`` and the Replicate model that reach it (null when none does)."""
     catalog = _catalog(request)
     base = base_url(request)
     return JSONResponse([
         {"endpoint_id": s.id, "title": s.title, "model": s.model, "task": s.task, "schema": s.schema,
-         "openapi": f"{base}/api/openapi/queue/openapi.json?endpoint_id={s.id}"}
+         "openapi": f"{base}/api/openapi/queue/openapi.json?endpoint_id={s.id}",
+         "openai_model": _alias(catalog.openai_models, s), "replicate_model": _alias(catalog.replicate_models, s)}
         for s in catalog.endpoints.values()
     ])
 

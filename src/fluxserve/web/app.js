@@ -4,6 +4,7 @@
 // GET response_url (the output), PUT cancel_url (cancel), GET /api/history (every dialect's recent jobs).
 
 import { HttpError, KEY_STORAGE, api, describe, getJSON, h, onUnauthorized, sse } from "./lib.js";
+import { setupCodeDialog } from "./snippets.js";
 
 const ENDPOINT_STORAGE = "fluxserve.endpoint";
 const PREFERRED_ENDPOINT = "fal-ai/flux-2/flash";
@@ -302,6 +303,23 @@ function collect() {
     if (value !== undefined) input[name] = value;
   }
   return input;
+}
+
+// The form as "Copy as code" needs it: the endpoint, the input Generate would submit, the endpoint's catalogue
+// entry and the schema's defaults; null (with the field marked) when a field cannot be read.
+function currentRequest() {
+  clearErrors();
+  const endpointId = $("fields").dataset.endpoint;
+  if (!endpointId) return null;
+  try {
+    const defaults = Object.fromEntries(Object.entries(state.schema.properties || {})
+      .map(([name, prop]) => [name, prop.default]));
+    const info = { ...state.endpoints.find((e) => e.endpoint_id === endpointId), defaults };
+    return { endpointId, input: collect(), info };
+  } catch (error) {
+    if (error instanceof FieldError) { showFieldError(error.field, error.message); return null; }
+    throw error;
+  }
 }
 
 function fillForm(values) {
@@ -607,6 +625,7 @@ async function main() {
   setupKey();
   $("gen-form").addEventListener("submit", (e) => submit(e).catch(showError));
   $("cancel").addEventListener("click", () => cancel());
+  setupCodeDialog($("copy-code"), currentRequest);
   $("history-refresh").addEventListener("click", () => loadHistory().catch(showError));
   $("history-more").addEventListener("click", () => loadHistory(true).catch(showError));
   document.addEventListener("visibilitychange", () => { if (!document.hidden) refreshHistorySoon(); });
