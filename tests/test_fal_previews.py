@@ -55,6 +55,7 @@ def test_previews_reach_the_owner_only(server):
             assert image.status_code == 200 and image.headers["content-type"] == "image/png"
         unsigned = previews[0]["preview_url"].split("?")[0]
         assert httpx.get(unsigned).status_code == 401
+        assert other.get(unsigned).status_code == 404  # another key without the signed URL: as if missing
 
         assert other.get(queued.json()["status_url"], params={"logs": "1"}).status_code == 404
         with other.stream("GET", queued.json()["status_url"] + "/stream", params={"logs": "1"}) as stream:
