@@ -95,9 +95,10 @@ async function loadForm(endpointId, values = null) {
   state.schema = resolve(body);
   const info = state.endpoints.find((e) => e.endpoint_id === endpointId);
   state.endpoint = info;
+  const details = [info && endpointNote(info), state.schema.description !== info?.title && state.schema.description,
+    info && `model: ${info.model}`].filter(Boolean);
   $("endpoint-info").replaceChildren(h("span", { class: "mono", id: "endpoint-id" }, endpointId),
-    ` · ${[info && endpointNote(info), state.schema.description !== info?.title && state.schema.description,
-      info && `model: ${info.model}`].filter(Boolean).join(" · ")}`);
+    ...details.map((detail) => ` · ${detail}`));
   renderForm(values);
   $("fields").dataset.endpoint = endpointId;
 }
