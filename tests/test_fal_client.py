@@ -145,6 +145,14 @@ def test_official_client_over_http_with_compat_helper(base_settings):
             assert handle.get()["images"][0]["content_type"] == "image/png"
             assert isinstance(fal_client.status(FLASH, handle.request_id), fal_client.Completed)
 
+            # previews (X-Fluxserve-Previews) add preview_url to log entries: the client passes them through
+            previewed = fal_client.submit("fal-ai/flux-2", arguments={"prompt": "p", "num_inference_steps": 8, **SMALL},
+                                          headers={"X-Fluxserve-Previews": "2"})
+            logs = [log for event in previewed.iter_events(with_logs=True)
+                    if isinstance(event, (fal_client.InProgress, fal_client.Completed)) for log in (event.logs or [])]
+            assert sorted({log["message"] for log in logs if "preview_url" in log}) == ["step 3/8", "step 5/8"]
+            assert previewed.get()["images"][0]["width"] == 512
+
             slow = fal_client.submit("fal-ai/flux-2", arguments={"prompt": "c", "num_inference_steps": 50, **SMALL})
             slow.cancel()
             with pytest.raises(fal_client.client.FalClientHTTPError):

@@ -1,9 +1,15 @@
 """The playground in a real browser: headless Chromium (Debian's ``chromium``, driven by Playwright) against a
 real server (uvicorn on a free port, demo models). It generates through fal's queue API with a progress bar,
 shows jobs of every dialect in the history, marks 422 fields, and asks for the API key when the server needs
-one. ``/api/history`` is checked over plain HTTP too. Screenshots land in test-results/playground/."""
+one; follows a run with previews, a step counter and the time left in plain words; groups the endpoints under
+friendly names; says when demo weights are loaded; takes reference images by drag and drop with their megapixels
+against the limit; clears errors as the form changes. ``/api/history`` is checked over plain HTTP too.
+Screenshots land in test-results/playground/."""
 
 from __future__ import annotations
+
+import re
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -209,3 +215,189 @@ def test_key_is_asked_for_when_the_server_needs_one(page, locked):
     page.click("#generate")
     page.wait_for_function("() => document.getElementById('status').textContent.includes('401')")
     assert panel.is_visible() and "refused" in page.inner_text("#key-message")
+
+
+# ---- live progress, endpoint groups, demo banner, references, errors ----------------------------------------------
+def record_statuses(page) -> None:
+    """Keep every text the status line shows, and every preview the page shows with whether an image was out."""
+    page.evaluate("""() => {
+        window.__statuses = [];
+        window.__previews = [];
+        const status = document.getElementById('status');
+        new MutationObserver(() => window.__statuses.push(status.textContent))
+            .observe(status, {childList: true, characterData: true, subtree: true});
+        new MutationObserver(() => {
+            const preview = document.getElementById('preview-image');
+            if (preview && preview.getAttribute('src')) {
+                window.__previews.push({src: preview.getAttribute('src'),
+                                        final: !!document.querySelector('#images img')});
+            }
+        }).observe(document.querySelector('.result-panel'), {subtree: true, attributeFilter: ['src']});
+    }""")
+
+
+def shots(page, name: str) -> None:
+    """Light, dark and a 420 px wide screenshot of the page as it is now."""
+    shot(page, name, full_page=True)
+    page.emulate_media(color_scheme="dark")
+    shot(page, f"{name}-dark", full_page=True)
+    page.emulate_media(color_scheme="light")
+    page.set_viewport_size({"width": 420, "height": 900})
+    shot(page, f"{name}-narrow", full_page=True)
+    page.set_viewport_size({"width": 1400, "height": 900})
+
+
+def test_previews_step_counter_and_time_left(page, server):
+    open_playground(page, server.url)
+    pick(page, "fal-ai/flux-2")
+    page.select_option("#in-image_size", "custom")
+    page.fill("#in-image_size-width", "512")
+    page.fill("#in-image_size-height", "512")
+    page.fill("#in-num_inference_steps", "28")
+    page.fill("#in-prompt", "a harbour at night, lanterns on the water")
+    record_statuses(page)
+    page.click("#generate")
+    page.wait_for_selector("#preview:not([hidden]) #preview-image[src]", timeout=60_000)
+    shots(page, "playground-preview")
+    page.wait_for_function(
+        "() => { const img = document.querySelector('#images img'); return img && img.complete && img.naturalWidth; }",
+        timeout=60_000)
+
+    previews = page.evaluate("window.__previews")
+    early = [p for p in previews if not p["final"]]
+    assert early, previews  # a preview was on the page before the final image
+    assert all("/files/previews/" in p["src"] for p in previews)
+    statuses = page.evaluate("window.__statuses")
+    generating = [s for s in statuses if s.startswith("Generating · step")]
+    assert generating and all(re.fullmatch(r"Generating · step \d+ of 28( · about \d+ (s|min) left)?", s)
+                              for s in generating), statuses
+    assert any(s.endswith(" left") for s in generating), statuses  # the estimate once 2+ steps were seen
+    assert page.inner_text("#status") == "Completed"
+    assert page.inner_text("#live-info").startswith("Took ")
+    assert page.locator("#preview").is_hidden()
+    final = page.locator("#images .image a").first  # the final image fades in over the last preview
+    assert "/files/previews/" in final.evaluate("a => a.style.backgroundImage")
+    page.wait_for_function("() => !document.querySelector('#images img.fading')")
+    shots(page, "playground-preview-done")
+
+
+def test_queue_position_in_words(page, server):
+    blockers = [httpx.post(server.url + "/queue/fal-ai/flux-2", timeout=60,
+                           json={"prompt": "blocker", "num_inference_steps": 50,
+                                 "image_size": {"width": 1024, "height": 1024}}).json() for _ in range(2)]
+    try:
+        open_playground(page, server.url)
+        pick_small_flash(page, "waiting my turn")
+        record_statuses(page)
+        page.click("#generate")
+        page.wait_for_function("() => window.__statuses.some((s) => s.startsWith('In queue · '))", timeout=60_000)
+    finally:
+        for blocker in blockers:
+            httpx.put(blocker["cancel_url"], timeout=60)
+    page.wait_for_selector("#status[data-tone='ok']", timeout=60_000)
+    queued = [s for s in page.evaluate("window.__statuses") if s.startswith("In queue · ")]
+    assert all(re.fullmatch(r"In queue · (next|\d+ ahead)", s) for s in queued), queued
+    assert page.inner_text("#status") == "Completed"
+
+
+def test_endpoints_are_grouped_with_friendly_names(page, server):
+    open_playground(page, server.url)
+    groups = page.eval_on_selector_all("#endpoint optgroup", "gs => gs.map((g) => g.label)")
+    assert groups == ["Text to image", "Edit", "LoRA", "klein"]
+
+    def option(endpoint: str) -> tuple[str, str]:
+        return page.eval_on_selector(f"#endpoint option[value='{endpoint}']",
+                                     "o => [o.parentElement.label, o.textContent]")
+
+    assert option("fal-ai/flux-2") == ["Text to image", "FLUX.2 [dev]"]
+    assert option("fal-ai/flux-2/turbo") == ["Text to image", "FLUX.2 [dev] · Turbo"]
+    assert option("fal-ai/flux-2/turbo/edit") == ["Edit", "FLUX.2 [dev] · Turbo"]
+    assert option("fal-ai/flux-2-pro") == ["Text to image", "FLUX.2 [pro]"]
+    assert option("fal-ai/flux-2/lora") == ["LoRA", "FLUX.2 [dev]"]
+    assert option("fal-ai/flux-2/lora/edit") == ["LoRA", "FLUX.2 [dev] · Edit"]
+    assert option("fal-ai/flux-2/klein/9b/base/edit") == ["klein", "FLUX.2 [klein] Base 9B · Edit"]
+    pick(page, "fal-ai/flux-2-pro/edit")
+    assert page.inner_text("#endpoint-id") == "fal-ai/flux-2-pro/edit"  # the raw id, as secondary text
+    assert "served by [dev] weights" in page.inner_text("#endpoint-info")
+    page.eval_on_selector("#endpoint", "s => { s.size = 14; }")  # opened, for the screenshots
+    shots(page, "playground-endpoints")
+
+
+def test_demo_banner(page, server, demo_settings):
+    open_playground(page, server.url)
+    banner = page.locator("#demo-banner")
+    assert banner.is_visible() and "Demo weights: images are noise" in banner.inner_text()
+    shots(page, "playground-demo-banner")
+    real = replace(settings_for(demo_settings, "playground-real"), demo=False)
+    with Server(real, start_workers=False) as other:
+        open_playground(page, other.url)
+        assert page.locator("#demo-banner").count() == 0
+
+
+DROP = """async ([selector, sizes]) => {
+    const transfer = new DataTransfer();
+    for (const [width, height] of sizes) {
+        const canvas = document.createElement('canvas');
+        canvas.width = width; canvas.height = height;
+        const ctx = canvas.getContext('2d');
+        ctx.fillStyle = `hsl(${(width + height) % 360} 70% 55%)`;
+        ctx.fillRect(0, 0, width, height);
+        const blob = await new Promise((ok) => canvas.toBlob(ok, 'image/png'));
+        transfer.items.add(new File([blob], `ref-${width}x${height}.png`, {type: 'image/png'}));
+    }
+    const zone = document.querySelector(selector);
+    zone.dispatchEvent(new DragEvent('dragover', {dataTransfer: transfer, bubbles: true, cancelable: true}));
+    zone.dispatchEvent(new DragEvent('drop', {dataTransfer: transfer, bubbles: true, cancelable: true}));
+}"""
+
+
+def test_drop_references_with_megapixels(page, server):
+    open_playground(page, server.url)
+    pick(page, FLASH + "/edit")
+    page.dispatch_event("#drop-image_urls", "dragover")
+    assert "dragging" in page.get_attribute("#drop-image_urls", "class")
+    page.evaluate(DROP, ["#drop-image_urls", [[640, 512], [4096, 3072]]])
+    page.wait_for_function("() => document.querySelectorAll('#field-image_urls .thumb').length === 2")
+    captions = page.locator("#field-image_urls .thumb figcaption").all_inner_texts()
+    assert [c.split() for c in captions] == [["640×512", "0.31", "MP"], ["4096×3072", "12.00", "MP"]]
+    assert page.inner_text("#mp-image_urls") == "12.31 MP of 14 MP"
+    assert "dragging" not in page.get_attribute("#drop-image_urls", "class")
+
+    page.evaluate(DROP, ["#drop-image_urls", [[2048, 1024]]])
+    page.wait_for_selector("#mp-image_urls.over")
+    assert page.inner_text("#mp-image_urls") == "14.31 MP of 14 MP · over the limit"
+    page.fill("#in-prompt", "make it blue")
+    page.click("#generate")  # warned before sending: nothing submitted
+    page.wait_for_selector("#err-image_urls:not([hidden])")
+    assert "14.31 MP" in page.inner_text("#err-image_urls") and "at most 14 MP" in page.inner_text("#err-image_urls")
+    assert page.inner_text("#job-id") == ""
+    shots(page, "playground-references")
+
+    page.click("#field-image_urls .thumb:nth-child(2) .remove")  # the change clears the warning
+    assert page.locator("#err-image_urls").is_hidden()
+    assert page.inner_text("#mp-image_urls") == "2.31 MP of 14 MP"
+    result = generate_and_wait(page)
+    assert (result["width"], result["height"]) == (640, 512)  # auto: the first reference's size
+    job = server.store.get(page.inner_text("#job-id"))
+    assert len(job.input["image_urls"]) == 2
+
+
+def test_errors_clear_when_the_form_changes(page, server):
+    open_playground(page, server.url)
+    pick_small_flash(page, "")
+    page.fill("#in-image_size-width", "100")
+    page.click("#generate")
+    page.wait_for_selector("#err-prompt:not([hidden])")
+    assert page.locator("#err-image_size").is_visible()
+    page.fill("#in-prompt", "a fixed prompt")  # this field's error goes, the other stays
+    assert page.locator("#err-prompt").is_hidden()
+    assert page.locator("#in-prompt").get_attribute("aria-invalid") is None
+    assert page.locator("#err-image_size").is_visible()
+    page.fill("#in-image_size-width", "512")
+    assert page.locator("#err-image_size").is_hidden()
+
+    # the general box (errors without a field of their own) goes on any change
+    page.evaluate("""() => { const box = document.getElementById('form-errors');
+        box.textContent = 'body: something general'; box.hidden = false; }""")
+    page.fill("#in-seed", "7")
+    assert page.locator("#form-errors").is_hidden()

@@ -58,6 +58,7 @@ STREAM_POLL_S = 0.2  # status streams are woken by this process's changes, and r
 STATUS_MAX_AGE_S = 0.025
 MAX_REQUEST_TIMEOUT_S = 7 * 24 * 3600  # X-Fal-Request-Timeout: a week at most
 IDEMPOTENCY_HEADERS = ("idempotency-key", "x-idempotency-key", "x-fal-idempotency-key")
+PREVIEWS_HEADER = "x-fluxserve-previews"  # preview images during denoising (the canonical partial_images), 0-3
 _IDEMPOTENCY_NS = uuid.UUID("5b0f3b8e-4d55-4c36-9c39-7c1f3f8f1a11")
 
 router = APIRouter(dependencies=[Depends(require_key(DIALECT))], tags=["fal"],
@@ -222,6 +223,17 @@ def _options(request: Request, inp: FalInput) -> dict[str, Any]:
     return {"priority": priority, "timeout_s": timeout_s, "store_io": store_io}
 
 
+def _previews(request: Request) -> int:
+    """``X-Fluxserve-Previews: N``: how many preview images the job reports during denoising. fal's input has
+    no such field; clients that do not know the header get none, and extra fields in the status logs
+    (``preview_url``) are ignored by fal's clients."""
+    raw = request.headers.get(PREVIEWS_HEADER, "0").strip() or "0"
+    if not (raw.isdigit() and 0 <= int(raw) <= 3):
+        raise FalValidationError([{"loc": ["header", PREVIEWS_HEADER], "type": "value_error",
+                                   "msg": f"X-Fluxserve-Previews must be a whole number from 0 to 3, not {raw!r}"}])
+    return int(raw)
+
+
 def _idempotent_id(request: Request, endpoint_id: str) -> str | None:
     for name in IDEMPOTENCY_HEADERS:
         if key := request.headers.get(name):
@@ -234,7 +246,9 @@ async def submit(request: Request, spec: EndpointSpec, webhook_url: str | None =
     """Validate and queue; returns the job (an existing one for a repeated idempotency key). A ``sync`` job
     names this server process as its caller (unless an idempotency key lets the caller come back for it), so
     it is cancelled rather than run for nobody if the process stops."""
+    previews = _previews(request)
     gen, body, inp = await prepare(request, spec)
+    gen.partial_images = previews
     options = _options(request, inp)
     store = request.app.state.store
     job_id = _idempotent_id(request, spec.id)
@@ -275,8 +289,13 @@ def _timestamp(value: datetime | None) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
 
 
-def log_entry(line: Any) -> dict[str, Any]:
-    return {"message": line.message, "level": line.level, "source": "USER", "timestamp": _timestamp(line.timestamp)}
+def log_entry(line: Any, base: str) -> dict[str, Any]:
+    """A status log line; a step that made a preview (``X-Fluxserve-Previews``) carries its signed
+    ``preview_url`` under ``base``, an extra field fal's clients ignore."""
+    entry = {"message": line.message, "level": line.level, "source": "USER", "timestamp": _timestamp(line.timestamp)}
+    if line.preview_key:
+        entry["preview_url"] = file_url(base, line.preview_key)
+    return entry
 
 
 def inference_time(job: Any) -> float | None:
@@ -406,7 +425,7 @@ async def _stream_events(request: Request, spec: EndpointSpec, job_id: str):
             after = lines[-1].seq
             progress = {"step": current.step, "total": current.total_steps}
             event: dict[str, Any] = {"status": "IN_PROGRESS", "progress": progress,
-                                     "logs": [log_entry(line) for line in lines]}
+                                     "logs": [log_entry(line, base_url(request)) for line in lines]}
             previews = [line.preview_key for line in lines if line.preview_key]
             if previews:
                 event["images"] = [{"url": image_url(request, key)} for key in previews]
@@ -495,7 +514,7 @@ async def _status(request: Request, job: Any, prefix: str, with_logs: bool, afte
     position, logs = job.queue_position, None
     if job.status != "queued" and with_logs:
         lines = await _store_call(request, store.logs, job.id, after)
-        logs = [log_entry(line) for line in lines]
+        logs = [log_entry(line, base_url(request)) for line in lines]
         if lines:
             after = lines[-1].seq
     body = status_body(job, queue_urls(request, prefix, job.endpoint, job.id), logs, position)
@@ -725,7 +744,9 @@ async def list_endpoints(request: Request) -> JSONResponse:
     return JSONResponse([
         {"endpoint_id": s.id, "title": s.title, "model": s.model, "task": s.task, "schema": s.schema,
          "openapi": f"{base}/api/openapi/queue/openapi.json?endpoint_id={s.id}",
-         "openai_model": _alias(catalog.openai_models, s), "replicate_model": _alias(catalog.replicate_models, s)}
+         "openai_model": _alias(catalog.openai_models, s), "replicate_model": _alias(catalog.replicate_models, s),
+         **({"max_references": s.max_references, "max_input_megapixels": s.max_input_megapixels}
+            if s.is_edit else {})}
         for s in catalog.endpoints.values()
     ])
 

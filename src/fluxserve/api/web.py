@@ -1,8 +1,10 @@
-"""The playground: a static page (``web/``) at ``GET /`` and ``/playground``, and ``GET /api/history``.
+"""The playground: a static page (``web/``) at ``GET /`` and ``/playground``, ``GET /api/history`` and
+``GET /api/info``.
 
 The page is plain HTML, a few JS modules and one CSS file shipped inside the package; it talks to the server the way
 a client does (fal's queue API, ``/api/endpoints``, the per-endpoint OpenAPI documents). ``/api/history`` lists
 the caller's recent jobs of every dialect (an admin key's: everyone's), newest first, for its history panel.
+``/api/info`` tells the page, without a key, whether the tiny demo models stand in for the real weights.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ async def asset(name: str) -> Response:
     if name not in ASSETS:
         return Response("Not found", status_code=404, media_type="text/plain")
     return Response(_asset(name), media_type=f"{ASSETS[name]}; charset=utf-8", headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/api/info", summary="What the playground shows about this server: whether demo weights are loaded")
+async def info(request: Request) -> JSONResponse:
+    return JSONResponse({"demo": bool(request.app.state.settings.demo)})
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -3,7 +3,10 @@
 // GET .../status/stream?logs=1 (progress, SSE read through fetch so the Authorization header goes along),
 // GET response_url (the output), PUT cancel_url (cancel), GET /api/history (every dialect's recent jobs).
 
+import { endpointGroups, endpointNote, showDemoBanner } from "./endpoints.js";
 import { HttpError, KEY_STORAGE, api, describe, getJSON, h, onUnauthorized, sse } from "./lib.js";
+import { LiveJob, PREVIEWS, queueText, resetLive, revealOutput } from "./live.js";
+import { referencesField } from "./refs.js";
 import { setupCodeDialog } from "./snippets.js";
 
 const ENDPOINT_STORAGE = "fluxserve.endpoint";
@@ -16,12 +19,11 @@ const SIZE_LABELS = {
   portrait_4_3: "portrait 3:4 · 768×1024", portrait_16_9: "portrait 9:16 · 576×1024",
   landscape_4_3: "landscape 4:3 · 1024×768", landscape_16_9: "landscape 16:9 · 1024×576",
 };
-const STEP_RE = /step\s+(\d+)\s*\/\s*(\d+)/i;
 
 const $ = (id) => document.getElementById(id);
 const state = {
   endpoints: [], schema: null, components: {}, fields: new Map(), job: null, abort: null,
-  historyBefore: null, historyTimer: null, formLoads: 0,
+  historyBefore: null, historyTimer: null, formLoads: 0, endpoint: null,
 };
 
 // ---- API key ----------------------------------------------------------------------------------------------------
@@ -67,14 +69,7 @@ function setupKey() {
 async function loadEndpoints() {
   state.endpoints = (await getJSON("/api/endpoints")).filter((e) => ["text-to-image", "edit"].includes(e.task));
   const select = $("endpoint");
-  select.replaceChildren();
-  for (const [task, label] of [["text-to-image", "Text to image"], ["edit", "Edit (reference images)"]]) {
-    const group = h("optgroup", { label });
-    for (const e of state.endpoints.filter((x) => x.task === task)) {
-      group.append(h("option", { value: e.endpoint_id }, e.endpoint_id));
-    }
-    select.append(group);
-  }
+  select.replaceChildren(...endpointGroups(state.endpoints));
   const ids = state.endpoints.map((e) => e.endpoint_id);
   const saved = localStorage.getItem(ENDPOINT_STORAGE);
   select.value = ids.includes(saved) ? saved : ids.includes(PREFERRED_ENDPOINT) ? PREFERRED_ENDPOINT : ids[0];
@@ -100,8 +95,11 @@ async function loadForm(endpointId, values = null) {
   const body = doc.paths[`/${endpointId}`].post.requestBody.content["application/json"].schema;
   state.schema = resolve(body);
   const info = state.endpoints.find((e) => e.endpoint_id === endpointId);
-  $("endpoint-info").textContent = [state.schema.description || info?.title, info && `model: ${info.model}`]
-    .filter(Boolean).join(" · ");
+  state.endpoint = info;
+  const details = [info && endpointNote(info), state.schema.description !== info?.title && state.schema.description,
+    info && `model: ${info.model}`].filter(Boolean);
+  $("endpoint-info").replaceChildren(h("span", { class: "mono", id: "endpoint-id" }, endpointId),
+    ...details.map((detail) => ` · ${detail}`));
   renderForm(values);
   $("fields").dataset.endpoint = endpointId;
 }
@@ -163,7 +161,7 @@ function makeField(name, rawProp, required) {
   const variants = (prop.anyOf || []).map(resolve);
   const nonNull = variants.filter((v) => v.type !== "null");
   if (name === "image_size") return sizeField(name, prop, variants);
-  if (name === "image_urls") return referencesField(name, prop, required);
+  if (name === "image_urls") return referencesField(name, prop, required, wrap, state.endpoint);
   const schema = nonNull.length === 1 ? { ...nonNull[0], ...prop, type: nonNull[0].type } : resolve(prop);
   if (schema.type === "boolean") {
     const input = h("input", { type: "checkbox", id: `in-${name}`, name, checked: schema.default === true });
@@ -257,45 +255,6 @@ function sizeField(name, prop, variants) {
     } };
 }
 
-function referencesField(name, prop, required) {
-  const files = [];  // data URIs from the file picker
-  const picker = h("input", { type: "file", id: `in-${name}`, accept: "image/*", multiple: true });
-  const urls = h("textarea", { id: `in-${name}-urls`, rows: 2, class: "mono",
-    placeholder: "or image URLs / data URIs, one per line", "aria-label": "Reference image URLs" });
-  const thumbs = h("div", { class: "thumbs" });
-  const redraw = () => {
-    thumbs.replaceChildren(...files.map((uri, i) => h("figure", { class: "thumb" },
-      h("img", { src: uri, alt: `Reference ${i + 1}` }),
-      h("button", { type: "button", class: "remove", "aria-label": `Remove reference ${i + 1}`,
-        onclick: () => { files.splice(i, 1); redraw(); } }, "×"))));
-  };
-  picker.addEventListener("change", async () => {
-    for (const file of picker.files) {
-      files.push(await new Promise((ok, fail) => {
-        const reader = new FileReader();
-        reader.onload = () => ok(reader.result);
-        reader.onerror = () => fail(reader.error);
-        reader.readAsDataURL(file);
-      }));
-    }
-    picker.value = "";
-    redraw();
-  });
-  const el = wrap(name, prop, h("div", { class: "refs" }, picker, urls, thumbs), { required });
-  return { kind: "refs", el,
-    get: () => {
-      const list = [...files, ...urls.value.split("\n").map((s) => s.trim()).filter(Boolean)];
-      return list.length || required ? list : undefined;
-    },
-    set: (v) => {
-      files.length = 0;
-      const list = Array.isArray(v) ? v : [];
-      for (const u of list.filter((u) => u.startsWith("data:"))) files.push(u);
-      urls.value = list.filter((u) => !u.startsWith("data:")).join("\n");
-      redraw();
-    } };
-}
-
 function collect() {
   const input = {};
   for (const [name, field] of state.fields) {
@@ -327,6 +286,19 @@ function fillForm(values) {
 }
 
 // ---- errors -----------------------------------------------------------------------------------------------------
+// Editing a field clears its own error; any change clears the general error box.
+function clearOnChange(event) {
+  const field = event.target.closest?.(".field");
+  const box = field && $(`err-${field.dataset.field}`);
+  if (box && !box.hidden) {
+    box.hidden = true;
+    box.textContent = "";
+    field.querySelectorAll("[aria-invalid]").forEach((el) => el.removeAttribute("aria-invalid"));
+  }
+  $("form-errors").hidden = true;
+  $("form-errors").replaceChildren();
+}
+
 function clearErrors() {
   for (const el of document.querySelectorAll(".field-error")) { el.hidden = true; el.textContent = ""; }
   for (const el of document.querySelectorAll("[aria-invalid]")) el.removeAttribute("aria-invalid");
@@ -400,17 +372,12 @@ function resetResult(jobId) {
   $("params-box").hidden = true;
   $("progress").hidden = true;
   $("progress").value = 0;
+  resetLive();
 }
 
 function addLogs(logs) {
-  let last = null;
-  for (const line of logs || []) {
-    $("logs").append(h("li", {}, line.message));
-    const match = STEP_RE.exec(line.message || "");
-    if (match) last = [Number(match[1]), Number(match[2])];
-  }
+  for (const line of logs || []) $("logs").append(h("li", {}, line.message));
   if (logs?.length) $("logs-box").hidden = false;
-  return last;
 }
 
 function busy(on) {
@@ -429,11 +396,18 @@ async function submit(event) {
     if (error instanceof FieldError) { showFieldError(error.field, error.message); return; }
     throw error;
   }
+  const problems = [...state.fields].map(([name, field]) => [name, field.problem?.()]).filter(([, p]) => p);
+  if (problems.length) {
+    for (const [name, problem] of problems) showFieldError(name, problem);
+    setStatus("Not sent: see the marked fields.", "error");
+    return;
+  }
   resetResult();
   setStatus("Submitting…");
   busy(true);
   try {
-    const queued = await getJSON(`/queue/${endpointId}`, { method: "POST", json: input });
+    const queued = await getJSON(`/queue/${endpointId}`,
+      { method: "POST", json: input, headers: { "X-Fluxserve-Previews": String(PREVIEWS) } });
     refreshHistorySoon();
     await follow({ ...queued, endpoint: endpointId, input });
   } catch (error) {
@@ -454,40 +428,45 @@ async function follow(job) {
   showParams(job.endpoint, job.input);
   setStatus("In queue…");
   setProgress(0, 0);
+  const live = new LiveJob();
   let final = null;
   try {
-    for await (const status of sse(`${job.status_url}/stream?logs=1`, state.abort.signal)) {
-      final = onStatus(status) || final;
-      if (final) break;
+    try {
+      for await (const status of sse(`${job.status_url}/stream?logs=1`, state.abort.signal)) {
+        final = onStatus(status, live) || final;
+        if (final) break;
+      }
+    } catch (error) {
+      if (error.name === "AbortError") return;
+      if (!(error instanceof TypeError)) throw error;
     }
-  } catch (error) {
-    if (error.name === "AbortError") return;
-    if (!(error instanceof TypeError)) throw error;
-  }
-  while (!final) {  // the stream ended early (a proxy, a restart): poll
-    await new Promise((r) => setTimeout(r, 500));
-    final = onStatus(await getJSON(`${job.status_url}?logs=1`));
-  }
+    while (!final) {  // the stream ended early (a proxy, a restart): poll
+      await new Promise((r) => setTimeout(r, 500));
+      final = onStatus(await getJSON(`${job.status_url}?logs=1`), live);
+    }
+  } finally { live.stop(); }
   if (final.error) {
     const cancelled = final.error_type === "request_cancelled" || /cancel/i.test(final.error);
-    setStatus(cancelled ? "Cancelled." : `Failed: ${final.error}`, cancelled ? "" : "error");
+    setStatus(cancelled ? "Cancelled" : `Failed: ${final.error}`, cancelled ? "" : "error");
     $("progress").hidden = true;
     return;
   }
   setStatus("Fetching the output…");
   const output = await getJSON(job.response_url);
   showOutput(output, final.metrics);
+  revealOutput(live);
 }
 
-function onStatus(status) {
+function onStatus(status, live) {
   if (status.status === "IN_QUEUE") {
-    setStatus(`In queue · position ${status.queue_position ?? 0}`);
+    setStatus(queueText(status.queue_position ?? 0));
     return null;
   }
-  const step = addLogs(status.logs);
+  addLogs(status.logs);
+  const step = live.observe(status.logs);
   if (step) setProgress(step[0], step[1]);
   if (status.status === "IN_PROGRESS") {
-    setStatus(step ? `Generating · step ${step[0]} of ${step[1]}` : "Generating…");
+    setStatus(live.statusText());
     return null;
   }
   if (status.status === "COMPLETED") {
@@ -539,8 +518,7 @@ function showOutput(output, metrics, jobId = $("job-id").textContent) {
   $("meta").replaceChildren(...rows.filter(([, v]) => v !== undefined && v !== null)
     .flatMap(([k, v]) => [h("dt", {}, k), h("dd", { "data-meta": k.toLowerCase() }, String(v))]));
   $("meta").hidden = false;
-  setStatus(images.length ? `Done · ${images.length} image${images.length > 1 ? "s" : ""}` : "Done (no images).",
-    "ok");
+  setStatus(images.length ? "Completed" : "Completed (no images)", "ok");
 }
 
 function showParams(endpoint, input, dialect = "fal") {
@@ -623,6 +601,9 @@ async function openHistory(item) {
 // ---- start ------------------------------------------------------------------------------------------------------
 async function main() {
   setupKey();
+  showDemoBanner();
+  $("gen-form").addEventListener("input", clearOnChange);
+  $("gen-form").addEventListener("change", clearOnChange);
   $("gen-form").addEventListener("submit", (e) => submit(e).catch(showError));
   $("cancel").addEventListener("click", () => cancel());
   setupCodeDialog($("copy-code"), currentRequest);
