@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 
 from fluxserve import fetch
-from fluxserve.api import fal, file_urls, files, metrics, web
+from fluxserve.api import fal, fal_platform, file_urls, files, metrics, web
 from fluxserve.api import openai as openai_api
 from fluxserve.api import replicate as replicate_api
 from fluxserve.api.auth import KeyChecker, check_request
@@ -179,6 +179,7 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
     app.include_router(files.router)
     app.include_router(fal.docs_router)
     app.include_router(fal.router)
+    app.include_router(fal_platform.router)  # before Replicate's /v1/models/{owner}/{name}
     # ---- other dialects (OpenAI, Replicate) go here, before fal's catch-all routes ----
     app.include_router(openai_api.router)
     app.include_router(replicate_api.router)

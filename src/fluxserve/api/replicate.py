@@ -610,6 +610,7 @@ def model_object(request: Request, model_name: str) -> dict[str, Any]:
         "cover_image_url": None,
         "default_example": None,
         "latest_version": _version_object(request, model_name),
+        "json_request_schema": models(request).request_schema(model_name),
     }
 
 

@@ -142,6 +142,41 @@ def openapi_schema(model_cls: type[Flux2Input]) -> dict[str, Any]:
     }
 
 
+def request_schema(model_name: str, model_cls: type[Flux2Input]) -> dict[str, Any]:
+    """The model's ``json_request_schema`` (seed 003): a JSON Schema (draft 2020-12) of the body that creates a
+    prediction, ``{"input": {...}, "webhook": ..., "webhook_events_filter": [...], "stream": ...}``. ``input``
+    is the schema the server validates with, plus seed 003's names ``input_image`` and
+    ``num_inference_steps``."""
+    schema = model_cls.model_json_schema()
+    defs = schema.pop("$defs", {})
+    properties = schema["properties"]
+    properties["input_image"] = {
+        "anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "string"}],
+        "description": "Seed 003's name for input_images: one URL or a list, added to input_images",
+    }
+    properties["num_inference_steps"] = {**properties["steps"], "description": "Seed 003's name for steps"}
+    properties["num_inference_steps"].pop("default", None)
+    body: dict[str, Any] = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": f"Prediction request for {model_name}",
+        "type": "object",
+        "required": ["input"],
+        "properties": {
+            "input": schema,
+            "webhook": {"type": "string", "format": "uri",
+                        "description": "An http(s) URL that receives the prediction as it changes"},
+            "webhook_events_filter": {
+                "type": "array", "items": {"enum": ["start", "output", "logs", "completed"]},
+                "description": "The events that call the webhook (default: all)",
+            },
+            "stream": {"type": "boolean", "description": "Ignored: every prediction can be streamed"},
+        },
+    }
+    if defs:
+        body["$defs"] = defs
+    return body
+
+
 def version_id(model_name: str, schema: dict[str, Any]) -> str:
     """A stable 64-hex version id: the same catalogue gives the same id on every replica."""
     digest = hashlib.sha256(f"{model_name}\n{json.dumps(schema, sort_keys=True)}".encode())
@@ -166,6 +201,9 @@ class ReplicateModels:
 
     def schema(self, model_name: str) -> dict[str, Any]:
         return openapi_schema(self.input_model(model_name))
+
+    def request_schema(self, model_name: str) -> dict[str, Any]:
+        return request_schema(model_name, self.input_model(model_name))
 
     def version(self, model_name: str) -> str:
         return self.versions[model_name]

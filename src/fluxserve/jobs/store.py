@@ -23,7 +23,23 @@ from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import JSON, and_, create_engine, event, func, insert, select, text, update
+from sqlalchemy import (
+    JSON,
+    Float,
+    and_,
+    cast,
+    create_engine,
+    event,
+    func,
+    insert,
+    literal,
+    literal_column,
+    not_,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.pool import StaticPool
 
@@ -53,6 +69,11 @@ TIMEOUT_ERROR_TYPE = "request_timeout"
 CANCELLED_ERROR = "Request was cancelled"
 CANCELLED_ERROR_TYPE = "cancelled"
 BLOCKED_ERROR_TYPE = "content_policy_violation"  # fal's name for content a checker refused
+# failures the caller caused (refused input): fal's request history counts them, and cancellations, as user_error
+USER_ERROR_TYPES = ("validation_error", "input_error", "invalid_input")
+# what requests still in flight sort by in the request history: they end last and take longest
+NOT_ENDED = datetime(9999, 12, 31, tzinfo=UTC)
+NOT_ENDED_DURATION = 1e18
 CALLER_GONE_ERROR = "Request was cancelled: the server holding the caller's connection stopped"
 
 # A running job whose worker lives in the server process that holds its synchronous caller's connection (worker
@@ -1037,6 +1058,46 @@ class JobStore:
             stmt = stmt.where(jobs.c.owner == owner)
         with self._read() as conn:
             return [Job.from_row(row) for row in conn.execute(stmt)]
+
+    def _history_key(self, sort: str) -> Any:
+        """The sort key of ``history``: the end time, or the duration in seconds from sent to ended (requests in
+        flight as ``NOT_ENDED`` or ``NOT_ENDED_DURATION``: first, so requests sent meanwhile never shift a page)."""
+        if sort == "ended_at":
+            return func.coalesce(jobs.c.completed_at, literal(NOT_ENDED, UTCDateTime))
+        if self.is_sqlite:
+            seconds = literal_column("(julianday(jobs.completed_at) - julianday(jobs.created_at)) * 86400.0")
+        else:
+            seconds = literal_column("EXTRACT(EPOCH FROM (jobs.completed_at - jobs.created_at))")
+        return func.coalesce(cast(seconds, Float), NOT_ENDED_DURATION)
+
+    def history(self, *, endpoints: list[str], start: datetime, end: datetime, owner: str | None = None,
+                outcome: str | None = None, request_id: str | None = None, sort: str = "ended_at",
+                after: tuple[Any, datetime, str] | None = None, limit: int = 50) -> list[tuple[Any, Job]]:
+        """fal's request history: the jobs of ``endpoints`` sent in [start, end), as (sort key, job), largest
+        key first (``sort``: ``ended_at``, the latest end; ``duration``, the longest), then the latest sent, then
+        by id. ``after`` is the (key, sent, id) of the last row of the previous page: requests sent since sort
+        before it, so paging neither repeats nor skips a row. ``outcome``: success, error or user_error;
+        ``owner`` limits the rows to one key's."""
+        key = self._history_key(sort).label("sort_key")
+        user_error = or_(jobs.c.status == "cancelled", and_(jobs.c.status == "failed", or_(
+            func.coalesce(jobs.c.error_type, "").in_(USER_ERROR_TYPES), jobs.c.error_detail.is_not(None))))
+        outcomes = {"success": jobs.c.status == "completed", "user_error": user_error,
+                    "error": and_(jobs.c.status == "failed", not_(user_error))}
+        stmt = select(jobs, key).where(jobs.c.endpoint.in_(endpoints), jobs.c.created_at >= start,
+                                       jobs.c.created_at < end)
+        if owner is not None:
+            stmt = stmt.where(jobs.c.owner == owner)
+        if outcome is not None:
+            stmt = stmt.where(outcomes[outcome])
+        if request_id is not None:
+            stmt = stmt.where(jobs.c.id == request_id)
+        if after is not None:
+            value, sent, job_id = after
+            stmt = stmt.where(or_(key.element < value, and_(key.element == value, or_(
+                jobs.c.created_at < sent, and_(jobs.c.created_at == sent, jobs.c.id < job_id)))))
+        stmt = stmt.order_by(key.element.desc(), jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
+        with self._read() as conn:
+            return [(row.sort_key, Job.from_row(row)) for row in conn.execute(stmt)]
 
     def counts(self) -> dict[str, int]:
         """Jobs per status (for metrics and /health)."""
