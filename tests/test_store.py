@@ -385,3 +385,18 @@ def test_columns_added_later_are_added_to_an_older_database(db_url, monkeypatch)
     finally:
         for column in extra:
             models.api_keys._columns.remove(column)
+
+
+def test_indexes_added_later_are_made_in_an_older_database(db_url):
+    """A database made before an index was declared gets it at start; a second start finds it present."""
+    from sqlalchemy import create_engine, inspect, text
+
+    JobStore(db_url).close()
+    engine = create_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP INDEX ix_jobs_owner_created"))
+    assert "ix_jobs_owner_created" not in {i["name"] for i in inspect(engine).get_indexes("jobs")}
+    JobStore(db_url).close()
+    JobStore(db_url).close()
+    assert "ix_jobs_owner_created" in {i["name"] for i in inspect(engine).get_indexes("jobs")}
+    engine.dispose()

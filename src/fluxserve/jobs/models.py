@@ -88,6 +88,8 @@ jobs = Table(
     Index("ix_jobs_claim", "status", "priority_rank", "created_at"),
     Index("ix_jobs_dialect_created", "dialect", "created_at"),
     Index("ix_jobs_created", "created_at"),
+    Index("ix_jobs_endpoint_created", "endpoint", "created_at"),  # a request history by endpoint
+    Index("ix_jobs_owner_created", "owner", "created_at"),  # one key's jobs
 )
 
 job_logs = Table(

@@ -508,6 +508,9 @@ class JobStore:
                 conn.execute(text("SELECT pg_advisory_xact_lock(7261553)"))
             metadata.create_all(conn)
             self._add_missing_columns(conn)
+            for table in metadata.tables.values():  # indexes added since an older database was made
+                for index in table.indexes:
+                    index.create(conn, checkfirst=True)
 
     @staticmethod
     def _add_missing_columns(conn: Connection) -> None:
