@@ -159,6 +159,7 @@ def test_report_groups_filters_and_prices(store):
     a, b, keyless = groups
     assert (a.jobs, a.completed, a.megapixels, a.input_megapixels, a.output_images) == (2, 2, 9, 5, 3)
     assert (b.jobs, b.completed, b.failed, b.megapixels, b.output_megapixels) == (2, 1, 1, 2, 2)
+    assert (keyless.jobs, keyless.megapixels) == (1, 2)
     assert b.gpu_seconds == pytest.approx(1.75) and b.steps == 32
     assert (total.jobs, total.completed, total.failed, total.cancelled, total.megapixels) == (5, 4, 1, 0, 13)
     assert total.cost is None and a.cost is None  # no prices: no cost

@@ -151,6 +151,7 @@ def test_from_and_to_select_by_finish_time(server, made):
 @pytest.mark.parametrize(("params", "field"), [
     ({"from": "last tuesday"}, "from"),
     ({"to": "2026-13-01"}, "to"),
+    ({"from": "9999-12-31T23:59:59-23:59"}, "from"),  # past year 9999 in UTC
     ({"from": "2026-02-01", "to": "2026-01-01"}, "to"),
     ({"group_by": "model"}, "group_by"),
 ])
@@ -203,8 +204,9 @@ def test_cli_prints_a_table_with_totals(server, made, catalog_path):
     assert day.returncode == 0 and _row(day.stdout, "total")[1] == "0"
 
 
-def test_cli_refuses_a_bad_since(server, catalog_path):
-    done = run_usage(server, catalog_path, "--since", "last week")
+@pytest.mark.parametrize("since", ["last week", "999999999d"])
+def test_cli_refuses_a_bad_since(server, catalog_path, since):
+    done = run_usage(server, catalog_path, "--since", since)
     assert done.returncode == 2 and "--since" in done.stderr and "7d" in done.stderr
 
 

@@ -11,10 +11,10 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from fluxserve.api.auth import caller, require_key
-from fluxserve.api.errors import FalValidationError
+from fluxserve.api.errors import FalValidationError, documented
 from fluxserve.jobs import ledger
 
-router = APIRouter(tags=["usage"])
+router = APIRouter(tags=["usage"], responses=documented(401, 422))
 
 
 def _invalid(field: str, message: str) -> FalValidationError:
@@ -27,9 +27,9 @@ def parse_time(field: str, value: str | None) -> datetime | None:
         return None
     try:
         parsed = datetime.fromisoformat(value)
-    except ValueError:
+        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
+    except (ValueError, OverflowError):  # not a time, or out of range once in UTC
         raise _invalid(field, f"Invalid ISO 8601 date or time: {value!r}") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -15,11 +15,11 @@ UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 def parse_since(value: str, now: datetime | None = None) -> datetime:
     """``7d``, ``12h``, ``30m``, ``2w`` (that long ago) or an ISO 8601 date or time (UTC unless it says so)."""
     match = re.fullmatch(r"(\d+)\s*([mhdw])", value.strip().lower())
-    if match:
-        return (now or datetime.now(UTC)) - timedelta(**{UNITS[match[2]]: int(match[1])})
     try:
+        if match:
+            return (now or datetime.now(UTC)) - timedelta(**{UNITS[match[2]]: int(match[1])})
         parsed = datetime.fromisoformat(value)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(
             f"{value!r} is neither a duration (7d, 12h, 30m, 2w) nor an ISO 8601 date") from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
