@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fluxserve.request import LoraSpec
+from fluxserve.usage import Price
 
 DEFAULT_CATALOG = Path(__file__).with_name("catalog.toml")
 
@@ -50,6 +51,8 @@ class Catalog:
     openai_models: dict[str, tuple[str, str]] = field(default_factory=dict)
     openai_default: str = "flux-2-dev"
     replicate_models: dict[str, tuple[str, str]] = field(default_factory=dict)
+    prices: dict[str, Price] = field(default_factory=dict)  # endpoint id -> price; none unless the operator sets them
+    currency: str = ""
     source: Path = DEFAULT_CATALOG
 
     @classmethod
@@ -98,7 +101,9 @@ class Catalog:
                 for eid in ids:
                     if eid not in endpoints:
                         raise ValueError(f"{path}: {name!r} names unknown endpoint {eid!r}")
-        return cls(models=models, endpoints=endpoints, openai_default=default, source=path, **aliases)
+        prices, currency = _prices(path, data.get("prices", {}), endpoints)
+        return cls(models=models, endpoints=endpoints, openai_default=default, source=path, prices=prices,
+                   currency=currency, **aliases)
 
     def endpoint(self, endpoint_id: str) -> EndpointSpec:
         """The endpoint, or KeyError naming it."""
@@ -109,3 +114,23 @@ class Catalog:
 
     def model_for(self, endpoint_id: str) -> ModelSpec:
         return self.models[self.endpoint(endpoint_id).model]
+
+
+def _prices(path: Path, table: dict, endpoints: dict[str, EndpointSpec]) -> tuple[dict[str, Price], str]:
+    """``[prices]``: an optional ``currency`` and, per endpoint id, ``first_megapixel`` and ``extra_megapixel``."""
+    table = dict(table)
+    currency = table.pop("currency", "")
+    if not isinstance(currency, str) or len(currency) > 16:
+        raise ValueError(f"{path}: prices.currency must be a short name such as \"USD\"")
+    prices = {}
+    for eid, entry in table.items():
+        if eid not in endpoints:
+            raise ValueError(f"{path}: prices names unknown endpoint {eid!r}")
+        values = []
+        for name in ("first_megapixel", "extra_megapixel"):
+            value = entry.get(name) if isinstance(entry, dict) else None
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ValueError(f"{path}: prices.{eid!r}.{name} must be a number of at least 0")
+            values.append(float(value))
+        prices[eid] = Price(*values)
+    return prices, currency

@@ -81,6 +81,7 @@ class GenerationResult:
     seed: int
     prompt: str
     timings: dict[str, float] = field(default_factory=dict)
+    reference_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) of each reference as loaded
 
     @property
     def has_nsfw_concepts(self) -> list[bool]:

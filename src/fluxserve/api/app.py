@@ -22,6 +22,7 @@ from fluxserve import fetch
 from fluxserve.api import fal, fal_platform, file_urls, files, metrics, web
 from fluxserve.api import openai as openai_api
 from fluxserve.api import replicate as replicate_api
+from fluxserve.api import usage as usage_api
 from fluxserve.api.auth import KeyChecker, check_request
 from fluxserve.api.errors import ApiError, FalValidationError, api_error_handler, fal_validation_handler
 from fluxserve.api.limits import MIB, BodyLimitMiddleware
@@ -185,5 +186,6 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
     app.include_router(replicate_api.router)
     # ------------------------------------------------------------------------------------
     app.include_router(web.router)  # the playground: GET /, /playground, /web/*, /api/history
+    app.include_router(usage_api.router)  # GET /api/usage
     app.include_router(fal.root_router)  # must stay last: POST /{endpoint_id:path}
     return app

@@ -40,6 +40,7 @@ from fluxserve.api.auth import caller, check_request, queue_full
 from fluxserve.api.common import BadReference, data_uri, image_url, resolve_references
 from fluxserve.api.errors import ApiError, documented
 from fluxserve.api.limits import prompt_error
+from fluxserve.api.openai_usage import image_usage, jobs_usage
 from fluxserve.catalog import Catalog, EndpointSpec
 from fluxserve.inputs import image_type
 from fluxserve.jobs.store import BLOCKED_ERROR_TYPE, QueueFull
@@ -542,19 +543,13 @@ async def images_response(request: Request, jobs: list[Any], options: dict[str, 
             else:
                 item["url"] = image_url(request, image["key"])
             data.append(item)
-    words = len(options["prompt"].split())
     return {
         "created": int(time.time()),
         "data": data,
         "background": "opaque",
         "output_format": options["output_format"],
         "size": size,
-        "usage": {  # fluxserve does not count tokens; text_tokens is the prompt's word count
-            "input_tokens": words,
-            "input_tokens_details": {"text_tokens": words, "image_tokens": 0},
-            "output_tokens": 0,
-            "total_tokens": words,
-        },
+        "usage": await jobs_usage(request.app.state.store, jobs),  # in billable megapixels
     }
 
 
@@ -597,14 +592,12 @@ async def stream_events(
             payload = {"message": error.message, "type": kind, "param": error.param, "code": error.error_type}
             yield f"data: {json.dumps({'error': payload})}\n\n".encode()
             break
-        words = len(options["prompt"].split())
-        for image in _images(job):
+        for index, image in enumerate(_images(job)):
             data = await image_bytes(request, image["key"])
             yield _sse(f"{prefix}.completed", {
                 **common, "type": f"{prefix}.completed", "created_at": int(time.time()),
                 "size": f"{image['width']}x{image['height']}", "b64_json": base64.b64encode(data).decode("ascii"),
-                "usage": {"input_tokens": words, "input_tokens_details": {"text_tokens": words, "image_tokens": 0},
-                          "output_tokens": 0, "total_tokens": words},
+                "usage": await image_usage(store, job, image, first=index == 0),
             })
     yield b"data: [DONE]\n\n"
 

@@ -222,7 +222,8 @@ class Engine:
         ]
         timings["encoding"] = time.perf_counter() - t0
         timings["inference"] = time.perf_counter() - started
-        return GenerationResult(images=outputs, seed=seed, prompt=prompt, timings=timings)
+        return GenerationResult(images=outputs, seed=seed, prompt=prompt, timings=timings,
+                                reference_sizes=[reference.size for reference in references])
 
     # ---- stages -----------------------------------------------------------------------------------------
     def _references(self, request: GenerationRequest) -> list[Image.Image]:

@@ -189,6 +189,29 @@ webhook_keys = Table(
 )
 
 
+# What each finished job bills (fluxserve.usage's rules), written in the transaction that makes the job terminal.
+# Kept when retention deletes the job (no foreign key): usage reports outlive the requests and their files.
+job_usage = Table(
+    "job_usage",
+    metadata,
+    Column("job_id", String(64), primary_key=True),
+    Column("owner", String(64), nullable=True),  # the API key's id; NULL when the API ran without keys
+    Column("endpoint", String(200), nullable=False),
+    Column("model", String(100), nullable=False, default=""),
+    Column("dialect", String(32), nullable=False),
+    Column("status", String(16), nullable=False),  # completed | failed | cancelled
+    Column("finished_at", UTCDateTime, nullable=False),
+    Column("input_images", Integer, nullable=False, default=0),
+    Column("input_megapixels", Integer, nullable=False, default=0),
+    Column("output_images", Integer, nullable=False, default=0),
+    Column("output_megapixels", Integer, nullable=False, default=0),
+    Column("megapixels", Integer, nullable=False, default=0),  # input + output; 0 unless completed
+    Column("gpu_seconds", Float, nullable=False, default=0.0),  # the engine's time on the job, billed or not
+    Column("steps", Integer, nullable=False, default=0),  # denoising steps run
+    Index("ix_job_usage_finished", "finished_at"),
+    Index("ix_job_usage_owner_finished", "owner", "finished_at"),
+)
+
 # Columns added to a table after it first shipped: ``JobStore`` adds each one that an existing database lacks
 # (``ALTER TABLE ... ADD COLUMN``), so a data directory or PostgreSQL database made by an older fluxserve keeps
 # working. Every entry must be nullable or have a ``server_default``; declare the column in its table above too.

@@ -43,6 +43,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.pool import StaticPool
 
+from fluxserve.jobs import ledger
 from fluxserve.jobs.models import (
     ADDED_COLUMNS,
     PRIORITY_RANKS,
@@ -580,9 +581,10 @@ class JobStore:
 
     def _finish(self, raw: _Raw, job_id: str, now: datetime, *, status: str, error: str | None = None,
                 error_type: str | None = None, result: dict | None = None, error_detail: dict | None = None,
-                worker_id: str | None = None, lines: list[dict] | None = None) -> Job | None:
-        """Make an active job terminal (with its last log lines, and queue its webhook) inside ``raw``'s
-        transaction; the terminal job, or None when it was not active (or not held by ``worker_id``)."""
+                worker_id: str | None = None, lines: list[dict] | None = None,
+                usage: dict | None = None) -> Job | None:
+        """Make an active job terminal (with its last log lines and its usage row, and queue its webhook) inside
+        ``raw``'s transaction; the terminal job, or None when it was not active (or not held by ``worker_id``)."""
         sets = ["status = ?", "error = ?", "error_type = ?", "completed_at = ?", "updated_at = ?",
                 "lease_expires_at = NULL"]
         params: list[Any] = [status, error, error_type, raw.time(now), raw.time(now)]
@@ -604,6 +606,7 @@ class JobStore:
         if row is None:
             return None
         job = raw.job(row)
+        ledger.record(raw, job, now, usage)
         if lines:
             self._insert_lines(raw, job_id, lines, now)
         output_keys = [image["key"] for image in (result or {}).get("images", []) if image.get("key")]
@@ -894,26 +897,28 @@ class JobStore:
         """The job and its log lines after ``after_seq``: what a status stream sends next."""
         return self.get(job_id), self.logs(job_id, after_seq)
 
-    def complete(self, job_id: str, worker_id: str, result: dict, *, lines: list[dict] | None = None) -> Job | None:
-        """Record a result (and the last log lines): the completed job, or None when this worker no longer
-        holds the job (nothing is written)."""
+    def complete(self, job_id: str, worker_id: str, result: dict, *, lines: list[dict] | None = None,
+                 usage: dict | None = None) -> Job | None:
+        """Record a result (the last log lines, and ``usage``: the ``job_usage`` columns the worker measured): the
+        completed job, or None when this worker no longer holds the job (nothing is written)."""
         with self._raw_write() as raw:
             job = self._finish(raw, job_id, utcnow(), status="completed", result=result, worker_id=worker_id,
-                               lines=lines)
+                               lines=lines, usage=usage)
         if job is not None:
             self._terminated([job_id])
         return job
 
     def fail(self, job_id: str, error: str, error_type: str = "internal_error", status: str = "failed", *,
              worker_id: str | None = None, error_detail: dict | None = None,
-             lines: list[dict] | None = None) -> Job | None:
+             lines: list[dict] | None = None, usage: dict | None = None) -> Job | None:
         """Make an active job ``failed`` (or ``cancelled``): the terminal job, or None when it was no longer
-        active (or, given ``worker_id``, no longer held by that worker)."""
+        active (or, given ``worker_id``, no longer held by that worker). ``usage`` keeps the engine time and
+        steps spent; such a job bills nothing."""
         if status not in ("failed", "cancelled"):
             raise ValueError(f"fail() sets failed or cancelled, not {status!r}")
         with self._raw_write() as raw:
             job = self._finish(raw, job_id, utcnow(), status=status, error=error, error_type=error_type,
-                               error_detail=error_detail, worker_id=worker_id, lines=lines)
+                               error_detail=error_detail, worker_id=worker_id, lines=lines, usage=usage)
         if job is not None:
             self._terminated([job_id])
         return job

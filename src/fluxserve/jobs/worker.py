@@ -34,6 +34,7 @@ from fluxserve.jobs.store import (
 )
 from fluxserve.request import GenerationCancelled, GenerationRequest, GenerationResult, InputError, Progress
 from fluxserve.storage import Storage
+from fluxserve.usage import billable
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class _Run:
         self.stop_reason: str | None = None  # "cancel" | "timeout" | "lease" | "shutdown"
         self.step: int | None = None
         self.total: int | None = None
+        self.engine_seconds = 0.0  # the engine's time on the job, whatever the outcome
         self.pending: list[tuple[dict, bytes | None]] = []  # (log line, preview bytes)
         self.lock = threading.Lock()
         self.wake = threading.Event()
@@ -222,7 +224,9 @@ class Worker:
         except Exception as e:
             log.exception("job %s failed on worker %s", job.id, self.worker_id)
             return e
-        result.timings.setdefault("inference", time.perf_counter() - started)
+        finally:
+            run.engine_seconds = time.perf_counter() - started
+        result.timings.setdefault("inference", run.engine_seconds)
         return result
 
     def _report_loop(self, run: _Run) -> None:
@@ -261,6 +265,7 @@ class Worker:
     def _finish(self, run: _Run, outcome: GenerationResult | BaseException) -> Job | None:
         """Record the outcome; the terminal job, or None when this worker no longer holds it."""
         job, store, wid = run.job, self.store, self.worker_id
+        spent = {"gpu_seconds": run.engine_seconds, "steps": run.step or 0}
         try:
             lines = self._lines(run.pending)
         except Exception:
@@ -271,10 +276,11 @@ class Worker:
         ):
             reason = run.stop_reason or "cancel"
             if reason == "timeout":
-                return store.fail(job.id, TIMEOUT_ERROR, TIMEOUT_ERROR_TYPE, worker_id=wid, lines=lines)
+                return store.fail(job.id, TIMEOUT_ERROR, TIMEOUT_ERROR_TYPE, worker_id=wid, lines=lines,
+                                  usage=spent)
             if reason == "cancel":
                 return store.fail(job.id, CANCELLED_ERROR, CANCELLED_ERROR_TYPE, status="cancelled", worker_id=wid,
-                                  lines=lines)
+                                  lines=lines, usage=spent)
             if reason == "shutdown":
                 store.release(job.id, wid)
                 log.info("worker %s stopping: job %s returned to the queue", wid, job.id)
@@ -283,25 +289,28 @@ class Worker:
             return None
         if isinstance(outcome, InputError):
             return store.fail(job.id, str(outcome), "validation_error", worker_id=wid, lines=lines,
-                              error_detail={"field": outcome.field, "message": outcome.message})
+                              error_detail={"field": outcome.field, "message": outcome.message}, usage=spent)
         if isinstance(outcome, BaseException):
             message = f"{type(outcome).__name__}: {outcome}" if str(outcome) else type(outcome).__name__
             lines.append({"message": message, "level": "ERROR"})
-            return store.fail(job.id, message, "internal_error", worker_id=wid, lines=lines)
+            return store.fail(job.id, message, "internal_error", worker_id=wid, lines=lines, usage=spent)
         flagged = [i for i, image in enumerate(outcome.images) if image.nsfw]
         if flagged:
             message = blocked_message(flagged, len(outcome.images))
             lines.append({"message": message, "level": "WARN"})
             if (job.request or {}).get("fail_if_blocked"):
-                return store.fail(job.id, message, BLOCKED_ERROR_TYPE, worker_id=wid, lines=lines)
+                return store.fail(job.id, message, BLOCKED_ERROR_TYPE, worker_id=wid, lines=lines, usage=spent)
         try:
             result = self._save(outcome)
         except Exception as e:
             log.exception("could not store the outputs of job %s", job.id)
             message = f"could not store the outputs: {type(e).__name__}: {e}"
             lines.append({"message": message, "level": "ERROR"})
-            return store.fail(job.id, message, "internal_error", worker_id=wid, lines=lines)
-        return store.complete(job.id, wid, result, lines=lines)
+            return store.fail(job.id, message, "internal_error", worker_id=wid, lines=lines, usage=spent)
+        billed = billable(outcome.reference_sizes, [(image.width, image.height) for image in outcome.images])
+        usage = {**vars(billed), "megapixels": billed.megapixels, "gpu_seconds": run.engine_seconds,
+                 "steps": run.total or run.step or job.request.get("steps") or 0}
+        return store.complete(job.id, wid, result, lines=lines, usage=usage)
 
     def _save(self, result: GenerationResult) -> dict:
         images = []
