@@ -41,23 +41,22 @@ function svg(tag, attrs = {}, text) {
   return el;
 }
 
-// One horizontal bar per group: the group's name above its bar, the value after it; `back` (p95) is drawn
-// lighter behind `value` (p50).
+// One horizontal bar per group under a line with the group's name (left) and its value (right); `back` (p95)
+// is drawn lighter behind `value` (p50).
 function barChart(title, groups, { value, back, label, max, tone }) {
-  const width = 320, row = 34, barMax = 220;
+  const width = 320, row = 36;
   const top = max || Math.max(...groups.map((g) => Math.max(value(g) ?? 0, back ? back(g) ?? 0 : 0)), 1e-9);
-  const chart = svg("svg", { viewBox: `0 0 ${width} ${groups.length * row + 4}`, role: "img",
+  const length = (v) => (v ? Math.max((v / top) * width, 2) : 0);
+  const chart = svg("svg", { viewBox: `0 0 ${width} ${groups.length * row}`, role: "img",
     "aria-label": title, class: "bar-chart" });
   groups.forEach((group, i) => {
     const y = i * row;
     chart.append(svg("text", { x: 0, y: y + 11, class: "bar-name" }, group.key || "(none)"));
-    const length = (v) => Math.max(v == null ? 0 : (v / top) * barMax, v ? 2 : 0);
-    if (back) chart.append(svg("rect", { x: 0, y: y + 16, width: length(back(group)), height: 12, rx: 3, class: "bar-back" }));
-    const main = value(group);
-    chart.append(svg("rect", { x: 0, y: y + 16, width: length(main), height: 12, rx: 3,
+    chart.append(svg("text", { x: width, y: y + 11, "text-anchor": "end", class: "bar-value" }, label(group)));
+    chart.append(svg("rect", { x: 0, y: y + 16, width, height: 10, rx: 3, class: "bar-track" }));
+    if (back) chart.append(svg("rect", { x: 0, y: y + 16, width: length(back(group)), height: 10, rx: 3, class: "bar-back" }));
+    chart.append(svg("rect", { x: 0, y: y + 16, width: length(value(group)), height: 10, rx: 3,
       class: `bar ${tone ? tone(group) : ""}` }));
-    chart.append(svg("text", { x: Math.max(length(main), back ? length(back(group)) : 0) + 6, y: y + 26,
-      class: "bar-value" }, label(group)));
   });
   return h("figure", { class: "chart" }, h("figcaption", {}, title), chart);
 }
