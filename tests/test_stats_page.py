@@ -136,3 +136,29 @@ def test_dark_and_narrow(browser, server, scheme, viewport):
     finally:
         context.close()
     assert not errors, errors
+
+
+@pytest.fixture(scope="module")
+def locked(demo_settings):
+    with Server(settings_for(demo_settings, "stats-page-auth"), auth_required=True, start_workers=False) as running:
+        running.alice_id, running.alice = running.store.create_key("alice")
+        bob_id, _ = running.store.create_key("bob")
+        for owner in (running.alice_id, bob_id, bob_id):
+            job = running.store.submit(endpoint=FLASH, dialect="fal", owner=owner,
+                                       request={"model": "klein-4b", "prompt": "owned"})
+            started = utcnow() - timedelta(seconds=5)
+            with running.store.engine.begin() as conn:
+                conn.execute(update(jobs).where(jobs.c.id == job.id).values(
+                    status="completed", started_at=started, completed_at=started + timedelta(seconds=2)))
+        yield running
+
+
+def test_a_key_is_needed_and_shows_its_own_jobs(page, locked):
+    open_stats(page, locked.url)
+    assert "requires an API key" in page.text_content("#summary")
+    assert page.locator("#summary").get_attribute("data-tone") == "error" and table(page) == {}
+    page.evaluate("(key) => localStorage.setItem('fluxserve.key', key)", locked.alice)  # as the playground saves it
+    page.reload()
+    page.wait_for_selector("#rankings[data-window]")
+    assert table(page)[FLASH][10] == "1"  # alice's job, not bob's two
+    assert table(page)[FLASH][2] == "2,000ms"
