@@ -133,6 +133,12 @@ def test_dark_and_narrow(browser, server, scheme, viewport):
         assert page.evaluate("document.documentElement.scrollWidth") <= viewport["width"]
         name = "stats-dark" if scheme == "dark" else "stats-narrow"
         shot(page, name, full_page=True)
+        if scheme == "light":  # scrolled to the last figures, the group's name stays in view
+            page.eval_on_selector(".table-wrap", "(box) => { box.scrollLeft = box.scrollWidth; }")
+            key = page.locator("#rankings tbody .key").first.bounding_box()
+            box = page.locator(".table-wrap").bounding_box()
+            assert box["x"] - 1 <= key["x"] <= box["x"] + 1
+            shot(page, "stats-narrow-scrolled", full_page=True)
     finally:
         context.close()
     assert not errors, errors
