@@ -101,6 +101,7 @@ def test_window_and_grouping_switch_the_figures(page, server):
     rows = table(page)
     assert set(rows) == {"fal", "openai"} and rows["fal"][10] == "2" and rows["openai"][10] == "1"
     assert page.text_content("#key-heading") == "Dialect"
+    assert page.text_content("#rankings-title") == "Dialect Rankings"  # as the seed's "Provider Rankings"
     shot(page, "stats-dialect-1h")
 
     page.reload()  # the choice is kept in the address

@@ -84,6 +84,8 @@ function renderCharts(groups) {
 // ---- table and headline ----------------------------------------------------------------------------------------
 function renderTable(groups, groupBy) {
   $("key-heading").textContent = KEY_WORDS[groupBy];
+  $("perf-title").textContent = `${KEY_WORDS[groupBy]} Performance`;
+  $("rankings-title").textContent = `${KEY_WORDS[groupBy]} Rankings`;
   const rows = groups.map((g, i) => h("tr", { "data-key": g.key },
     h("td", {}, String(i + 1)),
     h("th", { scope: "row", class: "key" }, g.key || "(none)"),
