@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 
 from fluxserve import fetch
-from fluxserve.api import fal, fal_platform, file_urls, files, metrics, web
+from fluxserve.api import fal, fal_platform, file_urls, files, metrics, stats, web
 from fluxserve.api import openai as openai_api
 from fluxserve.api import replicate as replicate_api
 from fluxserve.api import usage as usage_api
@@ -81,7 +81,7 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
     store = JobStore(settings.db_url)
     storage = open_storage(settings.storage_location)
     engines = engines_for(settings, catalog)
-    app_metrics = metrics.Metrics(store)
+    app_metrics = metrics.Metrics(store, catalog.endpoints)
     register_payload_builder(fal.DIALECT, partial(fal.webhook_payload, catalog, storage))
     # this app's own builders: they read this app's store and storage (several apps may share a process)
     webhooks = WebhookSender(store, builders=payload_builders() | {
@@ -187,5 +187,6 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
     # ------------------------------------------------------------------------------------
     app.include_router(web.router)  # the playground: GET /, /playground, /web/*, /api/history
     app.include_router(usage_api.router)  # GET /api/usage
+    app.include_router(stats.router)  # GET /api/stats and its page, /stats
     app.include_router(fal.root_router)  # must stay last: POST /{endpoint_id:path}
     return app

@@ -1,7 +1,9 @@
-"""Prometheus metrics: jobs by status and endpoint, queue depth, inference time and queue wait."""
+"""Prometheus metrics: jobs by status, endpoint and dialect, queue depth, generation time, queue wait and time to
+first byte (docs/operations.md)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -10,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 
 from fluxserve.api.auth import require_admin
+from fluxserve.jobs.stats import time_to_first_byte
 
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
 
@@ -33,31 +36,46 @@ class _StoreCollector:
 
 
 class Metrics:
-    """One registry per app (so several apps in one process do not collide)."""
+    """One registry per app (so several apps in one process do not collide). Jobs are observed when this
+    process's workers finish them, labelled by endpoint and dialect; an endpoint outside ``endpoints`` (the
+    catalogue's ids) is labelled ``other``, so the label sets stay bounded."""
 
-    def __init__(self, store: Any):
+    def __init__(self, store: Any, endpoints: Iterable[str] | None = None):
         self.registry = CollectorRegistry()
         self.registry.register(_StoreCollector(store))
+        self.endpoints = frozenset(endpoints) if endpoints is not None else None
         self.submitted_total = Counter("fluxserve_jobs_submitted", "Jobs accepted by this API process",
                                        ["endpoint"], registry=self.registry)
         self.finished_total = Counter("fluxserve_jobs_finished", "Jobs finished by this process's workers",
-                                      ["endpoint", "status"], registry=self.registry)
-        self.inference_seconds = Histogram("fluxserve_inference_seconds", "Time from start to end of a job",
-                                           ["endpoint"], buckets=BUCKETS, registry=self.registry)
+                                      ["endpoint", "dialect", "status"], registry=self.registry)
+        self.inference_seconds = Histogram("fluxserve_inference_seconds",
+                                           "Generation time: from start to end of a completed job",
+                                           ["endpoint", "dialect"], buckets=BUCKETS, registry=self.registry)
         self.queue_wait_seconds = Histogram("fluxserve_queue_wait_seconds", "Time a job waited in the queue",
-                                            ["endpoint"], buckets=BUCKETS, registry=self.registry)
+                                            ["endpoint", "dialect"], buckets=BUCKETS, registry=self.registry)
+        self.first_byte_seconds = Histogram(
+            "fluxserve_time_to_first_byte_seconds",
+            "From submit to the first progress event (queued calls) or to the response (synchronous calls)",
+            ["endpoint", "dialect"], buckets=BUCKETS, registry=self.registry)
+
+    def _endpoint(self, endpoint: str) -> str:
+        return endpoint if self.endpoints is None or endpoint in self.endpoints else "other"
 
     def submitted(self, endpoint: str) -> None:
-        self.submitted_total.labels(endpoint).inc()
+        self.submitted_total.labels(self._endpoint(endpoint)).inc()
 
     def finished(self, job: Any) -> None:
-        self.finished_total.labels(job.endpoint, job.status).inc()
+        labels = (self._endpoint(job.endpoint), job.dialect)
+        self.finished_total.labels(*labels, job.status).inc()
         if job.started_at and job.created_at:
-            self.queue_wait_seconds.labels(job.endpoint).observe(
+            self.queue_wait_seconds.labels(*labels).observe(
                 max(0.0, (job.started_at - job.created_at).total_seconds()))
-        if job.started_at and job.completed_at:
-            self.inference_seconds.labels(job.endpoint).observe(
+        if job.status == "completed" and job.started_at and job.completed_at:
+            self.inference_seconds.labels(*labels).observe(
                 max(0.0, (job.completed_at - job.started_at).total_seconds()))
+        first_byte = time_to_first_byte(job)
+        if first_byte is not None:
+            self.first_byte_seconds.labels(*labels).observe(first_byte)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

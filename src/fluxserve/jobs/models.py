@@ -85,6 +85,8 @@ jobs = Table(
     Column("owner", String(64), nullable=True),
     # the server process holding a synchronous caller's connection (None: the caller polls, or may come back)
     Column("caller", String(200), nullable=True),
+    # when the worker reported the job's first progress event (its first progress log line)
+    Column("first_progress_at", UTCDateTime, nullable=True),
     Index("ix_jobs_claim", "status", "priority_rank", "created_at"),
     Index("ix_jobs_dialect_created", "dialect", "created_at"),
     Index("ix_jobs_created", "created_at"),
@@ -215,4 +217,5 @@ job_usage = Table(
 # Columns added to a table after it first shipped: ``JobStore`` adds each one that an existing database lacks
 # (``ALTER TABLE ... ADD COLUMN``), so a data directory or PostgreSQL database made by an older fluxserve keeps
 # working. Every entry must be nullable or have a ``server_default``; declare the column in its table above too.
-ADDED_COLUMNS: list[tuple[str, str]] = [("jobs", "owner"), ("api_keys", "admin"), ("jobs", "caller")]  # (table, column)
+ADDED_COLUMNS: list[tuple[str, str]] = [("jobs", "owner"), ("api_keys", "admin"), ("jobs", "caller"),
+                                         ("jobs", "first_progress_at")]  # (table, column)

@@ -139,6 +139,7 @@ class Job:
     model: str = ""
     owner: str | None = None  # the submitting API key's id; None when the API ran without keys
     caller: str | None = None  # the server process holding a synchronous caller's connection
+    first_progress_at: datetime | None = None  # when the worker reported the first progress event
 
     @property
     def terminal(self) -> bool:
@@ -596,6 +597,10 @@ class JobStore:
             params.append(raw.json(error_detail))
         if status == "completed":
             sets.append("step = total_steps")
+        stamped = [line["timestamp"] for line in lines or [] if line.get("timestamp")]
+        if stamped:  # progress lines still pending when the job ended (a job faster than one heartbeat)
+            sets.append("first_progress_at = COALESCE(first_progress_at, ?)")
+            params.append(raw.time(min(stamped)))
         where = "id = ? AND status IN ('queued', 'running')"
         params.append(job_id)
         if worker_id is not None:
@@ -861,6 +866,9 @@ class JobStore:
             if total is not None:
                 sets.append("total_steps = ?")
                 params.append(total)
+            if lines:  # the worker stamps each progress line when the engine reports it
+                sets.append("first_progress_at = COALESCE(first_progress_at, ?)")
+                params.append(raw.time(min(line.get("timestamp") or now for line in lines)))
             if raw.postgres:
                 # a heartbeat or log line lost in a database crash is harmless; do not wait for the disk
                 raw.execute("SET LOCAL synchronous_commit TO OFF")
