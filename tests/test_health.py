@@ -3,44 +3,33 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
+import uuid
 from dataclasses import replace
-from pathlib import Path
 
 import httpx
+import pytest
 from fal_helpers import Server, free_port, settings_for
+from probe_helpers import TcpProxy, get, start_worker, stop, through, wait_for
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
-from tcp_proxy import TcpProxy
 
 pytest_plugins = ["db_fixtures"]
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def wait_for(predicate, seconds: float, what: str):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def get(url: str) -> httpx.Response | None:
+@pytest.fixture
+def own_pg_url(pg_url):
+    """A PostgreSQL URL whose search_path is a schema of this test's own: no other test's jobs in its queue."""
+    schema = f"fluxserve_probes_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(pg_url)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    url = make_url(pg_url).update_query_dict({"options": f"-csearch_path={schema}"})
     try:
-        return httpx.get(url, timeout=30)
-    except httpx.TransportError:
-        return None
-
-
-def through(proxy: TcpProxy, url: str) -> str:
-    """``url`` (a PostgreSQL URL) going through ``proxy``."""
-    return make_url(url).set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
 
 
 def test_live_and_ready_without_a_key_while_keys_are_required(demo_settings):
@@ -68,9 +57,9 @@ def test_ready_checks_the_worker_threads(demo_settings):
         assert httpx.get(f"{server.url}/health/live").status_code == 200
 
 
-def test_ready_is_503_while_the_store_is_unreachable(demo_settings, pg_url):
-    with TcpProxy(make_url(pg_url).host, make_url(pg_url).port or 5432) as proxy:
-        settings = replace(settings_for(demo_settings, "health-store"), db=through(proxy, pg_url))
+def test_ready_is_503_while_the_store_is_unreachable(demo_settings, own_pg_url):
+    with TcpProxy(make_url(own_pg_url).host, make_url(own_pg_url).port or 5432) as proxy:
+        settings = replace(settings_for(demo_settings, "health-store"), db=through(proxy, own_pg_url))
         with Server(settings, start_workers=False) as server:
             assert httpx.get(f"{server.url}/health/ready").status_code == 200
             proxy.cut()
@@ -82,27 +71,10 @@ def test_ready_is_503_while_the_store_is_unreachable(demo_settings, pg_url):
             assert wait_for(lambda: get(f"{server.url}/health/ready").status_code == 200, 60, "ready again")
 
 
-def start_worker(tmp_path: Path, db: str, health_port: int, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "fluxserve", "worker", "--demo", "--device", "cpu", "--data-dir", str(tmp_path),
-           "--db", db, "--storage", str(tmp_path / "files"), "--health-port", str(health_port), *extra]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-
-
-def stop(process: subprocess.Popen) -> str:
-    process.send_signal(signal.SIGTERM)
-    try:
-        output, _ = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        output, _ = process.communicate()
-    return output
-
-
-def test_a_worker_answers_probes_on_its_health_port(tmp_path, pg_url):
+def test_a_worker_answers_probes_on_its_health_port(tmp_path, own_pg_url):
     port = free_port()
-    with TcpProxy(make_url(pg_url).host, make_url(pg_url).port or 5432) as proxy:
-        process = start_worker(tmp_path, through(proxy, pg_url), port)
+    with TcpProxy(make_url(own_pg_url).host, make_url(own_pg_url).port or 5432) as proxy:
+        process = start_worker(tmp_path, through(proxy, own_pg_url), port)
         try:
             base = f"http://127.0.0.1:{port}"
             live = wait_for(lambda: process.poll() is None and get(f"{base}/health/live"), 180, "the worker's probes")

@@ -1,11 +1,23 @@
-"""A TCP forwarder on 127.0.0.1 that a test can cut and restore, to make a real server unreachable (connections
-refused at once, as a database whose host went away) without waiting on network timeouts."""
+"""Helpers for the probe tests: a TCP forwarder on 127.0.0.1 that a test can cut and restore, to make a real
+database unreachable (connections refused at once, as when its host went away) without waiting on network
+timeouts; and a real ``fluxserve worker`` process on the demo models."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 from typing import Self
+
+import httpx
+from sqlalchemy.engine import make_url
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class TcpProxy:
@@ -79,3 +91,47 @@ def _close(sock: socket.socket) -> None:
     except OSError:
         pass
     sock.close()
+
+
+def wait_for(predicate, seconds: float, what: str):
+    """``predicate()``'s first true value, polled for at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def get(url: str) -> httpx.Response | None:
+    """The answer, or None while nothing listens there."""
+    try:
+        return httpx.get(url, timeout=30)
+    except httpx.TransportError:
+        return None
+
+
+def through(proxy: TcpProxy, url: str) -> str:
+    """``url`` (a PostgreSQL URL) going through ``proxy``."""
+    return make_url(url).set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+
+
+def start_worker(tmp_path: Path, db: str, health_port: int, *extra: str) -> subprocess.Popen:
+    """``fluxserve worker`` on the demo models and the CPU, with its probes on ``health_port`` (later flags in
+    ``extra`` win)."""
+    cmd = [sys.executable, "-m", "fluxserve", "worker", "--demo", "--device", "cpu", "--data-dir", str(tmp_path),
+           "--db", db, "--storage", str(tmp_path / "files"), "--health-port", str(health_port), *extra]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def stop(process: subprocess.Popen) -> str:
+    """SIGTERM, as Kubernetes stops a pod; the process's output."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        output, _ = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+    return output
