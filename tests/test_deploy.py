@@ -158,7 +158,7 @@ def known_variables() -> set[str]:
 
 # ---- the checks --------------------------------------------------------------------------------------------
 def test_every_deployment_file_is_read():
-    files = {str(p.relative_to(DEPLOY)) for p in DEPLOY.rglob("*") if p.is_file()}
+    files = {str(p.relative_to(DEPLOY)) for p in DEPLOY.rglob("*") if p.is_file() and not p.name.startswith(".")}
     assert files == {"Dockerfile", "Dockerfile.dockerignore", "compose.yaml", "kubernetes/kustomization.yaml",
                      "kubernetes/config.yaml", "kubernetes/secret.yaml", "kubernetes/api.yaml",
                      "kubernetes/worker.yaml", "kubernetes/worker-scaler.yaml"}, "a new file here needs checks here"
