@@ -278,6 +278,9 @@ def test_keda_scales_the_workers_to_zero_on_the_job_store():
     assert trigger["metadata"]["connectionFromEnv"] == "FLUXSERVE_DB" and "FLUXSERVE_DB" in worker.env
     assert float(trigger["metadata"]["targetQueryValue"]) == 1  # one worker per job (one job at a time each)
     assert float(trigger["metadata"]["activationTargetQueryValue"]) == 0
+    deployment = next(d for d in kubernetes_documents() if d["kind"] == "Deployment"
+                      and d["metadata"]["name"] == "fluxserve-worker")
+    assert "replicas" not in deployment["spec"]  # KEDA's to set: a re-apply must not reset it
 
 
 def test_workers_are_given_longer_to_stop_than_their_grace():
