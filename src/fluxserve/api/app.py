@@ -20,6 +20,7 @@ from fastapi_offline import FastAPIOffline
 
 from fluxserve import fetch
 from fluxserve.api import fal, fal_platform, file_urls, files, metrics, stats, web
+from fluxserve.api import health as probes
 from fluxserve.api import openai as openai_api
 from fluxserve.api import replicate as replicate_api
 from fluxserve.api import usage as usage_api
@@ -176,6 +177,7 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
     def favicon() -> Response:
         return Response(favicon_png(), media_type="image/png", headers={"Cache-Control": "public, max-age=86400"})
 
+    app.include_router(probes.router)  # /health/live, /health/ready
     app.include_router(metrics.router)
     app.include_router(files.router)
     app.include_router(fal.docs_router)

@@ -2,7 +2,8 @@
 replicas (a worker fleet on PostgreSQL and S3). Stops cleanly on SIGTERM or Ctrl-C: the running job finishes
 (or, after ``--grace`` seconds, goes back to the queue for another worker).
 
-Webhooks are sent by the API processes, not by workers."""
+Webhooks are sent by the API processes, not by workers. With ``--health-port`` a worker answers
+``GET /health/live`` and ``/health/ready`` there, for Kubernetes probes and container health checks."""
 
 from __future__ import annotations
 
@@ -31,6 +32,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--grace", type=float, default=30.0,
                         help="on shutdown, seconds to let the running job finish (default 30)")
     parser.add_argument("--once", action="store_true", help="run until the queue is empty, then exit")
+    parser.add_argument("--health-port", type=int,
+                        help="answer GET /health/live and /health/ready on this port, for Kubernetes probes and "
+                        "container health checks (default: no port)")
+    parser.add_argument("--health-host", default="127.0.0.1",
+                        help="address the health port listens on (default 127.0.0.1; 0.0.0.0 in a container)")
     add_model_flags(parser)
     parser.set_defaults(func=run)
 
@@ -38,6 +44,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from fluxserve.catalog import Catalog
     from fluxserve.engine import engines_for
+    from fluxserve.health import ProbeServer
     from fluxserve.jobs.identity import ProcessSlot, SlotBusy
     from fluxserve.jobs.store import JobStore
     from fluxserve.jobs.worker import Worker
@@ -95,15 +102,31 @@ def run(args: argparse.Namespace) -> int:
         print(f"received {signal.Signals(signum).name}; stopping", file=sys.stderr, flush=True)
         stopping.set()
 
+    probes = None
+    if args.health_port is not None:
+        try:
+            probes = ProbeServer(args.health_host, args.health_port, store, workers)
+        except OSError as e:
+            print(f"error: --health-port: cannot listen on {args.health_host}:{args.health_port}: {e.strerror}",
+                  file=sys.stderr)
+            store.close()
+            slot.close()
+            return 2
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         for worker in workers:
             worker.start()
+        if probes is not None:
+            probes.start()
+            print(f"health probes on http://{args.health_host}:{probes.port}/health/ready", file=sys.stderr,
+                  flush=True)
         while not stopping.wait(1.0):
             if not all(worker.running for worker in workers):
                 print("error: a worker thread ended unexpectedly", file=sys.stderr)
                 return 1
     finally:
+        if probes is not None:
+            probes.stop()
         for worker in workers:
             worker.request_stop()
         for worker in workers:
