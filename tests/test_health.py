@@ -94,6 +94,31 @@ def test_a_worker_answers_probes_on_its_health_port(tmp_path, own_pg_url):
         assert "stopped after 0 job(s)" in output
 
 
+def test_a_worker_serves_the_metrics_of_the_jobs_it_ran(tmp_path, demo_data_dir):
+    """In a fleet the workers run the jobs: their generation-time histograms are on their health port."""
+    from fluxserve.jobs.store import JobStore
+
+    (tmp_path / "cache").symlink_to(demo_data_dir / "cache", target_is_directory=True)
+    db = f"sqlite:///{tmp_path / 'jobs.db'}"
+    store = JobStore(db)
+    port = free_port()
+    process = start_worker(tmp_path, db, port)
+    try:
+        job = store.submit(endpoint="fal-ai/flux-2/flash", dialect="fal", request={
+            "model": "klein-4b", "prompt": "a fleet", "width": 64, "height": 64, "steps": 2})
+        assert wait_for(lambda: process.poll() is None and store.get(job.id).status == "completed", 180,
+                        "the worker to run the job")
+        text_ = wait_for(lambda: (r := get(f"http://127.0.0.1:{port}/metrics")) and "fluxserve_jobs_finished" in r.text
+                         and r.text, 30, "the metrics")
+        assert 'fluxserve_jobs_finished_total{dialect="fal",endpoint="fal-ai/flux-2/flash",status="completed"} 1.0' \
+            in text_
+        assert 'fluxserve_inference_seconds_count{dialect="fal",endpoint="fal-ai/flux-2/flash"} 1.0' in text_
+        assert "fluxserve_queue_depth" not in text_  # the queue is the API replicas' to report
+    finally:
+        stop(process)
+        store.close()
+
+
 def test_a_worker_says_when_its_health_port_is_taken(tmp_path):
     with _listening() as port:
         process = start_worker(tmp_path, f"sqlite:///{tmp_path / 'jobs.db'}", port)

@@ -10,7 +10,8 @@ have its models resident before it is ready loads them first (``fluxserve serve 
 port only once they are.
 
 ``fluxserve serve`` answers both paths on its API port; ``fluxserve worker --health-port`` answers them on a
-port of its own (``ProbeServer``), since a worker serves no HTTP otherwise.
+port of its own (``ProbeServer``), since a worker serves no HTTP otherwise, with its Prometheus metrics at
+``/metrics`` (the jobs its threads finished: generation time, queue wait, time to first byte).
 """
 
 from __future__ import annotations
@@ -73,22 +74,26 @@ def readiness(store: Any, workers: Sequence[Any]) -> Readiness:
 
 
 class ProbeServer:
-    """The two probe paths on their own port, for processes without an HTTP API (``fluxserve worker``).
-    ``ProbeServer(host, port, store, workers).start()``; ``stop()``."""
+    """The two probe paths (and, given ``metrics``, ``/metrics``) on their own port, for processes without an
+    HTTP API (``fluxserve worker``). ``ProbeServer(host, port, store, workers).start()``; ``stop()``."""
 
-    def __init__(self, host: str, port: int, store: Any, workers: Sequence[Any]):
+    def __init__(self, host: str, port: int, store: Any, workers: Sequence[Any], metrics: Any = None):
         def answer(handler: BaseHTTPRequestHandler) -> None:
             path = handler.path.split("?", 1)[0]
+            content_type = "application/json"
             if path == LIVE_PATH:
-                code, body = 200, {"status": "ok"}
+                code, data = 200, json.dumps({"status": "ok"}).encode()
             elif path == READY_PATH:
                 state = readiness(store, workers)
-                code, body = state.status_code, state.body()
+                code, data = state.status_code, json.dumps(state.body()).encode()
+            elif path == "/metrics" and metrics is not None:
+                from prometheus_client import CONTENT_TYPE_LATEST
+
+                code, data, content_type = 200, metrics.render(), CONTENT_TYPE_LATEST
             else:
-                code, body = 404, {"detail": "Not Found"}
-            data = json.dumps(body).encode()
+                code, data = 404, json.dumps({"detail": "Not Found"}).encode()
             handler.send_response(code)
-            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Type", content_type)
             handler.send_header("Content-Length", str(len(data)))
             handler.end_headers()
             if handler.command != "HEAD":

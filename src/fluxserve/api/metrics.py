@@ -41,8 +41,10 @@ class Metrics:
     catalogue's ids) is labelled ``other``, so the label sets stay bounded."""
 
     def __init__(self, store: Any, endpoints: Iterable[str] | None = None):
+        """``store`` None: no store gauges (a worker process's metrics; the API replicas report the queue)."""
         self.registry = CollectorRegistry()
-        self.registry.register(_StoreCollector(store))
+        if store is not None:
+            self.registry.register(_StoreCollector(store))
         self.endpoints = frozenset(endpoints) if endpoints is not None else None
         self.submitted_total = Counter("fluxserve_jobs_submitted", "Jobs accepted by this API process",
                                        ["endpoint"], registry=self.registry)

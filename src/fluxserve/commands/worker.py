@@ -3,7 +3,8 @@ replicas (a worker fleet on PostgreSQL and S3). Stops cleanly on SIGTERM or Ctrl
 (or, after ``--grace`` seconds, goes back to the queue for another worker).
 
 Webhooks are sent by the API processes, not by workers. With ``--health-port`` a worker answers
-``GET /health/live`` and ``/health/ready`` there, for Kubernetes probes and container health checks."""
+``GET /health/live`` and ``/health/ready`` there, for Kubernetes probes and container health checks, and its
+Prometheus metrics at ``/metrics``."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--once", action="store_true", help="run until the queue is empty, then exit")
     parser.add_argument("--health-port", type=int,
                         help="answer GET /health/live and /health/ready on this port, for Kubernetes probes and "
-                        "container health checks (default: no port)")
+                        "container health checks, and GET /metrics (default: no port)")
     parser.add_argument("--health-host", default="127.0.0.1",
                         help="address the health port listens on (default 127.0.0.1; 0.0.0.0 in a container)")
     add_model_flags(parser)
@@ -42,6 +43,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fluxserve.api.metrics import Metrics
     from fluxserve.catalog import Catalog
     from fluxserve.engine import engines_for
     from fluxserve.health import ProbeServer
@@ -75,8 +77,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         base_id = slot.process_id
         ids = slot.auto_worker_ids(count)
+    metrics = Metrics(None, catalog.endpoints)  # served with the probes (--health-port)
     workers = [
-        Worker(store, engine, storage, worker_id=worker_id, lease_s=args.lease, models=models)
+        Worker(store, engine, storage, worker_id=worker_id, on_finished=metrics.finished, lease_s=args.lease,
+               models=models)
         for worker_id, engine in zip(ids, [engine for engine in engines for _ in range(per_device)], strict=True)
     ]
     recovered = slot.start(store, ids)
@@ -105,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     probes = None
     if args.health_port is not None:
         try:
-            probes = ProbeServer(args.health_host, args.health_port, store, workers)
+            probes = ProbeServer(args.health_host, args.health_port, store, workers, metrics)
         except OSError as e:
             print(f"error: --health-port: cannot listen on {args.health_host}:{args.health_port}: {e.strerror}",
                   file=sys.stderr)
