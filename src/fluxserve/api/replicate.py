@@ -18,7 +18,6 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime
-from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
@@ -39,7 +38,7 @@ from fluxserve.api.limits import prompt_error
 from fluxserve.api.openai import preset_request
 from fluxserve.api.replicate_schemas import COG_VERSION, ReplicateModels
 from fluxserve.jobs.store import QueueFull
-from fluxserve.jobs.webhooks import register_payload_builder
+from fluxserve.jobs.webhooks import register_event_builder, register_payload_builder
 from fluxserve.request import GenerationRequest, InputError
 from fluxserve.sizes import SizeError, replicate_size
 
@@ -347,25 +346,17 @@ def _wake_sender(app: Any) -> None:
         sender.notify()
 
 
-async def watch_for_webhooks(app: Any, job_id: str, base: str, url: str) -> None:
-    """Queue a ``logs`` webhook (the prediction with its logs so far) whenever the running job logged, at most
-    every 0.5 s and at most one waiting at a time; the job store's webhook sender delivers them in order, and
-    the terminal webhook (``completed`` / ``output``) after them, carrying every log line."""
-    store = app.state.store
-    seen = 0
-    while True:
-        job, lines = await run_in_threadpool(store.changes, job_id, seen)
-        if job is None or job.terminal:
-            return
-        if lines:
-            seen = lines[-1].seq
-            meta = job.input or {}
-            body = prediction(job, base, await run_in_threadpool(store.logs, job_id), meta.get("__version__", ""),
-                              meta.get("__model__", ""))
-            await run_in_threadpool(partial(store.queue_webhook_event, job_id, "replicate", "logs", url, body,
-                                            coalesce=True))
-            _wake_sender(app)
-        await asyncio.sleep(0.5)
+def build_event(job: Any, event: str, store: Any) -> dict[str, Any] | None:
+    """A ``logs`` event webhook: the prediction with its logs so far, while it runs (the store queues one when
+    the job logs; the webhook sender builds it here)."""
+    if event != "logs" or job.terminal:
+        return None
+    meta = job.input or {}
+    return prediction(job, (job.webhook or {}).get("base_url", ""), store.logs(job.id), meta.get("__version__", ""),
+                      meta.get("__model__", ""))
+
+
+register_event_builder("replicate", build_event)
 
 
 # ---- routes --------------------------------------------------------------------------------------------
@@ -433,13 +424,6 @@ async def create(request: Request, model_name: str, body: dict[str, Any]) -> Res
         start = prediction(job, base, [], version, model_name)
         await run_in_threadpool(store.queue_webhook_event, job.id, "replicate", "start", webhook, start)
         _wake_sender(request.app)
-    if webhook and "logs" in events:
-        task = asyncio.get_running_loop().create_task(watch_for_webhooks(request.app, job.id, base, webhook))
-        tasks = getattr(request.app.state, "replicate_webhook_tasks", None)
-        if tasks is None:
-            tasks = request.app.state.replicate_webhook_tasks = set()
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
     if wait is not None:
         await run_in_threadpool(store.wait, job.id, wait)
     job, body_out = await load_prediction(request, job.id)

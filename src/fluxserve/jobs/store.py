@@ -303,7 +303,8 @@ class Delivery:
 
 @dataclass
 class EventDelivery:
-    """A pending per-event webhook (Replicate's ``start``, ``logs``, ``output``); its body is already built."""
+    """A pending per-event webhook (Replicate's ``start``, ``logs``, ``output``); its body is built when it is
+    queued, or (``None``: a ``logs`` event the store queued as the job logged) when it is first delivered."""
     id: int
     job_id: str
     dialect: str
@@ -874,12 +875,24 @@ class JobStore:
                 raw.execute("SET LOCAL synchronous_commit TO OFF")
             row = raw.execute(
                 f"UPDATE jobs SET {', '.join(sets)} WHERE id = ? AND worker_id = ? AND status = 'running' "
-                "RETURNING cancel_requested", [*params, job_id, worker_id]).fetchone()
+                "RETURNING cancel_requested, webhook", [*params, job_id, worker_id]).fetchone()
             if row is not None and lines:
                 self._insert_lines(raw, job_id, lines, now)
+        if row is not None and lines:
+            self._progress_event(job_id, row[1])
         if lines or step is not None:
             self._changed(job_id)
         return row is not None and not row[0] and job_id not in self._local_cancels
+
+    def _progress_event(self, job_id: str, webhook: Any) -> None:
+        """A job whose webhook asks for ``logs`` events (Replicate's) gets one queued when it logs: without a
+        body, which the API process that delivers it builds from the job as it is then (so whichever process
+        wrote the lines, and whichever API replica is alive, the events go out); a burst leaves one waiting."""
+        if isinstance(webhook, str):
+            webhook = json.loads(webhook)
+        if webhook and webhook.get("url") and "logs" in (webhook.get("events") or ()):
+            self.queue_webhook_event(job_id, webhook.get("dialect") or "", "logs", webhook["url"], None,
+                                     coalesce=True)
 
     def cancel_requested(self, job_id: str) -> bool:
         """True when a cancel for this job was requested through this store object (no database read)."""
@@ -889,6 +902,9 @@ class JobStore:
         with self._write() as conn:
             conn.execute(insert(job_logs).values(
                 job_id=job_id, timestamp=utcnow(), level=level, message=message, preview_key=preview_key))
+            row = conn.execute(select(jobs.c.status, jobs.c.webhook).where(jobs.c.id == job_id)).first()
+        if row is not None and row.status == "running":
+            self._progress_event(job_id, row.webhook)
         self._changed(job_id)
 
     def logs(self, job_id: str, after: int = 0) -> list[LogLine]:

@@ -8,9 +8,12 @@ payload on the first attempt with the builder its dialect registered, POSTs it a
 Dialects register a builder: ``register_payload_builder("fal", fn)`` where ``fn(job) -> (url, json_body)``, or
 None to send nothing. The dialect name is ``job.webhook["dialect"]`` (else ``job.dialect``).
 
-Event webhooks (Replicate's ``start`` and ``logs``) are queued with their body already built
-(``JobStore.queue_webhook_event``) and go through the same retries; a job's events go out in order, and its
-terminal webhook waits until they are done.
+Event webhooks (Replicate's ``start`` and ``logs``) go through the same retries; a job's events go out in
+order, and its terminal webhook waits until they are done. ``start`` is queued with its body
+(``JobStore.queue_webhook_event``); ``logs`` is queued by the store whenever the running job writes log lines,
+without a body, and the sender that first delivers it builds the body from the job as it is then, with the
+builder its dialect registered (``register_event_builder``). So the events keep coming whichever worker runs
+the job and whichever API process is alive: none depends on the process that accepted the request.
 
 Deliveries are signed as the services that a dialect imitates sign theirs, so receivers written for those
 services verify them unchanged:
@@ -49,11 +52,19 @@ from fluxserve.jobs.store import Delivery, EventDelivery, Job, JobStore, utcnow
 log = logging.getLogger(__name__)
 
 PayloadBuilder = Callable[[Job], "tuple[str, Any] | None"]
+EventBuilder = Callable[[Job, str, JobStore], Any]
 _builders: dict[str, PayloadBuilder] = {}
+_event_builders: dict[str, EventBuilder] = {}
 
 
 def register_payload_builder(dialect: str, builder: PayloadBuilder) -> None:
     _builders[dialect] = builder
+
+
+def register_event_builder(dialect: str, builder: EventBuilder) -> None:
+    """``builder(job, event, store) -> body`` (None: send nothing) for the events the store queues without a
+    body (``logs``, as a job logs)."""
+    _event_builders[dialect] = builder
 
 
 def payload_builders() -> dict[str, PayloadBuilder]:
@@ -249,7 +260,16 @@ class WebhookSender:
             # the terminal webhook already went out; an event after it would arrive out of order
             self.store.update_webhook_event(event.id, status="skipped")
             return False
-        delivered = self._attempt(event, event.url, event.body, f"msg_{event.job_id}_{event.id}",
+        body = event.body
+        if body is None:  # built now, from the job as it is, and kept for the retries
+            job = self.store.get(event.job_id)
+            builder = _event_builders.get(event.dialect)
+            body = builder(job, event.event, self.store) if job is not None and builder is not None else None
+            if body is None:
+                self.store.update_webhook_event(event.id, status="skipped")
+                return False
+            self.store.update_webhook_event(event.id, body=body)
+        delivered = self._attempt(event, event.url, body, f"msg_{event.job_id}_{event.id}",
                                   self.store.update_webhook_event)
         if self.store.release_final_delivery(event.job_id):
             self._wake.set()
