@@ -145,12 +145,15 @@ def open_gallery(page, url: str) -> None:
 
 
 def shots(page, name: str, *, full_page: bool = False) -> None:
-    """Light, dark and 420 px wide screenshots of the page as it is now."""
+    """Light, dark and 420 px wide screenshots of the page as it is now (scrolled to the gallery)."""
+    scroll = "() => document.getElementById('gallery-panel').scrollIntoView()"
+    page.evaluate(scroll)
     shot(page, name, full_page=full_page)
     page.emulate_media(color_scheme="dark")
     shot(page, name + "-dark", full_page=full_page)
     page.emulate_media(color_scheme="light")
     page.set_viewport_size({"width": 420, "height": 900})
+    page.evaluate(scroll)
     shot(page, name + "-narrow", full_page=full_page)
     page.set_viewport_size({"width": 1400, "height": 900})
 

@@ -123,7 +123,7 @@ function renderLightbox() {
   $("lightbox-next").disabled = at === state.tiles.length - 1;
   $("lightbox-figure").replaceChildren(image
     ? h("img", { id: "lightbox-image", src: image.url, alt: promptOf(item), width: image.width, height: image.height })
-    : h("p", { class: "tile-empty" }, item.error || STATUS_LABELS[item.status] || item.status));
+    : h("p", { class: "lightbox-empty" }, item.error || STATUS_LABELS[item.status] || item.status));
   $("lightbox-badges").replaceChildren(statusBadge(item.status), dialectBadge(item.dialect),
     h("span", { class: "badge endpoint" }, item.endpoint));
   $("lightbox-prompt").textContent = promptOf(item);
@@ -221,6 +221,7 @@ function openCompare() {
       height: tile.image.height }),
     h("figcaption", {}, h("strong", {}, label), " ", promptOf(tile.item)));
   $("compare-side").replaceChildren(figure(a, "A"), figure(b, "B"));
+  $("compare-slider-view").style.setProperty("--ratio", String(a.image.width / a.image.height || 1));
   $("compare-slider-view").replaceChildren(
     h("img", { src: b.image.url, alt: `B: ${promptOf(b.item)}` }),
     h("img", { src: a.image.url, alt: `A: ${promptOf(a.item)}`, class: "compare-top", id: "compare-top" }));
@@ -345,8 +346,10 @@ function buildCompare() {
     h("div", { id: "compare-side", class: "compare-side" }),
     h("div", { id: "compare-slider", class: "compare-slider", hidden: true },
       h("div", { id: "compare-slider-view", class: "compare-slider-view" }),
-      h("input", { type: "range", id: "compare-reveal", min: 0, max: 100, value: "50",
-        "aria-label": "How much of image A to show", oninput: reveal })),
+      h("div", { class: "compare-reveal-row" }, h("strong", { "aria-hidden": "true" }, "A"),
+        h("input", { type: "range", id: "compare-reveal", min: 0, max: 100, value: "50",
+          "aria-label": "How much of image A to show", oninput: reveal }),
+        h("strong", { "aria-hidden": "true" }, "B"))),
     h("h3", { class: "compare-diff-title" }, "Differences"),
     h("div", { id: "compare-diff", class: "compare-diff" }));
   box.addEventListener("close", () => { state.opener?.focus(); state.opener = null; });
