@@ -190,8 +190,9 @@ def test_gallery_filters_and_search(page, server, made):
 
     page.select_option("#gallery-dialect", "")
     page.select_option("#gallery-status-filter", "failed")
-    page.wait_for_function("() => document.querySelectorAll('#gallery-grid .tile').length === 24")
-    assert {t.split("-")[0] for t in tile_jobs(page)} == {"filler"}
+    page.wait_for_function("() => [...document.querySelectorAll('#gallery-grid .tile')]"
+                           ".every(t => t.dataset.status === 'failed')")
+    assert len(tile_jobs(page)) == 24 and {t.split("-")[0] for t in tile_jobs(page)} == {"filler"}
 
     page.select_option("#gallery-status-filter", "completed")
     page.select_option("#gallery-endpoint", FLASH)

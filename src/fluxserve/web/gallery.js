@@ -14,7 +14,7 @@ const SEARCH_DELAY_MS = 300;
 
 const $ = (id) => document.getElementById(id);
 const state = {
-  tiles: [], before: null, loads: 0, picks: [], currentKey: null, opener: null, searchTimer: null,
+  tiles: [], before: null, loads: 0, picks: [], currentKey: null, opener: null, searchTimer: null, endpoints: null,
   hooks: { use: async () => {}, changed: () => {} },
 };
 
@@ -38,6 +38,9 @@ function parameters(item, image) {
   return rows.filter(([, value]) => value !== undefined && value !== null && value !== "");
 }
 
+// what a job without images shows instead: its status, or why a finished one has none
+const placeholder = (item) => (item.status === "completed" ? (item.store_io ? "No images" : "Images not kept")
+  : STATUS_LABELS[item.status] || item.status);
 const promptOf = (item) => item.prompt || (item.store_io ? "(no prompt)" : "(input not stored)");
 
 // ---- loading ------------------------------------------------------------------------------------------------------
@@ -62,6 +65,7 @@ export async function refreshGallery(older = false) {
     return;
   }
   if (load !== state.loads) return;
+  loadEndpointFilter();
   const tiles = body.items.flatMap(tilesOf);
   state.tiles = older ? [...state.tiles, ...tiles] : tiles;
   state.picks = state.picks.map((p) => state.tiles.find((t) => t.key === p.key)).filter(Boolean);
@@ -87,13 +91,14 @@ function tileElement(tile) {
     "aria-label": `${prompt} · ${STATUS_LABELS[item.status] || item.status} · ${DIALECT_LABELS[item.dialect] || item.dialect}`,
     onclick: (event) => openLightbox(key, event.currentTarget) },
   image ? h("img", { src: image.url, alt: "", loading: "lazy", width: image.width, height: image.height })
-    : h("span", { class: "tile-empty" }, STATUS_LABELS[item.status] || item.status)),
+    : h("span", { class: "tile-empty" }, placeholder(item))),
   h("div", { class: "tile-caption" },
     h("span", { class: "tile-prompt" }, prompt),
     h("span", { class: "tile-badges" }, statusBadge(item.status), dialectBadge(item.dialect),
       h("span", { class: "badge endpoint", title: item.endpoint }, item.endpoint.replace(/^fal-ai\//, "")))),
   image ? h("label", { class: "tile-pick" },
-    h("input", { type: "checkbox", class: "compare-pick", checked: picked, onchange: () => togglePick(key) }),
+    h("input", { type: "checkbox", class: "compare-pick", checked: picked, onchange: () => togglePick(key),
+      "aria-label": `Compare: ${prompt}` }),
     "Compare") : null);
 }
 
@@ -123,7 +128,7 @@ function renderLightbox() {
   $("lightbox-next").disabled = at === state.tiles.length - 1;
   $("lightbox-figure").replaceChildren(image
     ? h("img", { id: "lightbox-image", src: image.url, alt: promptOf(item), width: image.width, height: image.height })
-    : h("p", { class: "lightbox-empty" }, item.error || STATUS_LABELS[item.status] || item.status));
+    : h("p", { class: "lightbox-empty" }, item.error || placeholder(item)));
   $("lightbox-badges").replaceChildren(statusBadge(item.status), dialectBadge(item.dialect),
     h("span", { class: "badge endpoint" }, item.endpoint));
   $("lightbox-prompt").textContent = promptOf(item);
@@ -153,6 +158,10 @@ function restoreFocus() {
 
 async function useParameters() {
   const { item } = state.tiles.find((t) => t.key === state.currentKey);
+  if ($("generate").disabled) {  // the form belongs to the generation under way
+    $("lightbox-message").textContent = "Wait for the current generation to finish, or cancel it, first.";
+    return;
+  }
   closeLightbox();
   await state.hooks.use(item);
   $("gen-form").scrollIntoView({ block: "start" });
@@ -357,9 +366,11 @@ function buildCompare() {
   return box;
 }
 
-async function loadEndpointFilter() {
-  const endpoints = await getJSON("/api/endpoints");
-  $("gallery-endpoint").append(...endpoints.map((e) => h("option", { value: e.endpoint_id }, e.endpoint_id)));
+// once: the endpoint filter's options (retried with the next load when it failed, e.g. before a key was given)
+function loadEndpointFilter() {
+  state.endpoints ??= getJSON("/api/endpoints").then((endpoints) => {
+    $("gallery-endpoint").append(...endpoints.map((e) => h("option", { value: e.endpoint_id }, e.endpoint_id)));
+  }).catch(() => { state.endpoints = null; });
 }
 
 // hooks.use(item): put a job's parameters into the form (and its output into the result panel);
@@ -375,6 +386,5 @@ export async function setupGallery(panel, hooks) {
     clearTimeout(state.searchTimer);
     state.searchTimer = setTimeout(() => refreshGallery(), SEARCH_DELAY_MS);
   });
-  try { await loadEndpointFilter(); } catch { /* the filter keeps "All endpoints"; the grid says why */ }
   await refreshGallery();
 }
