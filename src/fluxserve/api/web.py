@@ -110,6 +110,8 @@ async def history(request: Request, limit: int = Query(50, ge=1, le=MAX_HISTORY)
     cutoff = _parse_before(before)
     if endpoint and endpoint not in request.app.state.catalog.endpoints:
         raise _query_error("endpoint", f"Unknown endpoint: {endpoint!r}")
+    if q and "\x00" in q:  # no database text holds it
+        raise _query_error("q", "The search text must not contain NUL characters")
     jobs = await asyncio.to_thread(request.app.state.store.list, limit=limit, before=cutoff,
                                    owner=caller(request).list_owner, endpoint=endpoint or None, dialect=dialect,
                                    status=status, prompt_contains=(q or "").strip() or None)
