@@ -241,7 +241,7 @@ def test_lightbox_keys_focus_and_download(page, server, made):
         assert page.evaluate("() => document.getElementById('lightbox').contains(document.activeElement)"), key
     page.keyboard.press("Escape")
     box.wait_for(state="hidden")
-    assert page.evaluate("(el) => document.activeElement === el", opener.element_handle())
+    page.wait_for_function("(el) => document.activeElement === el", arg=opener.element_handle())  # focus is back
 
 
 def test_use_these_parameters(page, server, made):
