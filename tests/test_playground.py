@@ -161,7 +161,7 @@ def test_history_shows_other_dialects(page, server):
     item = page.locator("#history .history-item[data-dialect='openai']", has_text="an openai teapot")
     item.wait_for()
     assert item.locator("img").count() == 1
-    assert "completed" in item.inner_text()
+    assert "Completed" in item.inner_text()
     item.click()
     page.wait_for_function("() => document.querySelector('#images img')?.naturalWidth === 512")
     assert page.input_value("#in-prompt") == "an openai teapot"  # carried over into the current form

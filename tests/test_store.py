@@ -286,6 +286,52 @@ def test_list_newest_first_with_filters(store):
     assert store.counts()["queued"] == 3
 
 
+def test_list_filters_combine_and_page(store):
+    def finished(prompt, dialect, endpoint, status):
+        job = submit(store, dialect=dialect, endpoint=endpoint, request={"model": "dev", "prompt": prompt})
+        time.sleep(0.01)
+        if status == "cancelled":
+            store.request_cancel(job.id)
+        elif status != "queued":
+            assert store.claim("w").id == job.id
+            if status == "completed":
+                store.complete(job.id, "w", {"images": []})
+            elif status == "failed":
+                store.fail(job.id, "boom")
+        return job.id
+
+    red = finished("A Red Fox", "fal", "fal-ai/flux-2/flash", "completed")
+    percent = finished("100% red_ish", "openai", "fal-ai/flux-2", "failed")
+    blue = finished("a blue fox", "replicate", "fal-ai/flux-2/flash", "cancelled")
+    waiting = finished("red queued fox", "fal", "fal-ai/flux-2", "queued")
+    ids = lambda **kw: [j.id for j in store.list(**kw)]
+    assert ids(prompt_contains="RED") == [waiting, percent, red]  # case-insensitive, anywhere in the prompt
+    assert ids(prompt_contains="fox", status="completed") == [red]
+    assert ids(prompt_contains="fox", dialect="replicate") == [blue]
+    assert ids(prompt_contains="fox", endpoint="fal-ai/flux-2") == [waiting]
+    assert ids(status="failed") == [percent] and ids(status="cancelled") == [blue]
+    assert ids(prompt_contains="0%") == [percent]  # % and _ are literal characters, not wildcards
+    assert ids(prompt_contains="d_i") == [percent] and ids(prompt_contains="%x") == []
+    first = store.list(prompt_contains="fox", limit=1)
+    assert [j.id for j in first] == [waiting]
+    assert ids(prompt_contains="fox", limit=1, before=first[0].created_at) == [blue]
+
+
+def test_delete_job_removes_a_finished_job_only(store):
+    done = submit(store)
+    store.claim("w")
+    store.progress(done.id, "w", 1, 2, "step 1/2", preview_key="previews/p.png")
+    store.complete(done.id, "w", {"images": [{"key": "outputs/a.png"}]})
+    running = submit(store)
+    store.claim("w")
+    assert store.job_files(done.id) == ["outputs/a.png", "previews/p.png"]
+    assert store.status(done.id, max_age_s=60).status == "completed"  # cached
+    assert store.delete_job(running.id) == "ACTIVE" and store.get(running.id).status == "running"
+    assert store.delete_job(done.id) == "DELETED"
+    assert store.get(done.id) is None and store.logs(done.id) == [] and store.status(done.id, max_age_s=60) is None
+    assert store.delete_job(done.id) == "NOT_FOUND"
+
+
 def test_a_job_survives_a_restart(db_url):
     first = JobStore(db_url)
     job = submit(first, input={"prompt": "durable"})

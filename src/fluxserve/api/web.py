@@ -3,7 +3,8 @@
 
 The page is plain HTML, a few JS modules and one CSS file shipped inside the package; it talks to the server the way
 a client does (fal's queue API, ``/api/endpoints``, the per-endpoint OpenAPI documents). ``/api/history`` lists
-the caller's recent jobs of every dialect (an admin key's: everyone's), newest first, for its history panel.
+the caller's recent jobs of every dialect (an admin key's: everyone's), newest first, filtered by endpoint, dialect,
+status or prompt text, for its gallery; ``DELETE /api/history/{id}`` deletes one finished job and its images.
 ``/api/info`` tells the page, without a key, whether the tiny demo models stand in for the real weights.
 """
 
@@ -12,20 +13,23 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from fluxserve.api.auth import caller, require_key
 from fluxserve.api.common import image_url
-from fluxserve.api.errors import FalValidationError, field_error
+from fluxserve.api.errors import ApiError, FalValidationError, field_error
+from fluxserve.jobs.retention import delete_job
 
 WEB = resources.files("fluxserve") / "web"
 TYPES = {".js": "text/javascript", ".css": "text/css"}
 ASSETS = {item.name: TYPES[item.name[item.name.rfind("."):]] for item in WEB.iterdir()
           if item.is_file() and item.name[item.name.rfind("."):] in TYPES}  # web/'s scripts and styles, by name
 MAX_HISTORY = 200
+Dialect = Literal["fal", "openai", "replicate"]
+Status = Literal["queued", "running", "completed", "failed", "cancelled"]
 
 router = APIRouter(tags=["playground"])
 
@@ -97,13 +101,43 @@ def history_item(request: Request, job: Any) -> dict[str, Any]:
     return item
 
 
+def _query_error(field: str, message: str) -> FalValidationError:
+    return FalValidationError([{**field_error([], message), "loc": ["query", field]}])
+
+
 @router.get("/api/history", dependencies=[Depends(require_key("fal"))],
             summary="Recent jobs of every dialect, newest first (the playground's history)")
 async def history(request: Request, limit: int = Query(50, ge=1, le=MAX_HISTORY),
-                  before: str | None = Query(None, description="ISO 8601: only jobs created before it")) -> JSONResponse:
+                  before: str | None = Query(None, description="ISO 8601: only jobs created before it"),
+                  endpoint: str | None = Query(None, description="Only this endpoint's jobs"),
+                  dialect: Annotated[Dialect | None, Query(description="Only jobs made through this API")] = None,
+                  status: Annotated[Status | None, Query(description="Only jobs in this state")] = None,
+                  q: str | None = Query(None, max_length=200, description="Only jobs whose prompt contains this "
+                                        "text (ignoring case)")) -> JSONResponse:
     cutoff = _parse_before(before)
+    if endpoint and endpoint not in request.app.state.catalog.endpoints:
+        raise _query_error("endpoint", f"Unknown endpoint: {endpoint!r}")
+    if q and "\x00" in q:  # no database text holds it
+        raise _query_error("q", "The search text must not contain NUL characters")
     jobs = await asyncio.to_thread(request.app.state.store.list, limit=limit, before=cutoff,
-                                   owner=caller(request).list_owner)
+                                   owner=caller(request).list_owner, endpoint=endpoint or None, dialect=dialect,
+                                   status=status, prompt_contains=(q or "").strip() or None)
     items = [history_item(request, job) for job in jobs]
     next_before = items[-1]["created_at"] if len(items) == limit else None
     return JSONResponse({"items": items, "next_before": next_before})
+
+
+@router.delete("/api/history/{job_id}", dependencies=[Depends(require_key("fal"))], status_code=204,
+               summary="Delete a finished job with its images and previews")
+async def delete_history(request: Request, job_id: str) -> Response:
+    store = request.app.state.store
+    job = await asyncio.to_thread(store.get, job_id)
+    if job is None or not caller(request).may_see(job.owner):
+        raise ApiError(404, f"Request {job_id} not found", error_type="not_found")
+    outcome = await asyncio.to_thread(delete_job, store, request.app.state.storage, job_id)
+    if outcome == "ACTIVE":
+        raise ApiError(409, f"Request {job_id} is {job.status}: cancel it first, then delete it",
+                       error_type="conflict")
+    if outcome == "NOT_FOUND":  # deleted meanwhile
+        raise ApiError(404, f"Request {job_id} not found", error_type="not_found")
+    return Response(status_code=204)

@@ -19,11 +19,26 @@ def sweep(store: Any, storage: Any, retention_hours: float) -> tuple[int, int]:
     """Delete what is older than the retention: (jobs deleted, files deleted)."""
     cutoff = utcnow() - timedelta(hours=retention_hours)
     keys = store.expired_files(cutoff)
+    delete_files(store, storage, keys)
+    return store.delete_before(cutoff), len(keys)
+
+
+def delete_job(store: Any, storage: Any, job_id: str) -> str:
+    """Delete one finished job now, with its outputs and previews (the playground's Delete): what
+    ``store.delete_job`` answers ("DELETED", "NOT_FOUND", "ACTIVE"); files are deleted only when the job was."""
+    keys = store.job_files(job_id)
+    outcome = store.delete_job(job_id)
+    if outcome == "DELETED":
+        delete_files(store, storage, keys)
+    return outcome
+
+
+def delete_files(store: Any, storage: Any, keys: list[str]) -> None:
+    """Delete stored files and their ownership records."""
     for key in keys:
         with contextlib.suppress(KeyError, FileNotFoundError):  # already gone
             storage.delete(key)
     store.forget_files(keys)
-    return store.delete_before(cutoff), len(keys)
 
 
 class RetentionSweeper:

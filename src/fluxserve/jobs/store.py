@@ -1075,8 +1075,10 @@ class JobStore:
         return "CANCELLATION_REQUESTED"
 
     def list(self, *, dialect: str | None = None, limit: int = 100, before: datetime | None = None,
-             status: str | None = None, endpoint: str | None = None, owner: str | None = None) -> list[Job]:
-        """Newest first; given ``owner``, only that API key's jobs."""
+             status: str | None = None, endpoint: str | None = None, owner: str | None = None,
+             prompt_contains: str | None = None) -> list[Job]:
+        """Newest first; given ``owner``, only that API key's jobs; given ``prompt_contains``, only jobs whose
+        prompt contains it (ignoring case)."""
         stmt = select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
         if dialect is not None:
             stmt = stmt.where(jobs.c.dialect == dialect)
@@ -1088,6 +1090,9 @@ class JobStore:
             stmt = stmt.where(jobs.c.endpoint == endpoint)
         if owner is not None:
             stmt = stmt.where(jobs.c.owner == owner)
+        if prompt_contains:
+            prompt = func.lower(jobs.c.request["prompt"].as_string())
+            stmt = stmt.where(prompt.contains(prompt_contains.lower(), autoescape=True))
         with self._read() as conn:
             return [Job.from_row(row) for row in conn.execute(stmt)]
 
@@ -1180,14 +1185,33 @@ class JobStore:
                 request=None, input=None, result=None, updated_at=utcnow()))
         self._changed(job_id)
 
+    @staticmethod
+    def _delete_jobs(conn: Connection, ids: Any) -> int:
+        """Delete the jobs ``ids`` selects, with their logs, deliveries and events; returns how many."""
+        conn.execute(job_logs.delete().where(job_logs.c.job_id.in_(ids)))
+        conn.execute(webhook_deliveries.delete().where(webhook_deliveries.c.job_id.in_(ids)))
+        conn.execute(webhook_events.delete().where(webhook_events.c.job_id.in_(ids)))
+        return conn.execute(jobs.delete().where(jobs.c.id.in_(ids))).rowcount
+
     def delete_before(self, cutoff: datetime) -> int:
         """Delete terminal jobs (with their logs and deliveries) created before ``cutoff``; returns how many."""
         with self._write() as conn:
             ids = select(jobs.c.id).where(jobs.c.created_at < cutoff, jobs.c.status.in_(TERMINAL))
-            conn.execute(job_logs.delete().where(job_logs.c.job_id.in_(ids)))
-            conn.execute(webhook_deliveries.delete().where(webhook_deliveries.c.job_id.in_(ids)))
-            conn.execute(webhook_events.delete().where(webhook_events.c.job_id.in_(ids)))
-            return conn.execute(jobs.delete().where(jobs.c.id.in_(ids))).rowcount
+            return self._delete_jobs(conn, ids)
+
+    def delete_job(self, job_id: str) -> str:
+        """Delete one terminal job (with its logs and deliveries): "DELETED", "NOT_FOUND", or "ACTIVE" for a
+        queued or running job, which is left alone."""
+        with self._write() as conn:
+            status = conn.execute(select(jobs.c.status).where(jobs.c.id == job_id).with_for_update()).scalar()
+            if status is None:
+                return "NOT_FOUND"
+            if status not in TERMINAL:
+                return "ACTIVE"
+            self._delete_jobs(conn, [job_id])
+        self._status_cache.pop(job_id, None)
+        self._changed(job_id)
+        return "DELETED"
 
     # --- webhook deliveries ---------------------------------------------------------------------------
 
@@ -1416,17 +1440,29 @@ class JobStore:
                 value = conn.execute(select(secrets_table.c.value).where(secrets_table.c.name == name)).scalar()
         return bytes.fromhex(value)
 
+    @staticmethod
+    def _files_of_jobs(conn: Connection, ids: Any) -> set[str]:
+        """Storage keys of the jobs ``ids`` selects: their outputs and previews."""
+        keys = set(conn.execute(select(files.c.key).where(files.c.job_id.in_(ids))).scalars())
+        for result in conn.execute(select(jobs.c.result).where(jobs.c.id.in_(ids))).scalars():
+            keys.update(image["key"] for image in (result or {}).get("images", []) if image.get("key"))
+        keys.update(conn.execute(select(job_logs.c.preview_key).where(
+            job_logs.c.job_id.in_(ids), job_logs.c.preview_key.is_not(None))).scalars())
+        return keys
+
     def expired_files(self, cutoff: datetime) -> list[str]:
         """Storage keys to delete for retention: files recorded before ``cutoff`` (uploads, outputs) and the
         outputs and previews of terminal jobs created before it."""
         old_jobs = select(jobs.c.id).where(jobs.c.created_at < cutoff, jobs.c.status.in_(TERMINAL))
         with self._read() as conn:
             keys = set(conn.execute(select(files.c.key).where(files.c.created_at < cutoff)).scalars())
-            for result in conn.execute(select(jobs.c.result).where(jobs.c.id.in_(old_jobs))).scalars():
-                keys.update(image["key"] for image in (result or {}).get("images", []) if image.get("key"))
-            keys.update(conn.execute(select(job_logs.c.preview_key).where(
-                job_logs.c.job_id.in_(old_jobs), job_logs.c.preview_key.is_not(None))).scalars())
+            keys |= self._files_of_jobs(conn, old_jobs)
         return sorted(keys)
+
+    def job_files(self, job_id: str) -> list[str]:
+        """Storage keys of one job's outputs and previews."""
+        with self._read() as conn:
+            return sorted(self._files_of_jobs(conn, [job_id]))
 
     def forget_files(self, keys: list[str]) -> None:
         """Drop the ownership records of deleted files."""

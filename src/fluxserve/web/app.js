@@ -4,6 +4,7 @@
 // GET response_url (the output), PUT cancel_url (cancel), GET /api/history (every dialect's recent jobs).
 
 import { endpointGroups, endpointNote, showDemoBanner } from "./endpoints.js";
+import { DIALECT_LABELS, refreshGallery, setupGallery, statusBadge } from "./gallery.js";
 import { HttpError, KEY_STORAGE, api, describe, getJSON, h, onUnauthorized, sse } from "./lib.js";
 import { LiveJob, PREVIEWS, queueText, resetLive, revealOutput } from "./live.js";
 import { referencesField } from "./refs.js";
@@ -50,6 +51,7 @@ function setupKey() {
     $("key-message").textContent = "Checking…";
     try {
       await loadHistory();
+      refreshGallery();
       $("key-message").textContent = "";
       $("key-panel").hidden = true;
       $("key-toggle").setAttribute("aria-expanded", "false");
@@ -541,8 +543,8 @@ function historyEntry(item) {
       h("span", { class: "history-text" },
         h("span", { class: "history-prompt" }, label),
         h("span", { class: "history-meta" },
-          h("span", { class: `badge status-${item.status}` }, item.status),
-          h("span", { class: "badge" }, item.dialect),
+          statusBadge(item.status),
+          h("span", { class: "badge" }, DIALECT_LABELS[item.dialect] || item.dialect),
           h("span", { class: "endpoint" }, item.endpoint)),
         h("time", { datetime: item.created_at }, item.created_at ? timeFormat.format(new Date(item.created_at)) : ""))));
 }
@@ -562,7 +564,7 @@ async function loadHistory(older = false) {
 
 function refreshHistorySoon() {
   clearTimeout(state.historyTimer);
-  state.historyTimer = setTimeout(() => loadHistory().catch(() => {}), 100);
+  state.historyTimer = setTimeout(() => { loadHistory().catch(() => {}); refreshGallery(); }, 100);
 }
 
 async function openHistory(item) {
@@ -607,13 +609,14 @@ async function main() {
   $("gen-form").addEventListener("submit", (e) => submit(e).catch(showError));
   $("cancel").addEventListener("click", () => cancel());
   setupCodeDialog($("copy-code"), currentRequest);
-  $("history-refresh").addEventListener("click", () => loadHistory().catch(showError));
+  $("history-refresh").addEventListener("click", () => { loadHistory().catch(showError); refreshGallery(); });
   $("history-more").addEventListener("click", () => loadHistory(true).catch(showError));
   document.addEventListener("visibilitychange", () => { if (!document.hidden) refreshHistorySoon(); });
   try { await loadEndpoints(); } catch (error) { showError(error); }
   try { await loadHistory(); } catch (error) {
     $("history-status").textContent = error.status === 401 ? "Enter the API key to see the history." : error.message;
   }
+  await setupGallery($("gallery-panel"), { use: openHistory, changed: () => loadHistory().catch(() => {}) });
   document.body.dataset.ready = "true";
 }
 
