@@ -408,6 +408,8 @@ async def submit_jobs(
                 )
             )
         except QueueFull as exc:
+            for queued in job_ids:  # the caller gets no images: the request's other jobs must not run either
+                await run_in_threadpool(store.cancel_queued, queued)
             raise queue_full(exc, "openai") from None
         job_ids.append(job.id)
         metrics = getattr(request.app.state, "metrics", None)
