@@ -195,8 +195,8 @@ def queue_full(exc: Any, dialect: str) -> ApiError:
     ``Retry-After`` in the dialect's shape."""
     limit = getattr(exc, "limit", None)
     headers = {"Retry-After": str(exc.retry_after_s)}
-    if dialect == "openai" and limit is not None:
-        return ApiError(429, exc.message, dialect=dialect, error_type=_OPENAI_LIMIT_TYPES[limit],
+    if dialect == "openai":
+        return ApiError(429, exc.message, dialect=dialect, error_type=_OPENAI_LIMIT_TYPES.get(limit, "requests"),
                         code="rate_limit_exceeded", param=limit, headers=headers)
     if dialect == "fal":
         return ApiError(429, exc.message, dialect=dialect, headers=headers,

@@ -117,8 +117,7 @@ def render(exc: ApiError) -> JSONResponse:
         }
         return JSONResponse(body, status_code=exc.status, headers=exc.headers)
     if exc.dialect == "replicate":
-        titles = {401: "Unauthenticated", 403: "Forbidden", 404: "Not found", 422: "Invalid input",
-                  429: "Request was throttled"}
+        titles = {401: "Unauthenticated", 403: "Forbidden", 404: "Not found", 422: "Invalid input"}
         body = {"title": titles.get(exc.status, "Error"), "detail": exc.message, "status": exc.status}
         return JSONResponse(body, status_code=exc.status, headers=exc.headers)
     return fal_error(exc.status, exc.message, exc.error_type, exc.headers)

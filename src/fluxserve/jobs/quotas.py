@@ -137,7 +137,7 @@ def _megapixels(raw: Any, owner: str, limit: int, needed: int, now: datetime) ->
         if excess <= 0:
             retry = _seconds_until(_as_time(finished_at) + DAY, now)
             break
-    return Exceeded(f"This API key used {used} of its {limit} megapixels in the last 24 hours"
+    return Exceeded(f"This API key used {used} of its {limit} megapixels in the last 24 hours (mp_per_day {limit})"
                     + (f" and has {pending} more queued or running" if pending else "")
                     + f"; this request needs {needed}. Try again in {retry} s.", retry, "mp_per_day")
 
