@@ -23,12 +23,13 @@ def add_parser(subparsers) -> None:
     create.add_argument("--admin", action="store_true",
                         help="an admin key: sees every key's requests, history and files; never limited")
     for name, (flag, what) in _FLAGS.items():
-        create.add_argument(flag, dest=name, type=_limit, default=None, metavar="N", help=f"at most N {what}")
-    update = actions.add_parser("update", help="change a key's limits (`none` removes one)")
+        create.add_argument(flag, dest=name, type=_limit, default=None, metavar="N",
+                            help=f"at most N {what} (default: no limit)")
+    update = actions.add_parser("update", help="change a key's limits (0 or none removes one)")
     update.add_argument("key_id", metavar="ID", help="the key's id, e.g. key_0123456789abcdef")
     for name, (flag, what) in _FLAGS.items():
-        update.add_argument(flag, dest=name, type=_limit, default=argparse.SUPPRESS, metavar="N|none",
-                            help=f"at most N {what}; none: no limit")
+        update.add_argument(flag, dest=name, type=_limit, default=argparse.SUPPRESS, metavar="N",
+                            help=f"at most N {what}; 0 or none: no limit")
     actions.add_parser("list", help="list keys and their limits (never their secrets)")
     revoke = actions.add_parser("revoke", help="revoke a key; clients using it are refused at once")
     revoke.add_argument("key_id", metavar="ID", help="the key's id, e.g. key_0123456789abcdef")
@@ -39,12 +40,12 @@ def add_parser(subparsers) -> None:
 
 
 def _limit(value: str) -> int | None:
-    """A limit flag's value: a whole number of at least 1, or ``none`` (no limit)."""
+    """A limit flag's value: a whole number; ``0`` or ``none`` is no limit (as ``FLUXSERVE_MAX_QUEUED_PER_KEY=0``)."""
     if value.strip().lower() == "none":
         return None
-    if not value.strip().isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"a whole number of at least 1, or none for no limit, not {value!r}")
-    return int(value)
+    if not value.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"a whole number, or 0 or none for no limit, not {value!r}")
+    return int(value) or None
 
 
 def _when(value) -> str:
