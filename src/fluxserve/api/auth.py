@@ -186,10 +186,22 @@ def caller(request: Request) -> Identity:
     return identity
 
 
+# OpenAI's 429 names what ran out in ``type`` ("requests", "tokens"), with ``code`` "rate_limit_exceeded"
+_OPENAI_LIMIT_TYPES = {"max_concurrent": "requests", "rpm": "requests", "mp_per_day": "megapixels"}
+
+
 def queue_full(exc: Any, dialect: str) -> ApiError:
-    """A ``QueueFull`` from the job store as a 429 with ``Retry-After`` in the dialect's shape."""
-    return ApiError(429, exc.message, dialect=dialect, error_type="rate_limit_exceeded" if dialect != "fal"
-                    else "queue_full", headers={"Retry-After": str(exc.retry_after_s)})
+    """A ``QueueFull`` from the job store (a full queue, or a key's quota: ``QuotaExceeded``) as a 429 with
+    ``Retry-After`` in the dialect's shape."""
+    limit = getattr(exc, "limit", None)
+    headers = {"Retry-After": str(exc.retry_after_s)}
+    if dialect == "openai":
+        return ApiError(429, exc.message, dialect=dialect, error_type=_OPENAI_LIMIT_TYPES.get(limit, "requests"),
+                        code="rate_limit_exceeded", param=limit, headers=headers)
+    if dialect == "fal":
+        return ApiError(429, exc.message, dialect=dialect, headers=headers,
+                        error_type="rate_limit_exceeded" if limit is not None else "queue_full")
+    return ApiError(429, exc.message, dialect=dialect, error_type="rate_limit_exceeded", headers=headers)
 
 
 async def check_request(request: Request, dialect: str) -> Identity:

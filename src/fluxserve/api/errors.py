@@ -29,6 +29,7 @@ class ApiError(Exception):
         error_type: str | None = None,
         param: str | None = None,
         headers: dict[str, str] | None = None,
+        code: str | None = None,
     ):
         super().__init__(message)
         self.status = status
@@ -37,6 +38,7 @@ class ApiError(Exception):
         self.error_type = error_type
         self.param = param
         self.headers = headers or {}
+        self.code = code or error_type
 
 
 class FalValidationError(Exception):
@@ -110,7 +112,7 @@ def render(exc: ApiError) -> JSONResponse:
                 "message": exc.message,
                 "type": exc.error_type or ("invalid_request_error" if exc.status < 500 else "server_error"),
                 "param": exc.param,
-                "code": exc.error_type,
+                "code": exc.code,
             }
         }
         return JSONResponse(body, status_code=exc.status, headers=exc.headers)
@@ -138,6 +140,7 @@ def documented(*codes: int) -> dict[int | str, dict[str, Any]]:
         413: "The request body is larger than the server accepts",
         415: "An upload that is not an image or safetensors file",
         422: "Invalid input: the answer names each field",
-        429: "The queue is full for this key or for the server; retry after the Retry-After seconds",
+        429: "The queue is full for this key or for the server, or the key is over one of its quotas; retry "
+             "after the Retry-After seconds",
     }
     return {code: {"description": text[code]} for code in codes}

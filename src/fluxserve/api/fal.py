@@ -822,7 +822,8 @@ ERROR_RESPONSES: dict[str, Any] = {
     "404": _error("Unknown endpoint or request id"),
     "413": _error("The request body is larger than the server accepts"),
     "422": _error("Invalid input: each entry names its field in `loc`", "HTTPValidationError"),
-    "429": _error("The queue is full for this key or for the server; retry after `Retry-After` seconds"),
+    "429": _error("The queue is full for this key or for the server, or the key is over one of its quotas; "
+                  "retry after `Retry-After` seconds"),
 }
 
 

@@ -119,7 +119,9 @@ def _error_response(exc: ApiError) -> JSONResponse:
     error_type = "invalid_request_error" if exc.status < 500 else "server_error"
     if exc.status == 401:
         error_type = "invalid_request_error"
-    body = {"error": {"message": exc.message, "type": error_type, "param": exc.param, "code": exc.error_type}}
+    if exc.status == 429:  # OpenAI names what ran out ("requests"), with code "rate_limit_exceeded"
+        error_type = exc.error_type or "requests"
+    body = {"error": {"message": exc.message, "type": error_type, "param": exc.param, "code": exc.code}}
     return JSONResponse(body, status_code=exc.status, headers=exc.headers)
 
 
@@ -408,6 +410,8 @@ async def submit_jobs(
                 )
             )
         except QueueFull as exc:
+            for queued in job_ids:  # the caller gets no images: the request's other jobs must not run either
+                await run_in_threadpool(store.cancel_queued, queued)
             raise queue_full(exc, "openai") from None
         job_ids.append(job.id)
         metrics = getattr(request.app.state, "metrics", None)

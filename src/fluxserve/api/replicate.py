@@ -88,7 +88,7 @@ class ReplicateRoute(APIRoute):
 
 def _title(status: int) -> str:
     return {401: "Unauthenticated", 403: "Forbidden", 404: "Not found", 413: "Request too large",
-            422: "Input validation failed"}.get(status, "Error")
+            422: "Input validation failed", 429: "Request was throttled"}.get(status, "Error")
 
 
 def problem_response(request: Request, exc: Problem, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -1,5 +1,6 @@
-"""``fluxserve keys``: create, list and revoke the API keys clients must send (``Authorization: Key <key>``,
-``Bearer <key>``, or ``FAL_KEY`` with the fal clients)."""
+"""``fluxserve keys``: create, list, limit and revoke the API keys clients must send (``Authorization: Key
+<key>``, ``Bearer <key>``, or ``FAL_KEY`` with the fal clients). A key's quotas (docs/quotas.md): requests at
+once (``--max-concurrent``), requests per minute (``--rpm``), megapixels per 24 hours (``--mp-per-day``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ import argparse
 import sys
 
 from fluxserve.commands.common import settings_from_args
+from fluxserve.jobs.quotas import LIMITS, Limits
+
+_FLAGS = {"max_concurrent": ("--max-concurrent", "queued + running requests at once"),
+          "rpm": ("--rpm", "requests accepted per minute"),
+          "mp_per_day": ("--mp-per-day", "billed megapixels per 24 hours")}
 
 
 def add_parser(subparsers) -> None:
@@ -15,14 +21,31 @@ def add_parser(subparsers) -> None:
     create = actions.add_parser("create", help="create a key and print its secret (shown only once)")
     create.add_argument("--name", default="", help="a label to recognise the key by")
     create.add_argument("--admin", action="store_true",
-                        help="an admin key: sees every key's requests, history and files")
-    actions.add_parser("list", help="list keys (never their secrets)")
+                        help="an admin key: sees every key's requests, history and files; never limited")
+    for name, (flag, what) in _FLAGS.items():
+        create.add_argument(flag, dest=name, type=_limit, default=None, metavar="N",
+                            help=f"at most N {what} (default: no limit)")
+    update = actions.add_parser("update", help="change a key's limits (0 or none removes one)")
+    update.add_argument("key_id", metavar="ID", help="the key's id, e.g. key_0123456789abcdef")
+    for name, (flag, what) in _FLAGS.items():
+        update.add_argument(flag, dest=name, type=_limit, default=argparse.SUPPRESS, metavar="N",
+                            help=f"at most N {what}; 0 or none: no limit")
+    actions.add_parser("list", help="list keys and their limits (never their secrets)")
     revoke = actions.add_parser("revoke", help="revoke a key; clients using it are refused at once")
     revoke.add_argument("key_id", metavar="ID", help="the key's id, e.g. key_0123456789abcdef")
-    for sub in (create, actions.choices["list"], revoke):
+    for sub in (create, update, actions.choices["list"], revoke):
         sub.add_argument("--db", help="job store URL (default: SQLite in the data directory)")
         sub.add_argument("--data-dir", help="where the database lives")
         sub.set_defaults(func=run)
+
+
+def _limit(value: str) -> int | None:
+    """A limit flag's value: a whole number; ``0`` or ``none`` is no limit (as ``FLUXSERVE_MAX_QUEUED_PER_KEY=0``)."""
+    if value.strip().lower() == "none":
+        return None
+    if not value.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"a whole number, or 0 or none for no limit, not {value!r}")
+    return int(value) or None
 
 
 def _when(value) -> str:
@@ -36,9 +59,14 @@ def run(args: argparse.Namespace) -> int:
     store = JobStore(settings.db_url)
     try:
         if args.action == "create":
-            key_id, secret = store.create_key(args.name, admin=args.admin)
-            print(f"created {'admin key ' if args.admin else ''}{key_id}" + (f" ({args.name})" if args.name else ""),
-                  file=sys.stderr)
+            limits = Limits(*(getattr(args, name) for name in LIMITS))
+            if args.admin and limits.any:
+                print("error: admin keys are never limited; create the key without --admin to limit it",
+                      file=sys.stderr)
+                return 2
+            key_id, secret = store.create_key(args.name, admin=args.admin, limits=limits)
+            print(f"created {'admin key ' if args.admin else ''}{key_id}" + (f" ({args.name})" if args.name else "")
+                  + (f", limits: {limits.describe()}" if limits.any else ""), file=sys.stderr)
             print("the secret is shown only now; keep it safe:", file=sys.stderr)
             print(secret)
             return 0
@@ -47,11 +75,24 @@ def run(args: argparse.Namespace) -> int:
             if not keys:
                 print("no API keys (create one with: fluxserve keys create --name NAME)", file=sys.stderr)
                 return 0
-            print(f"{'ID':<22} {'NAME':<20} {'CREATED':<24} {'LAST USED':<24} STATUS")
+            print(f"{'ID':<22} {'NAME':<20} {'CREATED':<24} {'LAST USED':<24} {'LIMITS':<38} STATUS")
             for key in keys:
                 status = ("active" if key.active else f"revoked {_when(key.revoked_at)}") + (" admin" if key.admin else "")
                 print(f"{key.id:<22} {key.name[:20]:<20} {_when(key.created_at):<24} {_when(key.last_used_at):<24} "
-                      f"{status}")
+                      f"{key.limits.describe():<38} {status}")
+            return 0
+        if args.action == "update":
+            changes = {name: getattr(args, name) for name in LIMITS if hasattr(args, name)}
+            if not changes:
+                print("error: give at least one of " + ", ".join(flag for flag, _ in _FLAGS.values()), file=sys.stderr)
+                return 2
+            key = store.set_limits(args.key_id, **changes)
+            if key is None:
+                print(f"error: no key {args.key_id!r} (see: fluxserve keys list)", file=sys.stderr)
+                return 1
+            print(f"{key.id} limits: {key.limits.describe()}")
+            if key.admin:
+                print("note: this is an admin key; admin keys are never limited", file=sys.stderr)
             return 0
         if store.revoke_key(args.key_id):
             print(f"revoked {args.key_id}")

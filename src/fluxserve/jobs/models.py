@@ -116,6 +116,10 @@ api_keys = Table(
     Column("revoked_at", UTCDateTime, nullable=True),
     Column("last_used_at", UTCDateTime, nullable=True),
     Column("admin", Boolean, nullable=False, server_default=text("false")),  # sees every key's jobs and files
+    # quotas (fluxserve.jobs.quotas); NULL: unlimited
+    Column("max_concurrent", Integer, nullable=True),  # queued + running jobs at once
+    Column("rpm", Integer, nullable=True),  # jobs submitted in any 60 s
+    Column("mp_per_day", Integer, nullable=True),  # billed megapixels in any 24 h
 )
 
 # Files that belong to a key: uploads, and the outputs and previews of its jobs (``owner`` NULL: no keys).
@@ -217,5 +221,7 @@ job_usage = Table(
 # Columns added to a table after it first shipped: ``JobStore`` adds each one that an existing database lacks
 # (``ALTER TABLE ... ADD COLUMN``), so a data directory or PostgreSQL database made by an older fluxserve keeps
 # working. Every entry must be nullable or have a ``server_default``; declare the column in its table above too.
-ADDED_COLUMNS: list[tuple[str, str]] = [("jobs", "owner"), ("api_keys", "admin"), ("jobs", "caller"),
-                                         ("jobs", "first_progress_at")]  # (table, column)
+ADDED_COLUMNS: list[tuple[str, str]] = [  # (table, column)
+    ("jobs", "owner"), ("api_keys", "admin"), ("jobs", "caller"), ("jobs", "first_progress_at"),
+    ("api_keys", "max_concurrent"), ("api_keys", "rpm"), ("api_keys", "mp_per_day"),
+]

@@ -43,7 +43,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.pool import StaticPool
 
-from fluxserve.jobs import ledger
+from fluxserve.jobs import ledger, quotas
 from fluxserve.jobs.models import (
     ADDED_COLUMNS,
     PRIORITY_RANKS,
@@ -273,10 +273,16 @@ class ApiKey:
     revoked_at: datetime | None = None
     last_used_at: datetime | None = None
     admin: bool = False
+    limits: quotas.Limits = field(default_factory=quotas.Limits)
 
     @property
     def active(self) -> bool:
         return self.revoked_at is None
+
+    @classmethod
+    def from_row(cls, r: Any) -> ApiKey:
+        return cls(r.id, r.name, r.created_at, r.revoked_at, r.last_used_at, bool(r.admin),
+                   quotas.Limits(r.max_concurrent, r.rpm, r.mp_per_day))
 
 
 class QueueFull(Exception):
@@ -285,6 +291,14 @@ class QueueFull(Exception):
     def __init__(self, message: str, retry_after_s: int):
         super().__init__(message)
         self.message, self.retry_after_s = message, retry_after_s
+
+
+class QuotaExceeded(QueueFull):
+    """A submit over a limit of its API key (``fluxserve.jobs.quotas``); ``limit`` names it."""
+
+    def __init__(self, message: str, retry_after_s: int, limit: str):
+        super().__init__(message, retry_after_s)
+        self.limit = limit
 
 
 # how long a client refused by a full queue is asked to wait before trying again (seconds)
@@ -643,7 +657,8 @@ class JobStore:
         """Queue a job for ``owner`` (an API key id; None without keys). Submitting an id that exists returns
         the existing job (an idempotent retry). ``QueueFull`` when a queue-depth limit is reached. ``caller``
         names the server process holding a synchronous caller's connection: if that process stops, nobody
-        waits for the result any more and the job is cancelled instead of run again."""
+        waits for the result any more and the job is cancelled instead of run again. ``QuotaExceeded`` (a
+        ``QueueFull``) when the job would pass a limit of the owner's key."""
         if priority not in PRIORITY_RANKS:
             raise ValueError(f"priority must be one of {sorted(PRIORITY_RANKS)}, not {priority!r}")
         if timeout_s is not None and timeout_s <= 0:
@@ -661,6 +676,8 @@ class JobStore:
         try:
             with self._raw_write() as raw:
                 self._check_queue_depth(raw, owner)
+                if (refused := quotas.check(raw, owner, request, now)) is not None:
+                    raise QuotaExceeded(refused.message, refused.retry_after_s, refused.limit)
                 row = [raw.json(v) if k in _JSON_COLUMNS else raw.time(v) if k in _TIME_COLUMNS else v
                        for k, v in values.items()]
                 raw.execute(f"INSERT INTO jobs ({names}) VALUES ({', '.join('?' * len(values))})", row)
@@ -1358,16 +1375,30 @@ class JobStore:
     def _hash(secret: str) -> str:
         return hashlib.sha256(secret.encode()).hexdigest()
 
-    def create_key(self, name: str = "", admin: bool = False) -> tuple[str, str]:
+    def create_key(self, name: str = "", admin: bool = False,
+                   limits: quotas.Limits | None = None) -> tuple[str, str]:
         """A new API key: (key_id, secret). The secret is ``<key_id>:<random>`` (usable as FAL_KEY, or as
         FAL_KEY_ID + FAL_KEY_SECRET) and is shown only now; only its SHA-256 is stored. An ``admin`` key sees
-        every key's jobs, history and files."""
+        every key's jobs, history and files, and is never limited by ``limits``."""
         key_id = "key_" + secrets.token_hex(8)
         secret = f"{key_id}:{secrets.token_urlsafe(32)}"
+        limits = limits or quotas.Limits()
+        quotas.validate({name: getattr(limits, name) for name in quotas.LIMITS})
         with self._write() as conn:
             conn.execute(insert(api_keys).values(
-                id=key_id, name=name, secret_hash=self._hash(secret), created_at=utcnow(), admin=admin))
+                id=key_id, name=name, secret_hash=self._hash(secret), created_at=utcnow(), admin=admin,
+                **{name: getattr(limits, name) for name in quotas.LIMITS}))
         return key_id, secret
+
+    def set_limits(self, key_id: str, **changes: int | None) -> ApiKey | None:
+        """Change some of a key's limits (``max_concurrent``, ``rpm``, ``mp_per_day``; None: unlimited); the
+        next submit in any process applies them. The key as it is now, or None when no key has this id."""
+        quotas.validate(changes)
+        with self._write() as conn:
+            if changes:
+                conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(**changes))
+            row = conn.execute(select(api_keys).where(api_keys.c.id == key_id)).first()
+        return ApiKey.from_row(row) if row is not None else None
 
     def verify_key(self, secret: str) -> bool:
         return self.authenticate(secret) is not None
@@ -1385,12 +1416,12 @@ class JobStore:
         if row.last_used_at is None or (now - row.last_used_at).total_seconds() > KEY_USE_RESOLUTION:
             with self._write() as conn:
                 conn.execute(update(api_keys).where(api_keys.c.id == row.id).values(last_used_at=now))
-        return ApiKey(row.id, row.name, row.created_at, row.revoked_at, row.last_used_at, bool(row.admin))
+        return ApiKey.from_row(row)
 
     def list_keys(self) -> list[ApiKey]:
         with self._read() as conn:
             rows = conn.execute(select(api_keys).order_by(api_keys.c.created_at)).all()
-        return [ApiKey(r.id, r.name, r.created_at, r.revoked_at, r.last_used_at, bool(r.admin)) for r in rows]
+        return [ApiKey.from_row(r) for r in rows]
 
     def revoke_key(self, key_id: str) -> bool:
         """False when no active key has this id."""
