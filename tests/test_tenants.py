@@ -222,7 +222,8 @@ def test_owner_and_admin_columns_are_added_to_an_older_database(db_url):
 
     JobStore(db_url).close()
     engine = create_engine(db_url)
-    with engine.begin() as conn:  # the schema before tenants
+    with engine.begin() as conn:  # the schema before tenants (the owner index came later still)
+        conn.execute(text("DROP INDEX ix_jobs_owner_created"))
         conn.execute(text("ALTER TABLE jobs DROP COLUMN owner"))
         conn.execute(text("ALTER TABLE api_keys DROP COLUMN admin"))
         conn.execute(text("INSERT INTO api_keys (id, name, secret_hash, created_at) "
@@ -235,6 +236,7 @@ def test_owner_and_admin_columns_are_added_to_an_older_database(db_url):
         assert [key.admin for key in store.list_keys()] == [False]  # older keys are not admins
     finally:
         store.close()
+    assert "ix_jobs_owner_created" in {i["name"] for i in inspect(engine).get_indexes("jobs")}
     engine.dispose()
 
 
