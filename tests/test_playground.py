@@ -1,6 +1,6 @@
 """The playground in a real browser: headless Chromium (Debian's ``chromium``, driven by Playwright) against a
 real server (uvicorn on a free port, demo models). It generates through fal's queue API with a progress bar,
-shows jobs of every dialect in the history, marks 422 fields, and asks for the API key when the server needs
+shows jobs of every dialect in the history (fal's request history API: pages, status filter), marks 422 fields, and asks for the API key when the server needs
 one; follows a run with previews, a step counter and the time left in plain words; groups the endpoints under
 friendly names; says when demo weights are loaded; takes reference images by drag and drop with their megapixels
 against the limit; clears errors as the form changes. ``/api/history`` is checked over plain HTTP too.
@@ -8,7 +8,9 @@ Screenshots land in test-results/playground/."""
 
 from __future__ import annotations
 
+import json
 import re
+from contextlib import contextmanager
 from dataclasses import replace
 
 import httpx
@@ -154,18 +156,26 @@ def test_edit_with_a_picked_reference_image(page, server, reference_image):
 
 def test_history_shows_other_dialects(page, server):
     open_playground(page, server.url)
+    pick(page, FLASH + "/edit")
     response = httpx.post(server.url + "/v1/images/generations", timeout=120,
-                          json={"prompt": "an openai teapot", "model": "flux-2-flash", "size": "512x512"})
+                          json={"prompt": "an openai teapot", "model": "flux-2-flash", "size": "512x512",
+                                "seed": 77})
     assert response.status_code == 200, response.text
     page.click("#history-refresh")
-    item = page.locator("#history .history-item[data-dialect='openai']", has_text="an openai teapot")
+    item = page.locator("#history .history-item", has_text="an openai teapot")
     item.wait_for()
     assert item.locator("img").count() == 1
-    assert "Completed" in item.inner_text()
+    assert "Completed" in item.inner_text() and "flux-2/flash" in item.inner_text()
     item.click()
     page.wait_for_function("() => document.querySelector('#images img')?.naturalWidth === 512")
-    assert page.input_value("#in-prompt") == "an openai teapot"  # carried over into the current form
-    assert '"dialect": "openai"' in page.locator("#params").text_content()
+    # OpenAI's body does not fit fal's form: the current form (the edit endpoint) takes over what matches
+    assert page.input_value("#endpoint") == FLASH + "/edit"
+    assert page.input_value("#in-prompt") == "an openai teapot"
+    assert page.input_value("#in-seed") == "77"
+    assert (page.input_value("#in-image_size-width"), page.input_value("#in-image_size-height")) == ("512", "512")
+    assert '"model": "flux-2-flash"' in page.locator("#params").text_content()  # the request as it was sent
+    page.click("#params-box summary")
+    shot(page, "playground-history-openai", full_page=True)
 
 
 def test_validation_errors_are_shown_at_their_fields(page, server):
@@ -215,6 +225,93 @@ def test_key_is_asked_for_when_the_server_needs_one(page, locked):
     page.click("#generate")
     page.wait_for_function("() => document.getElementById('status').textContent.includes('401')")
     assert panel.is_visible() and "refused" in page.inner_text("#key-message")
+
+
+def with_key(page, server, name: str) -> str:
+    """A fresh key of the locked server, saved in the page's storage before the page loads; its secret."""
+    _, secret = server.store.create_key(name)
+    server.app.state.auth.forget()
+    page.add_init_script(f"localStorage.setItem('fluxserve.key', {json.dumps(secret)})")
+    return secret
+
+
+@contextmanager
+def workers_paused(server):
+    """No job runs inside the block: queued requests stay queued until cancelled or failed."""
+    for worker in server.app.state.workers:
+        worker.stop()
+    try:
+        yield
+    finally:
+        for worker in server.app.state.workers:
+            worker.start()
+
+
+def submit(server, secret: str, prompt: str) -> dict:
+    response = httpx.post(f"{server.url}/queue/{FLASH}", headers={"Authorization": f"Key {secret}"}, timeout=60,
+                          json={"prompt": prompt, "image_size": {"width": 512, "height": 512}})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def cancel(server, secret: str, queued: dict) -> None:
+    response = httpx.put(queued["cancel_url"], headers={"Authorization": f"Key {secret}"}, timeout=60)
+    assert response.status_code == 202, response.text
+
+
+def history_prompts(page) -> list[str]:
+    return page.locator("#history .history-prompt").all_inner_texts()
+
+
+def test_history_pages_with_load_older(page, locked):
+    secret = with_key(page, locked, "history pages")
+    with workers_paused(locked):
+        for i in range(32):  # one page of 30 and two more, ended one after another
+            cancel(locked, secret, submit(locked, secret, f"page {i:02d}"))
+    open_playground(page, locked.url)
+    page.wait_for_selector("#history .history-item")
+    newest_first = [f"page {i:02d}" for i in reversed(range(32))]
+    assert history_prompts(page) == newest_first[:30]  # this key's requests only
+    assert page.locator("#history-more").is_visible()
+    assert "Cancelled" in page.locator("#history .history-item").first.inner_text()
+    shot(page, "playground-history-pages")
+    page.click("#history-more")
+    page.wait_for_function("() => document.querySelectorAll('#history .history-item').length === 32")
+    assert history_prompts(page) == newest_first  # the next page follows on: nothing repeated or skipped
+    assert page.locator("#history-more").is_hidden()
+
+
+def test_history_status_filter(page, locked):
+    secret = with_key(page, locked, "history filter")
+    done = submit(locked, secret, "a finished harbour")
+    locked.store.wait(done["request_id"], 120)
+    with workers_paused(locked):
+        cancel(locked, secret, submit(locked, secret, "a cancelled harbour"))
+        failed = submit(locked, secret, "a broken harbour")
+        locked.store.fail(failed["request_id"], "RuntimeError: the engine broke", "internal_error")
+    open_playground(page, locked.url)
+    page.wait_for_function("() => document.querySelectorAll('#history .history-item').length === 3")
+    assert sorted(history_prompts(page)) == ["a broken harbour", "a cancelled harbour", "a finished harbour"]
+
+    shown = {"success": "a finished harbour", "user_error": "a cancelled harbour", "error": "a broken harbour"}
+    for status, prompt in shown.items():  # each filter shows its one request, ending on Failed
+        page.select_option("#history-filter", status)
+        page.wait_for_function("(p) => [...document.querySelectorAll('#history .history-prompt')]"
+                               ".map((e) => e.textContent).join('|') === p", arg=prompt)
+    item = page.locator("#history .history-item")
+    assert "Failed" in item.inner_text()
+    shot(page, "playground-history-failed")
+    page.emulate_media(color_scheme="dark")
+    shot(page, "playground-history-failed-dark")
+    page.emulate_media(color_scheme="light")
+    item.click()  # a failed fal request: its input fills the form, its error shows as the status
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('the engine broke')")
+    assert page.input_value("#in-prompt") == "a broken harbour"
+    assert page.inner_text("#job-id") == failed["request_id"]
+    shot(page, "playground-history-failed-opened")
+
+    page.select_option("#history-filter", "")
+    page.wait_for_function("() => document.querySelectorAll('#history .history-item').length === 3")
 
 
 # ---- live progress, endpoint groups, demo banner, references, errors ----------------------------------------------

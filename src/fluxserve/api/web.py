@@ -2,9 +2,10 @@
 ``GET /api/info``.
 
 The page is plain HTML, a few JS modules and one CSS file shipped inside the package; it talks to the server the way
-a client does (fal's queue API, ``/api/endpoints``, the per-endpoint OpenAPI documents). ``/api/history`` lists
-the caller's recent jobs of every dialect (an admin key's: everyone's), newest first, filtered by endpoint, dialect,
-status or prompt text, for its gallery; ``DELETE /api/history/{id}`` deletes one finished job and its images.
+a client does (fal's queue API and request history, ``/api/endpoints``, the per-endpoint OpenAPI documents).
+``/api/history`` lists the caller's recent jobs of every dialect (an admin key's: everyone's), newest first, filtered
+by endpoint, dialect, status or prompt text, for its gallery; ``DELETE /api/history/{id}`` deletes one finished job
+and its images.
 ``/api/info`` tells the page, without a key, whether the tiny demo models stand in for the real weights.
 """
 

@@ -1,10 +1,12 @@
 // fluxserve playground, the page's main module (no dependencies; lib.js holds the shared helpers). It talks to the server like any fal client does:
 // GET /api/endpoints and the per-endpoint OpenAPI document (the form), POST /queue/{endpoint} (submit),
 // GET .../status/stream?logs=1 (progress, SSE read through fetch so the Authorization header goes along),
-// GET response_url (the output), PUT cancel_url (cancel), GET /api/history (every dialect's recent jobs).
+// GET response_url (the output), PUT cancel_url (cancel); history.js reads fal's request history for the sidebar,
+// gallery.js reads /api/history.
 
 import { endpointGroups, endpointNote, showDemoBanner } from "./endpoints.js";
-import { DIALECT_LABELS, refreshGallery, setupGallery, statusBadge } from "./gallery.js";
+import { refreshGallery, setupGallery } from "./gallery.js";
+import { errorText, loadHistory, setupHistory, showFailure, statusOf } from "./history.js";
 import { HttpError, KEY_STORAGE, api, describe, getJSON, h, onUnauthorized, sse } from "./lib.js";
 import { LiveJob, PREVIEWS, queueText, resetLive, revealOutput } from "./live.js";
 import { referencesField } from "./refs.js";
@@ -24,7 +26,7 @@ const SIZE_LABELS = {
 const $ = (id) => document.getElementById(id);
 const state = {
   endpoints: [], schema: null, components: {}, fields: new Map(), job: null, abort: null,
-  historyBefore: null, historyTimer: null, formLoads: 0, endpoint: null,
+  historyTimer: null, formLoads: 0, endpoint: null,
 };
 
 // ---- API key ----------------------------------------------------------------------------------------------------
@@ -427,7 +429,7 @@ async function follow(job) {
   state.job = job;
   state.abort = new AbortController();
   $("job-id").textContent = job.request_id;
-  showParams(job.endpoint, job.input);
+  showParams({ endpoint: job.endpoint, dialect: "fal", input: job.input });
   setStatus("In queue…");
   setProgress(0, 0);
   const live = new LiveJob();
@@ -523,81 +525,82 @@ function showOutput(output, metrics, jobId = $("job-id").textContent) {
   setStatus(images.length ? "Completed" : "Completed (no images)", "ok");
 }
 
-function showParams(endpoint, input, dialect = "fal") {
-  $("params").textContent = JSON.stringify({ endpoint, dialect, input }, (k, v) =>
+// params: {endpoint, dialect (when known), input}.
+function showParams(params) {
+  $("params").textContent = JSON.stringify(params, (k, v) =>
     (typeof v === "string" && v.startsWith("data:") && v.length > 120 ? `${v.slice(0, 60)}… (${v.length} chars)` : v), 2);
   $("params-box").hidden = false;
 }
 
-// ---- history ----------------------------------------------------------------------------------------------------
-const timeFormat = new Intl.DateTimeFormat(undefined, { dateStyle: "short", timeStyle: "medium" });
-
-function historyEntry(item) {
-  const thumb = item.images?.[0];
-  const label = item.prompt || (item.store_io ? "(no prompt)" : "(input not stored)");
-  return h("li", {},
-    h("button", { type: "button", class: "history-item", "data-job": item.id, "data-dialect": item.dialect,
-      onclick: () => openHistory(item).catch(showError) },
-      thumb ? h("img", { src: thumb.url, alt: "", loading: "lazy", width: 56, height: 56 })
-        : h("span", { class: "no-thumb", "aria-hidden": "true" }, "—"),
-      h("span", { class: "history-text" },
-        h("span", { class: "history-prompt" }, label),
-        h("span", { class: "history-meta" },
-          statusBadge(item.status),
-          h("span", { class: "badge" }, DIALECT_LABELS[item.dialect] || item.dialect),
-          h("span", { class: "endpoint" }, item.endpoint)),
-        h("time", { datetime: item.created_at }, item.created_at ? timeFormat.format(new Date(item.created_at)) : ""))));
+// ---- opening a past job (the History sidebar's fal requests, the gallery's jobs) ------------------------------
+// job: {id, endpoint, status, error, input (fills the form: a fal request of a playground endpoint, else null),
+// carry (what the current form takes over otherwise), params (the Parameters box), output, followable}.
+async function openJob(job) {
+  if (state.job) return;
+  resetResult(job.id);
+  if (job.input) {
+    if ($("endpoint").value !== job.endpoint) {
+      $("endpoint").value = job.endpoint;
+      localStorage.setItem(ENDPOINT_STORAGE, job.endpoint);
+    }
+    await loadForm(job.endpoint, job.input);
+  } else if (job.carry) {
+    fillForm(Object.fromEntries(Object.entries(job.carry).filter(([, v]) => v !== undefined && v !== null)));
+  }
+  showParams(job.params);
+  if (job.followable && (job.status === "queued" || job.status === "running")) {
+    const base = `${location.origin}/queue/${job.endpoint.split("/").slice(0, 2).join("/")}/requests/${job.id}`;
+    busy(true);
+    try {
+      await follow({ request_id: job.id, endpoint: job.endpoint, input: job.input, status_url: `${base}/status`,
+        response_url: base, cancel_url: `${base}/cancel` });
+    } finally { state.job = null; busy(false); refreshHistorySoon(); }
+    return;
+  }
+  if (job.status === "completed") showOutput(job.output, null, job.id);
+  else setStatus(`${job.status}${job.error ? `: ${job.error}` : ""}`, job.status === "failed" ? "error" : "");
 }
 
-async function loadHistory(older = false) {
-  const params = new URLSearchParams({ limit: "30" });
-  if (older && state.historyBefore) params.set("before", state.historyBefore);
-  const body = await getJSON(`/api/history?${params}`);
-  const list = $("history");
-  const entries = body.items.map(historyEntry);
-  if (older) list.append(...entries); else list.replaceChildren(...entries);
-  state.historyBefore = body.next_before;
-  $("history-more").hidden = !body.next_before;
-  $("history-status").textContent = list.children.length ? "" : "No jobs yet.";
-  return body;
+// An /api/history item (the gallery), which names its dialect and the canonical request.
+function fromGallery(item) {
+  const isFal = item.dialect === "fal" && state.endpoints.some((e) => e.endpoint_id === item.endpoint);
+  const r = item.request || {};
+  return { id: item.id, endpoint: item.endpoint, status: item.status, error: item.error, followable: isFal,
+    input: isFal ? item.input : null,
+    carry: { prompt: r.prompt, seed: r.seed, num_images: r.num_images, output_format: r.output_format,
+      image_size: r.width && r.height ? { width: r.width, height: r.height } : undefined },
+    params: { endpoint: item.endpoint, dialect: item.dialect, input: item.input ?? item.request },
+    output: { images: item.images, seed: item.seed, timings: item.timings || {}, prompt: item.prompt } };
+}
+
+// Whether an input is one of the endpoint's own fal inputs: a playground endpoint whose schema has every field.
+// OpenAI's and Replicate's requests keep their own bodies (model and size, aspect_ratio, num_outputs…).
+async function fitsForm(endpointId, input) {
+  if (!input || !state.endpoints.some((e) => e.endpoint_id === endpointId)) return false;
+  const doc = await getJSON(`/api/openapi/queue/openapi.json?endpoint_id=${encodeURIComponent(endpointId)}`);
+  const deref = (s) => (s?.$ref ? deref(doc.components.schemas[s.$ref.split("/").pop()]) : s || {});
+  const body = deref(doc.paths[`/${endpointId}`].post.requestBody.content["application/json"].schema);
+  return Object.keys(input).every((name) => name in (body.properties || {}));
+}
+
+// A fal request history item: fal's fields only (json_input as sent, json_output as answered).
+async function fromFal(item) {
+  const input = item.json_input;
+  const fits = await fitsForm(item.endpoint_id, input);
+  const output = item.json_output || {};
+  const image = output.images?.[0];
+  return { id: item.request_id, endpoint: item.endpoint_id, status: statusOf(item), error: errorText(item),
+    followable: fits, input: fits ? input : null,
+    carry: input && { prompt: input.prompt, seed: input.seed,
+      num_images: input.num_images ?? input.n ?? input.num_outputs,  // fal, OpenAI, Replicate
+      image_size: image?.width && image?.height ? { width: image.width, height: image.height } : undefined },
+    params: { endpoint: item.endpoint_id, input },
+    output: { images: output.images || [], seed: output.seed, timings: output.timings || {}, prompt: output.prompt } };
 }
 
 function refreshHistorySoon() {
   clearTimeout(state.historyTimer);
   state.historyTimer = setTimeout(() => { loadHistory().catch(() => {}); refreshGallery(); }, 100);
-}
-
-async function openHistory(item) {
-  if (state.job) return;
-  resetResult(item.id);
-  const isFal = item.dialect === "fal" && state.endpoints.some((e) => e.endpoint_id === item.endpoint);
-  if (isFal && item.input) {
-    if ($("endpoint").value !== item.endpoint) {
-      $("endpoint").value = item.endpoint;
-      localStorage.setItem(ENDPOINT_STORAGE, item.endpoint);
-    }
-    await loadForm(item.endpoint, item.input);
-  } else if (item.request) {  // another dialect: carry over what the current form has a field for
-    const r = item.request;
-    const values = { prompt: r.prompt, seed: r.seed, num_images: r.num_images, output_format: r.output_format };
-    if (r.width && r.height) values.image_size = { width: r.width, height: r.height };
-    fillForm(Object.fromEntries(Object.entries(values).filter(([, v]) => v !== undefined && v !== null)));
-  }
-  showParams(item.endpoint, item.input ?? item.request, item.dialect);
-  if (isFal && (item.status === "queued" || item.status === "running")) {
-    const base = `${location.origin}/queue/${item.endpoint.split("/").slice(0, 2).join("/")}/requests/${item.id}`;
-    busy(true);
-    try {
-      await follow({ request_id: item.id, endpoint: item.endpoint, input: item.input, status_url: `${base}/status`,
-        response_url: base, cancel_url: `${base}/cancel` });
-    } finally { state.job = null; busy(false); refreshHistorySoon(); }
-    return;
-  }
-  if (item.status === "completed") {
-    showOutput({ images: item.images, seed: item.seed, timings: item.timings || {}, prompt: item.prompt }, null, item.id);
-  } else {
-    setStatus(`${item.status}${item.error ? `: ${item.error}` : ""}`, item.status === "failed" ? "error" : "");
-  }
 }
 
 // ---- start ------------------------------------------------------------------------------------------------------
@@ -610,13 +613,12 @@ async function main() {
   $("cancel").addEventListener("click", () => cancel());
   setupCodeDialog($("copy-code"), currentRequest);
   $("history-refresh").addEventListener("click", () => { loadHistory().catch(showError); refreshGallery(); });
-  $("history-more").addEventListener("click", () => loadHistory(true).catch(showError));
   document.addEventListener("visibilitychange", () => { if (!document.hidden) refreshHistorySoon(); });
   try { await loadEndpoints(); } catch (error) { showError(error); }
-  try { await loadHistory(); } catch (error) {
-    $("history-status").textContent = error.status === 401 ? "Enter the API key to see the history." : error.message;
-  }
-  await setupGallery($("gallery-panel"), { use: openHistory, changed: () => loadHistory().catch(() => {}) });
+  setupHistory(state.endpoints.map((e) => e.endpoint_id), (item) => fromFal(item).then(openJob).catch(showError));
+  try { await loadHistory(); } catch (error) { showFailure(error); }
+  await setupGallery($("gallery-panel"), { use: (item) => openJob(fromGallery(item)),
+    changed: () => loadHistory().catch(() => {}) });
   document.body.dataset.ready = "true";
 }
 
