@@ -40,7 +40,7 @@ function entry(item) {
           h("span", { class: "endpoint", title: item.endpoint_id }, item.endpoint_id.replace(/^fal-ai\//, ""))),
         h("span", { class: "history-meta" },
           h("time", { datetime: item.sent_at }, item.sent_at ? timeFormat.format(new Date(item.sent_at)) : ""),
-          item.duration !== null && item.duration !== undefined
+          typeof item.duration === "number" && item.duration >= 0
             ? h("span", { class: "duration" }, `· ${fmtDuration(item.duration)}`) : null))));
 }
 
