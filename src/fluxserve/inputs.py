@@ -40,7 +40,7 @@ def load_image(ref: str, field_name: str = "image_urls[0]", *, max_megapixels: f
     references, and the server's own files that a dialect resolved). Images declaring more than
     ``max_megapixels`` (default 14) are refused from their header, before decoding."""
     limit = max_megapixels or DEFAULT_MAX_INPUT_MEGAPIXELS
-    return _decode(_open_header(ref, field_name, limit), field_name)
+    return decode_image(_open_header(ref, field_name, limit), field_name)
 
 
 def load_references(
@@ -69,7 +69,7 @@ def load_references(
             break
     check_references(headers, max_references=max_references, max_input_megapixels=max_input_megapixels,
                      field_name=field_name)
-    return [_decode(image, f"{field_name}[{index}]") for index, image in enumerate(headers)]
+    return [decode_image(image, f"{field_name}[{index}]") for index, image in enumerate(headers)]
 
 
 def check_references(
@@ -141,29 +141,38 @@ def _open_header(ref: str, field_name: str, max_megapixels: float) -> Image.Imag
     if ref.startswith(("http://", "https://")):
         data = _download(ref, field_name)
     elif ref.startswith("data:"):
-        data = _decode_data_uri(ref, field_name)
+        data = data_uri_bytes(ref, field_name)
     else:
         path = Path(ref.removeprefix("file://")).expanduser()
         if not path.is_file():
             raise InputError(field_name, f"{_short(ref)!r} is not an http(s) URL, a data URI or an existing file")
         data = path.read_bytes()
+    return open_image_bytes(data, field_name, max_megapixels, source=ref)
+
+
+def open_image_bytes(data: bytes, field_name: str, max_megapixels: float, *, source: str = "",
+                     kind: str = "a reference") -> Image.Image:
+    """Let Pillow read the header of an encoded image only; refuse it when it declares more than
+    ``max_megapixels`` (nothing is decoded yet). ``source`` names where the bytes came from in messages,
+    ``kind`` what the image is for ("a reference", "a training image")."""
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
         declared = 2 * Image.MAX_IMAGE_PIXELS / MEGAPIXEL
         raise InputError(field_name, f"image declares more than {declared:g} MP in its "
-                         f"header; a reference may have at most {max_megapixels:g} MP") from None
+                         f"header; {kind} may have at most {max_megapixels:g} MP") from None
     except Exception as exc:  # noqa: BLE001 - any failure to read the header is the input's fault
-        raise InputError(field_name, f"could not read an image from {_short(ref)!r}: {exc}") from None
+        where = f" from {_short(source)!r}" if source else ""
+        raise InputError(field_name, f"could not read an image{where}: {exc}") from None
     width, height = image.size
     if width * height > max_megapixels * MEGAPIXEL:
         megapixels = width * height / MEGAPIXEL
-        raise InputError(field_name, f"image is {width}x{height} ({megapixels:.1f} MP); a reference may "
+        raise InputError(field_name, f"image is {width}x{height} ({megapixels:.1f} MP); {kind} may "
                          f"have at most {max_megapixels:g} MP")
     return image
 
 
-def _decode(image: Image.Image, field_name: str) -> Image.Image:
+def decode_image(image: Image.Image, field_name: str) -> Image.Image:
     """Decode an opened image (at most ``decode_slots`` at once in the process) as RGB on white."""
     with _decode_slots():
         try:
@@ -200,7 +209,8 @@ def _download(url: str, field_name: str) -> bytes:
         raise InputError(field_name, f"could not download {_short(url)!r}: {exc.message}") from None
 
 
-def _decode_data_uri(uri: str, field_name: str) -> bytes:
+def data_uri_bytes(uri: str, field_name: str) -> bytes:
+    """The bytes a ``data:`` URI carries (base64 or percent-encoded)."""
     match = _DATA_URI.match(uri)
     if not match:
         raise InputError(field_name, "is not a valid data URI (data:<mime>;base64,<data>)")
