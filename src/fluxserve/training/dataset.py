@@ -102,8 +102,8 @@ def load_dataset(source: str | os.PathLike | bytes, *, edit: bool = False, defau
         groups = _pairs(images) if edit else {stem: (entry, None) for stem, entry in images.items()}
         texts = {stem: _caption(captions[stem]) for stem in groups if stem in captions}
         for stem in sorted(set(captions) - set(groups)):
-            wanted = "an image pair ROOT_start / ROOT_end" if edit else "an image"
-            notes.append(f"skipped {captions[stem].name}: no {wanted} of that name")
+            wanted = "image pair of that name (a pair's caption is ROOT.txt)" if edit else "image of that name"
+            notes.append(f"skipped {_short(captions[stem].name)}: no {wanted}")
         missing = sorted(stem for stem in groups if not texts.get(stem))
         if missing and default_caption is None:
             raise InputError("default_caption", f"{len(missing)} of {len(groups)} "
@@ -391,9 +391,9 @@ class _Decoder:
         self.limits, self.pixels = limits, 0
 
     def decode(self, entry: _Entry) -> Image.Image:
-        limits = self.limits
+        limits, data = self.limits, entry.read()
         try:
-            image = inputs.open_image_bytes(entry.read(), FIELD, limits.max_megapixels, kind="a training image")
+            image = inputs.open_image_bytes(data, FIELD, limits.max_megapixels, kind="a training image")
             width, height = image.size
             if min(width, height) < limits.min_side:
                 raise InputError(FIELD, f"image is {width}x{height}; each side of a training image must be at "
