@@ -46,7 +46,7 @@ _DRIVE = re.compile(r"^[A-Za-z]:")
 @dataclass(frozen=True)
 class DatasetLimits:
     """What a dataset may hold. ``min_side``: the trainer resizes images to its training resolution (1024 by
-    default); a side below 256 px would be upscaled at least 4x, and 256 px is 16 latent patches, the least
+    default); a side below 256 px would be upscaled at least 4x, and 256 px is 16 image tokens, the least
     that still carries a composition. Images beyond ``max_side`` are downscaled (aspect kept) when loaded,
     which bounds the memory a dataset takes without losing anything a 2048 px training resolution uses."""
 
@@ -285,8 +285,11 @@ def _folder_entries(root: Path, limits: DatasetLimits, notes: list[str]) -> list
 
 
 def _read_file(path: Path, limits: DatasetLimits) -> bytes:
-    with path.open("rb") as file:
-        data = file.read(limits.max_entry_bytes + 1)
+    try:
+        with path.open("rb") as file:
+            data = file.read(limits.max_entry_bytes + 1)
+    except OSError as exc:
+        raise InputError(FIELD, f"{path.name} could not be read: {exc.strerror}") from None
     if len(data) > limits.max_entry_bytes:
         raise InputError(FIELD, f"{path.name} is larger than {_size(limits.max_entry_bytes)}")
     return data
@@ -401,7 +404,7 @@ class _Decoder:
             if max(width / height, height / width) > inputs.MAX_ASPECT:
                 raise InputError(FIELD, f"image is {width}x{height}; the aspect ratio must be at most "
                                  f"{inputs.MAX_ASPECT:g}:1")
-            image = ImageOps.exif_transpose(inputs.decode_image(image, FIELD))
+            image = _upright(inputs.decode_image(image, FIELD))
         except InputError as exc:
             raise InputError(FIELD, f"{_short(entry.name)}: {exc.message}") from None
         if max(image.size) > limits.max_side:
@@ -410,6 +413,14 @@ class _Decoder:
         if self.pixels > limits.max_total_megapixels * inputs.MEGAPIXEL:
             raise InputError(FIELD, f"the images total more than {limits.max_total_megapixels:g} MP (after "
                              f"downscaling to {limits.max_side} px a side); use fewer or smaller images")
+        return image
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says; as it is when its EXIF data cannot be read."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - broken metadata is no reason to refuse the pixels
         return image
 
 
