@@ -1,0 +1,1 @@
+"""LoRA training on one device: datasets from zips and directories, the flow-matching LoRA trainer."""

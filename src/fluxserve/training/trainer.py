@@ -1,0 +1,247 @@
+"""The FLUX.2 LoRA trainer: the standard flow-matching recipe of diffusers' FLUX.2 DreamBooth LoRA examples.
+
+``train_lora(pipe, examples)`` teaches a LoRA to a loaded FLUX.2 pipeline ([dev] or [klein] base) and returns its
+weights in the diffusers format that ``pipe.load_lora_weights`` and fal's ``/lora`` endpoints accept:
+
+* every example's image is encoded once with the VAE (FLUX.2's patchified, batch-norm normalised latents) and its
+  caption once with ``pipe.encode_prompt``; the training steps only run the transformer;
+* a LoRA of rank ``rank`` (alpha = rank, so scale 1 means the trained strength) on the double blocks' attention
+  projections and the single blocks' fused attention + MLP projections; the base stays frozen;
+* each step takes one example (a seeded shuffle per pass over the data), noises its latents at a sigma drawn
+  uniformly and shifted with FLUX.2's resolution-dependent schedule, and regresses the velocity
+  ``noise - latents`` (mean squared error) with AdamW on the LoRA parameters only;
+* /edit examples carry a start image: its latents go in as the reference image, exactly as the FLUX.2 pipelines
+  condition editing (extra tokens after the noisy ones, time coordinate 10), and only the target is scored.
+
+On CUDA the step runs under bf16 autocast with gradient checkpointing; on the CPU in float32. The LoRA's initial
+weights, the example order, the noise and the sigmas all come from ``seed``, so on the CPU the same seed, data
+and arguments give the same LoRA bit for bit. The caller's pipeline is left as it was found.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fluxserve.request import GenerationCancelled
+
+ADAPTER = "fluxserve_training"
+DOUBLE_BLOCK_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+SINGLE_BLOCK_TARGETS = ["to_qkv_mlp_proj"]
+GUIDANCE = 3.5  # the guidance embedding value [dev] trains at (klein base has no guidance embedding)
+SCHEDULE_STEPS = 50  # the step count FLUX.2's empirical shift is evaluated at: the base models' default
+REFERENCE_TIME = 10  # the time coordinate the FLUX.2 pipelines give the first reference image
+
+
+@dataclass
+class TrainProgress:
+    step: int
+    total: int
+    loss: float
+
+
+@dataclass
+class _Cached:
+    latents: torch.Tensor  # (1, C, H, W): patchified, normalised
+    prompt_embeds: torch.Tensor
+    text_ids: torch.Tensor
+    reference: torch.Tensor | None  # packed start-image latents (1, N, C)
+    reference_ids: torch.Tensor | None
+
+
+def train_lora(pipe, examples: list[Any], *, steps: int = 1000, learning_rate: float = 5e-5, rank: int = 16,
+               seed: int = 0, resolution: int = 1024, on_progress: Callable[[TrainProgress], None] | None = None,
+               should_cancel: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
+    """Train a LoRA on ``examples`` (objects with ``image``, ``caption`` and ``start``) for ``steps`` steps.
+
+    Returns the diffusers-format state dict (``transformer.<module>.lora_A.weight`` / ``lora_B``). Raises
+    ``GenerationCancelled`` before the next step once ``should_cancel`` answers True.
+    """
+    if not examples:
+        raise ValueError("train_lora needs at least one example")
+    if steps < 1 or rank < 1:
+        raise ValueError("steps and rank must be positive")
+    transformer = pipe.transformer
+    device = next(transformer.parameters()).device
+    cuda = device.type == "cuda"
+    generator = torch.Generator().manual_seed(seed)
+
+    cached = _encode_examples(pipe, examples, resolution, device)
+    if cuda:
+        torch.cuda.empty_cache()
+
+    with _training_adapter(transformer, rank, seed, gradient_checkpointing=cuda) as parameters:
+        optimizer = torch.optim.AdamW(parameters, lr=learning_rate)
+        guidance = torch.full([1], GUIDANCE, device=device) if transformer.config.guidance_embeds else None
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+        order = _example_order(len(cached), generator)
+        for step in range(1, steps + 1):
+            if should_cancel is not None and should_cancel():
+                raise GenerationCancelled(f"training cancelled before step {step} of {steps}")
+            with autocast:
+                loss = _flow_matching_loss(transformer, cached[next(order)], guidance, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if on_progress is not None:
+                on_progress(TrainProgress(step=step, total=steps, loss=float(loss.detach())))
+        from peft.utils import get_peft_model_state_dict
+
+        weights = get_peft_model_state_dict(transformer, adapter_name=ADAPTER)
+        dtype = torch.bfloat16 if cuda else torch.float32
+        return {f"transformer.{key}": value.detach().to("cpu", dtype).contiguous() for key, value in weights.items()}
+
+
+def save_lora(state: dict[str, torch.Tensor], path: str | os.PathLike, *, format: str = "fal",
+              metadata: dict[str, str] | None = None) -> None:
+    """Write a LoRA as safetensors: ``fal`` keeps diffusers' keys, ``comfy`` renames them to ComfyUI's LoRA
+    convention (``diffusion_model.`` prefix, ``lora_down`` / ``lora_up``); the tensors are the same."""
+    from safetensors.torch import save_file
+
+    if format == "fal":
+        tensors = dict(state)
+    elif format == "comfy":
+        tensors = {comfy_key(key): value for key, value in state.items()}
+    else:
+        raise ValueError(f"unknown LoRA format {format!r}: use 'fal' or 'comfy'")
+    save_file({key: value.contiguous() for key, value in tensors.items()}, os.fspath(path),
+              metadata={"format": "pt", **(metadata or {})})
+
+
+def comfy_key(key: str) -> str:
+    """``transformer.X.lora_A.weight`` -> ``diffusion_model.X.lora_down.weight`` (``lora_B`` -> ``lora_up``)."""
+    module = key.removeprefix("transformer.")
+    for diffusers_name, comfy_name in ((".lora_A.", ".lora_down."), (".lora_B.", ".lora_up.")):
+        module = module.replace(diffusers_name, comfy_name)
+    return f"diffusion_model.{module}"
+
+
+def _target_modules(transformer) -> list[str]:
+    singles = [f"single_transformer_blocks.{i}.attn.to_out" for i in range(transformer.config.num_single_layers)]
+    return DOUBLE_BLOCK_TARGETS + SINGLE_BLOCK_TARGETS + singles
+
+
+@contextlib.contextmanager
+def _training_adapter(transformer, rank: int, seed: int, *, gradient_checkpointing: bool
+                      ) -> Iterator[list[torch.nn.Parameter]]:
+    """Add a fresh, seeded LoRA adapter as the only active one and freeze the rest; afterwards remove it and
+    put back the adapters, trainability, mode and checkpointing the transformer had."""
+    from peft import LoraConfig
+
+    had_peft = bool(getattr(transformer, "_hf_peft_config_loaded", False))
+    active = transformer.active_adapters() if had_peft else []
+    trainable = {name for name, parameter in transformer.named_parameters() if parameter.requires_grad}
+    was_training = transformer.training
+    was_checkpointing = transformer.is_gradient_checkpointing
+    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                        target_modules=_target_modules(transformer))
+    transformer.requires_grad_(False)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            transformer.add_adapter(config, adapter_name=ADAPTER)
+        transformer.set_adapter(ADAPTER)
+        parameters = [parameter for name, parameter in transformer.named_parameters() if f".{ADAPTER}." in name]
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+            parameter.data = parameter.data.float()  # the optimiser keeps float32 LoRA weights under autocast
+        if gradient_checkpointing and not was_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        transformer.train()
+        yield parameters
+    finally:
+        transformer.train(was_training)
+        if gradient_checkpointing and not was_checkpointing:
+            transformer.disable_gradient_checkpointing()
+        if ADAPTER in getattr(transformer, "peft_config", {}):
+            if had_peft:
+                transformer.delete_adapters(ADAPTER)
+                if active:
+                    transformer.set_adapter(active)
+            else:
+                transformer.unload_lora()
+        for name, parameter in transformer.named_parameters():
+            parameter.requires_grad_(name in trainable)
+
+
+def _example_order(count: int, generator: torch.Generator) -> Iterator[int]:
+    while True:
+        yield from torch.randperm(count, generator=generator).tolist()
+
+
+def _flow_matching_loss(transformer, example: _Cached, guidance: torch.Tensor | None,
+                        generator: torch.Generator) -> torch.Tensor:
+    from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline, compute_empirical_mu
+
+    latents = example.latents
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+    sigma = _shifted_sigma(torch.rand(1, generator=generator).item(),
+                           compute_empirical_mu(latents.shape[2] * latents.shape[3], SCHEDULE_STEPS))
+    noisy = Flux2Pipeline._pack_latents((1.0 - sigma) * latents + sigma * noise)
+    ids = Flux2Pipeline._prepare_latent_ids(latents).to(latents.device)
+    tokens = noisy.shape[1]
+    if example.reference is not None:
+        noisy = torch.cat([noisy, example.reference], dim=1)
+        ids = torch.cat([ids, example.reference_ids], dim=1)
+    prediction = transformer(
+        hidden_states=noisy,
+        timestep=torch.full([1], sigma, device=latents.device),
+        guidance=guidance,
+        encoder_hidden_states=example.prompt_embeds,
+        txt_ids=example.text_ids,
+        img_ids=ids,
+        return_dict=False,
+    )[0][:, :tokens]
+    target = Flux2Pipeline._pack_latents(noise - latents)
+    return torch.mean((prediction.float() - target.float()) ** 2)
+
+
+def _shifted_sigma(u: float, mu: float) -> float:
+    """FLUX.2's exponential time shift (the scheduler's ``time_shift``) of a uniform draw, kept inside (0, 1)."""
+    u = min(max(u, 1e-3), 1.0 - 1e-3)
+    return math.exp(mu) / (math.exp(mu) + (1.0 / u - 1.0))
+
+
+@torch.no_grad()
+def _encode_examples(pipe, examples: list[Any], resolution: int, device: torch.device) -> list[_Cached]:
+    """Latents and text embeddings of every example, computed once; the encoders are not needed afterwards."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
+
+    embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    cached = []
+    for example in examples:
+        if example.caption not in embeddings:
+            prompt_embeds, text_ids = pipe.encode_prompt(prompt=example.caption, device=pipe._execution_device)
+            embeddings[example.caption] = (prompt_embeds.to(device), text_ids.to(device))
+        prompt_embeds, text_ids = embeddings[example.caption]
+        reference = reference_ids = None
+        if getattr(example, "start", None) is not None:
+            start = _encode_image(pipe, example.start, resolution).to(device)
+            reference_ids = Flux2Pipeline._prepare_image_ids([start], scale=REFERENCE_TIME).to(device)
+            reference = Flux2Pipeline._pack_latents(start)
+        cached.append(_Cached(latents=_encode_image(pipe, example.image, resolution).to(device),
+                              prompt_embeds=prompt_embeds, text_ids=text_ids, reference=reference,
+                              reference_ids=reference_ids))
+    return cached
+
+
+def _encode_image(pipe, image: Image.Image, resolution: int) -> torch.Tensor:
+    """The image at about ``resolution``² pixels (aspect kept, sides multiples of 16) as FLUX.2 latents."""
+    width, height = _training_size(image.width, image.height, resolution)
+    pixels = np.asarray(image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS), dtype=np.float32)
+    tensor = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0) / 127.5 - 1.0
+    vae = pipe.vae
+    return pipe._encode_vae_image(tensor.to(vae.device, vae.dtype), generator=None).float()
+
+
+def _training_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    scale = math.sqrt(resolution * resolution / (width * height))
+    return max(16, int(width * scale) // 16 * 16), max(16, int(height * scale) // 16 * 16)

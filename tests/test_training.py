@@ -1,0 +1,173 @@
+"""The LoRA trainer on the demo FLUX.2 pipelines ([dev] with Mistral3, [klein] base with Qwen3): it lowers the
+loss, its LoRA loads with diffusers and changes the output (scale 0 gives the base output back), it is
+reproducible bit for bit, cancels within one step, conditions /edit examples on their start image, leaves the
+pipeline as it found it, and writes fal and ComfyUI files that hold the same tensors."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from fluxserve.request import GenerationCancelled
+from fluxserve.training.trainer import TrainProgress, comfy_key, save_lora, train_lora
+
+STEPS = 60
+LEARNING_RATE = 3e-2  # large: the demo transformer is tiny and the test trains for few steps
+RANK = 8
+RESOLUTION = 64
+
+
+@pytest.fixture(scope="module", params=["dev", "klein"])
+def pipe(request, demo_settings):
+    import diffusers
+
+    if request.param == "dev":
+        loaded = diffusers.Flux2Pipeline.from_pretrained(demo_settings.demo_dir / "dev")
+    else:
+        loaded = diffusers.Flux2KleinPipeline.from_pretrained(demo_settings.demo_dir / "klein", is_distilled=False)
+    loaded.set_progress_bar_config(disable=True)
+    return loaded
+
+
+def square(colour: tuple[int, int, int], size: int = 64) -> Image.Image:
+    image = Image.new("RGB", (size, size), colour)
+    image.paste((255, 255, 255), (size // 4, size // 4, size // 2, size // 2))
+    return image
+
+
+def examples(edit: bool = False) -> list[types.SimpleNamespace]:
+    colours = {"red": (220, 30, 30), "blue": (30, 40, 200), "green": (20, 180, 60)}
+    return [types.SimpleNamespace(image=square(colour), caption=f"a {name} square", name=name,
+                                  start=square((128, 128, 128)) if edit else None)
+            for name, colour in colours.items()]
+
+
+def train(pipe, **overrides) -> tuple[dict[str, torch.Tensor], list[TrainProgress]]:
+    progress: list[TrainProgress] = []
+    arguments = {"steps": STEPS, "learning_rate": LEARNING_RATE, "rank": RANK, "resolution": RESOLUTION,
+                 "seed": 7, "on_progress": progress.append, **overrides}
+    return train_lora(pipe, arguments.pop("examples", examples()), **arguments), progress
+
+
+@pytest.fixture(scope="module")
+def trained(pipe):
+    return train(pipe)
+
+
+def generate(pipe) -> torch.Tensor:
+    with torch.no_grad():
+        return pipe(prompt="a red square", height=64, width=64, num_inference_steps=2, guidance_scale=4.0,
+                    generator=torch.Generator().manual_seed(3), output_type="latent").images
+
+
+def peft_layers(module: torch.nn.Module) -> int:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return sum(isinstance(m, BaseTunerLayer) for m in module.modules())
+
+
+def test_training_lowers_the_loss(pipe, trained):
+    _, progress = trained
+    assert [p.step for p in progress] == list(range(1, STEPS + 1))
+    assert all(p.total == STEPS for p in progress)
+    losses = [p.loss for p in progress]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.02
+    # The same seed draws the same noise and sigmas, so an untrained run is a paired baseline.
+    _, frozen = train(pipe, learning_rate=0.0)
+    assert sum(losses[-10:]) / 10 < sum(p.loss for p in frozen[-10:]) / 10 - 0.02
+
+
+def test_lora_is_in_the_diffusers_format_and_covers_attention_and_mlp(pipe, trained):
+    state, _ = trained
+    assert all(key.startswith("transformer.") and (".lora_A." in key or ".lora_B." in key) for key in state)
+    modules = {key.removeprefix("transformer.").split(".lora_")[0] for key in state}
+    assert {"transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v",
+            "transformer_blocks.0.attn.to_out.0", "single_transformer_blocks.0.attn.to_qkv_mlp_proj",
+            "single_transformer_blocks.0.attn.to_out"} <= modules
+    a = state["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"]
+    assert a.shape[0] == RANK and a.dtype == torch.float32
+    assert any(value.abs().max() > 0 for key, value in state.items() if ".lora_B." in key)  # B starts at zero
+
+
+def test_lora_changes_the_output_and_scale_zero_gives_the_base(pipe, trained, tmp_path):
+    state, _ = trained
+    base = generate(pipe)
+    assert peft_layers(pipe.transformer) == 0  # training left no adapter behind
+    save_lora(state, tmp_path / "lora.safetensors")
+    pipe.load_lora_weights(str(tmp_path / "lora.safetensors"), adapter_name="trained")
+    try:
+        scaling = pipe.transformer.transformer_blocks[0].attn.to_q.scaling["trained"]
+        assert scaling == 1.0  # alpha = rank
+        with_lora = generate(pipe)
+        assert (with_lora - base).abs().max() > 1e-3
+        pipe.set_adapters(["trained"], [0.0])
+        torch.testing.assert_close(generate(pipe), base, rtol=0, atol=1e-6)
+    finally:
+        pipe.unload_lora_weights()
+    assert torch.equal(generate(pipe), base)
+
+
+def test_same_seed_and_data_give_the_same_lora(pipe, trained):
+    state, progress = trained
+    again, progress_again = train(pipe)
+    assert state.keys() == again.keys()
+    assert all(torch.equal(state[key], again[key]) for key in state)
+    assert [p.loss for p in progress] == [p.loss for p in progress_again]
+    other, _ = train(pipe, seed=8, steps=5)
+    assert any(not torch.equal(other[key], state[key]) for key in state)
+
+
+def test_cancel_stops_within_one_step_and_restores_the_pipeline(pipe):
+    parameters = {name: p.detach().clone() for name, p in pipe.transformer.named_parameters()}
+    progress: list[TrainProgress] = []
+    with pytest.raises(GenerationCancelled):
+        train_lora(pipe, examples(), steps=STEPS, learning_rate=LEARNING_RATE, rank=RANK, resolution=RESOLUTION,
+                   on_progress=progress.append, should_cancel=lambda: bool(progress) and progress[-1].step >= 3)
+    assert progress[-1].step in (3, 4)
+    assert peft_layers(pipe.transformer) == 0
+    assert not pipe.transformer.training
+    assert not any(p.requires_grad for p in pipe.transformer.parameters())
+    after = dict(pipe.transformer.named_parameters())
+    assert after.keys() == parameters.keys()
+    assert all(torch.equal(after[name], value) for name, value in parameters.items())
+
+
+def test_edit_examples_condition_on_the_start_image(pipe, trained):
+    state, _ = trained
+    edit, progress = train(pipe, examples=examples(edit=True))
+    assert len(progress) == STEPS and edit.keys() == state.keys()
+    assert any(not torch.equal(edit[key], state[key]) for key in state)
+    shifted = examples(edit=True)
+    for example in shifted:
+        example.start = square((10, 10, 10))
+    other_start, _ = train(pipe, examples=shifted, steps=5)
+    same_start, _ = train(pipe, examples=examples(edit=True), steps=5)
+    assert any(not torch.equal(other_start[key], same_start[key]) for key in state)
+
+
+def test_fal_and_comfy_files_hold_the_same_tensors(trained, tmp_path):
+    state, _ = trained
+    save_lora(state, tmp_path / "fal.safetensors", metadata={"trigger": "a square"})
+    save_lora(state, tmp_path / "comfy.safetensors", format="comfy")
+    fal, comfy = load_file(tmp_path / "fal.safetensors"), load_file(tmp_path / "comfy.safetensors")
+    assert fal.keys() == state.keys()
+    assert comfy.keys() == {comfy_key(key) for key in state}
+    assert all(torch.equal(fal[key], comfy[comfy_key(key)]) for key in state)
+    assert comfy_key("transformer.transformer_blocks.0.attn.to_q.lora_A.weight") == (
+        "diffusion_model.transformer_blocks.0.attn.to_q.lora_down.weight")
+    assert comfy_key("transformer.single_transformer_blocks.0.attn.to_out.lora_B.weight") == (
+        "diffusion_model.single_transformer_blocks.0.attn.to_out.lora_up.weight")
+    with safe_open(tmp_path / "fal.safetensors", "pt") as handle:
+        assert handle.metadata() == {"format": "pt", "trigger": "a square"}
+    with pytest.raises(ValueError, match="unknown LoRA format"):
+        save_lora(state, tmp_path / "other.safetensors", format="kohya")
+
+
+def test_no_examples_is_refused(pipe):
+    with pytest.raises(ValueError, match="at least one example"):
+        train_lora(pipe, [])
