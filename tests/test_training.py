@@ -1,7 +1,8 @@
 """The LoRA trainer on the demo FLUX.2 pipelines ([dev] with Mistral3, [klein] base with Qwen3): it lowers the
 loss, its LoRA loads with diffusers and changes the output (scale 0 gives the base output back), it is
 reproducible bit for bit, cancels within one step, conditions /edit examples on their start image, leaves the
-pipeline as it found it, and writes fal and ComfyUI files that hold the same tensors."""
+pipeline as it found it, and writes fal files and ComfyUI files that diffusers loads as the
+same LoRA."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from fluxserve.request import GenerationCancelled
-from fluxserve.training.trainer import TrainProgress, comfy_key, save_lora, train_lora
+from fluxserve.training.trainer import TrainProgress, save_lora, train_lora
 
 STEPS = 60
 LEARNING_RATE = 3e-2  # large: the demo transformer is tiny and the test trains for few steps
@@ -150,22 +151,48 @@ def test_edit_examples_condition_on_the_start_image(pipe, trained):
     assert any(not torch.equal(other_start[key], same_start[key]) for key in state)
 
 
-def test_fal_and_comfy_files_hold_the_same_tensors(trained, tmp_path):
+def test_fal_file_keeps_the_keys_and_metadata(trained, tmp_path):
     state, _ = trained
     save_lora(state, tmp_path / "fal.safetensors", metadata={"trigger": "a square"})
-    save_lora(state, tmp_path / "comfy.safetensors", format="comfy")
-    fal, comfy = load_file(tmp_path / "fal.safetensors"), load_file(tmp_path / "comfy.safetensors")
+    fal = load_file(tmp_path / "fal.safetensors")
     assert fal.keys() == state.keys()
-    assert comfy.keys() == {comfy_key(key) for key in state}
-    assert all(torch.equal(fal[key], comfy[comfy_key(key)]) for key in state)
-    assert comfy_key("transformer.transformer_blocks.0.attn.to_q.lora_A.weight") == (
-        "diffusion_model.transformer_blocks.0.attn.to_q.lora_down.weight")
-    assert comfy_key("transformer.single_transformer_blocks.0.attn.to_out.lora_B.weight") == (
-        "diffusion_model.single_transformer_blocks.0.attn.to_out.lora_up.weight")
+    assert all(torch.equal(fal[key], state[key]) for key in state)
     with safe_open(tmp_path / "fal.safetensors", "pt") as handle:
         assert handle.metadata() == {"format": "pt", "trigger": "a square"}
     with pytest.raises(ValueError, match="unknown LoRA format"):
         save_lora(state, tmp_path / "other.safetensors", format="kohya")
+
+
+def test_comfy_file_is_the_same_lora_under_flux2_original_names(pipe, trained, tmp_path):
+    state, _ = trained
+    save_lora(state, tmp_path / "comfy.safetensors", format="comfy")
+    comfy = load_file(tmp_path / "comfy.safetensors")
+    assert all(key.startswith("diffusion_model.") for key in comfy)
+    renames = {"single_transformer_blocks.0.attn.to_qkv_mlp_proj": "single_blocks.0.linear1",
+               "single_transformer_blocks.0.attn.to_out": "single_blocks.0.linear2",
+               "transformer_blocks.0.attn.to_out.0": "double_blocks.0.img_attn.proj"}
+    for diffusers_name, comfy_name in renames.items():
+        for part in ("A", "B"):
+            assert torch.equal(comfy[f"diffusion_model.{comfy_name}.lora_{part}.weight"],
+                               state[f"transformer.{diffusers_name}.lora_{part}.weight"])
+    # q, k and v go into FLUX.2's fused qkv layer as one LoRA with exactly the same weight change.
+    fused = comfy["diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight"] @ comfy[
+        "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight"]
+    separate = torch.cat([state[f"transformer.transformer_blocks.0.attn.to_{name}.lora_B.weight"]
+                          @ state[f"transformer.transformer_blocks.0.attn.to_{name}.lora_A.weight"]
+                          for name in "qkv"])
+    torch.testing.assert_close(fused, separate)
+    assert len(comfy) == len(state) - 4  # three A/B pairs became one
+
+    save_lora(state, tmp_path / "fal.safetensors")
+    outputs = []
+    for name in ("fal", "comfy"):
+        pipe.load_lora_weights(str(tmp_path / f"{name}.safetensors"), adapter_name=name)
+        try:
+            outputs.append(generate(pipe))
+        finally:
+            pipe.unload_lora_weights()
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=1e-5)
 
 
 def test_no_examples_is_refused(pipe):

@@ -16,6 +16,9 @@ weights in the diffusers format that ``pipe.load_lora_weights`` and fal's ``/lor
 On CUDA the step runs under bf16 autocast with gradient checkpointing; on the CPU in float32. The LoRA's initial
 weights, the example order, the noise and the sigmas all come from ``seed``, so on the CPU the same seed, data
 and arguments give the same LoRA bit for bit. The caller's pipeline is left as it was found.
+
+``save_lora`` writes the weights as safetensors, under diffusers' keys (fal's ``diffusers_lora_file``) or under
+ComfyUI's FLUX.2 keys.
 """
 
 from __future__ import annotations
@@ -102,26 +105,61 @@ def train_lora(pipe, examples: list[Any], *, steps: int = 1000, learning_rate: f
 
 def save_lora(state: dict[str, torch.Tensor], path: str | os.PathLike, *, format: str = "fal",
               metadata: dict[str, str] | None = None) -> None:
-    """Write a LoRA as safetensors: ``fal`` keeps diffusers' keys, ``comfy`` renames them to ComfyUI's LoRA
-    convention (``diffusion_model.`` prefix, ``lora_down`` / ``lora_up``); the tensors are the same."""
+    """Write a LoRA as safetensors with ``metadata``: ``fal`` keeps diffusers' keys, ``comfy`` writes the same
+    LoRA in ComfyUI's FLUX.2 layout (see ``comfy_state``)."""
     from safetensors.torch import save_file
 
     if format == "fal":
         tensors = dict(state)
     elif format == "comfy":
-        tensors = {comfy_key(key): value for key, value in state.items()}
+        tensors = comfy_state(state)
     else:
         raise ValueError(f"unknown LoRA format {format!r}: use 'fal' or 'comfy'")
     save_file({key: value.contiguous() for key, value in tensors.items()}, os.fspath(path),
               metadata={"format": "pt", **(metadata or {})})
 
 
-def comfy_key(key: str) -> str:
-    """``transformer.X.lora_A.weight`` -> ``diffusion_model.X.lora_down.weight`` (``lora_B`` -> ``lora_up``)."""
-    module = key.removeprefix("transformer.")
-    for diffusers_name, comfy_name in ((".lora_A.", ".lora_down."), (".lora_B.", ".lora_up.")):
-        module = module.replace(diffusers_name, comfy_name)
-    return f"diffusion_model.{module}"
+# diffusers module -> FLUX.2's original (BFL) module, the names ComfyUI's FLUX.2 model uses
+DOUBLE_BLOCK_NAMES = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
+                      "ff.linear_in": "img_mlp.0", "ff.linear_out": "img_mlp.2",
+                      "ff_context.linear_in": "txt_mlp.0", "ff_context.linear_out": "txt_mlp.2"}
+SINGLE_BLOCK_NAMES = {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2"}
+FUSED_QKV = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+             "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
+
+
+def comfy_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The LoRA under ComfyUI's FLUX.2 keys: ``diffusion_model.`` + the original block names
+    (``double_blocks.N.img_attn.proj``, ``single_blocks.N.linear1`` ...) with ``lora_A`` / ``lora_B``, as
+    ComfyUI and diffusers load them. Every module is a rename of the same tensors except the separate q, k and v
+    LoRAs, which FLUX.2's fused ``qkv`` layer takes as one LoRA: their A matrices stacked and their B matrices
+    block-diagonal (rank 3 x rank, the same weight change exactly, and scale 1 as there is no alpha)."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        module, _, part = key.removeprefix("transformer.").rpartition(".lora_")
+        modules.setdefault(module, {})[part.split(".")[0]] = value
+    fused_of = {part: fused for fused, parts in FUSED_QKV.items() for part in parts}
+    comfy: dict[str, torch.Tensor] = {}
+    for module, pair in modules.items():
+        kind, index, name = module.split(".", 2)
+        if kind == "single_transformer_blocks":
+            comfy.update(_renamed(pair, f"diffusion_model.single_blocks.{index}.{SINGLE_BLOCK_NAMES[name]}"))
+        elif name not in fused_of:
+            comfy.update(_renamed(pair, f"diffusion_model.double_blocks.{index}.{DOUBLE_BLOCK_NAMES[name]}"))
+        else:
+            fused = fused_of[name]
+            parts = [modules.get(f"{kind}.{index}.{part}") for part in FUSED_QKV[fused]]
+            if any(part is None for part in parts):
+                raise ValueError(f"{module}: ComfyUI's fused qkv layer needs LoRAs on q, k and v together")
+            if name == FUSED_QKV[fused][0]:
+                target = f"diffusion_model.double_blocks.{index}.{fused}"
+                comfy[f"{target}.lora_A.weight"] = torch.cat([part["A"] for part in parts])
+                comfy[f"{target}.lora_B.weight"] = torch.block_diag(*[part["B"] for part in parts])
+    return comfy
+
+
+def _renamed(pair: dict[str, torch.Tensor], target: str) -> dict[str, torch.Tensor]:
+    return {f"{target}.lora_{part}.weight": value for part, value in pair.items()}
 
 
 def _target_modules(transformer) -> list[str]:
