@@ -195,6 +195,25 @@ def test_comfy_file_is_the_same_lora_under_flux2_original_names(pipe, trained, t
     torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=1e-5)
 
 
+def test_trains_on_the_engines_serving_pipeline_and_generation_is_unchanged(engine):
+    from fluxserve.engine.accel import is_fused
+    from fluxserve.request import GenerationRequest
+
+    def image() -> bytes:
+        request = GenerationRequest(model="klein-4b-base", prompt="a red square", width=64, height=64, steps=2,
+                                    seed=3, safety_checker=False)
+        return engine.generate(request).images[0].data
+
+    before = image()
+    pipe = engine._model("klein-4b-base").pipe
+    assert is_fused(pipe.transformer)  # the regular acceleration level fuses QKV
+    state = train_lora(pipe, examples(), steps=3, learning_rate=LEARNING_RATE, rank=RANK, resolution=RESOLUTION)
+    # q, k and v were trained, so the fused projection did not bypass their adapters.
+    assert state["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"].abs().max() > 0
+    assert peft_layers(pipe.transformer) == 0
+    assert image() == before
+
+
 def test_no_examples_is_refused(pipe):
     with pytest.raises(ValueError, match="at least one example"):
         train_lora(pipe, [])

@@ -15,7 +15,8 @@ weights in the diffusers format that ``pipe.load_lora_weights`` and fal's ``/lor
 
 On CUDA the step runs under bf16 autocast with gradient checkpointing; on the CPU in float32. The LoRA's initial
 weights, the example order, the noise and the sigmas all come from ``seed``, so on the CPU the same seed, data
-and arguments give the same LoRA bit for bit. The caller's pipeline is left as it was found.
+and arguments give the same LoRA bit for bit. The caller's pipeline is left as it was found (a serving
+pipeline at acceleration ``none``, which the engine's next request lifts again).
 
 ``save_lora`` writes the weights as safetensors, under diffusers' keys (fal's ``diffusers_lora_file``) or under
 ComfyUI's FLUX.2 keys.
@@ -75,6 +76,12 @@ def train_lora(pipe, examples: list[Any], *, steps: int = 1000, learning_rate: f
     transformer = pipe.transformer
     device = next(transformer.parameters()).device
     cuda = device.type == "cuda"
+    if getattr(pipe, "_fluxserve_accel", None) is not None:
+        # A serving pipeline: fused QKV would bypass the q/k/v adapters and compiled blocks cannot train. The
+        # engine puts every request's own acceleration level back before it generates.
+        from fluxserve.engine.accel import apply_acceleration
+
+        apply_acceleration(pipe, "none", device)
     generator = torch.Generator().manual_seed(seed)
 
     cached = _encode_examples(pipe, examples, resolution, device)
