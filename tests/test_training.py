@@ -1,11 +1,12 @@
 """The LoRA trainer on the demo FLUX.2 pipelines ([dev] with Mistral3, [klein] base with Qwen3): it lowers the
 loss, its LoRA loads with diffusers and changes the output (scale 0 gives the base output back), it is
 reproducible bit for bit, cancels within one step, conditions /edit examples on their start image, leaves the
-pipeline as it found it, and writes fal files and ComfyUI files that diffusers loads as the
-same LoRA."""
+pipeline as it found it, trains bf16 weights under autocast, and writes fal files and ComfyUI files that
+diffusers loads as the same LoRA."""
 
 from __future__ import annotations
 
+import math
 import types
 
 import pytest
@@ -212,6 +213,24 @@ def test_trains_on_the_engines_serving_pipeline_and_generation_is_unchanged(engi
     assert state["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"].abs().max() > 0
     assert peft_layers(pipe.transformer) == 0
     assert image() == before
+
+
+def test_bf16_weights_train_under_autocast_and_give_a_bf16_lora(demo_settings, tmp_path):
+    import diffusers
+
+    pipe = diffusers.Flux2KleinPipeline.from_pretrained(demo_settings.demo_dir / "klein", is_distilled=False,
+                                                        dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    progress: list[TrainProgress] = []
+    state = train_lora(pipe, examples(edit=True), steps=3, learning_rate=LEARNING_RATE, rank=RANK,
+                       resolution=RESOLUTION, on_progress=progress.append)
+    assert len(progress) == 3 and all(math.isfinite(p.loss) for p in progress)
+    assert {value.dtype for value in state.values()} == {torch.bfloat16}
+    assert state["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"].abs().max() > 0
+    assert {p.dtype for p in pipe.transformer.parameters()} == {torch.bfloat16}
+    save_lora(state, tmp_path / "bf16.safetensors")
+    pipe.load_lora_weights(str(tmp_path / "bf16.safetensors"))
+    assert peft_layers(pipe.transformer) > 0
 
 
 def test_no_examples_is_refused(pipe):

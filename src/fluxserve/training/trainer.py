@@ -13,10 +13,11 @@ weights in the diffusers format that ``pipe.load_lora_weights`` and fal's ``/lor
 * /edit examples carry a start image: its latents go in as the reference image, exactly as the FLUX.2 pipelines
   condition editing (extra tokens after the noisy ones, time coordinate 10), and only the target is scored.
 
-On CUDA the step runs under bf16 autocast with gradient checkpointing; on the CPU in float32. The LoRA's initial
-weights, the example order, the noise and the sigmas all come from ``seed``, so on the CPU the same seed, data
-and arguments give the same LoRA bit for bit. The caller's pipeline is left as it was found (a serving
-pipeline at acceleration ``none``, which the engine's next request lifts again).
+On CUDA, or with weights below float32, the step runs under bf16 autocast (on CUDA with gradient checkpointing)
+and the LoRA comes back in bf16; a float32 pipeline on the CPU trains in float32. The LoRA's initial weights, the
+example order, the noise and the sigmas all come from ``seed``, so on the CPU the same seed, data and arguments
+give the same LoRA bit for bit. The caller's pipeline is left as it was found (a serving pipeline at
+acceleration ``none``, which the engine's next request lifts again).
 
 ``save_lora`` writes the weights as safetensors, under diffusers' keys (fal's ``diffusers_lora_file``) or under
 ComfyUI's FLUX.2 keys.
@@ -29,13 +30,16 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
 from fluxserve.request import GenerationCancelled
+
+if TYPE_CHECKING:
+    from fluxserve.training.dataset import Example
 
 ADAPTER = "fluxserve_training"
 DOUBLE_BLOCK_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -61,7 +65,7 @@ class _Cached:
     reference_ids: torch.Tensor | None
 
 
-def train_lora(pipe, examples: list[Any], *, steps: int = 1000, learning_rate: float = 5e-5, rank: int = 16,
+def train_lora(pipe, examples: list[Example], *, steps: int = 1000, learning_rate: float = 5e-5, rank: int = 16,
                seed: int = 0, resolution: int = 1024, on_progress: Callable[[TrainProgress], None] | None = None,
                should_cancel: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
     """Train a LoRA on ``examples`` (objects with ``image``, ``caption`` and ``start``) for ``steps`` steps.
@@ -76,6 +80,7 @@ def train_lora(pipe, examples: list[Any], *, steps: int = 1000, learning_rate: f
     transformer = pipe.transformer
     device = next(transformer.parameters()).device
     cuda = device.type == "cuda"
+    mixed = cuda or transformer.dtype != torch.float32  # bf16 autocast for GPUs and low-precision weights
     if getattr(pipe, "_fluxserve_accel", None) is not None:
         # A serving pipeline: fused QKV would bypass the q/k/v adapters and compiled blocks cannot train. The
         # engine puts every request's own acceleration level back before it generates.
@@ -91,7 +96,7 @@ def train_lora(pipe, examples: list[Any], *, steps: int = 1000, learning_rate: f
     with _training_adapter(transformer, rank, seed, gradient_checkpointing=cuda) as parameters:
         optimizer = torch.optim.AdamW(parameters, lr=learning_rate)
         guidance = torch.full([1], GUIDANCE, device=device) if transformer.config.guidance_embeds else None
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if mixed else contextlib.nullcontext()
         order = _example_order(len(cached), generator)
         for step in range(1, steps + 1):
             if should_cancel is not None and should_cancel():
@@ -106,7 +111,7 @@ def train_lora(pipe, examples: list[Any], *, steps: int = 1000, learning_rate: f
         from peft.utils import get_peft_model_state_dict
 
         weights = get_peft_model_state_dict(transformer, adapter_name=ADAPTER)
-        dtype = torch.bfloat16 if cuda else torch.float32
+        dtype = torch.bfloat16 if mixed else torch.float32
         return {f"transformer.{key}": value.detach().to("cpu", dtype).contiguous() for key, value in weights.items()}
 
 
@@ -256,7 +261,7 @@ def _shifted_sigma(u: float, mu: float) -> float:
 
 
 @torch.no_grad()
-def _encode_examples(pipe, examples: list[Any], resolution: int, device: torch.device) -> list[_Cached]:
+def _encode_examples(pipe, examples: list[Example], resolution: int, device: torch.device) -> list[_Cached]:
     """Latents and text embeddings of every example, computed once; the encoders are not needed afterwards."""
     from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
 
