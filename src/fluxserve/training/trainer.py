@@ -64,6 +64,10 @@ class _Cached:
     reference: torch.Tensor | None  # packed start-image latents (1, N, C)
     reference_ids: torch.Tensor | None
 
+    def to(self, device: torch.device) -> _Cached:
+        return _Cached(*(None if value is None else value.to(device) for value in
+                         (self.latents, self.prompt_embeds, self.text_ids, self.reference, self.reference_ids)))
+
 
 def train_lora(pipe, examples: list[Example], *, steps: int = 1000, learning_rate: float = 5e-5, rank: int = 16,
                seed: int = 0, resolution: int = 1024, on_progress: Callable[[TrainProgress], None] | None = None,
@@ -89,7 +93,7 @@ def train_lora(pipe, examples: list[Example], *, steps: int = 1000, learning_rat
         apply_acceleration(pipe, "none", device)
     generator = torch.Generator().manual_seed(seed)
 
-    cached = _encode_examples(pipe, examples, resolution, device)
+    cached = _encode_examples(pipe, examples, resolution)
     if cuda:
         torch.cuda.empty_cache()
 
@@ -102,7 +106,7 @@ def train_lora(pipe, examples: list[Example], *, steps: int = 1000, learning_rat
             if should_cancel is not None and should_cancel():
                 raise GenerationCancelled(f"training cancelled before step {step} of {steps}")
             with autocast:
-                loss = _flow_matching_loss(transformer, cached[next(order)], guidance, generator)
+                loss = _flow_matching_loss(transformer, cached[next(order)].to(device), guidance, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -261,8 +265,9 @@ def _shifted_sigma(u: float, mu: float) -> float:
 
 
 @torch.no_grad()
-def _encode_examples(pipe, examples: list[Example], resolution: int, device: torch.device) -> list[_Cached]:
-    """Latents and text embeddings of every example, computed once; the encoders are not needed afterwards."""
+def _encode_examples(pipe, examples: list[Example], resolution: int) -> list[_Cached]:
+    """Latents and text embeddings of every example, computed once and kept in host memory (a step moves its
+    example to the device); the encoders are not needed afterwards."""
     from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
 
     embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -270,14 +275,14 @@ def _encode_examples(pipe, examples: list[Example], resolution: int, device: tor
     for example in examples:
         if example.caption not in embeddings:
             prompt_embeds, text_ids = pipe.encode_prompt(prompt=example.caption, device=pipe._execution_device)
-            embeddings[example.caption] = (prompt_embeds.to(device), text_ids.to(device))
+            embeddings[example.caption] = (prompt_embeds.cpu(), text_ids.cpu())
         prompt_embeds, text_ids = embeddings[example.caption]
         reference = reference_ids = None
         if getattr(example, "start", None) is not None:
-            start = _encode_image(pipe, example.start, resolution).to(device)
-            reference_ids = Flux2Pipeline._prepare_image_ids([start], scale=REFERENCE_TIME).to(device)
+            start = _encode_image(pipe, example.start, resolution)
+            reference_ids = Flux2Pipeline._prepare_image_ids([start], scale=REFERENCE_TIME)
             reference = Flux2Pipeline._pack_latents(start)
-        cached.append(_Cached(latents=_encode_image(pipe, example.image, resolution).to(device),
+        cached.append(_Cached(latents=_encode_image(pipe, example.image, resolution),
                               prompt_embeds=prompt_embeds, text_ids=text_ids, reference=reference,
                               reference_ids=reference_ids))
     return cached
@@ -289,7 +294,7 @@ def _encode_image(pipe, image: Image.Image, resolution: int) -> torch.Tensor:
     pixels = np.asarray(image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS), dtype=np.float32)
     tensor = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0) / 127.5 - 1.0
     vae = pipe.vae
-    return pipe._encode_vae_image(tensor.to(vae.device, vae.dtype), generator=None).float()
+    return pipe._encode_vae_image(tensor.to(vae.device, vae.dtype), generator=None).float().cpu()
 
 
 def _training_size(width: int, height: int, resolution: int) -> tuple[int, int]:
