@@ -1,8 +1,8 @@
 """The LoRA trainer on the demo FLUX.2 pipelines ([dev] with Mistral3, [klein] base with Qwen3): it lowers the
 loss, its LoRA loads with diffusers and changes the output (scale 0 gives the base output back), it is
 reproducible bit for bit, cancels within one step, conditions /edit examples on their start image, leaves the
-pipeline as it found it, trains bf16 weights under autocast, and writes fal files and ComfyUI files that
-diffusers loads as the same LoRA."""
+pipeline as it found it (the engine's serving pipeline included), trains bf16 weights under autocast and a base
+held in FP8, and writes fal files and ComfyUI files that diffusers loads as the same LoRA."""
 
 from __future__ import annotations
 
@@ -231,6 +231,25 @@ def test_bf16_weights_train_under_autocast_and_give_a_bf16_lora(demo_settings, t
     save_lora(state, tmp_path / "bf16.safetensors")
     pipe.load_lora_weights(str(tmp_path / "bf16.safetensors"))
     assert peft_layers(pipe.transformer) > 0
+
+
+def test_a_transformer_held_in_fp8_trains_and_keeps_its_fp8_layers(demo_settings):
+    import diffusers
+
+    from fluxserve.engine import fp8
+
+    pipe = diffusers.Flux2KleinPipeline.from_pretrained(demo_settings.demo_dir / "klein", is_distilled=False)
+    pipe.set_progress_bar_config(disable=True)
+    assert fp8.quantize_transformer(pipe.transformer, mode="weight_only") > 0
+    layers = list(fp8.fp8_layers(pipe.transformer))
+    for layer in layers[::2]:
+        layer.mode = "w8a8"  # as served on an FP8 GPU; FP8 matmuls have no backward
+    modes = [layer.mode for layer in layers]
+    state = train_lora(pipe, examples(), steps=3, learning_rate=LEARNING_RATE, rank=RANK, resolution=RESOLUTION)
+    assert state["transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj.lora_B.weight"].abs().max() > 0
+    assert peft_layers(pipe.transformer) == 0
+    assert list(fp8.fp8_layers(pipe.transformer)) == layers
+    assert [layer.mode for layer in layers] == modes
 
 
 def test_no_examples_is_refused(pipe):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -189,6 +190,9 @@ def _training_adapter(transformer, rank: int, seed: int, *, gradient_checkpointi
     """Add a fresh, seeded LoRA adapter as the only active one and freeze the rest; afterwards remove it and
     put back the adapters, trainability, mode and checkpointing the transformer had."""
     from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from fluxserve.engine import fp8
 
     had_peft = bool(getattr(transformer, "_hf_peft_config_loaded", False))
     active = transformer.active_adapters() if had_peft else []
@@ -197,9 +201,18 @@ def _training_adapter(transformer, rank: int, seed: int, *, gradient_checkpointi
     was_checkpointing = transformer.is_gradient_checkpointing
     config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                         target_modules=_target_modules(transformer))
+    # A base held in FP8: the adapters wrap its FP8 Linears like any Linear, and those multiply through the
+    # dequantised weight while training (FP8 matmuls have no backward).
+    fp8_modes = [(layer, layer.mode) for layer in fp8.fp8_layers(transformer)]
+    if fp8_modes:
+        config._register_custom_module({fp8.FP8Linear: LoraLinear})
+    for layer, mode in fp8_modes:
+        if mode == "w8a8":
+            layer.set_mode("weight_only")
     transformer.requires_grad_(False)
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Unsupported layer type")  # FP8Linear, registered above
             torch.manual_seed(seed)
             transformer.add_adapter(config, adapter_name=ADAPTER)
         transformer.set_adapter(ADAPTER)
@@ -224,6 +237,8 @@ def _training_adapter(transformer, rank: int, seed: int, *, gradient_checkpointi
                 transformer.unload_lora()
         for name, parameter in transformer.named_parameters():
             parameter.requires_grad_(name in trainable)
+        for layer, mode in fp8_modes:
+            layer.mode = mode  # exactly as it was
 
 
 def _example_order(count: int, generator: torch.Generator) -> Iterator[int]:
