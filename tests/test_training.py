@@ -252,6 +252,12 @@ def test_a_transformer_held_in_fp8_trains_and_keeps_its_fp8_layers(demo_settings
     assert [layer.mode for layer in layers] == modes
 
 
-def test_no_examples_is_refused(pipe):
+def test_no_examples_and_a_streamed_transformer_are_refused(pipe):
     with pytest.raises(ValueError, match="at least one example"):
         train_lora(pipe, [])
+    pipe.transformer._fluxserve_streamed = True
+    try:
+        with pytest.raises(ValueError, match="not streamed"):
+            train_lora(pipe, examples())
+    finally:
+        del pipe.transformer._fluxserve_streamed

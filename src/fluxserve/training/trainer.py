@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fluxserve.engine.placement import is_streamed
 from fluxserve.request import GenerationCancelled
 
 if TYPE_CHECKING:
@@ -83,6 +84,9 @@ def train_lora(pipe, examples: list[Example], *, steps: int = 1000, learning_rat
     if steps < 1 or rank < 1:
         raise ValueError("steps and rank must be positive")
     transformer = pipe.transformer
+    if is_streamed(transformer):
+        raise ValueError("training needs the transformer resident on the GPU (bf16 or FP8), not streamed from "
+                         "host memory")
     device = next(transformer.parameters()).device
     cuda = device.type == "cuda"
     mixed = cuda or transformer.dtype != torch.float32  # bf16 autocast for GPUs and low-precision weights
