@@ -22,6 +22,11 @@ class ModelSpec:
     demo: str  # "dev" | "klein": the demo architecture that stands in with --demo
     distilled: bool = True
 
+    @property
+    def trainable(self) -> bool:
+        """LoRAs are trained on [dev] and on the [klein] base models, not on the step-distilled [klein]."""
+        return self.pipeline == "Flux2Pipeline" or not self.distilled
+
 
 @dataclass(frozen=True)
 class EndpointSpec:

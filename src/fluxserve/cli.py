@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("serve", "worker", "generate", "bench", "plan", "models", "keys", "usage", "demo_weights")
+COMMANDS = ("serve", "worker", "generate", "train", "bench", "plan", "models", "keys", "usage", "demo_weights")
 
 
 def build_parser() -> argparse.ArgumentParser:

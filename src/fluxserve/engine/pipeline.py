@@ -154,6 +154,22 @@ class Engine:
         """Run ``request`` on the engine's thread; progress and cancel checks are called from that thread."""
         return self._runner.submit(self._generate, request, on_progress, should_cancel).result()
 
+    def train(self, model_key: str, examples: list, **options) -> dict:
+        """Train a LoRA for ``model_key`` on ``examples`` (``fluxserve.training.trainer.train_lora``'s options:
+        steps, learning_rate, rank, seed, resolution, on_progress, should_cancel) on the engine's thread, with
+        the model the engine serves; the LoRA's weights in diffusers' format."""
+        from fluxserve.training.trainer import train_lora
+
+        def work() -> dict:
+            spec = self._spec(model_key)
+            if not spec.trainable:
+                trainable = ", ".join(key for key, model in self.catalog.models.items() if model.trainable)
+                raise InputError("model", f"{model_key} cannot be trained (a distilled model); train one of: "
+                                 f"{trainable}")
+            return train_lora(self._model(model_key).pipe, examples, **options)
+
+        return self._runner.submit(work).result()
+
     def _generate(
         self,
         request: GenerationRequest,
