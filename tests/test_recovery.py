@@ -193,6 +193,7 @@ class FrozenAfterFirstStep:
         self.engine = engine
         self.frozen, self.thaw = threading.Event(), threading.Event()
         self.steps_after_thaw = 0
+        self.told = lambda: True  # whether the worker has learnt of the loss (its reporter runs on its own thread)
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
@@ -204,6 +205,11 @@ class FrozenAfterFirstStep:
                 self.thaw.wait(120)
             else:
                 self.steps_after_thaw += 1
+                # however slow the machine, the report of the step before has been answered by now (one
+                # bounded wait in all: a worker that never learns of the loss fails the test, not hangs it)
+                self.deadline = getattr(self, "deadline", time.monotonic() + 120)
+                while not self.told() and time.monotonic() < self.deadline:
+                    time.sleep(0.01)
             on_progress(progress)
 
         return self.engine.generate(request, stall, should_cancel)
@@ -215,6 +221,7 @@ def test_a_worker_that_lost_its_lease_stops_at_its_next_step_and_records_nothing
     frozen = FrozenAfterFirstStep(engine)
     old = Worker(store, frozen, LocalStorage(tmp_path / "files"), worker_id="old/0", lease_s=0.5,
                  heartbeat_s=3600)
+    frozen.told = lambda: old._run_state is not None and old._run_state.stop_reason is not None
     outcome: list = []
     runner = threading.Thread(target=lambda: outcome.append(old.run_once()))
     runner.start()
