@@ -139,3 +139,27 @@ def test_a_trained_lora_url_changes_the_lora_endpoint(server):
     assert unscaled < changed / 10  # scale 0 is the base model, up to rounding in the adapter's path
     config = json.loads(httpx.get(result["config_file"]["url"], timeout=60).content)
     assert config["model"] == "dev"
+
+
+def test_workers_take_only_the_job_kinds_they_are_given(tmp_path):
+    from fluxserve.jobs.store import JobStore
+    from fluxserve.request import GenerationRequest, TrainingRequest
+
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    training = TrainingRequest(model="klein-4b-base", image_data_url=DATASET).model_dump(mode="json")
+    trained = store.submit(endpoint=KLEIN_TRAINER, dialect="fal", request=training)
+    generated = store.submit(endpoint="fal-ai/flux-2", dialect="fal",
+                             request=GenerationRequest(model="dev", prompt="a cat").model_dump(mode="json"))
+    assert (trained.kind, generated.kind) == ("train", "generate")
+    assert store.claim("generator", kinds=["generate"]).id == generated.id
+    assert store.claim("generator", kinds=["generate"]) is None  # the training job waits for a trainer
+    assert store.claim("trainer", kinds=["train"]).id == trained.id
+
+
+def test_worker_refuses_an_unknown_job_kind(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "fluxserve", "worker", "--demo", "--data-dir", str(tmp_path),
+                           "--jobs", "generate,paint"], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2 and "--jobs: 'generate,paint' is not" in done.stderr
