@@ -104,6 +104,16 @@ def test_fal_client_trains_a_lora_with_step_and_loss_logs(server, tmp_path):
     assert settings["model"] == "klein-4b-base" and settings["steps"] == 6 and settings["images"] == 2
 
 
+def test_the_edit_trainer_learns_from_start_end_pairs(server):
+    pairs = zip_uri({"a_start.png": square((128, 128, 128)), "a_end.png": square((220, 30, 30)),
+                     "a.txt": b"make it red"})
+    response = httpx.post(f"{server.url}/queue/{KLEIN_TRAINER}/edit", json={"image_data_url": DATASET}, timeout=60)
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"][1] == "image_data_url"
+    result = fal_client.subscribe(f"{KLEIN_TRAINER}/edit", arguments={"image_data_url": pairs, "steps": 2, **FAST})
+    config = httpx.get(result["config_file"]["url"], timeout=60).json()
+    assert config["edit"] is True and config["images"] == 1
+
+
 def test_cancel_stops_a_training_job(server):
     handle = fal_client.submit(KLEIN_TRAINER, arguments={"image_data_url": DATASET, "steps": 10_000, **FAST})
     deadline = time.monotonic() + 120
