@@ -173,3 +173,20 @@ def test_worker_refuses_an_unknown_job_kind(tmp_path):
     done = subprocess.run([sys.executable, "-m", "fluxserve", "worker", "--demo", "--data-dir", str(tmp_path),
                            "--jobs", "generate,paint"], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 2 and "--jobs: 'generate,paint' is not" in done.stderr
+
+
+def test_a_lora_in_a_data_uri_is_written_once_and_checked(tmp_path):
+    """The form a trained LoRA takes from a storage without local files (an object store)."""
+    import torch
+    from safetensors.torch import save
+
+    from fluxserve.engine.lora import resolve_lora
+    from fluxserve.request import InputError
+
+    data = save({"transformer.proj.lora_A.weight": torch.ones(2, 2)})
+    uri = "data:application/vnd.safetensors;base64," + base64.b64encode(data).decode()
+    first, second = resolve_lora(uri, tmp_path), resolve_lora(uri, tmp_path)
+    assert first.path == second.path and first.path.read_bytes() == data
+    with pytest.raises(InputError) as refused:
+        resolve_lora("data:application/octet-stream;base64," + base64.b64encode(b"not weights").decode(), tmp_path)
+    assert refused.value.field == "loras[0].path"

@@ -3,7 +3,8 @@
 Families (catalog.toml ``schema``): ``dev`` (seed 001, FLUX.2 [dev] Standard), ``fast`` (Turbo and Flash: no
 ``num_inference_steps`` / ``acceleration``), ``lora`` (dev + ``loras``), ``pro`` (seed 000: no steps or
 guidance, ``safety_tolerance``, jpeg/png), ``flex`` (pro + steps, guidance, prompt expansion), ``klein``
-(like dev). Edit endpoints add ``image_urls``. Defaults of steps, guidance, prompt expansion and output format
+(like dev), ``trainer`` (the LoRA trainers: ``TrainerInput`` / ``TrainerOutput``, their own fields). Edit
+endpoints add ``image_urls``. Defaults of steps, guidance, prompt expansion and output format
 come from the endpoint's preset. Unknown fields are ignored, as fal does. Types are strict, as fal's are: a
 number is not a boolean, ``true`` is not a seed, ``"2"`` is not a count. Seeds run from 0 to 2**63 - 1.
 """
