@@ -109,9 +109,16 @@ def test_the_edit_trainer_learns_from_start_end_pairs(server):
                      "a.txt": b"make it red"})
     response = httpx.post(f"{server.url}/queue/{KLEIN_TRAINER}/edit", json={"image_data_url": DATASET}, timeout=60)
     assert response.status_code == 422 and response.json()["detail"][0]["loc"][1] == "image_data_url"
-    result = fal_client.subscribe(f"{KLEIN_TRAINER}/edit", arguments={"image_data_url": pairs, "steps": 2, **FAST})
+    enqueued = []
+    result = fal_client.subscribe(f"{KLEIN_TRAINER}/edit", arguments={"image_data_url": pairs, "steps": 2, **FAST},
+                                  on_enqueue=enqueued.append)
     config = httpx.get(result["config_file"]["url"], timeout=60).json()
     assert config["edit"] is True and config["images"] == 1
+
+    # deleting the request's payloads deletes its files, as for generated images
+    deleted = httpx.delete(f"{server.url}/v1/models/requests/{enqueued[0]}/payloads", timeout=60)
+    assert deleted.status_code == 200 and len(deleted.json()["cdn_delete_results"]) == 2
+    assert httpx.get(result["diffusers_lora_file"]["url"], timeout=60).status_code == 404
 
 
 def test_cancel_stops_a_training_job(server):
