@@ -20,6 +20,7 @@ from fal_helpers import SMALL, Server, settings_for
 from PIL import Image
 from safetensors import safe_open
 from sqlalchemy import text
+from webhook_receivers import SigningReceiver
 
 import fluxserve.compat.fal
 
@@ -156,6 +157,23 @@ def test_a_trained_lora_url_changes_the_lora_endpoint(server):
     assert unscaled < changed / 10  # scale 0 is the base model, up to rounding in the adapter's path
     config = json.loads(httpx.get(result["config_file"]["url"], timeout=60).content)
     assert config["model"] == "dev"
+
+
+@pytest.mark.usefixtures("loopback_fetches")  # the receiver listens on 127.0.0.1
+def test_a_training_webhook_carries_the_files(server):
+    receiver = SigningReceiver()
+    try:
+        response = httpx.post(f"{server.url}/queue/{KLEIN_TRAINER}", params={"fal_webhook": receiver.url},
+                              json={"image_data_url": DATASET, "steps": 2, **FAST}, timeout=60)
+        assert response.status_code == 200, response.text
+        received = receiver.wait_for(bool, timeout=120)
+    finally:
+        receiver.close()
+    assert received, "no webhook arrived"
+    body = received[0].json
+    assert body["status"] == "OK" and body["request_id"] == response.json()["request_id"]
+    assert set(body["payload"]) == {"diffusers_lora_file", "config_file"}
+    assert body["payload"]["config_file"]["url"].startswith(server.url + "/files/loras/")
 
 
 def test_workers_take_only_the_job_kinds_they_are_given(tmp_path):
