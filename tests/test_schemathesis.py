@@ -23,7 +23,7 @@ FIXED_PATHS = {("POST", "/v1/models/{owner}/{name}/predictions"): {"owner": "bla
 # One text and one edit endpoint of each fal schema family: their documents differ only in the input schema.
 FAL_ENDPOINTS = ["fal-ai/flux-2", "fal-ai/flux-2/edit", "fal-ai/flux-2/turbo", "fal-ai/flux-2/lora",
                  "fal-ai/flux-2/lora/edit", "fal-ai/flux-2-pro", "fal-ai/flux-2-pro/edit", "fal-ai/flux-2-flex",
-                 "fal-ai/flux-2/klein/4b"]
+                 "fal-ai/flux-2/klein/4b", "fal-ai/flux-2-klein-4b-base-trainer"]
 
 
 @pytest.fixture(scope="module")

@@ -33,8 +33,8 @@ class EndpointSpec:
     id: str
     title: str
     model: str
-    task: str  # "text-to-image" | "edit"
-    schema: str  # fal input schema family: dev | fast | lora | pro | flex | klein
+    task: str  # "text-to-image" | "edit" | "train"
+    schema: str  # fal input schema family: dev | fast | lora | pro | flex | klein | trainer
     steps: int
     guidance: float
     sigmas: tuple[float, ...] | None = None
@@ -43,10 +43,15 @@ class EndpointSpec:
     output_format: str = "png"
     max_references: int = 0
     max_input_megapixels: float = 14.0
+    pairs: bool = False  # a trainer whose datasets hold ROOT_start / ROOT_end pairs (image-to-image LoRAs)
 
     @property
     def is_edit(self) -> bool:
         return self.task == "edit"
+
+    @property
+    def is_training(self) -> bool:
+        return self.task == "train"
 
 
 @dataclass
@@ -94,6 +99,7 @@ class Catalog:
                 output_format=e.get("output_format", "png"),
                 max_references=e.get("max_references", 0),
                 max_input_megapixels=float(e.get("max_input_megapixels", 14.0)),
+                pairs=e.get("pairs", False),
             )
         openai = dict(data.get("openai_models", {}))
         default = openai.pop("default", "flux-2-dev")

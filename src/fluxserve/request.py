@@ -66,6 +66,25 @@ class GenerationRequest(BaseModel):
     partial_images: int = Field(0, ge=0, le=3, description="preview images to report during denoising")
 
 
+class TrainingRequest(BaseModel):
+    """What to train: a LoRA for ``model`` on the zip at ``image_data_url`` (an http(s) URL or a data URI, checked
+    before the job is queued). A job holds either this or a ``GenerationRequest``; ``kind`` tells them apart."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    kind: Literal["train"] = "train"
+    model: str = Field(description="catalogue model key of a trainable model, e.g. 'dev' or 'klein-4b-base'")
+    image_data_url: str
+    edit: bool = Field(False, description="the zip holds ROOT_start / ROOT_end pairs: an image-to-image LoRA")
+    steps: int = Field(1000, ge=1, le=10_000)
+    learning_rate: float = Field(5e-5, gt=0, lt=1)
+    rank: int = Field(16, ge=1, le=256)
+    default_caption: str | None = None
+    output_lora_format: Literal["fal", "comfy"] = "fal"
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    resolution: int = Field(1024, ge=64, le=2048, description="the side images are trained at, shape kept")
+
+
 @dataclass
 class GeneratedImage:
     data: bytes

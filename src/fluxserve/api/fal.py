@@ -40,13 +40,14 @@ from fluxserve.api.errors import (
     from_field_error,
     from_pydantic,
 )
-from fluxserve.api.fal_schemas import FalInput, ProOutput, input_model, output_model
+from fluxserve.api.fal_schemas import FalInput, ProOutput, TrainerInput, input_model, output_model
+from fluxserve.api.fal_training import training_output, training_request
 from fluxserve.api.file_urls import file_url
 from fluxserve.api.limits import prompt_error
 from fluxserve.api.openapi30 import to_openapi30
 from fluxserve.catalog import Catalog, EndpointSpec
 from fluxserve.jobs.store import QueueFull
-from fluxserve.request import GenerationRequest, InputError, LoraSpec
+from fluxserve.request import GenerationRequest, InputError, LoraSpec, TrainingRequest
 from fluxserve.sizes import FAL_MIN_SIDE, SizeError, fal_image_size
 
 DIALECT = "fal"
@@ -115,7 +116,7 @@ async def _store_call(request: Request, fn, *args, **kwargs):
 
 
 # ---- input -> GenerationRequest ------------------------------------------------------------------------------
-async def read_input(request: Request, spec: EndpointSpec) -> tuple[FalInput, dict]:
+async def read_input(request: Request, spec: EndpointSpec) -> tuple[FalInput | TrainerInput, dict]:
     raw = await request.body()
     try:
         body = json.loads(raw) if raw.strip() else {}
@@ -127,7 +128,7 @@ async def read_input(request: Request, spec: EndpointSpec) -> tuple[FalInput, di
         inp = input_model(spec).model_validate(body)
     except ValidationError as exc:
         raise FalValidationError(from_pydantic(exc, body)) from None
-    if message := prompt_error(inp.prompt, request.app.state.settings.max_prompt_chars):
+    if isinstance(inp, FalInput) and (message := prompt_error(inp.prompt, request.app.state.settings.max_prompt_chars)):
         raise FalValidationError([field_error(["prompt"], message, "string_too_long")])
     return inp, body
 
@@ -187,6 +188,18 @@ def _resolve_reference(request: Request, index: int, url: str) -> str:
         raise FalValidationError([field_error(loc, str(exc))]) from None
 
 
+def _resolve_loras(request: Request, loras: list[LoraSpec]) -> list[LoraSpec]:
+    """A caller's LoRAs with this server's own files (a trained LoRA's URL) read from storage, as references
+    are: no download, and another key's file is as missing (blocking: runs in a thread)."""
+    resolved = []
+    for index, lora in enumerate(loras):
+        try:
+            resolved.append(LoraSpec(path=resolve_own_file(request, lora.path), scale=lora.scale))
+        except OwnFileMissing as exc:
+            raise FalValidationError([field_error(["loras", index, "path"], str(exc))]) from None
+    return resolved
+
+
 def _check_references(spec: EndpointSpec, urls: list[str]) -> None:
     """Load every reference (blocking: runs in a thread) and check the endpoint's limits."""
     from fluxserve import inputs
@@ -197,16 +210,22 @@ def _check_references(spec: EndpointSpec, urls: list[str]) -> None:
         raise FalValidationError(from_field_error(exc)) from None
 
 
-async def prepare(request: Request, spec: EndpointSpec) -> tuple[GenerationRequest, dict, FalInput]:
+async def prepare(request: Request, spec: EndpointSpec
+                  ) -> tuple[GenerationRequest | TrainingRequest, dict, FalInput | TrainerInput]:
     inp, body = await read_input(request, spec)
+    if isinstance(inp, TrainerInput):
+        return await training_request(spec, inp), body, inp
     gen = generation_request(spec, inp)
+    if getattr(inp, "loras", None):
+        presets = len(spec.loras)
+        gen.loras[presets:] = await fetch.run_blocking(_resolve_loras, request, gen.loras[presets:])
     if spec.is_edit:
         gen.image_urls = [_resolve_reference(request, i, url) for i, url in enumerate(gen.image_urls)]
         await fetch.run_blocking(_check_references, spec, gen.image_urls)
     return gen, body, inp
 
 
-def _options(request: Request, inp: FalInput) -> dict[str, Any]:
+def _options(request: Request, inp: FalInput | TrainerInput) -> dict[str, Any]:
     headers = request.headers
     priority = headers.get("x-fal-queue-priority", "normal").strip().lower() or "normal"
     if priority not in ("normal", "low"):
@@ -219,7 +238,7 @@ def _options(request: Request, inp: FalInput) -> dict[str, Any]:
             raise ApiError(400, f"X-Fal-Request-Timeout must be a number of seconds, not {raw!r}") from None
         if not 0 < timeout_s <= MAX_REQUEST_TIMEOUT_S:  # also refuses nan
             raise ApiError(400, f"X-Fal-Request-Timeout must be a number of seconds from 0 to {MAX_REQUEST_TIMEOUT_S}")
-    store_io = headers.get("x-fal-store-io", "1").strip() not in ("0", "false") and not inp.sync_mode
+    store_io = headers.get("x-fal-store-io", "1").strip() not in ("0", "false") and not getattr(inp, "sync_mode", False)
     return {"priority": priority, "timeout_s": timeout_s, "store_io": store_io}
 
 
@@ -248,7 +267,8 @@ async def submit(request: Request, spec: EndpointSpec, webhook_url: str | None =
     it is cancelled rather than run for nobody if the process stops."""
     previews = _previews(request)
     gen, body, inp = await prepare(request, spec)
-    gen.partial_images = previews
+    if isinstance(gen, GenerationRequest):
+        gen.partial_images = previews
     options = _options(request, inp)
     store = request.app.state.store
     job_id = _idempotent_id(request, spec.id)
@@ -335,6 +355,8 @@ def status_body(job: Any, urls: dict[str, str], logs: list[dict] | None, positio
 
 def output_body(storage: Any, base: str, job: Any, spec: EndpointSpec) -> dict[str, Any]:
     """The endpoint's output JSON: file URLs under ``base``, or data URIs for sync_mode / X-Fal-Store-IO: 0."""
+    if spec.is_training:
+        return training_output(base, job)
     result = job.result or {}
     inline = bool((job.input or {}).get("sync_mode")) or not job.store_io
     images = []

@@ -182,7 +182,8 @@ async def by_endpoint(
 def _delete_files(request: Request, job: Any) -> list[dict[str, Any]]:
     """Delete a request's output and preview files and forget its payloads; one result per output file."""
     store, storage = request.app.state.store, request.app.state.storage
-    outputs = [image["key"] for image in (job.result or {}).get("images", []) if image.get("key")]
+    result = job.result or {}
+    outputs = [output["key"] for output in (*result.get("images", []), *result.get("files", [])) if output.get("key")]
     previews = [line.preview_key for line in store.logs(job.id) if line.preview_key]
     results = []
     for key in outputs:

@@ -3,7 +3,8 @@
 Families (catalog.toml ``schema``): ``dev`` (seed 001, FLUX.2 [dev] Standard), ``fast`` (Turbo and Flash: no
 ``num_inference_steps`` / ``acceleration``), ``lora`` (dev + ``loras``), ``pro`` (seed 000: no steps or
 guidance, ``safety_tolerance``, jpeg/png), ``flex`` (pro + steps, guidance, prompt expansion), ``klein``
-(like dev). Edit endpoints add ``image_urls``. Defaults of steps, guidance, prompt expansion and output format
+(like dev), ``trainer`` (the LoRA trainers: ``TrainerInput`` / ``TrainerOutput``, their own fields). Edit
+endpoints add ``image_urls``. Defaults of steps, guidance, prompt expansion and output format
 come from the endpoint's preset. Unknown fields are ignored, as fal does. Types are strict, as fal's are: a
 number is not a boolean, ``true`` is not a seed, ``"2"`` is not a count. Seeds run from 0 to 2**63 - 1.
 """
@@ -24,7 +25,7 @@ EditImageSizeName = Literal[
 Acceleration = Literal["none", "regular", "high"]
 SafetyTolerance = Literal["1", "2", "3", "4", "5"]
 
-FAMILIES = ("dev", "fast", "lora", "pro", "flex", "klein")
+FAMILIES = ("dev", "fast", "lora", "pro", "flex", "klein", "trainer")
 
 
 class ImageSize(BaseModel):
@@ -106,7 +107,48 @@ class ProOutput(BaseModel):
         "whether each image contains NSFW concepts.")
 
 
+class TrainerInput(BaseModel):
+    """fal's FLUX.2 trainer input; ``seed`` and ``resolution`` are fluxserve's own (fal's clients may leave them
+    out)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    image_data_url: str = Field(
+        min_length=1, strict=True,
+        description="URL to zip archive with images of a consistent style. Try to use at least 10 images, although "
+        "more is better. The zip can also contain a text file for each image: the text file should have the same "
+        "name as the image file it corresponds to (e.g. photo.jpg and photo.txt). For edit training, images come "
+        "in pairs ROOT_start.EXT (the input) and ROOT_end.EXT (the target), captioned by ROOT.txt.",
+    )
+    steps: int = Field(1000, ge=1, le=10_000, strict=True, description="Total number of training steps.")
+    learning_rate: float = Field(5e-5, gt=0, lt=1, description="Learning rate applied to trainable parameters.")
+    default_caption: str | None = Field(
+        None, strict=True, description="Default caption to use when caption files are missing. If None, missing "
+        "captions will cause an error.")
+    output_lora_format: Literal["fal", "comfy"] = Field(
+        "fal", description="Dictates the naming scheme for the output weights: fal (diffusers keys) or comfy.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, strict=True,
+                             description="Random seed of the training run (0 when not given): the same data and "
+                             "seed train the same LoRA.")
+    resolution: int = Field(1024, ge=64, le=2048, strict=True,
+                            description="The side images are trained at, keeping their shape.")
+
+
+class File(BaseModel):
+    url: str = Field(description="The URL where the file can be downloaded from.")
+    content_type: str | None = Field(None, description="The mime type of the file.")
+    file_name: str | None = Field(None, description="The name of the file.")
+    file_size: int | None = Field(None, description="The size of the file in bytes.")
+
+
+class TrainerOutput(BaseModel):
+    diffusers_lora_file: File = Field(description="URL to the trained diffusers LoRA weights.")
+    config_file: File = Field(description="URL to the training configuration file.")
+
+
 def output_model(spec: EndpointSpec) -> type[BaseModel]:
+    if spec.is_training:
+        return TrainerOutput
     return ProOutput if spec.schema in ("pro", "flex") else DevOutput
 
 
@@ -197,8 +239,10 @@ def _build_input_model(spec: EndpointSpec) -> type[FalInput]:
     return model
 
 
-def input_model(spec: EndpointSpec) -> type[FalInput]:
+def input_model(spec: EndpointSpec) -> type[BaseModel]:
     """The pydantic input model of one catalogue endpoint (cached per spec object)."""
+    if spec.is_training:
+        return TrainerInput
     cached = _MODELS.get(id(spec))
     if cached is None or cached[0] is not spec:
         cached = _MODELS[id(spec)] = (spec, _build_input_model(spec))

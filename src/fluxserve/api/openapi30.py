@@ -1,6 +1,7 @@
 """pydantic's JSON Schema (2020-12) as OpenAPI 3.0 schema objects, for the documents that declare 3.0 (fal's
 per-endpoint documents, Replicate's Cog schemas): ``{"type": "null"}`` alternatives become ``nullable``,
-``const`` a one-value ``enum``, ``examples`` a single ``example``."""
+``const`` a one-value ``enum``, ``examples`` a single ``example``, an exclusive bound a bound with the
+``exclusiveMinimum`` / ``exclusiveMaximum`` flag."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ def to_openapi30(schema: Any) -> Any:
     if not isinstance(schema, dict):
         return schema
     out = {key: to_openapi30(value) for key, value in schema.items()}
+    for bound, flag in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
+        value = out.get(flag)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[bound], out[flag] = value, True
     if "const" in out:
         out["enum"] = [out.pop("const")]
     if isinstance(out.get("examples"), list):

@@ -65,6 +65,8 @@ def build_request(args: argparse.Namespace, catalog):
     except KeyError:
         raise ArgumentError("--endpoint", f"unknown endpoint {args.endpoint!r}; known endpoints: "
                             + ", ".join(sorted(catalog.endpoints))) from None
+    if endpoint.is_training:
+        raise ArgumentError("--endpoint", f"{endpoint.id} trains LoRAs: use fluxserve train --model {endpoint.model}")
     if args.image and not endpoint.is_edit:
         raise ArgumentError("--image", f"endpoint {endpoint.id} is text-to-image; use an edit endpoint such as "
                             f"{endpoint.id.rstrip('/')}/edit for reference images")

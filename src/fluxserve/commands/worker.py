@@ -28,6 +28,9 @@ def add_parser(subparsers) -> None:
                         "either way)")
     parser.add_argument("--models", help="only take jobs for these catalogue model keys, comma-separated "
                         "(default: any)")
+    parser.add_argument("--jobs", default="generate,train",
+                        help="the job kinds to take, comma-separated: generate, train (default both); a fleet with "
+                        "GPUs kept for generation never has them taken by a long training job")
     parser.add_argument("--lease", type=float, default=30.0,
                         help="seconds without a heartbeat after which another worker may take a job (default 30)")
     parser.add_argument("--grace", type=float, default=30.0,
@@ -48,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from fluxserve.engine import engines_for
     from fluxserve.health import ProbeServer
     from fluxserve.jobs.identity import ProcessSlot, SlotBusy
-    from fluxserve.jobs.store import JobStore
+    from fluxserve.jobs.store import JOB_KINDS, JobStore
     from fluxserve.jobs.worker import Worker
     from fluxserve.storage import open_storage
 
@@ -61,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: --models: unknown model(s) {', '.join(unknown)}; known: {', '.join(catalog.models)}",
                   file=sys.stderr)
             return 2
+    kinds = [k.strip() for k in args.jobs.split(",") if k.strip()]
+    if not kinds or any(k not in JOB_KINDS for k in kinds):
+        print(f"error: --jobs: {args.jobs!r} is not a comma-separated list of {', '.join(JOB_KINDS)}", file=sys.stderr)
+        return 2
     try:
         slot = ProcessSlot.acquire(settings.data_dir, "worker", args.worker_id)
     except SlotBusy as e:
@@ -80,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = Metrics(None, catalog.endpoints)  # served with the probes (--health-port)
     workers = [
         Worker(store, engine, storage, worker_id=worker_id, on_finished=metrics.finished, lease_s=args.lease,
-               models=models)
+               models=models, kinds=kinds)
         for worker_id, engine in zip(ids, [engine for engine in engines for _ in range(per_device)], strict=True)
     ]
     recovered = slot.start(store, ids)

@@ -6,7 +6,9 @@ A LoRA ``path`` is one of
 * an ``http(s)://`` URL, streamed once into ``<cache_dir>/loras/<sha256>.safetensors``; the URL is remembered in
   ``<cache_dir>/loras/urls/`` so a later request for the same URL does not download it again;
 * ``hf://owner/repo[@revision]/path/in/repo.safetensors``, fetched with ``huggingface_hub`` into
-  ``<cache_dir>/loras/hf`` (``HF_TOKEN`` is used for gated or private repositories).
+  ``<cache_dir>/loras/hf`` (``HF_TOKEN`` is used for gated or private repositories);
+* a ``data:`` URI (the API's form of a LoRA this server trained or stored, read from a storage without local
+  files), written once into ``<cache_dir>/loras/<sha256>.safetensors``.
 
 Only safetensors files are accepted (the header is checked, not the name): pickled checkpoints can run code
 when loaded. The file's sha256 is its identity (adapter names are derived from it).
@@ -87,6 +89,8 @@ def resolve_lora(ref: str, cache_dir: Path, field: str = "loras[0].path", token:
     scheme = urlparse(ref).scheme.lower()
     if scheme in ("http", "https"):
         return _download(ref, Path(cache_dir) / "loras", field, token)
+    if scheme == "data":
+        return _from_data_uri(ref, Path(cache_dir) / "loras", field)
     if scheme == "hf":
         path = _hf_download(ref, Path(cache_dir) / "loras" / "hf", field, token)
     elif scheme == "file":
@@ -172,6 +176,27 @@ def _download(url: str, root: Path, field: str, token: str | None) -> LoraFile:
         _write_atomic(index, json.dumps({"url": url, "sha256": sha}))
         _remember_hash(final, sha)
         return LoraFile(final, sha)
+
+
+def _from_data_uri(ref: str, root: Path, field: str) -> LoraFile:
+    from fluxserve.inputs import data_uri_bytes
+
+    data = data_uri_bytes(ref, field)
+    sha = hashlib.sha256(data).hexdigest()
+    final = root / f"{sha}.safetensors"
+    if not final.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=root, prefix=".data-", suffix=".part")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            check_safetensors(tmp, field, "the data URI")
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+    _remember_hash(final, sha)
+    return LoraFile(final, sha)
 
 
 def _cached_url(index: Path, root: Path) -> LoraFile | None:

@@ -87,6 +87,8 @@ jobs = Table(
     Column("caller", String(200), nullable=True),
     # when the worker reported the job's first progress event (its first progress log line)
     Column("first_progress_at", UTCDateTime, nullable=True),
+    # what a worker does with it: "generate" (a GenerationRequest) or "train" (a TrainingRequest)
+    Column("kind", String(16), nullable=False, server_default=text("'generate'")),
     Index("ix_jobs_claim", "status", "priority_rank", "created_at"),
     Index("ix_jobs_dialect_created", "dialect", "created_at"),
     Index("ix_jobs_created", "created_at"),
@@ -223,5 +225,5 @@ job_usage = Table(
 # working. Every entry must be nullable or have a ``server_default``; declare the column in its table above too.
 ADDED_COLUMNS: list[tuple[str, str]] = [  # (table, column)
     ("jobs", "owner"), ("api_keys", "admin"), ("jobs", "caller"), ("jobs", "first_progress_at"),
-    ("api_keys", "max_concurrent"), ("api_keys", "rpm"), ("api_keys", "mp_per_day"),
+    ("api_keys", "max_concurrent"), ("api_keys", "rpm"), ("api_keys", "mp_per_day"), ("jobs", "kind"),
 ]

@@ -61,6 +61,7 @@ from fluxserve.jobs.models import secrets as secrets_table
 
 log = logging.getLogger(__name__)
 
+JOB_KINDS = ("generate", "train")
 STATUSES = ("queued", "running", "completed", "failed", "cancelled")
 TERMINAL = frozenset(("completed", "failed", "cancelled"))
 ACTIVE = ("queued", "running")
@@ -140,6 +141,7 @@ class Job:
     owner: str | None = None  # the submitting API key's id; None when the API ran without keys
     caller: str | None = None  # the server process holding a synchronous caller's connection
     first_progress_at: datetime | None = None  # when the worker reported the first progress event
+    kind: str = "generate"  # "generate" | "train": the request's kind (JOB_KINDS)
 
     @property
     def terminal(self) -> bool:
@@ -629,7 +631,8 @@ class JobStore:
         ledger.record(raw, job, now, usage)
         if lines:
             self._insert_lines(raw, job_id, lines, now)
-        output_keys = [image["key"] for image in (result or {}).get("images", []) if image.get("key")]
+        outputs = [*(result or {}).get("images", []), *(result or {}).get("files", [])]
+        output_keys = [output["key"] for output in outputs if output.get("key")]
         if output_keys:
             raw.executemany("INSERT INTO files (key, owner, job_id, created_at) VALUES (?, ?, ?, ?) "
                             "ON CONFLICT (key) DO NOTHING",
@@ -671,6 +674,7 @@ class JobStore:
             "created_at": now, "updated_at": now, "attempts": 0, "cancel_requested": False,
             "timeout_at": now + timedelta(seconds=timeout_s) if timeout_s else None,
             "store_io": store_io, "webhook": webhook, "owner": owner, "caller": caller,
+            "kind": str(request.get("kind") or "generate"),
         }
         names = ", ".join(f'"{name}"' for name in values)
         try:
@@ -772,12 +776,13 @@ class JobStore:
         snapshot = self.status(job_id)
         return snapshot.queue_position if snapshot is not None else None
 
-    def claim(self, worker_id: str, lease_s: float = 30.0, models: list[str] | None = None) -> Job | None:
-        """Atomically take the next job: queued ones by priority then age, and running ones whose lease
-        expired (their worker died). None when there is nothing to do (found by a read, without the write
-        lock)."""
+    def claim(self, worker_id: str, lease_s: float = 30.0, models: list[str] | None = None,
+              kinds: list[str] | None = None) -> Job | None:
+        """Atomically take the next job (of ``models`` and ``kinds`` when given): queued ones by priority then
+        age, and running ones whose lease expired (their worker died). None when there is nothing to do (found
+        by a read, without the write lock)."""
         self._sweep()
-        if models is not None and not models:
+        if (models is not None and not models) or (kinds is not None and not kinds):
             return None
         now = utcnow()
         postgres = not self.is_sqlite
@@ -791,6 +796,9 @@ class JobStore:
         if models is not None:
             pick += f" AND model IN ({', '.join('?' * len(models))})"
             params += list(models)
+        if kinds is not None:
+            pick += f" AND kind IN ({', '.join('?' * len(kinds))})"
+            params += list(kinds)
         pick += " ORDER BY priority_rank, created_at, id LIMIT 1"
         if self._raw_query(pick, pick.replace("?", "%s"), tuple(params)) is None:
             return None

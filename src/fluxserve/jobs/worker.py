@@ -32,7 +32,15 @@ from fluxserve.jobs.store import (
     JobStore,
     utcnow,
 )
-from fluxserve.request import GenerationCancelled, GenerationRequest, GenerationResult, InputError, Progress
+from fluxserve.jobs.training import TrainedLora, run_training, save_trained
+from fluxserve.request import (
+    GenerationCancelled,
+    GenerationRequest,
+    GenerationResult,
+    InputError,
+    Progress,
+    TrainingRequest,
+)
 from fluxserve.storage import Storage
 from fluxserve.usage import billable
 
@@ -88,7 +96,8 @@ class Worker:
 
     def __init__(self, store: JobStore, engine: Any, storage: Storage, worker_id: str | None = None,
                  on_finished: Callable[[Job], None] | None = None, *, lease_s: float = 30.0,
-                 heartbeat_s: float = 0.5, poll_s: float = 1.0, models: list[str] | None = None):
+                 heartbeat_s: float = 0.5, poll_s: float = 1.0, models: list[str] | None = None,
+                 kinds: list[str] | None = None):
         self.store = store
         self.engine = engine
         self.storage = storage
@@ -98,6 +107,7 @@ class Worker:
         self.heartbeat_s = heartbeat_s
         self.poll_s = poll_s
         self.models = models
+        self.kinds = kinds  # the job kinds this worker takes ("generate", "train"); None: all
         self.jobs_done = 0
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -166,7 +176,7 @@ class Worker:
         with self._engine_lock:
             if self._stopping.is_set() and self._thread is not None:
                 return None
-            job = self.store.claim(self.worker_id, self.lease_s, self.models)
+            job = self.store.claim(self.worker_id, self.lease_s, self.models, self.kinds)
             if job is None:
                 return None
             run = _Run(job)
@@ -190,10 +200,11 @@ class Worker:
                 log.exception("on_finished failed for job %s", job.id)
         return finished or self.store.get(job.id)
 
-    def _generate(self, run: _Run) -> GenerationResult | BaseException:
+    def _generate(self, run: _Run) -> GenerationResult | TrainedLora | BaseException:
         job = run.job
         try:
-            request = GenerationRequest.model_validate(job.request)
+            model = TrainingRequest if job.kind == "train" else GenerationRequest
+            request = model.model_validate(job.request)
         except ValidationError as e:
             first = e.errors()[0]
             field = ".".join(str(part) for part in first["loc"]) or "request"
@@ -218,6 +229,8 @@ class Worker:
 
         started = time.perf_counter()
         try:
+            if job.kind == "train":
+                return run_training(self.engine, request, on_progress, should_cancel)
             result = self.engine.generate(request, on_progress, should_cancel)
         except (GenerationCancelled, InputError) as e:
             return e
@@ -262,7 +275,7 @@ class Worker:
             lines.append(line)
         return lines
 
-    def _finish(self, run: _Run, outcome: GenerationResult | BaseException) -> Job | None:
+    def _finish(self, run: _Run, outcome: GenerationResult | TrainedLora | BaseException) -> Job | None:
         """Record the outcome; the terminal job, or None when this worker no longer holds it."""
         job, store, wid = run.job, self.store, self.worker_id
         spent = {"gpu_seconds": run.engine_seconds, "steps": run.step or 0}
@@ -294,23 +307,31 @@ class Worker:
             message = f"{type(outcome).__name__}: {outcome}" if str(outcome) else type(outcome).__name__
             lines.append({"message": message, "level": "ERROR"})
             return store.fail(job.id, message, "internal_error", worker_id=wid, lines=lines, usage=spent)
+        if isinstance(outcome, TrainedLora):
+            return self._complete(run, lambda: save_trained(self.storage, outcome), lines, spent)
         flagged = [i for i, image in enumerate(outcome.images) if image.nsfw]
         if flagged:
             message = blocked_message(flagged, len(outcome.images))
             lines.append({"message": message, "level": "WARN"})
             if (job.request or {}).get("fail_if_blocked"):
                 return store.fail(job.id, message, BLOCKED_ERROR_TYPE, worker_id=wid, lines=lines, usage=spent)
+        billed = billable(outcome.reference_sizes, [(image.width, image.height) for image in outcome.images])
+        usage = {**vars(billed), "megapixels": billed.megapixels, "gpu_seconds": run.engine_seconds,
+                 "steps": run.total or run.step or job.request.get("steps") or 0}
+        return self._complete(run, lambda: self._save(outcome), lines, usage)
+
+    def _complete(self, run: _Run, save: Callable[[], dict], lines: list[dict], usage: dict) -> Job | None:
+        """Store the outputs (``save`` returns the job's result) and complete the job, or fail it when they
+        cannot be stored."""
+        job, wid = run.job, self.worker_id
         try:
-            result = self._save(outcome)
+            result = save()
         except Exception as e:
             log.exception("could not store the outputs of job %s", job.id)
             message = f"could not store the outputs: {type(e).__name__}: {e}"
             lines.append({"message": message, "level": "ERROR"})
-            return store.fail(job.id, message, "internal_error", worker_id=wid, lines=lines, usage=spent)
-        billed = billable(outcome.reference_sizes, [(image.width, image.height) for image in outcome.images])
-        usage = {**vars(billed), "megapixels": billed.megapixels, "gpu_seconds": run.engine_seconds,
-                 "steps": run.total or run.step or job.request.get("steps") or 0}
-        return store.complete(job.id, wid, result, lines=lines, usage=usage)
+            return self.store.fail(job.id, message, "internal_error", worker_id=wid, lines=lines, usage=usage)
+        return self.store.complete(job.id, wid, result, lines=lines, usage=usage)
 
     def _save(self, result: GenerationResult) -> dict:
         images = []

@@ -1,0 +1,217 @@
+"""LoRA training through fal's trainer API on the job queue, on the CPU with the demo models: bad datasets are
+a 422 naming the field before any job exists; the official ``fal_client`` subscribes to a training job with
+``step n/N`` and loss in its logs and gets fal's two files, whose signed URLs download a LoRA that loads; a
+cancel stops a training job; and a trained LoRA's URL, given to ``fal-ai/flux-2/lora``, changes its output
+(scale 0 gives the base output back) with no download from outside the server."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+import zipfile
+
+import fal_client
+import httpx
+import numpy as np
+import pytest
+from fal_helpers import SMALL, Server, settings_for
+from PIL import Image
+from safetensors import safe_open
+from sqlalchemy import text
+from webhook_receivers import SigningReceiver
+
+import fluxserve.compat.fal
+
+KLEIN_TRAINER = "fal-ai/flux-2-klein-4b-base-trainer"
+DEV_TRAINER = "fal-ai/flux-2-trainer"
+FAST = {"resolution": 64, "learning_rate": 3e-2}  # the demo transformer is tiny: a high rate shows in few steps
+
+
+@pytest.fixture(scope="module")
+def server(demo_settings):
+    with Server(settings_for(demo_settings, "training_api")) as running:
+        fluxserve.compat.fal.use(running.url)
+        yield running
+
+
+def square(colour: tuple[int, int, int]) -> bytes:
+    image = Image.new("RGB", (256, 256), colour)
+    image.paste((255, 255, 255), (64, 64, 128, 128))
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+def zip_uri(files: dict[str, bytes]) -> str:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return "data:application/zip;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+DATASET = zip_uri({"red.png": square((220, 30, 30)), "red.txt": b"a red square",
+                   "blue.png": square((30, 40, 200)), "blue.txt": b"a blue square"})
+
+
+def job_count(server) -> int:
+    with server.store.engine.connect() as conn:
+        return conn.execute(text("SELECT count(*) FROM jobs")).scalar()
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"image_data_url": "data:application/zip;base64," + base64.b64encode(b"not a zip at all").decode()},
+     "image_data_url"),
+    ({"image_data_url": zip_uri({"notes.txt": b"no images here"})}, "image_data_url"),
+    ({"image_data_url": zip_uri({"../escape.png": square((1, 2, 3))}), "default_caption": "x"}, "image_data_url"),
+    ({"image_data_url": "/etc/passwd"}, "image_data_url"),
+    ({"image_data_url": zip_uri({"red.png": square((220, 30, 30))})}, "default_caption"),
+    ({"image_data_url": DATASET, "steps": 0}, "steps"),
+    ({"image_data_url": DATASET, "learning_rate": 0}, "learning_rate"),
+    ({"image_data_url": DATASET, "output_lora_format": "ckpt"}, "output_lora_format"),
+    ({}, "image_data_url"),
+])
+def test_bad_input_is_a_422_naming_the_field_and_makes_no_job(server, body, field):
+    before = job_count(server)
+    response = httpx.post(f"{server.url}/queue/{KLEIN_TRAINER}", json=body, timeout=60)
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert detail[0]["loc"][:2] == ["body", field], detail
+    assert job_count(server) == before
+
+
+def test_fal_client_trains_a_lora_with_step_and_loss_logs(server, tmp_path):
+    updates = []
+    result = fal_client.subscribe(KLEIN_TRAINER, arguments={"image_data_url": DATASET, "steps": 6, **FAST},
+                                  with_logs=True, on_queue_update=updates.append)
+    messages = [entry["message"] for update in updates for entry in (getattr(update, "logs", None) or [])]
+    assert "step 6/6" in " ".join(messages)
+    assert any(m.startswith("step 1/6 loss ") for m in messages), messages
+
+    lora, config = result["diffusers_lora_file"], result["config_file"]
+    assert lora["content_type"] == "application/vnd.safetensors"
+    assert lora["file_name"].endswith(".safetensors") and config["content_type"] == "application/json"
+    assert lora["url"].startswith(server.url + "/files/loras/") and "token=" in lora["url"]
+    weights = httpx.get(lora["url"], timeout=60)  # the signed URL works without a key
+    assert weights.status_code == 200 and len(weights.content) == lora["file_size"]
+    path = tmp_path / lora["file_name"]
+    path.write_bytes(weights.content)
+    with safe_open(str(path), framework="pt") as tensors:
+        keys = list(tensors.keys())
+    assert keys and all(key.startswith("transformer.") for key in keys)
+    settings = httpx.get(config["url"], timeout=60).json()
+    assert settings["model"] == "klein-4b-base" and settings["steps"] == 6 and settings["images"] == 2
+
+
+def test_the_edit_trainer_learns_from_start_end_pairs(server):
+    pairs = zip_uri({"a_start.png": square((128, 128, 128)), "a_end.png": square((220, 30, 30)),
+                     "a.txt": b"make it red"})
+    response = httpx.post(f"{server.url}/queue/{KLEIN_TRAINER}/edit", json={"image_data_url": DATASET}, timeout=60)
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"][1] == "image_data_url"
+    enqueued = []
+    result = fal_client.subscribe(f"{KLEIN_TRAINER}/edit", arguments={"image_data_url": pairs, "steps": 2, **FAST},
+                                  on_enqueue=enqueued.append)
+    config = httpx.get(result["config_file"]["url"], timeout=60).json()
+    assert config["edit"] is True and config["images"] == 1
+
+    # deleting the request's payloads deletes its files, as for generated images
+    deleted = httpx.delete(f"{server.url}/v1/models/requests/{enqueued[0]}/payloads", timeout=60)
+    assert deleted.status_code == 200 and len(deleted.json()["cdn_delete_results"]) == 2
+    assert httpx.get(result["diffusers_lora_file"]["url"], timeout=60).status_code == 404
+
+
+def test_cancel_stops_a_training_job(server):
+    handle = fal_client.submit(KLEIN_TRAINER, arguments={"image_data_url": DATASET, "steps": 10_000, **FAST})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        job = server.store.get(handle.request_id)
+        if job.step:
+            break
+        time.sleep(0.1)
+    assert job.step, "the training job never reported a step"
+    fal_client.cancel(KLEIN_TRAINER, handle.request_id)
+    final = None
+    for event in handle.iter_events(with_logs=True):
+        final = event
+    assert isinstance(final, fal_client.Completed) and final.error_type == "cancelled"
+    job = server.store.get(handle.request_id)
+    assert job.status == "cancelled" and job.step < 10_000
+
+
+def test_a_trained_lora_url_changes_the_lora_endpoint(server):
+    result = fal_client.subscribe(DEV_TRAINER, arguments={"image_data_url": DATASET, "steps": 20, **FAST})
+    url = result["diffusers_lora_file"]["url"]
+
+    def image(loras: list[dict]) -> np.ndarray:
+        out = fal_client.run("fal-ai/flux-2/lora", arguments={
+            "prompt": "a red square", "seed": 5, "num_inference_steps": 4, "loras": loras, **SMALL})
+        data = httpx.get(out["images"][0]["url"], timeout=60).content
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32)
+
+    base = image([])
+    changed = np.abs(image([{"path": url, "scale": 1}]) - base).mean()
+    unscaled = np.abs(image([{"path": url, "scale": 0}]) - base).mean()
+    assert changed > 1.0  # of 255: the LoRA shows
+    assert unscaled < changed / 10  # scale 0 is the base model, up to rounding in the adapter's path
+    config = json.loads(httpx.get(result["config_file"]["url"], timeout=60).content)
+    assert config["model"] == "dev"
+
+
+@pytest.mark.usefixtures("loopback_fetches")  # the receiver listens on 127.0.0.1
+def test_a_training_webhook_carries_the_files(server):
+    receiver = SigningReceiver()
+    try:
+        response = httpx.post(f"{server.url}/queue/{KLEIN_TRAINER}", params={"fal_webhook": receiver.url},
+                              json={"image_data_url": DATASET, "steps": 2, **FAST}, timeout=60)
+        assert response.status_code == 200, response.text
+        received = receiver.wait_for(bool, timeout=120)
+    finally:
+        receiver.close()
+    assert received, "no webhook arrived"
+    body = received[0].json
+    assert body["status"] == "OK" and body["request_id"] == response.json()["request_id"]
+    assert set(body["payload"]) == {"diffusers_lora_file", "config_file"}
+    assert body["payload"]["config_file"]["url"].startswith(server.url + "/files/loras/")
+
+
+def test_workers_take_only_the_job_kinds_they_are_given(tmp_path):
+    from fluxserve.jobs.store import JobStore
+    from fluxserve.request import GenerationRequest, TrainingRequest
+
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    training = TrainingRequest(model="klein-4b-base", image_data_url=DATASET).model_dump(mode="json")
+    trained = store.submit(endpoint=KLEIN_TRAINER, dialect="fal", request=training)
+    generated = store.submit(endpoint="fal-ai/flux-2", dialect="fal",
+                             request=GenerationRequest(model="dev", prompt="a cat").model_dump(mode="json"))
+    assert (trained.kind, generated.kind) == ("train", "generate")
+    assert store.claim("generator", kinds=["generate"]).id == generated.id
+    assert store.claim("generator", kinds=["generate"]) is None  # the training job waits for a trainer
+    assert store.claim("trainer", kinds=["train"]).id == trained.id
+
+
+def test_worker_refuses_an_unknown_job_kind(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "fluxserve", "worker", "--demo", "--data-dir", str(tmp_path),
+                           "--jobs", "generate,paint"], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2 and "--jobs: 'generate,paint' is not" in done.stderr
+
+
+def test_a_lora_in_a_data_uri_is_written_once_and_checked(tmp_path):
+    """The form a trained LoRA takes from a storage without local files (an object store)."""
+    import torch
+    from safetensors.torch import save
+
+    from fluxserve.engine.lora import resolve_lora
+    from fluxserve.request import InputError
+
+    data = save({"transformer.proj.lora_A.weight": torch.ones(2, 2)})
+    uri = "data:application/vnd.safetensors;base64," + base64.b64encode(data).decode()
+    first, second = resolve_lora(uri, tmp_path), resolve_lora(uri, tmp_path)
+    assert first.path == second.path and first.path.read_bytes() == data
+    with pytest.raises(InputError) as refused:
+        resolve_lora("data:application/octet-stream;base64," + base64.b64encode(b"not weights").decode(), tmp_path)
+    assert refused.value.field == "loras[0].path"
