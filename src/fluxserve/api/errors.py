@@ -7,6 +7,7 @@ fal (FastAPI's shape): validation ``422 {"detail": [{"loc": ["body", field], "ms
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import Request
@@ -52,6 +53,24 @@ class FalValidationError(Exception):
 def field_error(loc: list[str | int], msg: str, error_type: str = "value_error") -> dict[str, Any]:
     """One FastAPI-style validation entry; ``loc`` is relative to the body."""
     return {"loc": ["body", *loc], "msg": msg, "type": error_type}
+
+
+def query_error(field: str, message: str) -> FalValidationError:
+    """A fal 422 naming query parameter ``field``."""
+    return FalValidationError([{"loc": ["query", field], "msg": message, "type": "value_error"}])
+
+
+def query_time(field: str, value: str | None) -> datetime | None:
+    """Query parameter ``field`` as an ISO 8601 date or time in UTC (a time without a zone is UTC); None when
+    absent or empty; a 422 naming ``field`` when it is no time."""
+    if value is None or not value.strip():
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    except (ValueError, OverflowError):  # not a time, or out of range once in UTC
+        raise query_error(field, f"must be an ISO 8601 date or time such as 2025-01-01T00:00:00Z, not {value!r}"
+                          ) from None
 
 
 def _loc(path: str) -> list[str | int]:

@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse
 from fluxserve.api import fal
 from fluxserve.api.auth import caller, require_key
 from fluxserve.api.common import base_url, image_url
-from fluxserve.api.errors import ApiError, FalValidationError, documented
+from fluxserve.api.errors import ApiError, documented, query_error, query_time
 from fluxserve.jobs.store import TERMINAL
 
 MAX_ENDPOINTS = 50
@@ -41,26 +41,10 @@ router = APIRouter(prefix="/v1/models/requests", tags=["fal platform"],
                    dependencies=[Depends(require_key(fal.DIALECT))], responses=documented(401, 404, 422))
 
 
-def query_error(field: str, message: str) -> FalValidationError:
-    return FalValidationError([{"loc": ["query", field], "msg": message, "type": "value_error"}])
-
-
 def _iso(value: datetime | None) -> str | None:
     if value is None:
         return None
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
-
-
-def parse_time(field: str, value: str | None) -> datetime | None:
-    """An ISO 8601 date or time (naive: UTC), or a 422 naming ``field``."""
-    if value is None:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.strip())
-        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
-    except (ValueError, OverflowError):
-        raise query_error(field, f"must be an ISO 8601 date or time such as 2025-01-01T00:00:00Z, not {value!r}"
-                          ) from None
 
 
 def split_values(values: list[str]) -> list[str]:
@@ -162,8 +146,8 @@ async def by_endpoint(
     if unknown := [name for name in expansions if name not in EXPANSIONS]:
         raise query_error("expand", f"unknown expansion {unknown[0]!r}; known: {', '.join(EXPANSIONS)}")
     now = datetime.now(UTC)
-    until = parse_time("end", end) or now
-    since = parse_time("start", start) or until - (REQUEST_ID_WINDOW if request_id else DEFAULT_WINDOW)
+    until = query_time("end", end) or now
+    since = query_time("start", start) or until - (REQUEST_ID_WINDOW if request_id else DEFAULT_WINDOW)
     if since >= until:
         raise query_error("start", "must be before end")
     after = decode_cursor(cursor, sort_by) if cursor else None

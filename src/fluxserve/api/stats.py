@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from fluxserve.api.auth import caller, require_key
-from fluxserve.api.errors import FalValidationError
+from fluxserve.api.errors import query_error
 from fluxserve.jobs.stats import GROUPS, WINDOWS, window_stats
 
 router = APIRouter(tags=["operations"])
@@ -20,8 +20,7 @@ router = APIRouter(tags=["operations"])
 
 def _choice(field: str, value: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
-        raise FalValidationError([{"loc": ["query", field], "type": "value_error",
-                                   "msg": f"Input should be one of {', '.join(choices)}, not {value!r}"}])
+        raise query_error(field, f"Input should be one of {', '.join(choices)}, not {value!r}")
     return value
 
 

@@ -11,25 +11,10 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from fluxserve.api.auth import caller, require_key
-from fluxserve.api.errors import FalValidationError, documented
+from fluxserve.api.errors import documented, query_error, query_time
 from fluxserve.jobs import ledger
 
 router = APIRouter(tags=["usage"], responses=documented(401, 422))
-
-
-def _invalid(field: str, message: str) -> FalValidationError:
-    return FalValidationError([{"loc": ["query", field], "msg": message, "type": "value_error"}])
-
-
-def parse_time(field: str, value: str | None) -> datetime | None:
-    """An ISO 8601 date or time (UTC unless it says otherwise), or None; a 422 naming ``field`` when invalid."""
-    if not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
-    except (ValueError, OverflowError):  # not a time, or out of range once in UTC
-        raise _invalid(field, f"Invalid ISO 8601 date or time: {value!r}") from None
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -44,11 +29,11 @@ async def usage(
     to: str | None = Query(None, description="ISO 8601: jobs finished before it"),
     group_by: str = Query("endpoint", description="key | endpoint | day (UTC)"),
 ) -> JSONResponse:
-    since, until = parse_time("from", from_), parse_time("to", to)
+    since, until = query_time("from", from_), query_time("to", to)
     if since is not None and until is not None and until <= since:
-        raise _invalid("to", "'to' must be later than 'from'")
+        raise query_error("to", "'to' must be later than 'from'")
     if group_by not in ledger.GROUPS:
-        raise _invalid("group_by", f"group_by must be one of: {', '.join(ledger.GROUPS)}")
+        raise query_error("group_by", f"group_by must be one of: {', '.join(ledger.GROUPS)}")
     catalog, store = request.app.state.catalog, request.app.state.store
     groups, total = await asyncio.to_thread(ledger.report, store, group_by=group_by, since=since, until=until,
                                             owner=caller(request).list_owner, prices=catalog.prices)

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 
 from fluxserve.api.auth import caller, require_key
 from fluxserve.api.common import image_url
-from fluxserve.api.errors import ApiError, FalValidationError, field_error
+from fluxserve.api.errors import ApiError, query_error, query_time
 from fluxserve.jobs.retention import delete_job
 
 WEB = resources.files("fluxserve") / "web"
@@ -66,17 +66,6 @@ def _iso(value: datetime | None) -> str | None:
     return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def _parse_before(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise FalValidationError([{**field_error([], f"Invalid ISO 8601 time: {value!r}"),
-                                   "loc": ["query", "before"]}]) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
 def history_item(request: Request, job: Any) -> dict[str, Any]:
     """One job as the history panel shows it. Jobs stored without their bodies (``store_io`` off) keep only
     their status and timing: no prompt, input or images."""
@@ -102,10 +91,6 @@ def history_item(request: Request, job: Any) -> dict[str, Any]:
     return item
 
 
-def _query_error(field: str, message: str) -> FalValidationError:
-    return FalValidationError([{**field_error([], message), "loc": ["query", field]}])
-
-
 @router.get("/api/history", dependencies=[Depends(require_key("fal"))],
             summary="Recent jobs of every dialect, newest first (the playground's history)")
 async def history(request: Request, limit: int = Query(50, ge=1, le=MAX_HISTORY),
@@ -115,11 +100,11 @@ async def history(request: Request, limit: int = Query(50, ge=1, le=MAX_HISTORY)
                   status: Annotated[Status | None, Query(description="Only jobs in this state")] = None,
                   q: str | None = Query(None, max_length=200, description="Only jobs whose prompt contains this "
                                         "text (ignoring case)")) -> JSONResponse:
-    cutoff = _parse_before(before)
+    cutoff = query_time("before", before)
     if endpoint and endpoint not in request.app.state.catalog.endpoints:
-        raise _query_error("endpoint", f"Unknown endpoint: {endpoint!r}")
+        raise query_error("endpoint", f"Unknown endpoint: {endpoint!r}")
     if q and "\x00" in q:  # no database text holds it
-        raise _query_error("q", "The search text must not contain NUL characters")
+        raise query_error("q", "The search text must not contain NUL characters")
     jobs = await asyncio.to_thread(request.app.state.store.list, limit=limit, before=cutoff,
                                    owner=caller(request).list_owner, endpoint=endpoint or None, dialect=dialect,
                                    status=status, prompt_contains=(q or "").strip() or None)
