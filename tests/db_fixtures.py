@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from sqlalchemy import create_engine, inspect, text
@@ -21,21 +23,27 @@ TABLES = ("webhook_events", "webhook_keys", "webhook_deliveries", "job_logs", "f
           "jobs", "job_usage")
 
 
-@pytest.fixture(scope="session")
-def pg_url():
-    """A PostgreSQL URL whose search_path is a fresh schema for this session."""
-    base = make_url(normalize_db_url(PG_URL))
-    schema = f"fluxserve_test_{uuid.uuid4().hex[:12]}"
+@contextmanager
+def fresh_schema(url: str, prefix: str = "fluxserve_test") -> Iterator[str]:
+    """``url`` with its search_path set to a new schema, dropped afterwards."""
+    base = make_url(normalize_db_url(url))
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = create_engine(base)
     with admin.begin() as conn:
         conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    url = base.update_query_dict({"options": f"-csearch_path={schema}"})
     try:
-        yield url.render_as_string(hide_password=False)
+        yield base.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
     finally:
         with admin.begin() as conn:
             conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    """A PostgreSQL URL whose search_path is a fresh schema for this session."""
+    with fresh_schema(PG_URL) as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

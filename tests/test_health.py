@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import replace
 
 import httpx
 import pytest
+from db_fixtures import fresh_schema
 from fal_helpers import Server, free_port, settings_for
 from probe_helpers import TcpProxy, get, start_worker, stop, through, wait_for
-from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 pytest_plugins = ["db_fixtures"]
@@ -19,17 +18,8 @@ pytest_plugins = ["db_fixtures"]
 @pytest.fixture
 def own_pg_url(pg_url):
     """A PostgreSQL URL whose search_path is a schema of this test's own: no other test's jobs in its queue."""
-    schema = f"fluxserve_probes_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(pg_url)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    url = make_url(pg_url).update_query_dict({"options": f"-csearch_path={schema}"})
-    try:
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    with fresh_schema(pg_url, "fluxserve_probes") as url:
+        yield url
 
 
 def test_live_and_ready_without_a_key_while_keys_are_required(demo_settings):
