@@ -47,29 +47,7 @@ DEFAULT_DB = os.environ.get("FLUXSERVE_TEST_PG", "postgresql+psycopg://postgres@
 FAL_ENDPOINT = "fal-ai/flux-2/flash"
 REPLICATE_MODEL = "black-forest-labs/flux-2-dev"
 START_TIMEOUT_S = 180.0
-# `python LAUNCHER <fluxserve args>`: the fluxserve command line, each denoising step lasting at least
-# FLUXSERVE_FLEET_STEP_S seconds
-LAUNCHER = """
-import os, sys, time
-step_s = float(os.environ.get("FLUXSERVE_FLEET_STEP_S") or 0)
-if step_s > 0:
-    from fluxserve.engine import Engine
-
-    _generate = Engine.generate
-
-    def generate(self, request, on_progress=None, should_cancel=None):
-        def slow(progress):
-            time.sleep(step_s)
-            if on_progress is not None:
-                on_progress(progress)
-
-        return _generate(self, request, slow, should_cancel)
-
-    Engine.generate = generate
-from fluxserve.cli import main
-
-sys.exit(main(sys.argv[1:]))
-"""
+LAUNCHER = Path(__file__).resolve().with_name("slow_steps.py")  # fluxserve with --step-delay applied
 
 
 def free_port() -> int:
@@ -394,7 +372,7 @@ def run(db: str = DEFAULT_DB, apis: int = 2, workers: int = 2, clients: int = 3,
             moto, s3_endpoint = start_moto()
             cleanups.append(lambda: (moto.terminate(), moto.wait(10)))
         env = {**os.environ, "FLUXSERVE_S3_ENDPOINT": s3_endpoint, "FLUXSERVE_REQUIRE_AUTH": "0",
-               "FLUXSERVE_FLEET_STEP_S": str(step_delay), "PYTHONUNBUFFERED": "1"}
+               "FLUXSERVE_STEP_DELAY_S": str(step_delay), "PYTHONUNBUFFERED": "1"}
         for name, value in (("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"),
                             ("AWS_DEFAULT_REGION", "us-east-1")):
             env.setdefault(name, value)
@@ -414,9 +392,7 @@ def run(db: str = DEFAULT_DB, apis: int = 2, workers: int = 2, clients: int = 3,
         if not real:  # built once here, not by every process at once
             subprocess.run([sys.executable, "-m", "fluxserve", "demo-weights", "--data-dir", data_dir], env=env,
                            check=True, stdout=subprocess.DEVNULL)
-        launcher = Path(data_dir) / "fleet_launcher.py"
-        launcher.write_text(LAUNCHER)
-        fleet = Fleet(db_url, f"s3://{bucket}/fleet", Path(data_dir), env, flags, launcher)
+        fleet = Fleet(db_url, f"s3://{bucket}/fleet", Path(data_dir), env, flags, LAUNCHER)
         cleanups.append(fleet.stop)
         store = JobStore(db_url)
         cleanups.append(store.close)

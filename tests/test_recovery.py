@@ -35,30 +35,9 @@ LONG_LEASE_S = 600.0
 # how long a restarted process may take to start (import torch, load the demo models) and finish the job
 RECOVERY_BOUND_S = 300.0
 
-# `python LAUNCHER <fluxserve args>`: the fluxserve command line with every denoising step at least
-# FLUXSERVE_TEST_STEP_S seconds long, so a job is still running when the test kills the process
-LAUNCHER = """
-import os, sys, time
-from fluxserve.engine import Engine
-
-_generate = Engine.generate
-STEP_S = float(os.environ["FLUXSERVE_TEST_STEP_S"])
-
-
-def generate(self, request, on_progress=None, should_cancel=None):
-    def slow(progress):
-        time.sleep(STEP_S)
-        if on_progress is not None:
-            on_progress(progress)
-
-    return _generate(self, request, slow, should_cancel)
-
-
-Engine.generate = generate
-from fluxserve.cli import main
-
-sys.exit(main(sys.argv[1:]))
-"""
+# the fluxserve command line with every denoising step at least FLUXSERVE_STEP_DELAY_S seconds long, so a job
+# is still running when the test kills the process
+LAUNCHER = Path(__file__).resolve().parent.parent / "benchmarks" / "slow_steps.py"
 
 
 def request(**overrides) -> dict:
@@ -252,10 +231,8 @@ def data_dir(engine, tmp_path) -> Path:
 
 
 def _launch(tmp_path: Path, args: list[str], step_s: float) -> subprocess.Popen:
-    launcher = tmp_path / "launcher.py"
-    launcher.write_text(LAUNCHER)
-    env = dict(os.environ, FLUXSERVE_DEVICE="cpu", FLUXSERVE_TEST_STEP_S=str(step_s))
-    return subprocess.Popen([sys.executable, str(launcher), *args], env=env, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ, FLUXSERVE_DEVICE="cpu", FLUXSERVE_STEP_DELAY_S=str(step_s))
+    return subprocess.Popen([sys.executable, str(LAUNCHER), *args], env=env, stderr=subprocess.PIPE, text=True)
 
 
 def _start_worker(tmp_path, db_url, data_dir, step_s: float) -> tuple[subprocess.Popen, str]:
