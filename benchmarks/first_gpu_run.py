@@ -166,6 +166,7 @@ class Run:
     device_name: str = ""
     estimates: dict[str, float] = field(default_factory=dict)  # --estimate overrides
     handoff: dict = field(default_factory=dict)  # the [dev] transformer, kept for the profile part
+    dev_levels: tuple[str, ...] = LEVELS  # the profile part profiles the last one
 
     def estimate(self, name: str) -> float:
         if name in self.estimates:
@@ -628,6 +629,7 @@ def klein_level(run: Run, engine, request, level: str, index: int, flops_per_ste
         "precision_summary": bench.precision_summary(held, precision),
         "attention": state.get("attention"), "fused_qkv": state.get("fused_qkv"), "compiled": state.get("compiled"),
         "cuda_graphs": state.get("cuda_graphs"), "compile_failed": state.get("compile_failed"),
+        "vae_compiled": state.get("vae_compiled"), "vae_compile_failed": state.get("vae_compile_failed"),
         "notes": state.get("notes"),
         "step_ms": timing["step_ms"], "step_ms_all": timing["step_ms_all"],
         "end_to_end_s": timing["end_to_end_s"], "end_to_end_all_s": timing["end_to_end_all_s"],
@@ -752,7 +754,7 @@ def part_dev(run: Run, report: dict) -> dict:
         return dev_headline(run, report)
     inputs = dev_inputs(pipe.transformer.config, run)
     reference: dict = {}
-    for level in LEVELS:
+    for level in run.dev_levels:
         result = run.step("dev", report, level, lambda level=level: dev_level(
             run, pipe, inputs, level, flops["forward"], reference))
         if result is not None:
@@ -837,6 +839,7 @@ def dev_level(run: Run, pipe: TransformerOnly, inputs: dict, level: str, flops_p
         "level": state.get("level"), "requested": level, "precision": precision,
         "attention": state.get("attention"), "fused_qkv": state.get("fused_qkv"), "compiled": state.get("compiled"),
         "cuda_graphs": state.get("cuda_graphs"), "compile_failed": state.get("compile_failed"),
+        "vae_compiled": state.get("vae_compiled"), "vae_compile_failed": state.get("vae_compile_failed"),
         "notes": state.get("notes"), **extra,
         "cold_first_forward_s": cold_s, "step_ms": step_ms, "step_ms_all": times,
         "steps_28_s": step_ms * 28 / 1000 if step_ms else None,
@@ -1075,6 +1078,21 @@ def _estimate(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"--estimate {text!r}: expected NAME=SECONDS") from None
 
 
+def _parts(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in PARTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"--parts {text!r}: choose from {', '.join(PARTS)}")
+    return names
+
+
+def _levels(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names or any(name not in LEVELS for name in names):
+        raise argparse.ArgumentTypeError(f"--dev-levels {text!r}: choose from {', '.join(LEVELS)}")
+    return names
+
+
 def prepare_environment() -> Path:
     """No network, and compiler caches outside OUT_DIR (only a few files come back from it). Set before torch,
     diffusers and transformers are imported."""
@@ -1093,6 +1111,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU: the same code paths, for CI")
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
                         help=f"seconds for the whole run, start-up included (default {DEFAULT_BUDGET_S:.0f})")
+    parser.add_argument("--parts", type=_parts, default=PARTS, metavar="NAME,...",
+                        help=f"which parts to run, in this order (default {','.join(PARTS)}; profile needs dev "
+                             "before it)")
+    parser.add_argument("--dev-levels", type=_levels, default=LEVELS, metavar="LEVEL,...",
+                        help="the acceleration levels the dev part runs, in order (default none,regular,high; "
+                             "none first: the others' error is against it)")
     parser.add_argument("--estimate", action="append", default=[], metavar="NAME=SECONDS", type=_estimate,
                         help="override the estimated cost of a part or sub-step (e.g. dev.high=150 on a slower "
                              f"GPU); names: {', '.join(GPU_ESTIMATES)}")
@@ -1117,13 +1141,14 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.float32 if tiny else torch.bfloat16  # what the engine loads on each device
     name = "cpu (tiny models)" if tiny else torch.cuda.get_device_name(device)
     run = Run(out=out, tiny=tiny, budget=budget, scale=TINY_SCALE if tiny else GPU_SCALE, device=device,
-              dtype=dtype, work_dir=work, device_name=name, estimates=dict(args.estimate))
+              dtype=dtype, work_dir=work, device_name=name, estimates=dict(args.estimate), dev_levels=args.dev_levels)
     run.summary = {
         "run": {"mode": "tiny (CPU)" if tiny else "gpu", "device": name, "budget_s": args.budget,
                 "started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv, "torch": torch.__version__,
                 "python": platform.python_version(), "work_dir": str(work),
                 "resolution": f"{run.scale.width}x{run.scale.height}", "klein_steps": run.scale.klein_steps,
-                "estimates_overridden": dict(args.estimate)},
+                "estimates_overridden": dict(args.estimate), "parts": list(args.parts),
+                "dev_levels": list(args.dev_levels), "attention_override": os.environ.get("FLUXSERVE_ATTENTION")},
         "parts": {},
         "finished": False,
     }
@@ -1137,7 +1162,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_term)
-    for part in PARTS:
+    for part in args.parts:
         run_part(run, part)
     run.handoff.clear()
     run.summary["finished"] = True

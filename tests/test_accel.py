@@ -402,3 +402,76 @@ def test_streamed_transformer_is_neither_fused_nor_compiled(monkeypatch):
     assert any("streamed" in note for note in state["notes"])
     with torch.no_grad():
         assert torch.equal(pipe.transformer(**kwargs)[0], expected)
+
+
+# ---- compiler errors, CUDA graph threads, the compiled VAE decoder -------------------------------------------------
+def _raised_in(path: str, exc: Exception) -> Exception:
+    """``exc`` raised from code whose file is ``path`` (how an error from inside the compiler looks)."""
+    code = compile("raise exc", path, "exec")
+    try:
+        exec(code, {"exc": exc})  # noqa: S102 - a fixed one-line raise, given a file name
+    except Exception as raised:  # noqa: BLE001
+        return raised
+    raise AssertionError("not raised")
+
+
+def test_an_error_from_inside_the_compiler_counts_as_a_compile_failure():
+    # PyTorch 2.11's CUDA graph trees fail a bare assertion on a thread that did not import them
+    inside = _raised_in("/site-packages/torch/_inductor/cudagraph_trees.py", AssertionError())
+    assert accel._is_compile_failure(inside)
+    assert not accel._is_compile_failure(_raised_in("/site-packages/diffusers/models/x.py", AssertionError()))
+    assert not accel._is_compile_failure(ValueError("bad width"))
+
+
+def test_each_thread_gets_its_own_cuda_graph_state():
+    import threading
+
+    from torch._inductor import cudagraph_trees as trees
+
+    seen = {}
+
+    def fresh_thread():
+        seen["before"] = hasattr(trees.local, "tree_manager_containers")
+        accel.ensure_cudagraph_thread()
+        seen["after"] = hasattr(trees.local, "tree_manager_containers")
+        seen["in_tls"] = torch._C._is_key_in_tls("tree_manager_containers")
+        seen["container"] = trees.get_container(0).device_index
+
+    thread = threading.Thread(target=fresh_thread)
+    thread.start()
+    thread.join()
+    assert seen == {"before": False, "after": True, "in_tls": True, "container": 0}
+
+
+class _VaePipe(_Pipe):
+    def __init__(self, transformer):
+        from fluxserve.engine import random_weights
+
+        super().__init__(transformer)
+        torch.manual_seed(0)
+        self.vae = random_weights.build_vae("cpu", torch.float32, random_weights.tiny_architecture("klein-4b"))
+
+
+def test_vae_decoder_is_compiled_with_the_transformer_and_falls_back_to_eager(monkeypatch):
+    monkeypatch.setenv("FLUXSERVE_COMPILE", "1")
+    monkeypatch.setenv("FLUXSERVE_CUDA_GRAPHS", "0")
+    pipe = _VaePipe(_tiny_transformer())
+    latents = torch.randn(1, pipe.vae.config.latent_channels, 8, 8)
+    with torch.no_grad():
+        eager = pipe.vae.decode(latents, return_dict=False)[0]
+    state = accel.apply_acceleration(pipe, "regular", "cpu")
+    assert state["vae_compiled"] and pipe.vae.decoder._compiled_call_impl is not None
+    assert not accel.apply_acceleration(pipe, "none", "cpu")["vae_compiled"]
+    assert pipe.vae.decoder._compiled_call_impl is None
+
+    def broken(*args, **kwargs):  # what a compiler error in the decoder's first call looks like
+        raise _raised_in("/site-packages/torch/_inductor/compile_fx.py", RuntimeError("no kernel"))
+
+    pipe.vae.decoder._fluxserve_compiled = broken
+    assert accel.apply_acceleration(pipe, "regular", "cpu")["vae_compiled"]
+    with torch.no_grad():
+        decoded = pipe.vae.decode(latents, return_dict=False)[0]
+    assert torch.equal(decoded, eager)
+    state = accel.apply_acceleration(pipe, "regular", "cpu")
+    assert not state["vae_compiled"] and "no kernel" in state["vae_compile_failed"]
+    assert any("VAE decoder failed" in note for note in state["notes"])
