@@ -131,3 +131,75 @@ def test_plan_command_needs_a_size_without_a_gpu():
         pytest.skip("this machine has a GPU: the plan uses its free memory")
     done = run_plan("--model", "klein-4b")
     assert done.returncode == 2 and "--gpu-memory" in done.stderr
+
+
+# ---- LoRA training ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def steps() -> dict[str, int]:
+    """One training step's working memory at 1024x1024, rank 16: text-to-image and with one start image."""
+    from fluxserve.training.trainer import step_bytes
+
+    out = {}
+    for model in ("dev", "klein-4b", "klein-9b"):
+        transformer = rw.build_transformer(model, "meta")
+        out[model] = step_bytes(transformer, resolution=1024, rank=16)
+        out[f"{model}/edit"] = step_bytes(transformer, resolution=1024, rank=16, references=1)
+    return out
+
+
+def test_training_step_memory_grows_with_the_tokens(steps):
+    assert 5 * GIB < steps["dev"] < 9 * GIB  # checkpointed block inputs + one recomputed block + LoRA and AdamW
+    assert steps["dev/edit"] > steps["dev"] + 4 * GIB  # a 1024x1024 start image adds 4096 tokens
+    assert steps["klein-4b"] < steps["klein-9b"] < steps["dev"]
+
+
+def test_dev_on_80_gib_trains_on_its_fp8_base_beside_the_text_encoder(sizes, steps):
+    serving = plan.plan_memory(sizes["dev"], free_bytes=80 * GIB)
+    trained = plan.plan_training(sizes["dev"], transformer=serving.transformer, text_encoder=serving.text_encoder,
+                                 step_bytes=steps["dev"], free_bytes=80 * GIB)
+    assert (trained.transformer, trained.offload_text_encoder) == ("fp8", False)
+    assert trained.needed_bytes <= 80 * GIB
+    # the bf16 alternative (text encoder streamed) trains too: bf16 where it fits
+    bf16 = plan.plan_training(sizes["dev"], transformer="bf16", text_encoder="stream", step_bytes=steps["dev"],
+                              free_bytes=80 * GIB)
+    assert bf16.transformer == "bf16" and "streamed" in bf16.describe()
+
+
+def test_the_text_encoder_leaves_the_gpu_only_when_the_step_needs_the_room(sizes, steps):
+    dev = sizes["dev"]
+    need = dev["transformer"] + dev["vae"] + steps["dev"] + plan.headroom_bytes(120 * GIB)
+    assert need + dev["text_encoder"] > 120 * GIB >= need
+    moved = plan.plan_training(dev, transformer="bf16", text_encoder="resident", step_bytes=steps["dev"],
+                               free_bytes=120 * GIB)
+    assert moved.offload_text_encoder and moved.needed_bytes == need
+    assert "moved to host memory during the steps" in moved.describe()
+    kept = plan.plan_training(dev, transformer="bf16", text_encoder="resident", step_bytes=steps["dev"],
+                              free_bytes=141 * GIB)
+    assert not kept.offload_text_encoder
+    assert kept.needed_bytes == (dev["transformer"] + dev["text_encoder"] + dev["vae"] + steps["dev"]
+                                 + plan.headroom_bytes(141 * GIB))
+
+
+def test_training_refuses_a_streamed_transformer_and_too_little_memory(sizes, steps):
+    with pytest.raises(plan.DoesNotFit, match="--transformer fp8"):
+        plan.plan_training(sizes["dev"], transformer="stream", text_encoder="stream", step_bytes=steps["dev"],
+                           free_bytes=24 * GIB)
+    with pytest.raises(plan.DoesNotFit, match=r"needs 7\d\.\d GiB .*hold the transformer in FP8"):
+        plan.plan_training(sizes["dev"], transformer="bf16", text_encoder="stream", step_bytes=steps["dev"],
+                           free_bytes=64 * GIB)
+
+
+def test_plan_command_shows_training_placements():
+    report = json.loads(run_plan("--gpu-memory", "24GiB", "--json").stdout)
+    by_model = {m["model"]: m for m in report["models"]}
+    klein = by_model["klein-4b"]["training"]
+    assert klein["model"] == "klein-4b-base" and klein["resolution"] == 1024 and klein["rank"] == 16
+    assert all(row["fits"] for row in klein["plans"].values())  # klein base trains on a 24 GB GPU
+    nine = by_model["klein-9b"]["training"]["plans"]["text-to-image"]
+    assert nine["fits"] and nine["transformer"] == "fp8" and nine["offload_text_encoder"]
+    dev = by_model["dev"]["training"]["plans"]["text-to-image"]
+    assert not dev["fits"] and "streamed" in dev["message"]
+
+    text = run_plan("--gpu-memory", "80GiB", "--model", "dev", "--train-resolution", "512").stdout
+    assert "training dev (LoRA rank 16, 512x512" in text
+    assert "frozen transformer FP8" in text and "edit, 1 start image" in text

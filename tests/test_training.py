@@ -261,3 +261,18 @@ def test_no_examples_and_a_streamed_transformer_are_refused(pipe):
             train_lora(pipe, examples())
     finally:
         del pipe.transformer._fluxserve_streamed
+
+
+def test_offloading_the_text_encoder_trains_the_same_lora_and_puts_it_back(pipe, trained):
+    state, _ = trained
+    where = next(pipe.text_encoder.parameters()).device
+    again, _ = train(pipe, offload_text_encoder=True)
+    assert state.keys() == again.keys() and all(torch.equal(state[key], again[key]) for key in state)
+    assert next(pipe.text_encoder.parameters()).device == where
+
+
+def test_the_engine_says_where_training_runs(engine):
+    notes = []
+    state = engine.train("klein-4b-base", examples(), steps=1, learning_rate=LEARNING_RATE, rank=RANK,
+                         resolution=RESOLUTION, on_note=notes.append)
+    assert state and notes == ["training placement: everything in host memory on cpu"]

@@ -89,6 +89,7 @@ def test_fal_client_trains_a_lora_with_step_and_loss_logs(server, tmp_path):
     messages = [entry["message"] for update in updates for entry in (getattr(update, "logs", None) or [])]
     assert "step 6/6" in " ".join(messages)
     assert any(m.startswith("step 1/6 loss ") for m in messages), messages
+    assert "training placement: everything in host memory on cpu" in messages
 
     lora, config = result["diffusers_lora_file"], result["config_file"]
     assert lora["content_type"] == "application/vnd.safetensors"

@@ -42,6 +42,10 @@ def add_parser(subparsers) -> None:
                         help="force how the text encoder is held, as fluxserve serve --text-encoder")
     parser.add_argument("--no-fp8-matmul", action="store_true",
                         help="the GPU has no FP8 matrix units (before Ada/Hopper, e.g. A100)")
+    parser.add_argument("--train-resolution", type=int, default=1024, metavar="PIXELS",
+                        help="the training resolution the LoRA training plans are made for (default 1024)")
+    parser.add_argument("--train-rank", type=int, default=16, metavar="RANK",
+                        help="the LoRA rank the training plans are made for (default 16)")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(func=run)
 
@@ -101,7 +105,31 @@ def plan_model(model: str, free_bytes: int, args: argparse.Namespace) -> dict:
     wanted = [args.acceleration] if args.acceleration else ["none", "regular", "high"]
     runs = levels(sizes, chosen, fp8_matmul, free_bytes)
     return {"model": model, "fits": True, "summary": summary, "plan": chosen.as_dict(), "bytes": sizes,
-            "acceleration": {level: runs[level] for level in wanted}}
+            "acceleration": {level: runs[level] for level in wanted},
+            "training": training(model, sizes, chosen, free_bytes, args)}
+
+
+TRAINING_KINDS = (("text-to-image", 0), ("edit, 1 start image", 1))
+
+
+def training(model: str, sizes: dict[str, int], chosen, free_bytes: int, args: argparse.Namespace) -> dict:
+    """The LoRA training plans (``plan.plan_training``) of the model's trainable variant on the placement chosen
+    for serving: text-to-image and edit datasets at ``--train-resolution`` and ``--train-rank``."""
+    from fluxserve.engine import plan, random_weights
+    from fluxserve.training.trainer import step_bytes
+
+    trained = model if model == "dev" or model.endswith("-base") else f"{model}-base"
+    transformer = random_weights.build_transformer(ARCHITECTURE_OF.get(trained, trained), "meta")
+    plans = {}
+    for kind, references in TRAINING_KINDS:
+        step = step_bytes(transformer, resolution=args.train_resolution, rank=args.train_rank, references=references)
+        try:
+            plans[kind] = {"fits": True, **plan.plan_training(
+                sizes, transformer=chosen.transformer, text_encoder=chosen.text_encoder, step_bytes=step,
+                free_bytes=free_bytes).as_dict()}
+        except plan.DoesNotFit as exc:
+            plans[kind] = {"fits": False, "step_gib": round(step / GIB, 2), "message": str(exc)}
+    return {"model": trained, "resolution": args.train_resolution, "rank": args.train_rank, "plans": plans}
 
 
 def format_model(result: dict) -> str:
@@ -123,6 +151,15 @@ def format_model(result: dict) -> str:
     lines.append("  (* the default; --transformer / --text-encoder choose another that fits)")
     for level, what in result["acceleration"].items():
         lines.append(f"  {level:<8} {what}")
+    train = result["training"]
+    lines.append(f"training {train['model']} (LoRA rank {train['rank']}, {train['resolution']}x{train['resolution']}, "
+                 "the whole GPU, on the placement above):")
+    for kind, row in train["plans"].items():
+        if row["fits"]:
+            lines.append(f"  {kind:<20} {row['needed_gib']:>6.1f} GiB  fits  ({row['step_gib']:.1f} GiB for the "
+                         f"step)  {row['summary']}")
+        else:
+            lines.append(f"  {kind:<20} does not fit: {row['message']}")
     return "\n".join(lines)
 
 

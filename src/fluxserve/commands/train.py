@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     from fluxserve.catalog import Catalog
     from fluxserve.engine import Engine, WeightsNotFound
+    from fluxserve.engine.plan import DoesNotFit
     from fluxserve.request import InputError
     from fluxserve.training.dataset import load_dataset
     from fluxserve.training.trainer import save_lora
@@ -88,11 +89,12 @@ def run(args: argparse.Namespace) -> int:
                            loss=f"{progress.loss:.4f}")
 
             state = engine.train(args.model, dataset.examples, steps=args.steps, learning_rate=args.lr,
-                                 rank=args.rank, seed=args.seed, resolution=args.resolution, on_progress=on_progress)
+                                 rank=args.rank, seed=args.seed, resolution=args.resolution, on_progress=on_progress,
+                                 on_note=bar.console.print)
     except InputError as exc:
         print(f"fluxserve train: error: --{exc.field}: {exc.message}", file=sys.stderr)
         return 2
-    except WeightsNotFound as exc:
+    except (WeightsNotFound, DoesNotFit) as exc:
         print(f"fluxserve train: error: {exc}", file=sys.stderr)
         return 1
     output = Path(args.output).expanduser()

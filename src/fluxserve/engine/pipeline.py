@@ -14,6 +14,7 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -154,10 +155,13 @@ class Engine:
         """Run ``request`` on the engine's thread; progress and cancel checks are called from that thread."""
         return self._runner.submit(self._generate, request, on_progress, should_cancel).result()
 
-    def train(self, model_key: str, examples: list, **options) -> dict:
+    def train(self, model_key: str, examples: list, *, on_note: Callable[[str], None] | None = None,
+              **options) -> dict:
         """Train a LoRA for ``model_key`` on ``examples`` (``fluxserve.training.trainer.train_lora``'s options:
         steps, learning_rate, rank, seed, resolution, on_progress, should_cancel) on the engine's thread, with
-        the model the engine serves; the LoRA's weights in diffusers' format."""
+        the model the engine serves; the LoRA's weights in diffusers' format. The job has the GPU to itself (no
+        request runs meanwhile); its memory plan (``plan.plan_training``) is checked before the first step and
+        told to ``on_note``, and moves the text encoder to host memory for the steps where they need the room."""
         from fluxserve.training.trainer import train_lora
 
         def work() -> dict:
@@ -166,9 +170,38 @@ class Engine:
                 trainable = ", ".join(key for key, model in self.catalog.models.items() if model.trainable)
                 raise InputError("model", f"{model_key} cannot be trained (a distilled model); train one of: "
                                  f"{trainable}")
-            return train_lora(self._model(model_key).pipe, examples, **options)
+            loaded = self._model(model_key)
+            references = int(any(getattr(example, "start", None) is not None for example in examples))
+            training = self._training_plan(loaded, options.get("resolution", 1024), options.get("rank", 16),
+                                           references)
+            if on_note is not None:
+                on_note(f"training placement: {training.describe()} (about {training.needed_bytes / plan.GIB:.1f} "
+                        f"GiB of {training.free_bytes / plan.GIB:.1f})" if training else
+                        f"training placement: everything in host memory on {self.device}")
+            offload = training is not None and training.offload_text_encoder
+            return train_lora(loaded.pipe, examples, offload_text_encoder=offload, **options)
 
         return self._runner.submit(work).result()
+
+    def _training_plan(self, loaded: LoadedModel, resolution: int, rank: int,
+                       references: int) -> plan.TrainingPlan | None:
+        """The training plan of a loaded model on this GPU, from the bytes its components hold there now and the
+        memory left (None off CUDA: no plan to make)."""
+        from fluxserve.engine.placement import device_bytes, free_gpu_bytes
+        from fluxserve.training.trainer import step_bytes
+
+        if self.device.type != "cuda":
+            return None
+        pipe = loaded.pipe
+        held = {name: device_bytes(getattr(pipe, name), self.device) for name in ("transformer", "text_encoder",
+                                                                                   "vae")}
+        sizes = {**held, "transformer_fp8": held["transformer"], "text_encoder_fp8": held["text_encoder"]}
+        free, total = free_gpu_bytes(self.device)
+        return plan.plan_training(sizes, transformer=loaded.placement.transformer,
+                                  text_encoder=loaded.placement.text_encoder,
+                                  step_bytes=step_bytes(pipe.transformer, resolution=resolution, rank=rank,
+                                                        references=references),
+                                  free_bytes=free + sum(held.values()), total_bytes=total)
 
     def _generate(
         self,

@@ -45,6 +45,15 @@ def module_bytes(module: nn.Module, dtype: torch.dtype | None = None) -> int:
     return sum(size for _, size in named_bytes(module, dtype))
 
 
+def device_bytes(module: nn.Module | None, device: torch.device | str) -> int:
+    """Bytes of ``module``'s parameters and buffers held on ``device``'s kind (0 for None)."""
+    if module is None:
+        return 0
+    kind = torch.device(device).type
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors if t.device.type == kind)
+
+
 def free_gpu_bytes(device: torch.device | str) -> tuple[int, int]:
     """(free, total) bytes of a CUDA device: the driver's free memory plus what PyTorch's caching allocator has
     reserved but does not use (it hands that out before asking the driver for more)."""

@@ -227,3 +227,70 @@ def plan_memory(sizes: Mapping[str, int], *, free_bytes: int, total_bytes: int |
 def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{what} placement {value!r}: choose one of {', '.join(choices)}")
+
+
+# ---- training ---------------------------------------------------------------------------------------------------
+# A LoRA training job takes the whole GPU. The frozen transformer stays as it is held for serving (bf16, or FP8
+# where that is how the model fits); its LoRA trains in float32 under bf16 autocast with gradient checkpointing.
+# The captions are embedded once, before the first step, so the text encoder is idle during the steps: when the
+# step's working memory does not fit beside it, it waits in host memory and comes back afterwards.
+
+def training_step_bytes(*, hidden: int, blocks: int, mlp_hidden: int, tokens: int, lora_parameters: int) -> int:
+    """Working memory of one LoRA training step beside the frozen weights: each block's input kept for the
+    backward pass (``tokens x hidden`` bf16 a block, gradient checkpointing), one block's activations and their
+    gradients while it is recomputed (about ``tokens x (8 hidden + 6 mlp_hidden)`` bf16, twice: Q/K/V, the
+    attention output, the SwiGLU input and output), and the LoRA's float32 weights, gradients and two AdamW
+    moments (16 bytes a parameter)."""
+    kept = 2 * tokens * hidden * blocks
+    block = 2 * 2 * tokens * (8 * hidden + 6 * mlp_hidden)
+    return kept + block + 16 * lora_parameters
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """Where a LoRA training job's parts are on one GPU."""
+
+    transformer: str  # bf16 | fp8: the frozen base, as held for serving
+    text_encoder: str  # resident | fp8 | stream: as held for serving
+    offload_text_encoder: bool  # moved to host memory for the steps
+    step_bytes: int
+    needed_bytes: int  # transformer + VAE + step + working memory (+ the text encoder when it stays)
+    free_bytes: int
+    reserve_bytes: int
+
+    def describe(self) -> str:
+        words = {"bf16": "bf16", "fp8": "FP8"}
+        text = f"frozen transformer {words[self.transformer]}, LoRA float32 with gradient checkpointing"
+        if self.text_encoder == "stream":
+            return f"{text}; text encoder streamed (in host memory during the steps)"
+        if self.offload_text_encoder:
+            return f"{text}; text encoder moved to host memory during the steps"
+        return f"{text}; text encoder stays on the GPU"
+
+    def as_dict(self) -> dict:
+        return {"transformer": self.transformer, "text_encoder": self.text_encoder,
+                "offload_text_encoder": self.offload_text_encoder, "summary": self.describe(),
+                "step_gib": round(self.step_bytes / GIB, 2), "needed_gib": round(self.needed_bytes / GIB, 2),
+                "free_gib": round(self.free_bytes / GIB, 2), "headroom_gib": round(self.reserve_bytes / GIB, 2)}
+
+
+def plan_training(sizes: Mapping[str, int], *, transformer: str, text_encoder: str, step_bytes: int,
+                  free_bytes: int, total_bytes: int | None = None, reserve_bytes: int | None = None) -> TrainingPlan:
+    """Whether a LoRA training step fits beside the model held as ``transformer`` / ``text_encoder``, and whether
+    the text encoder must leave the GPU for the steps. Raises ``DoesNotFit`` (streamed transformer, or too
+    little memory even with the text encoder in host memory)."""
+    if transformer not in ("bf16", "fp8"):
+        raise DoesNotFit("training needs the transformer resident on the GPU (bf16 or FP8); it is streamed from "
+                         "host memory here: serve the model with --transformer fp8")
+    reserve = headroom_bytes(total_bytes or free_bytes) if reserve_bytes is None else reserve_bytes
+    base = component_bytes(sizes, "transformer", transformer) + sizes.get("vae", 0) + step_bytes + reserve
+    encoder = 0 if text_encoder == "stream" else component_bytes(sizes, "text_encoder", text_encoder)
+    offload = base + encoder > free_bytes
+    if offload and base > free_bytes:
+        raise DoesNotFit(
+            f"training needs {base / GIB:.1f} GiB with the text encoder in host memory ({step_bytes / GIB:.1f} "
+            f"GiB for the step, {reserve / GIB:.1f} GiB of working memory) and {free_bytes / GIB:.1f} GiB is free"
+            + (": hold the transformer in FP8 (--transformer fp8), or train at a lower resolution"
+               if transformer == "bf16" else ": train at a lower resolution"))
+    return TrainingPlan(transformer, text_encoder, offload and encoder > 0, step_bytes,
+                        base if offload else base + encoder, free_bytes, reserve)

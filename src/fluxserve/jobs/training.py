@@ -36,7 +36,8 @@ def run_training(engine: Any, request: TrainingRequest, on_progress: ProgressCal
 
     state = engine.train(request.model, dataset.examples, steps=request.steps, learning_rate=request.learning_rate,
                          rank=request.rank, seed=request.seed, resolution=request.resolution, on_progress=progress,
-                         should_cancel=should_cancel)
+                         should_cancel=should_cancel,
+                         on_note=lambda note: on_progress(Progress(step=0, total=request.steps, message=note)))
     config = {**request.model_dump(exclude={"kind", "image_data_url"}), "images": len(dataset.examples)}
     with tempfile.TemporaryDirectory(prefix="fluxserve-lora-") as folder:
         path = os.path.join(folder, "lora.safetensors")

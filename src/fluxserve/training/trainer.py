@@ -49,6 +49,7 @@ SINGLE_BLOCK_TARGETS = ["to_qkv_mlp_proj"]
 GUIDANCE = 3.5  # the guidance embedding value [dev] trains at (klein base has no guidance embedding)
 SCHEDULE_STEPS = 50  # the step count FLUX.2's empirical shift is evaluated at: the base models' default
 REFERENCE_TIME = 10  # the time coordinate the FLUX.2 pipelines give the first reference image
+TEXT_TOKENS = 512  # the caption's embedded length (the pipelines' max_sequence_length)
 
 
 @dataclass
@@ -73,11 +74,13 @@ class _Cached:
 
 def train_lora(pipe, examples: list[Example], *, steps: int = 1000, learning_rate: float = 5e-5, rank: int = 16,
                seed: int = 0, resolution: int = 1024, on_progress: Callable[[TrainProgress], None] | None = None,
-               should_cancel: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
+               should_cancel: Callable[[], bool] | None = None,
+               offload_text_encoder: bool = False) -> dict[str, torch.Tensor]:
     """Train a LoRA on ``examples`` (objects with ``image``, ``caption`` and ``start``) for ``steps`` steps.
 
     Returns the diffusers-format state dict (``transformer.<module>.lora_A.weight`` / ``lora_B``). Raises
-    ``GenerationCancelled`` before the next step once ``should_cancel`` answers True.
+    ``GenerationCancelled`` before the next step once ``should_cancel`` answers True. ``offload_text_encoder``:
+    once the captions are embedded, the text encoder waits in host memory until the steps are done.
     """
     if not examples:
         raise ValueError("train_lora needs at least one example")
@@ -99,10 +102,11 @@ def train_lora(pipe, examples: list[Example], *, steps: int = 1000, learning_rat
     generator = torch.Generator().manual_seed(seed)
 
     cached = _encode_examples(pipe, examples, resolution)
+    parked = _in_host_memory(pipe.text_encoder) if offload_text_encoder else contextlib.nullcontext()
     if cuda:
         torch.cuda.empty_cache()
 
-    with _training_adapter(transformer, rank, seed, gradient_checkpointing=cuda) as parameters:
+    with parked, _training_adapter(transformer, rank, seed, gradient_checkpointing=cuda) as parameters:
         optimizer = torch.optim.AdamW(parameters, lr=learning_rate)
         guidance = torch.full([1], GUIDANCE, device=device) if transformer.config.guidance_embeds else None
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if mixed else contextlib.nullcontext()
@@ -183,6 +187,28 @@ def _renamed(pair: dict[str, torch.Tensor], target: str) -> dict[str, torch.Tens
     return {f"{target}.lora_{part}.weight": value for part, value in pair.items()}
 
 
+def lora_parameter_count(transformer, rank: int) -> int:
+    """Parameters of the LoRA ``train_lora`` adds at ``rank`` (works on a meta-device transformer)."""
+    targets = _target_modules(transformer)
+    return sum(rank * (module.in_features + module.out_features)
+               for name, module in transformer.named_modules()
+               if hasattr(module, "in_features") and any(name == t or name.endswith(f".{t}") for t in targets))
+
+
+def step_bytes(transformer, *, resolution: int, rank: int, references: int = 0) -> int:
+    """GPU working memory of one training step at ``resolution``² with ``references`` start images
+    (``plan.training_step_bytes``)."""
+    from fluxserve.engine import plan
+
+    config = transformer.config
+    hidden = config.num_attention_heads * config.attention_head_dim
+    width, height = _training_size(resolution, resolution, resolution)
+    tokens = (width // 16) * (height // 16) * (1 + references) + TEXT_TOKENS
+    return plan.training_step_bytes(hidden=hidden, blocks=config.num_layers + config.num_single_layers,
+                                    mlp_hidden=int(hidden * config.mlp_ratio), tokens=tokens,
+                                    lora_parameters=lora_parameter_count(transformer, rank))
+
+
 def _target_modules(transformer) -> list[str]:
     singles = [f"single_transformer_blocks.{i}.attn.to_out" for i in range(transformer.config.num_single_layers)]
     return DOUBLE_BLOCK_TARGETS + SINGLE_BLOCK_TARGETS + singles
@@ -243,6 +269,19 @@ def _training_adapter(transformer, rank: int, seed: int, *, gradient_checkpointi
             parameter.requires_grad_(name in trainable)
         for layer, mode in fp8_modes:
             layer.mode = mode  # exactly as it was
+
+
+@contextlib.contextmanager
+def _in_host_memory(module: torch.nn.Module) -> Iterator[None]:
+    """Move ``module`` to host memory (freeing its GPU memory) and back to where it was afterwards."""
+    device = next(module.parameters()).device
+    module.to("cpu")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    try:
+        yield
+    finally:
+        module.to(device)
 
 
 def _example_order(count: int, generator: torch.Generator) -> Iterator[int]:
