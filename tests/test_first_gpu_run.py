@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "first_gpu_run.py"
-PARTS = ("checks", "klein", "dev", "profile", "vae")
+PARTS = ("checks", "klein", "dev", "profile", "vae", "train")
 
 
 def run_script(tmp_path: Path, *args: str, timeout: int = 300) -> tuple[subprocess.CompletedProcess, Path]:
@@ -125,6 +125,29 @@ def test_tiny_vae_eager_and_compiled(tiny_run):
     assert vae["layout"] == "channels_last" and vae["compile_backend"] == "eager"
     assert positive(vae["eager_ms"]) and positive(vae["compiled_ms"]) and positive(vae["first_compiled_call_s"])
     assert vae["rel_error_vs_eager"] < 1e-5  # the same function
+
+
+def test_tiny_train_steps(tiny_run):
+    _, out = tiny_run
+    train = load(out, "train")
+    assert train["rank"] == 16 and set(train["rows"]) == {"klein-4b", "dev"}
+    for row in train["rows"].values():
+        assert positive(row["step_s"]) and positive(row["estimated_step_bytes"])
+        assert len(row["losses"]) == train["warmup_steps"] + train["measured_steps"]
+        assert all(positive(loss) for loss in row["losses"])
+    assert train["rows"]["klein-4b"]["precision"] == "float32"
+    assert train["rows"]["dev"]["precision"].startswith("fp8 weights")  # [dev] as an 80 GB GPU holds it
+
+
+def test_parts_and_dev_levels_choose_what_runs(tmp_path):
+    done, out = run_script(tmp_path, "--parts", "dev,profile", "--dev-levels", "none,regular")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    summary = load(out, "summary")
+    assert list(summary["parts"]) == ["dev", "profile"] and summary["run"]["dev_levels"] == ["none", "regular"]
+    assert set(load(out, "dev")["levels"]) == {"none", "regular"} and load(out, "profile")["level"] == "regular"
+    assert not (out / "klein.json").exists()
+    wrong, _ = run_script(tmp_path / "wrong", "--parts", "dev,warp")
+    assert wrong.returncode == 2 and "--parts 'dev,warp': choose from checks, klein" in wrong.stderr
 
 
 def test_tiny_budget_skips_parts_and_says_why(tmp_path):

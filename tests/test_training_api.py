@@ -141,12 +141,16 @@ def test_cancel_stops_a_training_job(server):
     assert job.status == "cancelled" and job.step < 10_000
 
 
-def test_a_trained_lora_url_changes_the_lora_endpoint(server):
-    result = fal_client.subscribe(DEV_TRAINER, arguments={"image_data_url": DATASET, "steps": 20, **FAST})
+@pytest.mark.parametrize(("trainer", "endpoint", "model"), [
+    (DEV_TRAINER, "fal-ai/flux-2/lora", "dev"),
+    (KLEIN_TRAINER, "fal-ai/flux-2/klein/4b/base/lora", "klein-4b-base"),
+])
+def test_a_trained_lora_url_changes_the_lora_endpoint(server, trainer, endpoint, model):
+    result = fal_client.subscribe(trainer, arguments={"image_data_url": DATASET, "steps": 20, **FAST})
     url = result["diffusers_lora_file"]["url"]
 
     def image(loras: list[dict]) -> np.ndarray:
-        out = fal_client.run("fal-ai/flux-2/lora", arguments={
+        out = fal_client.run(endpoint, arguments={
             "prompt": "a red square", "seed": 5, "num_inference_steps": 4, "loras": loras, **SMALL})
         data = httpx.get(out["images"][0]["url"], timeout=60).content
         return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32)
@@ -157,7 +161,7 @@ def test_a_trained_lora_url_changes_the_lora_endpoint(server):
     assert changed > 1.0  # of 255: the LoRA shows
     assert unscaled < changed / 10  # scale 0 is the base model, up to rounding in the adapter's path
     config = json.loads(httpx.get(result["config_file"]["url"], timeout=60).content)
-    assert config["model"] == "dev"
+    assert config["model"] == model
 
 
 @pytest.mark.usefixtures("loopback_fetches")  # the receiver listens on 127.0.0.1

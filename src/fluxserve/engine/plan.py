@@ -281,7 +281,7 @@ def plan_training(sizes: Mapping[str, int], *, transformer: str, text_encoder: s
     little memory even with the text encoder in host memory)."""
     if transformer not in ("bf16", "fp8"):
         raise DoesNotFit("training needs the transformer resident on the GPU (bf16 or FP8); it is streamed from "
-                         "host memory here: serve the model with --transformer fp8")
+                         "host memory here (serve it with --transformer fp8 on a GPU where that fits)")
     reserve = headroom_bytes(total_bytes or free_bytes) if reserve_bytes is None else reserve_bytes
     base = component_bytes(sizes, "transformer", transformer) + sizes.get("vae", 0) + step_bytes + reserve
     encoder = 0 if text_encoder == "stream" else component_bytes(sizes, "text_encoder", text_encoder)

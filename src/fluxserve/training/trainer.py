@@ -60,15 +60,15 @@ class TrainProgress:
 
 
 @dataclass
-class _Cached:
+class CachedExample:
     latents: torch.Tensor  # (1, C, H, W): patchified, normalised
     prompt_embeds: torch.Tensor
     text_ids: torch.Tensor
     reference: torch.Tensor | None  # packed start-image latents (1, N, C)
     reference_ids: torch.Tensor | None
 
-    def to(self, device: torch.device) -> _Cached:
-        return _Cached(*(None if value is None else value.to(device) for value in
+    def to(self, device: torch.device) -> CachedExample:
+        return CachedExample(*(None if value is None else value.to(device) for value in
                          (self.latents, self.prompt_embeds, self.text_ids, self.reference, self.reference_ids)))
 
 
@@ -91,22 +91,33 @@ def train_lora(pipe, examples: list[Example], *, steps: int = 1000, learning_rat
         raise ValueError("training needs the transformer resident on the GPU (bf16 or FP8), not streamed from "
                          "host memory")
     device = next(transformer.parameters()).device
-    cuda = device.type == "cuda"
-    mixed = cuda or transformer.dtype != torch.float32  # bf16 autocast for GPUs and low-precision weights
     if getattr(pipe, "_fluxserve_accel", None) is not None:
         # A serving pipeline: fused QKV would bypass the q/k/v adapters and compiled blocks cannot train. The
         # engine puts every request's own acceleration level back before it generates.
         from fluxserve.engine.accel import apply_acceleration
 
         apply_acceleration(pipe, "none", device)
-    generator = torch.Generator().manual_seed(seed)
-
     cached = _encode_examples(pipe, examples, resolution)
     parked = _in_host_memory(pipe.text_encoder) if offload_text_encoder else contextlib.nullcontext()
+    with parked:
+        return train_cached(transformer, cached, steps=steps, learning_rate=learning_rate, rank=rank, seed=seed,
+                            on_progress=on_progress, should_cancel=should_cancel)
+
+
+def train_cached(transformer, cached: list[CachedExample], *, steps: int, learning_rate: float, rank: int,
+                 seed: int, on_progress: Callable[[TrainProgress], None] | None = None,
+                 should_cancel: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
+    """The training steps of ``train_lora`` on examples already encoded (``CachedExample``): what the GPU
+    benchmark times, with random latents and embeddings of the real shapes."""
+    if not cached:
+        raise ValueError("train_cached needs at least one example")
+    device = next(transformer.parameters()).device
+    cuda = device.type == "cuda"
+    mixed = cuda or transformer.dtype != torch.float32  # bf16 autocast for GPUs and low-precision weights
+    generator = torch.Generator().manual_seed(seed)
     if cuda:
         torch.cuda.empty_cache()
-
-    with parked, _training_adapter(transformer, rank, seed, gradient_checkpointing=cuda) as parameters:
+    with _training_adapter(transformer, rank, seed, gradient_checkpointing=cuda) as parameters:
         optimizer = torch.optim.AdamW(parameters, lr=learning_rate)
         guidance = torch.full([1], GUIDANCE, device=device) if transformer.config.guidance_embeds else None
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if mixed else contextlib.nullcontext()
@@ -289,7 +300,7 @@ def _example_order(count: int, generator: torch.Generator) -> Iterator[int]:
         yield from torch.randperm(count, generator=generator).tolist()
 
 
-def _flow_matching_loss(transformer, example: _Cached, guidance: torch.Tensor | None,
+def _flow_matching_loss(transformer, example: CachedExample, guidance: torch.Tensor | None,
                         generator: torch.Generator) -> torch.Tensor:
     from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline, compute_empirical_mu
 
@@ -323,7 +334,7 @@ def _shifted_sigma(u: float, mu: float) -> float:
 
 
 @torch.no_grad()
-def _encode_examples(pipe, examples: list[Example], resolution: int) -> list[_Cached]:
+def _encode_examples(pipe, examples: list[Example], resolution: int) -> list[CachedExample]:
     """Latents and text embeddings of every example, computed once and kept in host memory (a step moves its
     example to the device); the encoders are not needed afterwards."""
     from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
@@ -340,7 +351,7 @@ def _encode_examples(pipe, examples: list[Example], resolution: int) -> list[_Ca
             start = _encode_image(pipe, example.start, resolution)
             reference_ids = Flux2Pipeline._prepare_image_ids([start], scale=REFERENCE_TIME)
             reference = Flux2Pipeline._pack_latents(start)
-        cached.append(_Cached(latents=_encode_image(pipe, example.image, resolution),
+        cached.append(CachedExample(latents=_encode_image(pipe, example.image, resolution),
                               prompt_embeds=prompt_embeds, text_ids=text_ids, reference=reference,
                               reference_ids=reference_ids))
     return cached
