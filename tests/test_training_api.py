@@ -11,6 +11,7 @@ import io
 import json
 import time
 import zipfile
+from dataclasses import replace
 
 import fal_client
 import httpx
@@ -139,6 +140,30 @@ def test_cancel_stops_a_training_job(server):
     assert isinstance(final, fal_client.Completed) and final.error_type == "cancelled"
     job = server.store.get(handle.request_id)
     assert job.status == "cancelled" and job.step < 10_000
+
+
+def test_a_training_job_has_the_gpu_to_itself(demo_settings, server):
+    """Two workers share the device's engine: while one trains, the other claims nothing (a generation waits in
+    the queue rather than on the busy GPU), and takes it once the training job ends."""
+    settings = replace(settings_for(demo_settings, "training_whole_gpu"), workers_per_device=2)
+    with Server(settings) as running:
+        fluxserve.compat.fal.use(running.url)
+        try:
+            training = fal_client.submit(KLEIN_TRAINER, arguments={"image_data_url": DATASET, "steps": 10_000, **FAST})
+            deadline = time.monotonic() + 120
+            while not running.store.get(training.request_id).step and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert running.store.get(training.request_id).step, "the training job never reported a step"
+            generation = fal_client.submit("fal-ai/flux-2/klein/4b", arguments={"prompt": "a cat", **SMALL})
+            for _ in range(10):  # the idle worker would have claimed it within its poll interval
+                time.sleep(0.2)
+                assert running.store.get(generation.request_id).status == "queued"
+            assert running.store.get(training.request_id).status == "running"
+            fal_client.cancel(KLEIN_TRAINER, training.request_id)
+            assert generation.get()["images"]
+            assert running.store.get(training.request_id).status == "cancelled"
+        finally:
+            fluxserve.compat.fal.use(server.url)  # the module's server again
 
 
 @pytest.mark.parametrize(("trainer", "endpoint", "model"), [
