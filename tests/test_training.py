@@ -45,7 +45,7 @@ def square(colour: tuple[int, int, int], size: int = 64) -> Image.Image:
 def examples(edit: bool = False) -> list[types.SimpleNamespace]:
     colours = {"red": (220, 30, 30), "blue": (30, 40, 200), "green": (20, 180, 60)}
     return [types.SimpleNamespace(image=square(colour), caption=f"a {name} square", name=name,
-                                  start=square((128, 128, 128)) if edit else None)
+                                  starts=[square((128, 128, 128))] if edit else [])
             for name, colour in colours.items()]
 
 
@@ -146,10 +146,28 @@ def test_edit_examples_condition_on_the_start_image(pipe, trained):
     assert any(not torch.equal(edit[key], state[key]) for key in state)
     shifted = examples(edit=True)
     for example in shifted:
-        example.start = square((10, 10, 10))
+        example.starts = [square((10, 10, 10))]
     other_start, _ = train(pipe, examples=shifted, steps=5)
     same_start, _ = train(pipe, examples=examples(edit=True), steps=5)
     assert any(not torch.equal(other_start[key], same_start[key]) for key in state)
+
+
+def test_edit_examples_with_several_start_images(pipe):
+    from fluxserve.training import trainer
+
+    two = examples(edit=True)
+    for example in two:
+        example.starts.append(square((250, 250, 10)))
+    cached = trainer._encode_examples(pipe, two, RESOLUTION)
+    one = trainer._encode_examples(pipe, examples(edit=True), RESOLUTION)
+    tokens = one[0].reference.shape[1]
+    assert cached[0].reference.shape[1] == 2 * tokens  # the second input's tokens follow the first's
+    assert cached[0].reference_ids[0, :tokens, 0].unique().tolist() == [10]  # time coordinates 10, then 20
+    assert cached[0].reference_ids[0, tokens:, 0].unique().tolist() == [20]
+    assert torch.equal(cached[0].reference[:, :tokens], one[0].reference)
+    with_two, progress = train(pipe, examples=two, steps=5)
+    with_one, _ = train(pipe, examples=examples(edit=True), steps=5)
+    assert len(progress) == 5 and any(not torch.equal(with_two[key], with_one[key]) for key in with_one)
 
 
 def test_fal_file_keeps_the_keys_and_metadata(trained, tmp_path):

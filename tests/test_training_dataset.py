@@ -65,8 +65,8 @@ def test_captions_default_caption_and_skipped_files_with_notes():
         "__MACOSX/._cat.png": b"\0\5\26\7", ".DS_Store": b"\0\0\0\1Bud1", "photos/": b"",
     })
     dataset = load_dataset(data, default_caption="a photo")
-    assert [(e.name, e.caption, e.image.size, e.image.mode, e.start) for e in dataset.examples] == [
-        ("cat", "a red cat", (320, 288), "RGB", None), ("dog", "a photo", (400, 300), "RGB", None)]
+    assert [(e.name, e.caption, e.image.size, e.image.mode, e.starts) for e in dataset.examples] == [
+        ("cat", "a red cat", (320, 288), "RGB", []), ("dog", "a photo", (400, 300), "RGB", [])]
     assert dataset.examples[0].image.getpixel((5, 5)) == RED
     notes = "\n".join(dataset.notes)
     assert "skipped notes.pdf: not an image" in notes
@@ -105,8 +105,25 @@ def test_edit_pairs_with_pair_captions():
     dataset = load_dataset(data, edit=True, default_caption="edit it")
     assert [(e.name, e.caption) for e in dataset.examples] == [("photo", "make it blue"), ("sub/b", "edit it")]
     photo = dataset.examples[0]
-    assert photo.image.getpixel((1, 1)) == BLUE and photo.start.getpixel((1, 1)) == RED
+    assert photo.image.getpixel((1, 1)) == BLUE and [s.getpixel((1, 1)) for s in photo.starts] == [RED]
     assert "skipped photo_start.txt: no image pair of that name (a pair's caption is ROOT.txt)" in dataset.notes
+
+
+def test_edit_pairs_with_up_to_four_start_images():
+    green, white = (20, 180, 60), (255, 255, 255)
+    data = zip_of({
+        "p_start.png": image_bytes(color=RED), "p_start3.png": image_bytes(color=white),
+        "p_Start2.png": image_bytes(color=green), "p_start4.png": image_bytes(color=BLUE),
+        "p_end.png": image_bytes(color=BLUE), "q_start.png": image_bytes(), "q_end.png": image_bytes(),
+    })
+    dataset = load_dataset(data, edit=True, default_caption="edit it")
+    p, q = dataset.examples
+    assert [s.getpixel((1, 1)) for s in p.starts] == [RED, green, white, BLUE]  # start, start2, start3, start4
+    assert len(q.starts) == 1
+    assert "ROOT_start2 to ROOT_start4" in refused(zip_of({"a_start.png": image_bytes(), "a_start5.png": image_bytes(),
+                                                           "a_end.png": image_bytes()}), edit=True, default_caption="x")
+    assert "a_end.png has no a_start image" in refused(
+        zip_of({"a_start2.png": image_bytes(), "a_end.png": image_bytes()}), edit=True, default_caption="x")
 
 
 @pytest.mark.parametrize(("files", "named"), [

@@ -118,7 +118,8 @@ class TrainerInput(BaseModel):
         description="URL to zip archive with images of a consistent style. Try to use at least 10 images, although "
         "more is better. The zip can also contain a text file for each image: the text file should have the same "
         "name as the image file it corresponds to (e.g. photo.jpg and photo.txt). For edit training, images come "
-        "in pairs ROOT_start.EXT (the input) and ROOT_end.EXT (the target), captioned by ROOT.txt.",
+        "in pairs ROOT_start.EXT (the input) and ROOT_end.EXT (the target), captioned by ROOT.txt; up to three more "
+        "inputs per pair are named ROOT_start2.EXT, ROOT_start3.EXT and ROOT_start4.EXT.",
     )
     steps: int = Field(1000, ge=1, le=10_000, strict=True, description="Total number of training steps.")
     learning_rate: float = Field(5e-5, gt=0, lt=1, description="Learning rate applied to trainable parameters.")

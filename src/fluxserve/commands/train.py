@@ -16,7 +16,7 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("train", help="train a LoRA on a zip or a directory of images in this process",
                                    description=__doc__)
     parser.add_argument("data", help="a zip or a directory of images, each with an optional same-named .txt caption "
-                        "(--edit: ROOT_start / ROOT_end pairs); see docs/training.md")
+                        "(--edit: ROOT_start / ROOT_end pairs, ROOT_start2-4 for more inputs); see docs/training.md")
     parser.add_argument("--model", default="klein-4b-base",
                         help="the model to train for: dev, klein-4b-base or klein-9b-base (default klein-4b-base)")
     parser.add_argument("--edit", action="store_true", help="an image-to-image LoRA from start/end pairs")

@@ -171,7 +171,7 @@ class Engine:
                 raise InputError("model", f"{model_key} cannot be trained (a distilled model); train one of: "
                                  f"{trainable}")
             loaded = self._model(model_key)
-            references = int(any(getattr(example, "start", None) is not None for example in examples))
+            references = max((len(getattr(example, "starts", [])) for example in examples), default=0)
             training = self._training_plan(loaded, options.get("resolution", 1024), options.get("rank", 16),
                                            references)
             if on_note is not None:

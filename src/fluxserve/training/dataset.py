@@ -3,7 +3,7 @@
 The format is fal's trainers': images (PNG, JPEG, WebP, AVIF, BMP, GIF, TIFF), each optionally captioned by a
 same-named ``.txt`` file (``cat.png`` + ``cat.txt``); ``default_caption`` captions the rest. Image-to-image
 (``edit``) datasets hold pairs ``ROOT_start.EXT`` (the input) and ``ROOT_end.EXT`` (the target), captioned by
-``ROOT.txt``. Non-image files, archives inside the archive and system files (``__MACOSX/``, ``.DS_Store``,
+``ROOT.txt``; a pair may have up to three more inputs, ``ROOT_start2`` to ``ROOT_start4`` (reference images). Non-image files, archives inside the archive and system files (``__MACOSX/``, ``.DS_Store``,
 hidden files) are skipped with a note.
 
 An archive is never extracted: its members are read in memory. Everything a header can tell is checked before
@@ -24,7 +24,7 @@ import zipfile
 import zlib
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -63,11 +63,12 @@ class DatasetLimits:
 
 @dataclass
 class Example:
-    """One training example: for edit datasets ``image`` is the END image (the target), ``start`` the input."""
+    """One training example: for edit datasets ``image`` is the END image (the target), ``starts`` the inputs
+    (``ROOT_start``, then ``ROOT_start2`` ... ``ROOT_start4`` where given); empty for text-to-image."""
 
     image: Image.Image
     caption: str
-    start: Image.Image | None = None
+    starts: list[Image.Image] = field(default_factory=list)
     name: str = ""  # the entry's path without its extension (the pair's ROOT for edit datasets), for logs
 
 
@@ -99,7 +100,7 @@ def load_dataset(source: str | os.PathLike | bytes, *, edit: bool = False, defau
         if not images:
             raise InputError(FIELD, "the archive holds no images (PNG, JPEG, WebP, AVIF, BMP, GIF or TIFF)")
         _check_sizes([*images.values(), *captions.values()], limits)
-        groups = _pairs(images) if edit else {stem: (entry, None) for stem, entry in images.items()}
+        groups = _pairs(images) if edit else {stem: (entry, []) for stem, entry in images.items()}
         texts = {stem: _caption(captions[stem]) for stem in groups if stem in captions}
         for stem in sorted(set(captions) - set(groups)):
             wanted = "image pair of that name (a pair's caption is ROOT.txt)" if edit else "image of that name"
@@ -113,9 +114,9 @@ def load_dataset(source: str | os.PathLike | bytes, *, edit: bool = False, defau
         decoder = _Decoder(limits)
         examples = []
         for stem in sorted(groups):
-            end, start = groups[stem]
+            end, starts = groups[stem]
             examples.append(Example(image=decoder.decode(end), caption=texts.get(stem) or default_caption or "",
-                                    start=decoder.decode(start) if start else None, name=stem))
+                                    starts=[decoder.decode(start) for start in starts], name=stem))
     return Dataset(examples, notes)
 
 
@@ -355,30 +356,40 @@ def _over_ratio(size: int, compressed: int, limits: DatasetLimits) -> bool:
     return size > RATIO_FLOOR and size > limits.max_ratio * max(compressed, 1)
 
 
-def _pairs(images: dict[str, _Entry]) -> dict[str, tuple[_Entry, _Entry | None]]:
-    """Edit datasets: ``ROOT_start`` / ``ROOT_end`` images by ROOT, as (end, start)."""
-    starts: dict[str, _Entry] = {}
+MAX_STARTS = 4  # ROOT_start, ROOT_start2, ROOT_start3, ROOT_start4
+_PAIR_PART = re.compile(r"^(.*)_(start([2-4])?|end)$", re.IGNORECASE)
+
+
+def _pairs(images: dict[str, _Entry]) -> dict[str, tuple[_Entry, list[_Entry]]]:
+    """Edit datasets: by ROOT, the ``ROOT_end`` image and its inputs ``ROOT_start`` (then ``ROOT_start2`` to
+    ``ROOT_start4``, in that order), as (end, starts)."""
+    starts: dict[str, dict[int, _Entry]] = {}
     ends: dict[str, _Entry] = {}
     for stem, entry in images.items():
-        lower = stem.lower()
-        if lower.endswith("_start"):
-            starts[stem[:-len("_start")]] = entry
-        elif lower.endswith("_end"):
-            ends[stem[:-len("_end")]] = entry
+        match = _PAIR_PART.match(stem)
+        if not match:
+            raise InputError(FIELD, f"{_short(entry.name)} is not named ROOT_start (ROOT_start2 to ROOT_start{MAX_STARTS} "
+                             "for more inputs) or ROOT_end; an edit dataset holds pairs such as photo_start.jpg and "
+                             "photo_end.jpg")
+        root, part, number = match.groups()
+        if part.lower() == "end":
+            ends[root] = entry
         else:
-            raise InputError(FIELD, f"{_short(entry.name)} is not named ROOT_start or ROOT_end; an edit dataset "
-                             "holds pairs such as photo_start.jpg and photo_end.jpg")
-    for root in sorted(set(starts) ^ set(ends)):
-        have, want = (starts[root], "end") if root in starts else (ends[root], "start")
-        raise InputError(FIELD, f"{_short(have.name)} has no {_short(root)}_{want} image to pair with")
-    return {root: (ends[root], starts[root]) for root in ends}
+            starts.setdefault(root, {})[int(number or 1)] = entry
+    for root in sorted(set(starts) | set(ends)):
+        if root not in ends:
+            have = min(starts[root].items())[1]
+            raise InputError(FIELD, f"{_short(have.name)} has no {_short(root)}_end image to pair with")
+        if 1 not in starts.get(root, {}):
+            raise InputError(FIELD, f"{_short(ends[root].name)} has no {_short(root)}_start image to pair with")
+    return {root: (ends[root], [starts[root][n] for n in sorted(starts[root])]) for root in ends}
 
 
 def _caption(entry: _Entry) -> str:
     return entry.read().decode("utf-8-sig", errors="replace").strip()
 
 
-def _missing_caption_name(stem: str, groups: dict[str, tuple[_Entry, _Entry | None]], edit: bool) -> str:
+def _missing_caption_name(stem: str, groups: dict[str, tuple[_Entry, list[_Entry]]], edit: bool) -> str:
     return f"{stem}.txt for {groups[stem][0].name}" if not edit else f"{stem}.txt for the pair {stem}"
 
 

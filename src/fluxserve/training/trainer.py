@@ -10,8 +10,9 @@ weights in the diffusers format that ``pipe.load_lora_weights`` and fal's ``/lor
 * each step takes one example (a seeded shuffle per pass over the data), noises its latents at a sigma drawn
   uniformly and shifted with FLUX.2's resolution-dependent schedule, and regresses the velocity
   ``noise - latents`` (mean squared error) with AdamW on the LoRA parameters only;
-* /edit examples carry a start image: its latents go in as the reference image, exactly as the FLUX.2 pipelines
-  condition editing (extra tokens after the noisy ones, time coordinate 10), and only the target is scored.
+* /edit examples carry one to four start images: their latents go in as the reference images, exactly as the
+  FLUX.2 pipelines condition editing (extra tokens after the noisy ones, time coordinates 10, 20, ...), and only
+  the target is scored.
 
 On CUDA, or with weights below float32, the step runs under bf16 autocast (on CUDA with gradient checkpointing)
 and the LoRA comes back in bf16; a float32 pipeline on the CPU trains in float32. The LoRA's initial weights, the
@@ -48,7 +49,7 @@ DOUBLE_BLOCK_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 SINGLE_BLOCK_TARGETS = ["to_qkv_mlp_proj"]
 GUIDANCE = 3.5  # the guidance embedding value [dev] trains at (klein base has no guidance embedding)
 SCHEDULE_STEPS = 50  # the step count FLUX.2's empirical shift is evaluated at: the base models' default
-REFERENCE_TIME = 10  # the time coordinate the FLUX.2 pipelines give the first reference image
+REFERENCE_TIME = 10  # the time coordinate the FLUX.2 pipelines give the first reference image (then 20, 30, ...)
 TEXT_TOKENS = 512  # the caption's embedded length (the pipelines' max_sequence_length)
 
 
@@ -64,7 +65,7 @@ class CachedExample:
     latents: torch.Tensor  # (1, C, H, W): patchified, normalised
     prompt_embeds: torch.Tensor
     text_ids: torch.Tensor
-    reference: torch.Tensor | None  # packed start-image latents (1, N, C)
+    reference: torch.Tensor | None  # packed start-image latents, one image after another (1, N, C)
     reference_ids: torch.Tensor | None
 
     def to(self, device: torch.device) -> CachedExample:
@@ -347,10 +348,10 @@ def _encode_examples(pipe, examples: list[Example], resolution: int) -> list[Cac
             embeddings[example.caption] = (prompt_embeds.cpu(), text_ids.cpu())
         prompt_embeds, text_ids = embeddings[example.caption]
         reference = reference_ids = None
-        if getattr(example, "start", None) is not None:
-            start = _encode_image(pipe, example.start, resolution)
-            reference_ids = Flux2Pipeline._prepare_image_ids([start], scale=REFERENCE_TIME)
-            reference = Flux2Pipeline._pack_latents(start)
+        starts = [_encode_image(pipe, start, resolution) for start in getattr(example, "starts", [])]
+        if starts:  # the inputs as the pipelines give reference images: time coordinates 10, 20, ...
+            reference_ids = Flux2Pipeline._prepare_image_ids(starts, scale=REFERENCE_TIME)
+            reference = torch.cat([Flux2Pipeline._pack_latents(start) for start in starts], dim=1)
         cached.append(CachedExample(latents=_encode_image(pipe, example.image, resolution),
                               prompt_embeds=prompt_embeds, text_ids=text_ids, reference=reference,
                               reference_ids=reference_ids))
