@@ -251,6 +251,19 @@ def _png() -> bytes:
     return buffer.getvalue()
 
 
+def _dataset_zip() -> bytes:
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    image, out = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (256, 256), (10, 200, 30)).save(image, "PNG")
+    with zipfile.ZipFile(out, "w") as archive:
+        archive.writestr("square.png", image.getvalue())
+    return out.getvalue()
+
+
 def _safetensors() -> bytes:
     import json
     import struct
@@ -314,6 +327,18 @@ def test_uploads_are_checked_owned_and_served_inert(server, fal_clients):
         edit = http.post("/fal-ai/flux-2/flash/edit", json={"prompt": "x", "image_urls": [bare], **SMALL},
                          headers=auth(server.keys.bob))
         assert edit.status_code == 422 and "not found" in str(edit.json()["detail"])
+
+        # a training dataset (a zip) uploads, comes back as a download, and is as private as any upload
+        dataset = alice.upload(_dataset_zip(), "application/zip", "dataset.zip")
+        assert httpx.get(dataset, timeout=30).headers["content-type"] == "application/octet-stream"
+        trainer = "/fal-ai/flux-2-klein-4b-base-trainer"
+        stolen = http.post(trainer, json={"image_data_url": dataset.split("?")[0], "steps": 1},
+                           headers=auth(server.keys.bob))
+        assert stolen.status_code == 422 and stolen.json()["detail"][0]["loc"] == ["body", "image_data_url"]
+        assert "not found on this server" in stolen.json()["detail"][0]["msg"]
+        own = http.post(trainer, json={"image_data_url": dataset.split("?")[0], "steps": 1, "resolution": 64,
+                                       "default_caption": "a square"}, headers=auth(server.keys.alice))
+        assert own.status_code == 200, own.text
 
 
 # ---- retention ---------------------------------------------------------------------------------------------------

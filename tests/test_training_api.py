@@ -107,6 +107,37 @@ def test_fal_client_trains_a_lora_with_step_and_loss_logs(server, tmp_path):
     assert settings["model"] == "klein-4b-base" and settings["steps"] == 6 and settings["images"] == 2
 
 
+def test_a_data_uri_dataset_is_stored_once_and_the_job_holds_its_url(server):
+    handle = fal_client.submit(KLEIN_TRAINER, arguments={"image_data_url": DATASET, "steps": 2, **FAST})
+    job = server.store.get(handle.request_id)
+    stored = job.request["image_data_url"]
+    assert stored.startswith(server.url + "/files/datasets/") and "token=" in stored
+    assert job.input["image_data_url"] == stored  # the recorded input too: no archive in the job's row
+    assert "data:" not in json.dumps(job.request) + json.dumps(job.input)
+    key = job.request["dataset_key"]
+    assert key.startswith("datasets/") and server.store.file_owner(key)[0]
+    assert base64.b64decode(DATASET.split(",", 1)[1]) == httpx.get(stored, timeout=60).content
+    assert handle.get()["diffusers_lora_file"]["file_size"] > 0
+    history = httpx.get(f"{server.url}/v1/models/requests/by-endpoint",
+                        params={"endpoint_id": KLEIN_TRAINER, "request_id": handle.request_id, "expand": "payloads"},
+                        timeout=60)
+    assert DATASET not in history.text
+
+
+def test_an_uploaded_dataset_is_read_from_storage(server):
+    archive = base64.b64decode(DATASET.split(",", 1)[1])
+    url = fal_client.upload(archive, "application/zip", file_name="dataset.zip")
+    assert url.startswith(server.url + "/files/")
+    result = fal_client.subscribe(KLEIN_TRAINER, arguments={"image_data_url": url, "steps": 2, **FAST})
+    assert result["config_file"]["file_size"] > 0
+    missing = httpx.post(f"{server.url}/{KLEIN_TRAINER}",
+                         json={"image_data_url": server.url + "/files/uploads/nothing-here.zip", "steps": 2},
+                         timeout=60)
+    assert missing.status_code == 422
+    assert missing.json()["detail"][0]["loc"] == ["body", "image_data_url"]
+    assert "not found on this server" in missing.json()["detail"][0]["msg"]
+
+
 def test_the_edit_trainer_learns_from_start_end_pairs(server):
     pairs = zip_uri({"a_start.png": square((128, 128, 128)), "a_end.png": square((220, 30, 30)),
                      "a.txt": b"make it red"})

@@ -67,14 +67,16 @@ class GenerationRequest(BaseModel):
 
 
 class TrainingRequest(BaseModel):
-    """What to train: a LoRA for ``model`` on the zip at ``image_data_url`` (an http(s) URL or a data URI, checked
-    before the job is queued). A job holds either this or a ``GenerationRequest``; ``kind`` tells them apart."""
+    """What to train: a LoRA for ``model`` on the zip at ``image_data_url`` (an http(s) URL, checked before the job
+    is queued) or, for a data URI or one of this server's files, at ``dataset_key`` in storage. A job holds either this or a ``GenerationRequest``; ``kind`` tells them apart."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     kind: Literal["train"] = "train"
     model: str = Field(description="catalogue model key of a trainable model, e.g. 'dev' or 'klein-4b-base'")
     image_data_url: str
+    dataset_key: str | None = Field(None, description="the archive in this server's storage (an upload, or a data "
+                                    "URI stored when the job was queued): read from there instead of the URL")
     edit: bool = Field(False, description="the zip holds ROOT_start / ROOT_end pairs: an image-to-image LoRA")
     steps: int = Field(1000, ge=1, le=10_000)
     learning_rate: float = Field(5e-5, gt=0, lt=1)

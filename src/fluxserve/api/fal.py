@@ -214,7 +214,7 @@ async def prepare(request: Request, spec: EndpointSpec
                   ) -> tuple[GenerationRequest | TrainingRequest, dict, FalInput | TrainerInput]:
     inp, body = await read_input(request, spec)
     if isinstance(inp, TrainerInput):
-        return await training_request(spec, inp), body, inp
+        return await training_request(request, spec, inp, body), body, inp
     gen = generation_request(spec, inp)
     if getattr(inp, "loras", None):
         presets = len(spec.loras)

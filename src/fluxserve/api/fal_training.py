@@ -1,32 +1,70 @@
 """fal's FLUX.2 trainer endpoints: their input as a ``TrainingRequest`` (the dataset fetched, read and checked
 before the job is queued, so a bad archive is a 422 naming the field before any GPU time) and a finished
-training job as fal's ``{diffusers_lora_file, config_file}``."""
+training job as fal's ``{diffusers_lora_file, config_file}``.
+
+Where the archive lives: an http(s) URL elsewhere is fetched again by the worker; one of this server's files (an
+upload, e.g. ``fal_client.upload_file``) is read from storage, the caller's own or by its signed URL; a data URI
+is stored as the caller's file when the job is queued, and the job (its request and its recorded input) holds
+that file's signed URL, not the archive."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from fastapi import Request
+
 from fluxserve import fetch
+from fluxserve.api.auth import caller
+from fluxserve.api.common import base_url, may_reference, own_file_key
 from fluxserve.api.errors import FalValidationError, from_field_error
 from fluxserve.api.fal_schemas import TrainerInput
 from fluxserve.api.file_urls import file_url
+from fluxserve.api.upload_types import ZIP
 from fluxserve.catalog import EndpointSpec
+from fluxserve.inputs import data_uri_bytes
 from fluxserve.request import InputError, TrainingRequest
-from fluxserve.training.dataset import check_api_source, load_dataset
+from fluxserve.training.dataset import FIELD, check_api_source, load_dataset
 
 
-async def training_request(spec: EndpointSpec, inp: TrainerInput) -> TrainingRequest:
-    request = TrainingRequest(model=spec.model, image_data_url=inp.image_data_url, edit=spec.pairs, steps=inp.steps,
-                              learning_rate=inp.learning_rate, default_caption=inp.default_caption,
-                              output_lora_format=inp.output_lora_format, seed=inp.seed or 0,
-                              resolution=inp.resolution)
+async def training_request(request: Request, spec: EndpointSpec, inp: TrainerInput, body: dict) -> TrainingRequest:
+    """The job's request; ``body`` (the input as recorded) gets the stored file's URL in place of a data URI."""
+    training = TrainingRequest(model=spec.model, image_data_url=inp.image_data_url, edit=spec.pairs, steps=inp.steps,
+                               learning_rate=inp.learning_rate, default_caption=inp.default_caption,
+                               output_lora_format=inp.output_lora_format, seed=inp.seed or 0,
+                               resolution=inp.resolution)
     try:
-        check_api_source(request.image_data_url)
-        await fetch.run_blocking(load_dataset, request.image_data_url, edit=request.edit,
-                                 default_caption=request.default_caption)
+        check_api_source(training.image_data_url)
+        key, stored = await fetch.run_blocking(_read_dataset, request, training)
     except InputError as exc:
         raise FalValidationError(from_field_error(exc)) from None
-    return request
+    training.dataset_key = key
+    if stored:
+        training.image_data_url = body["image_data_url"] = file_url(base_url(request), key)
+    return training
+
+
+def _read_dataset(request: Request, training: TrainingRequest) -> tuple[str | None, bool]:
+    """Check the dataset (blocking): (its storage key or None for a URL elsewhere, whether it was stored now)."""
+    storage, url = request.app.state.storage, training.image_data_url.strip()
+    options = {"edit": training.edit, "default_caption": training.default_caption}
+    if url.lower().startswith("data:"):
+        data = data_uri_bytes(url, FIELD)
+        load_dataset(data, **options)
+        key = storage.put(data, ZIP, prefix="datasets", filename="dataset.zip")
+        request.app.state.store.add_file(key, caller(request).key_id)
+        return key, True
+    key = own_file_key(request, url)
+    if key is None:
+        load_dataset(url, **options)  # through the guarded fetcher
+        return None, False
+    try:
+        if not may_reference(request, url, key):
+            raise KeyError(key)  # another key's file: as if it did not exist
+        data, _ = storage.get(key)
+    except KeyError:
+        raise InputError(FIELD, f"file {key!r} not found on this server") from None
+    load_dataset(data, **options)
+    return key, False
 
 
 def training_output(base: str, job: Any) -> dict[str, Any]:

@@ -1,15 +1,20 @@
-"""What an upload may be: images (PNG, JPEG, WebP, AVIF, GIF) and LoRA weights (safetensors), recognised by
-their bytes, never by the declared content type or file name."""
+"""What an upload may be: images (PNG, JPEG, WebP, AVIF, GIF), LoRA weights (safetensors) and zip archives (LoRA
+training datasets), recognised by their bytes, never by the declared content type or file name. A zip is only
+ever read by the dataset loader (``fluxserve.training.dataset``), which never extracts it, and is served back
+as a download."""
 
 from __future__ import annotations
 
+import io
 import json
 import struct
+import zipfile
 
 from fluxserve.inputs import image_type
 
 SAFETENSORS = "application/vnd.safetensors"
-ACCEPTED = "PNG, JPEG, WebP, AVIF or GIF images, or safetensors LoRA weights"
+ZIP = "application/zip"
+ACCEPTED = "PNG, JPEG, WebP, AVIF or GIF images, safetensors LoRA weights, or zip archives (training datasets)"
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
 
@@ -27,6 +32,15 @@ def is_safetensors(data: bytes) -> bool:
     return isinstance(header, dict)
 
 
+def is_zip(data: bytes) -> bool:
+    """True for a zip archive: a local file header first and an end-of-central-directory record at the end."""
+    return data[:4] == b"PK\x03\x04" and zipfile.is_zipfile(io.BytesIO(data))
+
+
 def sniff(data: bytes) -> str | None:
     """The content type an upload is stored and served with, or None when it is not accepted."""
-    return image_type(data) or (SAFETENSORS if is_safetensors(data) else None)
+    if kind := image_type(data):
+        return kind
+    if is_safetensors(data):
+        return SAFETENSORS
+    return ZIP if is_zip(data) else None

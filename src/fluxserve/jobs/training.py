@@ -22,12 +22,13 @@ class TrainedLora:
     config: dict[str, Any]
 
 
-def run_training(engine: Any, request: TrainingRequest, on_progress: ProgressCallback,
+def run_training(engine: Any, storage: Storage, request: TrainingRequest, on_progress: ProgressCallback,
                  should_cancel: CancelCheck) -> TrainedLora:
     from fluxserve.training.dataset import load_dataset
     from fluxserve.training.trainer import save_lora
 
-    dataset = load_dataset(request.image_data_url, edit=request.edit, default_caption=request.default_caption)
+    source = storage.get(request.dataset_key)[0] if request.dataset_key else request.image_data_url
+    dataset = load_dataset(source, edit=request.edit, default_caption=request.default_caption)
     for note in dataset.notes:
         on_progress(Progress(step=0, total=request.steps, message=note))
 
@@ -38,7 +39,7 @@ def run_training(engine: Any, request: TrainingRequest, on_progress: ProgressCal
                          rank=request.rank, seed=request.seed, resolution=request.resolution, on_progress=progress,
                          should_cancel=should_cancel,
                          on_note=lambda note: on_progress(Progress(step=0, total=request.steps, message=note)))
-    config = {**request.model_dump(exclude={"kind", "image_data_url"}), "images": len(dataset.examples)}
+    config = {**request.model_dump(exclude={"kind", "image_data_url", "dataset_key"}), "images": len(dataset.examples)}
     with tempfile.TemporaryDirectory(prefix="fluxserve-lora-") as folder:
         path = os.path.join(folder, "lora.safetensors")
         save_lora(state, path, format=request.output_lora_format, metadata={"fluxserve": json.dumps(config)})

@@ -230,7 +230,7 @@ class Worker:
         started = time.perf_counter()
         try:
             if job.kind == "train":
-                return run_training(self.engine, request, on_progress, should_cancel)
+                return run_training(self.engine, self.storage, request, on_progress, should_cancel)
             result = self.engine.generate(request, on_progress, should_cancel)
         except (GenerationCancelled, InputError) as e:
             return e
