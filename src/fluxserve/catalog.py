@@ -44,6 +44,10 @@ class EndpointSpec:
     max_references: int = 0
     max_input_megapixels: float = 14.0
     pairs: bool = False  # a trainer whose datasets hold ROOT_start / ROOT_end pairs (image-to-image LoRAs)
+    # Where the gateway sends a request, in order: "PROVIDER:TARGET" (an upstream's endpoint or model) or
+    # "local" (this server's GPUs, the preset above). Routes to providers without a configured upstream are
+    # skipped; without any, the endpoint runs locally as before.
+    routes: tuple[str, ...] = ()
 
     @property
     def is_edit(self) -> bool:
@@ -100,6 +104,7 @@ class Catalog:
                 max_references=e.get("max_references", 0),
                 max_input_megapixels=float(e.get("max_input_megapixels", 14.0)),
                 pairs=e.get("pairs", False),
+                routes=tuple(_routes(path, eid, e.get("routes", []))),
             )
         openai = dict(data.get("openai_models", {}))
         default = openai.pop("default", "flux-2-dev")
@@ -125,6 +130,18 @@ class Catalog:
 
     def model_for(self, endpoint_id: str) -> ModelSpec:
         return self.models[self.endpoint(endpoint_id).model]
+
+
+ROUTE_PROVIDERS = ("fal", "replicate")
+
+
+def _routes(path: Path, endpoint_id: str, routes: list) -> list[str]:
+    for route in routes:
+        provider, _, target = str(route).partition(":")
+        if route != "local" and (provider not in ROUTE_PROVIDERS or not target):
+            raise ValueError(f"{path}: endpoint {endpoint_id!r}: route {route!r} is neither 'local' nor "
+                             f"PROVIDER:TARGET with a provider of {', '.join(ROUTE_PROVIDERS)}")
+    return [str(route) for route in routes]
 
 
 def _prices(path: Path, table: dict, endpoints: dict[str, EndpointSpec]) -> tuple[dict[str, Price], str]:

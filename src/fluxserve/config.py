@@ -47,6 +47,27 @@ class Settings:
     # ---- limits at the edge (fluxserve.api.limits): 413 / 4xx naming the field in each dialect ----
     max_body_mb: int = 32  # request bodies other than file uploads (FLUXSERVE_MAX_UPLOAD_MB caps those)
     max_prompt_chars: int = 8192  # FLUX.2 reads at most 512 tokens of a prompt
+    # ---- the gateway (fluxserve.upstream): providers that serve the closed models ----
+    upstream: str = ""  # NAME=URL,... e.g. fal=https://queue.fal.run; keys: FLUXSERVE_UPSTREAM_<NAME>_KEY
+    gateway_workers: int = 8  # requests sent upstream at once by each serve process
+
+    @property
+    def upstreams(self) -> dict[str, str]:
+        """``upstream`` as provider -> base URL."""
+        out: dict[str, str] = {}
+        for item in filter(None, (part.strip() for part in self.upstream.split(","))):
+            name, sep, url = item.partition("=")
+            if not sep or not name.strip() or not url.strip().startswith(("http://", "https://")):
+                raise ValueError(f"upstream {item!r}: expected NAME=URL, e.g. fal=https://queue.fal.run")
+            out[name.strip()] = url.strip()
+        return out
+
+    @staticmethod
+    def upstream_key(name: str) -> str | None:
+        """The key for provider ``name``: ``FLUXSERVE_UPSTREAM_<NAME>_KEY`` (or ``_TOKEN``), from the
+        environment only (never a flag, never stored)."""
+        prefix = f"FLUXSERVE_UPSTREAM_{name.upper()}"
+        return os.environ.get(f"{prefix}_KEY") or os.environ.get(f"{prefix}_TOKEN") or None
 
     @property
     def db_url(self) -> str:

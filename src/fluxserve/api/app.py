@@ -67,6 +67,16 @@ def favicon_png() -> bytes:
     return buffer.getvalue()
 
 
+def open_gateway(settings: Settings, catalog: Catalog):
+    """The gateway over the configured upstreams, or None without any (every endpoint runs locally)."""
+    from fluxserve.upstream.gateway import Gateway, open_upstreams
+
+    upstreams = settings.upstreams
+    if not upstreams:
+        return None
+    return Gateway(catalog, open_upstreams(upstreams, {name: settings.upstream_key(name) for name in upstreams}))
+
+
 def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
     from fluxserve.engine import engines_for
     from fluxserve.jobs.identity import ProcessSlot
@@ -97,12 +107,20 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
     # this process's slot on the machine: its jobs are recovered at once if it is killed and started again
     slot = ProcessSlot.acquire(settings.data_dir, "serve")
     per_device = max(1, settings.workers_per_device) if start_workers else 0
-    worker_ids = iter(slot.auto_worker_ids(per_device * len(engines)))
+    gateway = open_gateway(settings, catalog)
+    gateway_workers = max(1, settings.gateway_workers) if gateway is not None and start_workers else 0
+    worker_ids = iter(slot.auto_worker_ids(per_device * len(engines) + gateway_workers))
+    local_kinds = ["generate", "train"] if gateway is not None else None  # upstream jobs are the gateway's
     workers = [
-        Worker(store, engine, storage, worker_id=next(worker_ids), on_finished=on_finished)
+        Worker(store, engine, storage, worker_id=next(worker_ids), on_finished=on_finished, kinds=local_kinds)
         for engine in engines
         for _ in range(per_device)
+    ] + [
+        Worker(store, gateway, storage, worker_id=next(worker_ids), on_finished=on_finished, kinds=["upstream"])
+        for _ in range(gateway_workers)
     ]
+    if gateway is not None:
+        store.endpoint_kind = gateway.kind_for
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

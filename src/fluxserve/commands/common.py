@@ -23,6 +23,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         choices=["auto", "resident", "fp8", "stream"],
                         help="how the text encoder is held on CUDA: resident (bf16), fp8, or stream (host "
                         "memory, layer by layer; no prompt expansion); default: auto")
+    parser.add_argument("--upstream", action="append", metavar="NAME=URL",
+                        help="a provider that serves the closed models' routes (repeatable), e.g. "
+                        "fal=https://queue.fal.run; its key from FLUXSERVE_UPSTREAM_<NAME>_KEY (see docs/gateway.md)")
     parser.add_argument("--fetch-allow", metavar="CIDR[:PORT],...",
                         help="internal addresses that reference image, LoRA and webhook URLs may reach, e.g. "
                         "10.0.0.0/8 or 192.168.1.5:8080 (default: none; loopback, private and link-local "
@@ -40,11 +43,13 @@ def settings_from_args(args: argparse.Namespace, **extra) -> Settings:
         "transformer_placement": getattr(args, "transformer_placement", None),
         "text_encoder_placement": getattr(args, "text_encoder_placement", None),
         "fetch_allow": getattr(args, "fetch_allow", None),
+        "upstream": ",".join(args.upstream) if getattr(args, "upstream", None) else None,
     }
     overrides.update(extra)
     settings = Settings.from_env(**overrides)
     try:
         fetch.configure(fetch.FetchPolicy.from_settings(settings))
+        settings.upstreams  # noqa: B018 - a malformed --upstream stops here, naming it
     except ValueError as exc:
         raise SystemExit(f"fluxserve: {exc}") from None
     return settings

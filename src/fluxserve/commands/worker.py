@@ -29,8 +29,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--models", help="only take jobs for these catalogue model keys, comma-separated "
                         "(default: any)")
     parser.add_argument("--jobs", default="generate,train",
-                        help="the job kinds to take, comma-separated: generate, train (default both); a fleet with "
-                        "GPUs kept for generation never has them taken by a long training job")
+                        help="the job kinds to take, comma-separated: generate, train, upstream (default generate,"
+                        "train); a fleet with GPUs kept for generation never has them taken by a long training job; "
+                        "upstream workers send the closed models' requests to the --upstream providers and need no GPU")
     parser.add_argument("--lease", type=float, default=30.0,
                         help="seconds without a heartbeat after which another worker may take a job (default 30)")
     parser.add_argument("--grace", type=float, default=30.0,
@@ -46,6 +47,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fluxserve.api.app import open_gateway
     from fluxserve.api.metrics import Metrics
     from fluxserve.catalog import Catalog
     from fluxserve.engine import engines_for
@@ -73,22 +75,31 @@ def run(args: argparse.Namespace) -> int:
     except SlotBusy as e:
         print(f"error: --worker-id: {e}", file=sys.stderr)
         return 2
+    gateway = open_gateway(settings, catalog) if "upstream" in kinds else None
+    if "upstream" in kinds and gateway is None:
+        print("error: --jobs upstream: no provider is configured (--upstream fal=URL)", file=sys.stderr)
+        return 2
     store = JobStore(settings.db_url)
     storage = open_storage(settings.storage_location)
-    engines = engines_for(settings, catalog)
+    local_kinds = [kind for kind in kinds if kind != "upstream"]
+    engines = engines_for(settings, catalog) if local_kinds else []
     per_device = max(1, settings.workers_per_device)
-    count = per_device * len(engines)
+    engine_list = [engine for engine in engines for _ in range(per_device)]
+    engine_list += [gateway] * (max(1, settings.gateway_workers) if gateway is not None else 0)
+    count = len(engine_list)
     if args.worker_id:
         base_id = args.worker_id
-        ids = [base_id if count == 1 else f"{base_id}-{d}-{i}" for d in range(len(engines)) for i in range(per_device)]
+        names = [f"{d}-{i}" for d in range(len(engines)) for i in range(per_device)]
+        names += [f"upstream-{n}" for n in range(count - len(names))]
+        ids = [base_id] if count == 1 else [f"{base_id}-{name}" for name in names]
     else:
         base_id = slot.process_id
         ids = slot.auto_worker_ids(count)
     metrics = Metrics(None, catalog.endpoints)  # served with the probes (--health-port)
     workers = [
         Worker(store, engine, storage, worker_id=worker_id, on_finished=metrics.finished, lease_s=args.lease,
-               models=models, kinds=kinds)
-        for worker_id, engine in zip(ids, [engine for engine in engines for _ in range(per_device)], strict=True)
+               models=models, kinds=["upstream"] if engine is gateway else local_kinds)
+        for worker_id, engine in zip(ids, engine_list, strict=True)
     ]
     recovered = slot.start(store, ids)
     print(f"fluxserve worker: {count} worker(s) {base_id} on {store!r}, storage {storage!r}"

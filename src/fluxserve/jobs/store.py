@@ -61,7 +61,7 @@ from fluxserve.jobs.models import secrets as secrets_table
 
 log = logging.getLogger(__name__)
 
-JOB_KINDS = ("generate", "train")
+JOB_KINDS = ("generate", "train", "upstream")
 STATUSES = ("queued", "running", "completed", "failed", "cancelled")
 TERMINAL = frozenset(("completed", "failed", "cancelled"))
 ACTIVE = ("queued", "running")
@@ -141,7 +141,7 @@ class Job:
     owner: str | None = None  # the submitting API key's id; None when the API ran without keys
     caller: str | None = None  # the server process holding a synchronous caller's connection
     first_progress_at: datetime | None = None  # when the worker reported the first progress event
-    kind: str = "generate"  # "generate" | "train": the request's kind (JOB_KINDS)
+    kind: str = "generate"  # "generate" | "train" | "upstream" (a request the gateway sends to a provider)
 
     @property
     def terminal(self) -> bool:
@@ -391,6 +391,8 @@ class JobStore:
         )
         self.max_attempts = max_attempts
         self.poll_s = poll_s
+        # endpoint -> the kind of job a request for it makes (the gateway's "upstream"), None for the default
+        self.endpoint_kind: Callable[[str], str | None] | None = None
         self._cond = threading.Condition()
         self._version = 0  # bumped on every state change made through this object
         self._job_versions: dict[str, int] = {}  # per job, only while someone waits on it
@@ -674,7 +676,8 @@ class JobStore:
             "created_at": now, "updated_at": now, "attempts": 0, "cancel_requested": False,
             "timeout_at": now + timedelta(seconds=timeout_s) if timeout_s else None,
             "store_io": store_io, "webhook": webhook, "owner": owner, "caller": caller,
-            "kind": str(request.get("kind") or "generate"),
+            "kind": str(request.get("kind") or (self.endpoint_kind(endpoint) if self.endpoint_kind else None)
+                        or "generate"),
         }
         names = ", ".join(f'"{name}"' for name in values)
         try:
@@ -971,6 +974,22 @@ class JobStore:
         if job is not None:
             self._terminated([job_id])
         return job
+
+    def reroute(self, job_id: str, worker_id: str, kind: str, lines: list[dict] | None = None) -> bool:
+        """Give a running job back to the queue as another kind of job (the gateway handing a request to this
+        server's GPU workers), with the log lines that say why; it keeps its place by age."""
+        if lines:
+            self.report(job_id, worker_id, lines=lines)
+        with self._write() as conn:
+            count = conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.worker_id == worker_id, jobs.c.status == "running")
+                .values(status="queued", kind=kind, worker_id=None, lease_expires_at=None, updated_at=utcnow(),
+                        attempts=jobs.c.attempts - 1)
+            ).rowcount
+        self._leases.pop(job_id, None)
+        self._changed(job_id, work=True)
+        return count == 1
 
     def release(self, job_id: str, worker_id: str) -> bool:
         """Give a running job back to the queue (a worker shutting down); it keeps its place by age."""

@@ -42,6 +42,7 @@ from fluxserve.request import (
     TrainingRequest,
 )
 from fluxserve.storage import Storage
+from fluxserve.upstream.gateway import RunLocally
 from fluxserve.usage import billable
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ _engine_locks_guard = threading.Lock()
 
 
 def _engine_lock(engine: Any) -> threading.Lock:
+    if not getattr(engine, "gpu", True):  # the gateway: no device to take turns on
+        return threading.Lock()
     with _engine_locks_guard:
         try:
             return _engine_locks.setdefault(engine, threading.Lock())
@@ -231,14 +234,17 @@ class Worker:
         try:
             if job.kind == "train":
                 return run_training(self.engine, self.storage, request, on_progress, should_cancel)
-            result = self.engine.generate(request, on_progress, should_cancel)
-        except (GenerationCancelled, InputError) as e:
+            if hasattr(self.engine, "run_job"):  # the gateway: the endpoint's routes
+                result = self.engine.run_job(job, request, on_progress, should_cancel)
+            else:
+                result = self.engine.generate(request, on_progress, should_cancel)
+        except (GenerationCancelled, InputError, RunLocally) as e:
             return e
         except Exception as e:
             log.exception("job %s failed on worker %s", job.id, self.worker_id)
             return e
         finally:
-            run.engine_seconds = time.perf_counter() - started
+            run.engine_seconds = time.perf_counter() - started if getattr(self.engine, "gpu", True) else 0.0
         result.timings.setdefault("inference", run.engine_seconds)
         return result
 
@@ -299,6 +305,9 @@ class Worker:
                 log.info("worker %s stopping: job %s returned to the queue", wid, job.id)
             else:
                 log.warning("worker %s lost the lease on job %s; leaving it to its new worker", wid, job.id)
+            return None
+        if isinstance(outcome, RunLocally):
+            store.reroute(job.id, wid, "generate", lines)
             return None
         if isinstance(outcome, InputError):
             return store.fail(job.id, str(outcome), "validation_error", worker_id=wid, lines=lines,

@@ -1,0 +1,186 @@
+"""The gateway: an endpoint's routes tried in order, the request translated for each provider.
+
+A job for an endpoint with a configured upstream route is queued with kind ``upstream`` and taken by gateway
+workers (``Worker`` with a ``Gateway`` as its engine: no GPU, several at once). The first route that serves
+wins; a connection error, timeout, 429 or 5xx moves on to the next; a 4xx from a provider is the caller's error
+and ends the job as a validation error naming the field. The route ``local`` hands the job back to the queue
+as an ordinary generation for this server's GPU workers. Outputs are downloaded and stored like local ones,
+so URLs, retention and tenancy stay fluxserve's; the provider's logs are relayed to the job's logs.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import mimetypes
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from fluxserve.catalog import Catalog, EndpointSpec
+from fluxserve.request import GeneratedImage, GenerationRequest, GenerationResult, InputError, Progress
+from fluxserve.upstream.errors import UpstreamError
+from fluxserve.upstream.fal import FalUpstream
+
+log = logging.getLogger(__name__)
+
+LOCAL = "local"
+UPSTREAM_KIND = "upstream"
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+class RunLocally(Exception):
+    """The next route is this server's own GPUs: the job goes back to the queue as a generation."""
+
+
+class Gateway:
+    """The engine of gateway workers. ``upstreams``: provider name -> client (``FalUpstream``)."""
+
+    gpu = False  # no device behind it: workers sharing it do not take turns, and record no GPU seconds
+
+    def __init__(self, catalog: Catalog, upstreams: dict[str, Any]):
+        self.catalog = catalog
+        self.upstreams = upstreams
+
+    def routes(self, endpoint_id: str) -> list[str]:
+        """The endpoint's routes that can be taken here: those of configured providers, and ``local``."""
+        spec = self.catalog.endpoints.get(endpoint_id)
+        if spec is None:
+            return []
+        return [route for route in spec.routes if route == LOCAL or route.partition(":")[0] in self.upstreams]
+
+    def kind_for(self, endpoint_id: str) -> str | None:
+        """``upstream`` for an endpoint whose first usable route is a provider (the store's job kind)."""
+        routes = self.routes(endpoint_id)
+        return UPSTREAM_KIND if routes and routes[0] != LOCAL else None
+
+    def run_job(self, job: Any, request: GenerationRequest, on_progress: Callable[[Progress], None],
+                should_cancel: Callable[[], bool]) -> GenerationResult:
+        spec = self.catalog.endpoint(job.endpoint)
+        tried: list[str] = []
+        for route in self.routes(job.endpoint):
+            if route == LOCAL:
+                on_progress(Progress(step=0, total=0, message=_fell_back(tried, "this server's GPUs")))
+                raise RunLocally(job.endpoint)
+            provider, _, target = route.partition(":")
+            on_progress(Progress(step=0, total=0, message=f"routing to {provider} ({target})"))
+            try:
+                return self._run_route(provider, target, spec, job, request, on_progress, should_cancel)
+            except UpstreamError as exc:
+                if not exc.retryable:
+                    raise InputError(exc.field or "request", exc.message) from None
+                log.warning("route %s of %s failed: %s", route, job.endpoint, exc.message)
+                on_progress(Progress(step=0, total=0, message=f"{provider} failed: {exc.message}"))
+                tried.append(provider)
+        raise UpstreamError(f"every route of {job.endpoint} failed ({', '.join(tried) or 'none configured'})",
+                            retryable=False)
+
+    def _run_route(self, provider: str, target: str, spec: EndpointSpec, job: Any, request: GenerationRequest,
+                   on_progress: Callable[[Progress], None], should_cancel: Callable[[], bool]) -> GenerationResult:
+        upstream = self.upstreams[provider]
+        arguments = fal_arguments(spec, request, job.input if job.dialect == "fal" else None)
+
+        def relay(message: str) -> None:
+            on_progress(Progress(step=0, total=0, message=f"{provider}: {message}"))
+
+        images: list[GeneratedImage] = []
+        seed = request.seed
+        # A provider endpoint without num_images ([pro], [flex]) makes one image a call: n is emulated.
+        calls = 1 if "num_images" in arguments else request.num_images
+        for index in range(calls):
+            if calls > 1 and seed is not None:
+                arguments["seed"] = seed + index
+            output = upstream.run(target, arguments, on_log=relay, should_cancel=should_cancel)
+            seed = output.get("seed", seed) if index == 0 else seed
+            nsfw = output.get("has_nsfw_concepts") or []
+            for position, image in enumerate(output.get("images") or []):
+                flagged = bool(nsfw[position]) if position < len(nsfw) else False
+                images.append(self._fetched(upstream, image, request.output_format, flagged))
+        if not images:
+            raise UpstreamError(f"{provider} returned no images", retryable=True)
+        return GenerationResult(images=images, seed=int(seed or 0), prompt=request.prompt,
+                                timings={"upstream": 0.0}, reference_sizes=[])
+
+    def _fetched(self, upstream: Any, image: dict, output_format: str, nsfw: bool) -> GeneratedImage:
+        url = str(image.get("url") or "")
+        if url.startswith("data:"):
+            header, _, payload = url.partition(",")
+            data, content_type = base64.b64decode(payload), header[5:].split(";")[0]
+        else:
+            data, content_type = upstream.fetch(url)
+        data, content_type, size = _in_format(data, content_type, output_format)
+        return GeneratedImage(data=data, width=size[0], height=size[1], content_type=content_type, nsfw=nsfw)
+
+
+def _fell_back(tried: list[str], where: str) -> str:
+    return f"no provider served it ({', '.join(tried)} failed): running on {where}" if tried else \
+        f"running on {where}"
+
+
+def _in_format(data: bytes, content_type: str, output_format: str) -> tuple[bytes, str, tuple[int, int]]:
+    """The image in the caller's format (converted when the provider answered in another) and its size."""
+    want = CONTENT_TYPES.get(output_format, "image/png")
+    with Image.open(io.BytesIO(data)) as decoded:
+        size = decoded.size
+        actual = Image.MIME.get(decoded.format or "", content_type)
+        if actual == want:
+            return data, want, size
+        out = io.BytesIO()
+        picture = decoded.convert("RGB") if output_format == "jpeg" else decoded.copy()
+        picture.save(out, format={"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}[want])
+    return out.getvalue(), want, size
+
+
+def fal_arguments(spec: EndpointSpec, request: GenerationRequest, caller_input: dict | None) -> dict[str, Any]:
+    """The fal input for ``spec``'s schema family from the canonical request; a fal caller's own fields that
+    fluxserve does not know pass through unchanged."""
+    from fluxserve.api.fal_schemas import input_model
+
+    known = set(input_model(spec).model_fields)
+    arguments: dict[str, Any] = dict(caller_input or {})
+    canonical: dict[str, Any] = {
+        "prompt": request.prompt,
+        "seed": request.seed,
+        "output_format": request.output_format if request.output_format in ("jpeg", "png") else "png",
+        "enable_safety_checker": request.safety_checker,
+        "safety_tolerance": str(request.safety_tolerance),
+        "guidance_scale": request.guidance,
+        "num_inference_steps": request.steps,
+        "enable_prompt_expansion": request.expand_prompt,
+        "num_images": request.num_images,
+    }
+    if request.width and request.height:
+        canonical["image_size"] = {"width": request.width, "height": request.height}
+    if spec.is_edit:
+        canonical["image_urls"] = [_as_url(url) for url in request.image_urls]
+    for name, value in canonical.items():
+        if name in known and value is not None:
+            arguments[name] = value
+        elif name not in known:
+            arguments.pop(name, None)
+    arguments.pop("sync_mode", None)  # outputs are fetched and stored here either way
+    return arguments
+
+
+def _as_url(reference: str) -> str:
+    """A reference a provider can read: URLs as they are, this server's own files (resolved to local paths) as
+    data URIs."""
+    if reference.startswith(("http://", "https://", "data:")):
+        return reference
+    path = Path(reference)
+    content_type = mimetypes.guess_type(path.name)[0] or "image/png"
+    return f"data:{content_type};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def open_upstreams(specs: dict[str, str], keys: dict[str, str | None]) -> dict[str, Any]:
+    """Clients for ``--upstream NAME=URL`` entries (``keys``: the provider's key from the environment)."""
+    clients: dict[str, Any] = {}
+    for name, url in specs.items():
+        if name == "fal":
+            clients[name] = FalUpstream(url, keys.get(name))
+        else:
+            raise ValueError(f"--upstream {name}={url}: this version speaks to fal upstreams; Replicate is planned")
+    return clients

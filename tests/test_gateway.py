@@ -1,0 +1,137 @@
+"""The gateway: closed-model endpoints sent to an upstream provider, with fallback. A second fluxserve on
+another port is the upstream (it speaks fal's queue protocol, as the official clients prove)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import httpx
+import openai
+import pytest
+from fal_helpers import SMALL, Server, settings_for
+
+import fluxserve.compat.fal
+from fluxserve.catalog import Catalog
+from fluxserve.upstream.errors import UpstreamError, from_status
+from fluxserve.upstream.gateway import Gateway, fal_arguments
+
+PRO = "fal-ai/flux-2-pro"
+
+
+@pytest.fixture(scope="module")
+def upstream(demo_settings):
+    with Server(replace(settings_for(demo_settings, "gateway_upstream"), max_prompt_chars=60)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def gateway(demo_settings, upstream):
+    settings = replace(settings_for(demo_settings, "gateway"), upstream=f"fal={upstream.url}/queue")
+    with Server(settings) as running:
+        yield running
+
+
+def openai_client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def upstream_jobs(server: Server, endpoint: str) -> list:
+    return [job for job in server.store.list(limit=1000) if job.endpoint == endpoint]
+
+
+def test_routes_come_from_the_catalogue_and_only_configured_providers_count():
+    catalog = Catalog.load()
+    assert catalog.endpoints[PRO].routes == (f"fal:{PRO}", "replicate:black-forest-labs/flux-2-pro", "local")
+    gateway = Gateway(catalog, {"fal": object()})
+    assert gateway.routes(PRO) == [f"fal:{PRO}", "local"]  # no Replicate upstream configured here
+    assert gateway.kind_for(PRO) == "upstream" and gateway.kind_for("fal-ai/flux-2") is None
+    assert Gateway(catalog, {}).kind_for(PRO) is None  # no upstream: the local preset, as before
+
+
+def test_fal_arguments_follow_the_target_schema_and_pass_unknown_fields_through():
+    from fluxserve.request import GenerationRequest
+
+    spec = Catalog.load().endpoints[PRO]
+    request = GenerationRequest(model="dev", prompt="a fox", width=1024, height=768, seed=3, num_images=2,
+                                output_format="webp", safety_tolerance=4)
+    arguments = fal_arguments(spec, request, {"prompt": "a fox", "custom_option": True, "sync_mode": True})
+    assert arguments["image_size"] == {"width": 1024, "height": 768} and arguments["seed"] == 3
+    assert arguments["safety_tolerance"] == "4" and arguments["custom_option"] is True
+    assert arguments["output_format"] == "png"  # [pro] has no webp: converted here afterwards
+    assert "num_inference_steps" not in arguments and "num_images" not in arguments and "sync_mode" not in arguments
+
+
+def test_provider_errors_say_whether_the_next_route_is_tried():
+    refused = from_status("fal", 422, {"detail": [{"loc": ["body", "prompt"], "msg": "too long"}]})
+    assert not refused.retryable and refused.field == "prompt" and "too long" in refused.message
+    assert from_status("fal", 503, {"detail": "overloaded"}).retryable
+    assert from_status("fal", 429, "slow down").retryable
+    assert isinstance(refused, UpstreamError)
+
+
+def test_an_openai_request_for_pro_is_served_by_the_upstream(gateway, upstream):
+    before = len(upstream_jobs(upstream, PRO))
+    image = openai_client(gateway).images.generate(model="flux-2-pro", prompt="a red fox", size="512x512",
+                                                   response_format="url")
+    assert image.data[0].url.startswith(gateway.url + "/files/")  # re-hosted: the gateway's storage and URLs
+    picture = httpx.get(image.data[0].url, timeout=60)
+    assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
+    served = upstream_jobs(upstream, PRO)
+    assert len(served) == before + 1 and served[0].status == "completed"  # the upstream's history shows it
+    local = next(job for job in gateway.store.list(limit=1000) if job.endpoint == PRO)
+    assert local.kind == "upstream" and local.status == "completed"
+    messages = [line.message for line in gateway.store.logs(local.id)]
+    assert f"routing to fal ({PRO})" in messages
+    assert any(message.startswith("fal: queued upstream at fal as ") for message in messages)
+
+
+def test_a_refusal_upstream_reaches_the_caller_naming_the_field(gateway):
+    with pytest.raises(openai.BadRequestError) as caught:
+        openai_client(gateway).images.generate(model="flux-2-pro", prompt="a fox " * 20, size="512x512")
+    assert caught.value.body["param"] == "prompt" and "fal answered 422" in caught.value.body["message"]
+
+
+def test_a_stopped_upstream_falls_back_to_the_next_route(demo_settings):
+    upstream = Server(settings_for(demo_settings, "gateway_upstream_2")).start()
+    settings = replace(settings_for(demo_settings, "gateway_fallback"), upstream=f"fal={upstream.url}/queue")
+    with Server(settings) as gateway:
+        fluxserve.compat.fal.use(gateway.url)
+        import fal_client
+
+        first = fal_client.subscribe(PRO, arguments={"prompt": "a boat", **SMALL})
+        upstream.stop()
+        second = fal_client.subscribe(PRO, arguments={"prompt": "a boat", **SMALL})
+        assert first["images"] and second["images"]  # no failed request
+        jobs = sorted((job for job in gateway.store.list(limit=100) if job.endpoint == PRO),
+                      key=lambda job: job.created_at)
+        assert [job.status for job in jobs] == ["completed", "completed"]
+        assert jobs[1].kind == "generate"  # handed to this server's GPU workers
+        messages = [line.message for line in gateway.store.logs(jobs[1].id)]
+        assert any(message.startswith("fal failed: fal could not be reached") for message in messages)
+        assert any("running on this server's GPUs" in message for message in messages)
+
+
+def test_a_gateway_worker_process_needs_no_gpu(demo_settings, upstream, tmp_path):
+    """``fluxserve worker --jobs upstream``: the API replicas queue, a worker without an engine sends upstream."""
+    import subprocess
+    import sys
+
+    import fal_client
+
+    settings = replace(settings_for(demo_settings, "gateway_api"), upstream=f"fal={upstream.url}/queue")
+    with Server(settings, start_workers=False) as api:
+        fluxserve.compat.fal.use(api.url)
+        handle = fal_client.submit(PRO, arguments={"prompt": "a lighthouse", **SMALL})
+        assert api.store.get(handle.request_id).kind == "upstream"
+        done = subprocess.run(
+            [sys.executable, "-m", "fluxserve", "worker", "--jobs", "upstream", "--once", "--demo",
+             "--data-dir", str(tmp_path), "--db", settings.db_url, "--storage", settings.storage_location,
+             "--upstream", f"fal={upstream.url}/queue"],
+            capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "queue empty after 1 job(s)" in done.stderr
+        assert handle.get()["images"] and api.store.get(handle.request_id).status == "completed"
+    refused = subprocess.run([sys.executable, "-m", "fluxserve", "worker", "--jobs", "upstream", "--once",
+                              "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=120,
+                             check=False)
+    assert refused.returncode == 2 and "--jobs upstream: no provider is configured" in refused.stderr
