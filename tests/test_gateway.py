@@ -135,3 +135,43 @@ def test_a_gateway_worker_process_needs_no_gpu(demo_settings, upstream, tmp_path
                               "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=120,
                              check=False)
     assert refused.returncode == 2 and "--jobs upstream: no provider is configured" in refused.stderr
+
+
+def test_the_replicate_route_serves_when_fal_is_not_configured(demo_settings, upstream):
+    from fluxserve.request import GenerationRequest
+    from fluxserve.upstream.gateway import replicate_arguments
+
+    arguments = replicate_arguments("black-forest-labs/flux-2-flex", GenerationRequest(
+        model="dev", prompt="p", width=768, height=512, output_format="jpeg", expand_prompt=True, steps=20),
+        {"prompt": "p", "input_image": "x", "extra": 1, "__model__": "m"})
+    assert arguments["aspect_ratio"] == "custom" and (arguments["width"], arguments["height"]) == (768, 512)
+    assert arguments["output_format"] == "jpg" and arguments["prompt_upsampling"] is True and arguments["steps"] == 20
+    assert arguments["extra"] == 1 and "input_image" not in arguments and "__model__" not in arguments
+
+    settings = replace(settings_for(demo_settings, "gateway_replicate"), upstream=f"replicate={upstream.url}")
+    with Server(settings) as gateway:
+        before = len(upstream_jobs(upstream, PRO))
+        image = openai_client(gateway).images.generate(model="flux-2-pro", prompt="a kite", size="512x512",
+                                                       response_format="b64_json", output_format="webp")
+        assert image.data[0].b64_json
+        served = upstream_jobs(upstream, PRO)
+        assert len(served) == before + 1 and served[0].dialect == "replicate" and served[0].status == "completed"
+        local = next(job for job in gateway.store.list(limit=100) if job.endpoint == PRO)
+        messages = [line.message for line in gateway.store.logs(local.id)]
+        assert "routing to replicate (black-forest-labs/flux-2-pro)" in messages
+        assert local.result["images"][0]["content_type"] == "image/webp"  # the caller's format
+
+
+def test_an_image_in_another_format_is_converted_to_the_callers():
+    import io
+
+    from PIL import Image
+
+    from fluxserve.upstream.gateway import _in_format
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buffer, "PNG")
+    data, content_type, size = _in_format(buffer.getvalue(), "image/png", "webp")
+    assert content_type == "image/webp" and size == (40, 30) and Image.open(io.BytesIO(data)).format == "WEBP"
+    same, kept, _ = _in_format(buffer.getvalue(), "application/octet-stream", "png")
+    assert same == buffer.getvalue() and kept == "image/png"  # the bytes decide, not the declared type

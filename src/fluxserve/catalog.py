@@ -7,6 +7,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fluxserve.config import UPSTREAM_PROVIDERS
 from fluxserve.request import LoraSpec
 from fluxserve.usage import Price
 
@@ -132,7 +133,7 @@ class Catalog:
         return self.models[self.endpoint(endpoint_id).model]
 
 
-ROUTE_PROVIDERS = ("fal", "replicate")
+ROUTE_PROVIDERS = UPSTREAM_PROVIDERS
 
 
 def _routes(path: Path, endpoint_id: str, routes: list) -> list[str]:

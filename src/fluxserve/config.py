@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+UPSTREAM_PROVIDERS = ("fal", "replicate")  # the protocols the gateway speaks (fluxserve.upstream)
+
 
 def _default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
@@ -59,6 +61,8 @@ class Settings:
             name, sep, url = item.partition("=")
             if not sep or not name.strip() or not url.strip().startswith(("http://", "https://")):
                 raise ValueError(f"upstream {item!r}: expected NAME=URL, e.g. fal=https://queue.fal.run")
+            if name.strip() not in UPSTREAM_PROVIDERS:
+                raise ValueError(f"upstream {item!r}: the providers are {', '.join(UPSTREAM_PROVIDERS)}")
             out[name.strip()] = url.strip()
         return out
 

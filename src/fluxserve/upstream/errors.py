@@ -26,6 +26,11 @@ def from_status(provider: str, status: int, body: object) -> UpstreamError:
 
 
 def _detail(body: object) -> tuple[str, str | None]:
+    if isinstance(body, dict) and isinstance(body.get("invalid_fields"), list) and body["invalid_fields"]:
+        first = body["invalid_fields"][0]  # Replicate's problem details
+        if isinstance(first, dict):
+            field = str(first.get("field") or "").removeprefix("input.").removeprefix("input") or None
+            return str(first.get("description") or body.get("detail") or "invalid input"), field
     if isinstance(body, dict):
         detail = body.get("detail", body.get("error", body.get("title", "")))
         if isinstance(detail, list) and detail and isinstance(detail[0], dict):

@@ -24,6 +24,7 @@ from fluxserve.catalog import Catalog, EndpointSpec
 from fluxserve.request import GeneratedImage, GenerationRequest, GenerationResult, InputError, Progress
 from fluxserve.upstream.errors import UpstreamError
 from fluxserve.upstream.fal import FalUpstream
+from fluxserve.upstream.replicate import ReplicateUpstream
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,10 @@ class Gateway:
     def _run_route(self, provider: str, target: str, spec: EndpointSpec, job: Any, request: GenerationRequest,
                    on_progress: Callable[[Progress], None], should_cancel: Callable[[], bool]) -> GenerationResult:
         upstream = self.upstreams[provider]
-        arguments = fal_arguments(spec, request, job.input if job.dialect == "fal" else None)
+        if provider == "fal":
+            arguments = fal_arguments(spec, request, job.input if job.dialect == "fal" else None)
+        else:
+            arguments = replicate_arguments(target, request, job.input if job.dialect == "replicate" else None)
 
         def relay(message: str) -> None:
             on_progress(Progress(step=0, total=0, message=f"{provider}: {message}"))
@@ -165,6 +169,35 @@ def fal_arguments(spec: EndpointSpec, request: GenerationRequest, caller_input: 
     return arguments
 
 
+def replicate_arguments(model: str, request: GenerationRequest, caller_input: dict | None) -> dict[str, Any]:
+    """Replicate's input for ``model`` (``owner/name``) from the canonical request; a Replicate caller's own
+    fields that fluxserve does not know pass through unchanged."""
+    arguments: dict[str, Any] = {k: v for k, v in (caller_input or {}).items() if not k.startswith("__")}
+    for alias in ("input_image", "num_inference_steps"):  # seed 003's names: the canonical ones are sent
+        arguments.pop(alias, None)
+    arguments.update({
+        "prompt": request.prompt,
+        "output_format": {"jpeg": "jpg"}.get(request.output_format, request.output_format),
+        "safety_tolerance": request.safety_tolerance,
+        "disable_safety_checker": not request.safety_checker,
+    })
+    if request.seed is not None:
+        arguments["seed"] = request.seed
+    if request.output_quality is not None:
+        arguments["output_quality"] = request.output_quality
+    if request.image_urls:
+        arguments["input_images"] = [_as_url(url) for url in request.image_urls]
+    if request.width and request.height:
+        arguments.update(aspect_ratio="custom", width=request.width, height=request.height)
+        arguments.pop("resolution", None)
+    family = model.rsplit("/", 1)[-1]
+    if family in ("flux-2-dev", "flux-2-flex"):
+        arguments.update(steps=request.steps, guidance=request.guidance)
+    if family == "flux-2-flex":
+        arguments["prompt_upsampling"] = request.expand_prompt
+    return arguments
+
+
 def _as_url(reference: str) -> str:
     """A reference a provider can read: URLs as they are, this server's own files (resolved to local paths) as
     data URIs."""
@@ -177,10 +210,10 @@ def _as_url(reference: str) -> str:
 
 def open_upstreams(specs: dict[str, str], keys: dict[str, str | None]) -> dict[str, Any]:
     """Clients for ``--upstream NAME=URL`` entries (``keys``: the provider's key from the environment)."""
+    kinds = {"fal": FalUpstream, "replicate": ReplicateUpstream}
     clients: dict[str, Any] = {}
     for name, url in specs.items():
-        if name == "fal":
-            clients[name] = FalUpstream(url, keys.get(name))
-        else:
-            raise ValueError(f"--upstream {name}={url}: this version speaks to fal upstreams; Replicate is planned")
+        if name not in kinds:
+            raise ValueError(f"--upstream {name}={url}: the providers are {', '.join(kinds)}")
+        clients[name] = kinds[name](url, keys.get(name))
     return clients
