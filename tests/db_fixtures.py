@@ -20,7 +20,7 @@ from fluxserve.jobs.store import JobStore, normalize_db_url
 
 PG_URL = os.environ.get("FLUXSERVE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 TABLES = ("webhook_events", "webhook_keys", "webhook_deliveries", "job_logs", "files", "secrets", "api_keys",
-          "jobs", "job_usage")
+          "jobs", "job_usage", "upstream_calls")
 
 
 @contextmanager

@@ -109,6 +109,13 @@ def test_a_stopped_upstream_falls_back_to_the_next_route(demo_settings):
         messages = [line.message for line in gateway.store.logs(jobs[1].id)]
         assert any(message.startswith("fal failed: fal could not be reached") for message in messages)
         assert any("running on this server's GPUs" in message for message in messages)
+        # the stats show both routes: fal served one and failed one, this server's GPUs served one
+        rows = httpx.get(f"{gateway.url}/api/stats", params={"window": "1h", "group_by": "provider"},
+                         timeout=60).json()["groups"]
+        by_key = {row["key"]: row for row in rows}
+        assert (by_key["fal"]["completed"], by_key["fal"]["failed"], by_key["fal"]["success_rate"]) == (1, 1, 0.5)
+        assert by_key["fal"]["generation_ms"]["p50"] > 0 and by_key["fal"]["ttfb_ms"]["p50"] > 0
+        assert by_key["local"]["completed"] == 1
 
 
 def test_a_gateway_worker_process_needs_no_gpu(demo_settings, upstream, tmp_path):

@@ -151,3 +151,30 @@ def test_first_progress_column_is_added_to_an_older_database(db_url):
     finally:
         store.close()
     engine.dispose()
+
+
+def test_figures_per_provider_count_every_call_to_an_upstream(store):
+    now = utcnow().replace(microsecond=0)
+    for i in (1, 2, 3):  # three requests served on this server's GPUs
+        finished(store, now, endpoint=DEV, model="dev", generation=float(i), first_progress=0.5)
+    upstream_job = store.submit(endpoint="fal-ai/flux-2-pro", dialect="fal", request={"model": "dev", "prompt": "p"})
+    start = now - timedelta(minutes=5)
+    for seconds, answered, outcome in ((10.0, 9.0, "served"), (20.0, 18.0, "served"), (30.0, 28.0, "served"),
+                                       (5.0, None, "failed"), (1.0, None, "refused"), (2.0, None, "cancelled")):
+        store.record_upstream_call(upstream_job.id, None, "fal-ai/flux-2-pro", "fal", "fal-ai/flux-2-pro", start,
+                                   start + answered * S if answered else None, start + seconds * S, outcome,
+                                   None if outcome == "served" else "went wrong")
+    store.record_upstream_call(upstream_job.id, None, "fal-ai/flux-2-pro", "replicate",
+                               "black-forest-labs/flux-2-pro", start, start + 4 * S, start + 6 * S, "served")
+    store.record_upstream_call(upstream_job.id, None, "fal-ai/flux-2-pro", "fal", "fal-ai/flux-2-pro",
+                               now - timedelta(hours=3), None, now - timedelta(hours=3), "failed")  # outside
+
+    rows = window_stats(store, "1h", "provider", now=now)
+    assert [row["key"] for row in rows] == ["local", "replicate", "fal"]  # fastest p50 generation first
+    local, fal, replicate = (by_key(rows)[key] for key in ("local", "fal", "replicate"))
+    assert (local["jobs"], local["completed"]) == (3, 3) and local["generation_ms"]["p50"] == 2000.0
+    assert (fal["jobs"], fal["completed"], fal["failed"], fal["cancelled"]) == (6, 3, 1, 1)
+    assert fal["success_rate"] == 0.75  # the refused (4xx) and the cancelled call count for neither
+    assert fal["generation_ms"] == {"p50": 20000.0, "p95": 29000.0}
+    assert fal["ttfb_ms"] == {"p50": 18000.0, "p95": 27000.0} and fal["queue_wait_ms"] is None
+    assert replicate["generation_ms"]["p50"] == 6000.0 and replicate["ttfb_ms"]["p50"] == 4000.0

@@ -120,7 +120,7 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
         for _ in range(gateway_workers)
     ]
     if gateway is not None:
-        store.endpoint_kind = gateway.kind_for
+        store.endpoint_kind, gateway.store = gateway.kind_for, store
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -35,7 +35,8 @@ async def stats_page() -> Response:
 async def stats(
     request: Request,
     window: str = Query("24h", description="How far back: 1h, 24h or 30d", json_schema_extra={"enum": [*WINDOWS]}),
-    group_by: str = Query("endpoint", description="One row per endpoint, model or dialect",
+    group_by: str = Query("endpoint", description="One row per endpoint, model, dialect or provider (local and "
+                          "each upstream the gateway called)",
                           json_schema_extra={"enum": [*GROUPS]}),
 ) -> JSONResponse:
     _choice("window", window, tuple(WINDOWS))

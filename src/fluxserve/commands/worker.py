@@ -80,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
         print("error: --jobs upstream: no provider is configured (--upstream fal=URL)", file=sys.stderr)
         return 2
     store = JobStore(settings.db_url)
+    if gateway is not None:
+        gateway.store = store
     storage = open_storage(settings.storage_location)
     local_kinds = [kind for kind in kinds if kind != "upstream"]
     engines = engines_for(settings, catalog) if local_kinds else []

@@ -220,6 +220,24 @@ job_usage = Table(
     Index("ix_job_usage_owner_finished", "owner", "finished_at"),
 )
 
+# One row per request the gateway sent to a provider (a route tried): what /api/stats?group_by=provider reads.
+upstream_calls = Table(
+    "upstream_calls",
+    metadata,
+    Column("id", AutoId, primary_key=True, autoincrement=True),
+    Column("job_id", String(64), nullable=False),
+    Column("owner", String(64), nullable=True),
+    Column("endpoint", String(200), nullable=False),
+    Column("provider", String(32), nullable=False),  # fal | replicate
+    Column("target", String(200), nullable=False),  # the provider's endpoint or model
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("answered_at", UTCDateTime, nullable=True),  # the provider's result was ready (before the download)
+    Column("ended_at", UTCDateTime, nullable=False),
+    Column("outcome", String(16), nullable=False),  # served | failed (next route tried) | refused (4xx) | cancelled
+    Column("error", Text, nullable=True),
+    Index("ix_upstream_calls_started", "started_at"),
+)
+
 # Columns added to a table after it first shipped: ``JobStore`` adds each one that an existing database lacks
 # (``ALTER TABLE ... ADD COLUMN``), so a data directory or PostgreSQL database made by an older fluxserve keeps
 # working. Every entry must be nullable or have a ``server_default``; declare the column in its table above too.

@@ -1,4 +1,6 @@
-"""Latency and success figures per endpoint, model or dialect over a recent window, read from the job store.
+"""Latency and success figures per endpoint, model, dialect or provider over a recent window, read from the job
+store. By provider: ``local`` (this server's GPU workers) and each upstream the gateway called (one row per call,
+``upstream_calls``), so a provider's failures count even when the next route served the request.
 
 For the jobs submitted in the window that have finished (completed, failed or cancelled):
 
@@ -27,7 +29,7 @@ from fluxserve.jobs.models import UTCDateTime
 from fluxserve.jobs.store import JobStore, utcnow
 
 WINDOWS = {"1h": timedelta(hours=1), "24h": timedelta(hours=24), "30d": timedelta(days=30)}
-GROUPS = ("endpoint", "model", "dialect")
+GROUPS = ("endpoint", "model", "dialect", "provider")
 PERCENTILES = (0.5, 0.95)
 MAX_SAMPLES = 50_000  # SQLite: percentiles over at most this many of the window's newest jobs
 FIGURES = ("generation", "queue_wait", "ttfb")
@@ -97,10 +99,29 @@ def _window_sql(group_by: str, postgres: bool, owner: str | None) -> str:
     ttfb = (f"CASE WHEN {SYNC_SQL} THEN (CASE WHEN status = 'completed' THEN "
             f"{_seconds('completed_at', 'created_at', postgres)} END) "
             f"ELSE {_seconds('first_progress_at', 'created_at', postgres)} END")
+    by_owner = " AND owner = :owner" if owner is not None else ""
+    if group_by == "provider":
+        return (f"SELECT 'local' AS key, status, created_at, {generation} AS generation, "
+                f"{_seconds('started_at', 'created_at', postgres)} AS queue_wait, {ttfb} AS ttfb FROM jobs "
+                "WHERE kind = 'generate' AND created_at >= :since AND status IN ('completed', 'failed', "
+                f"'cancelled'){by_owner} UNION ALL {_calls_sql(postgres)}{by_owner}")
     return (f"SELECT {group_by} AS key, status, created_at, {generation} AS generation, "
             f"{_seconds('started_at', 'created_at', postgres)} AS queue_wait, {ttfb} AS ttfb FROM jobs "
-            "WHERE created_at >= :since AND status IN ('completed', 'failed', 'cancelled')"
-            + (" AND owner = :owner" if owner is not None else ""))
+            f"WHERE created_at >= :since AND status IN ('completed', 'failed', 'cancelled'){by_owner}")
+
+
+def _calls_sql(postgres: bool) -> str:
+    """The gateway's calls to providers as rows of the same shape: a call that served is completed, one after
+    which the next route was tried failed; a request the provider refused (4xx) or that was cancelled counts for
+    neither. Generation: start to end of the call, outputs fetched; time to first byte: start to the provider's
+    answer."""
+    served = "outcome = 'served'"
+    return (f"SELECT provider AS key, CASE outcome WHEN 'served' THEN 'completed' WHEN 'failed' THEN 'failed' "
+            "ELSE outcome END AS status, started_at AS created_at, "
+            f"CASE WHEN {served} THEN {_seconds('ended_at', 'started_at', postgres)} END AS generation, "
+            "CAST(NULL AS DOUBLE PRECISION) AS queue_wait, "
+            f"CASE WHEN {served} THEN {_seconds('answered_at', 'started_at', postgres)} END AS ttfb "
+            "FROM upstream_calls WHERE started_at >= :since")
 
 
 def _ms(seconds: Any) -> float:

@@ -53,6 +53,7 @@ from fluxserve.jobs.models import (
     job_logs,
     jobs,
     metadata,
+    upstream_calls,
     webhook_deliveries,
     webhook_events,
     webhook_keys,
@@ -1470,6 +1471,16 @@ class JobStore:
                 is not None
 
     # --- files and secrets ----------------------------------------------------------------------------
+
+    def record_upstream_call(self, job_id: str, owner: str | None, endpoint: str, provider: str, target: str,
+                             started_at: datetime, answered_at: datetime | None, ended_at: datetime, outcome: str,
+                             error: str | None = None) -> None:
+        """One request the gateway sent to a provider (``upstream_calls``)."""
+        with self._write() as conn:
+            conn.execute(insert(upstream_calls).values(
+                job_id=job_id, owner=owner, endpoint=endpoint, provider=provider, target=target,
+                started_at=started_at, answered_at=answered_at, ended_at=ended_at, outcome=outcome,
+                error=(error or None) and error[:2000]))
 
     def add_file(self, key: str, owner: str | None, job_id: str | None = None) -> None:
         """Record who a stored file belongs to (an upload; outputs are recorded when their job completes)."""

@@ -15,13 +15,22 @@ import io
 import logging
 import mimetypes
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from fluxserve.catalog import Catalog, EndpointSpec
-from fluxserve.request import GeneratedImage, GenerationRequest, GenerationResult, InputError, Progress
+from fluxserve.jobs.store import utcnow
+from fluxserve.request import (
+    GeneratedImage,
+    GenerationCancelled,
+    GenerationRequest,
+    GenerationResult,
+    InputError,
+    Progress,
+)
 from fluxserve.upstream.errors import UpstreamError
 from fluxserve.upstream.fal import FalUpstream
 from fluxserve.upstream.replicate import ReplicateUpstream
@@ -42,9 +51,10 @@ class Gateway:
 
     gpu = False  # no device behind it: workers sharing it do not take turns, and record no GPU seconds
 
-    def __init__(self, catalog: Catalog, upstreams: dict[str, Any]):
+    def __init__(self, catalog: Catalog, upstreams: dict[str, Any], store: Any = None):
         self.catalog = catalog
         self.upstreams = upstreams
+        self.store = store  # where each call to a provider is recorded (JobStore.record_upstream_call)
 
     def routes(self, endpoint_id: str) -> list[str]:
         """The endpoint's routes that can be taken here: those of configured providers, and ``local``."""
@@ -68,19 +78,40 @@ class Gateway:
                 raise RunLocally(job.endpoint)
             provider, _, target = route.partition(":")
             on_progress(Progress(step=0, total=0, message=f"routing to {provider} ({target})"))
+            started, answered = utcnow(), []
             try:
-                return self._run_route(provider, target, spec, job, request, on_progress, should_cancel)
+                result = self._run_route(provider, target, spec, job, request, on_progress, should_cancel,
+                                         answered)
             except UpstreamError as exc:
+                self._record(job, provider, target, started, answered, "failed" if exc.retryable else "refused",
+                             exc.message)
                 if not exc.retryable:
                     raise InputError(exc.field or "request", exc.message) from None
                 log.warning("route %s of %s failed: %s", route, job.endpoint, exc.message)
                 on_progress(Progress(step=0, total=0, message=f"{provider} failed: {exc.message}"))
                 tried.append(provider)
+                continue
+            except GenerationCancelled:
+                self._record(job, provider, target, started, answered, "cancelled")
+                raise
+            self._record(job, provider, target, started, answered, "served")
+            return result
         raise UpstreamError(f"every route of {job.endpoint} failed ({', '.join(tried) or 'none configured'})",
                             retryable=False)
 
+    def _record(self, job: Any, provider: str, target: str, started: datetime, answered: list[datetime],
+                outcome: str, error: str | None = None) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.record_upstream_call(job.id, job.owner, job.endpoint, provider, target, started,
+                                            answered[-1] if answered else None, utcnow(), outcome, error)
+        except Exception:
+            log.exception("could not record the call of job %s to %s", job.id, provider)
+
     def _run_route(self, provider: str, target: str, spec: EndpointSpec, job: Any, request: GenerationRequest,
-                   on_progress: Callable[[Progress], None], should_cancel: Callable[[], bool]) -> GenerationResult:
+                   on_progress: Callable[[Progress], None], should_cancel: Callable[[], bool],
+                   answered: list[datetime]) -> GenerationResult:
         upstream = self.upstreams[provider]
         if provider == "fal":
             arguments = fal_arguments(spec, request, job.input if job.dialect == "fal" else None)
@@ -98,6 +129,7 @@ class Gateway:
             if calls > 1 and seed is not None:
                 arguments["seed"] = seed + index
             output = upstream.run(target, arguments, on_log=relay, should_cancel=should_cancel)
+            answered.append(utcnow())
             seed = output.get("seed", seed) if index == 0 else seed
             nsfw = output.get("has_nsfw_concepts") or []
             for position, image in enumerate(output.get("images") or []):

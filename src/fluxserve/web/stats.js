@@ -3,7 +3,7 @@
 import { getJSON, h, HttpError, onUnauthorized } from "/web/lib.js";
 
 const WINDOW_WORDS = { "1h": "hour", "24h": "24 hours", "30d": "30 days" };
-const KEY_WORDS = { endpoint: "Endpoint", model: "Model", dialect: "Dialect" };
+const KEY_WORDS = { endpoint: "Endpoint", model: "Model", dialect: "Dialect", provider: "Provider" };
 const SVG = "http://www.w3.org/2000/svg";
 
 const $ = (id) => document.getElementById(id);
