@@ -182,3 +182,59 @@ def test_an_image_in_another_format_is_converted_to_the_callers():
     assert content_type == "image/webp" and size == (40, 30) and Image.open(io.BytesIO(data)).format == "WEBP"
     same, kept, _ = _in_format(buffer.getvalue(), "application/octet-stream", "png")
     assert same == buffer.getvalue() and kept == "image/png"  # the bytes decide, not the declared type
+
+
+def test_a_cancel_reaches_the_upstream(demo_settings):
+    import time
+
+    import fal_client
+
+    with Server(settings_for(demo_settings, "gateway_slow_upstream")) as upstream:
+        engine = upstream.app.state.engines[0]
+        generate = engine.generate
+
+        def slow(request, on_progress=None, should_cancel=None):  # every step at least half a second
+            def step(progress):
+                time.sleep(0.5)
+                if on_progress is not None:
+                    on_progress(progress)
+            return generate(request, step, should_cancel)
+
+        engine.generate = slow
+        settings = replace(settings_for(demo_settings, "gateway_cancel"), upstream=f"fal={upstream.url}/queue")
+        with Server(settings) as gateway:
+            fluxserve.compat.fal.use(gateway.url)
+            handle = fal_client.submit(PRO, arguments={"prompt": "a slow boat", **SMALL})
+            deadline = time.monotonic() + 120
+            while not [job for job in upstream_jobs(upstream, PRO) if job.status == "running"]:
+                assert time.monotonic() < deadline, "the upstream never started the request"
+                time.sleep(0.05)
+            fal_client.cancel(PRO, handle.request_id)
+            while gateway.store.get(handle.request_id).status != "cancelled":
+                assert time.monotonic() < deadline, "the gateway's job was not cancelled"
+                time.sleep(0.05)
+            while (served := upstream_jobs(upstream, PRO)[0]).status == "running":
+                assert time.monotonic() < deadline, "the cancel did not reach the upstream"
+                time.sleep(0.05)
+            # stopped early, so by the forwarded cancel: on its own it would run 28 steps of half a second
+            assert served.status == "cancelled" and (served.step or 0) < 28
+            calls = httpx.get(f"{gateway.url}/api/stats", params={"window": "1h", "group_by": "provider"},
+                              timeout=60).json()["groups"]
+            assert {row["key"]: row["cancelled"] for row in calls}["fal"] == 1
+
+
+def test_stopping_the_upstream_mid_traffic_fails_no_request(demo_settings):
+    import fal_client
+
+    upstream = Server(settings_for(demo_settings, "gateway_upstream_3")).start()
+    settings = replace(settings_for(demo_settings, "gateway_traffic"), upstream=f"fal={upstream.url}/queue")
+    with Server(settings) as gateway:
+        fluxserve.compat.fal.use(gateway.url)
+        first = [fal_client.submit(PRO, arguments={"prompt": f"boat {i}", **SMALL}) for i in range(4)]
+        assert first[0].get()["images"]  # the upstream is serving
+        upstream.stop()  # while the others may be queued, upstream or on their way back
+        later = [fal_client.submit(PRO, arguments={"prompt": f"kite {i}", **SMALL}) for i in range(4)]
+        for handle in first + later:
+            assert handle.get()["images"]
+        statuses = {gateway.store.get(handle.request_id).status for handle in first + later}
+        assert statuses == {"completed"}
