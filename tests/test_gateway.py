@@ -83,12 +83,21 @@ def test_an_openai_request_for_pro_is_served_by_the_upstream(gateway, upstream):
     messages = [line.message for line in gateway.store.logs(local.id)]
     assert f"routing to fal ({PRO})" in messages
     assert any(message.startswith("fal: queued upstream at fal as ") for message in messages)
+    assert "fal: step 28/28" in messages and local.total_steps == 28  # the upstream's progress, relayed
 
 
 def test_a_refusal_upstream_reaches_the_caller_naming_the_field(gateway):
     with pytest.raises(openai.BadRequestError) as caught:
         openai_client(gateway).images.generate(model="flux-2-pro", prompt="a fox " * 20, size="512x512")
     assert caught.value.body["param"] == "prompt" and "fal answered 422" in caught.value.body["message"]
+    import fal_client
+
+    fluxserve.compat.fal.use(gateway.url)
+    with pytest.raises(fal_client.client.FalClientHTTPError) as refused:
+        fal_client.subscribe(PRO, arguments={"prompt": "a fox " * 20, **SMALL})
+    [detail] = refused.value.response.json()["detail"]  # fal's own 422 shape, naming the field
+    assert refused.value.status_code == 422 and detail["loc"] == ["body", "prompt"]
+    assert detail["msg"].startswith("fal answered 422: the prompt is 120 characters long")
 
 
 def test_a_stopped_upstream_falls_back_to_the_next_route(demo_settings):
@@ -109,6 +118,8 @@ def test_a_stopped_upstream_falls_back_to_the_next_route(demo_settings):
         messages = [line.message for line in gateway.store.logs(jobs[1].id)]
         assert any(message.startswith("fal failed: fal could not be reached") for message in messages)
         assert any("running on this server's GPUs" in message for message in messages)
+        assert any(message.startswith("served on this server's GPUs by the open FLUX.2 [dev] weights")
+                   for message in messages)
         # the stats show both routes: fal served one and failed one, this server's GPUs served one
         rows = httpx.get(f"{gateway.url}/api/stats", params={"window": "1h", "group_by": "provider"},
                          timeout=60).json()["groups"]

@@ -85,6 +85,7 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
     from fluxserve.jobs.webhooks import WebhookSender, payload_builders, register_payload_builder
     from fluxserve.jobs.worker import Worker
     from fluxserve.storage import open_storage
+    from fluxserve.upstream.gateway import local_note
 
     fetch.configure(fetch.FetchPolicy.from_settings(settings))
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -112,7 +113,8 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
     worker_ids = iter(slot.auto_worker_ids(per_device * len(engines) + gateway_workers))
     local_kinds = ["generate", "train"] if gateway is not None else None  # upstream jobs are the gateway's
     workers = [
-        Worker(store, engine, storage, worker_id=next(worker_ids), on_finished=on_finished, kinds=local_kinds)
+        Worker(store, engine, storage, worker_id=next(worker_ids), on_finished=on_finished, kinds=local_kinds,
+               note=partial(local_note, catalog))
         for engine in engines
         for _ in range(per_device)
     ] + [

@@ -47,6 +47,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from functools import partial
+
     from fluxserve.api.app import open_gateway
     from fluxserve.api.metrics import Metrics
     from fluxserve.catalog import Catalog
@@ -56,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from fluxserve.jobs.store import JOB_KINDS, JobStore
     from fluxserve.jobs.worker import Worker
     from fluxserve.storage import open_storage
+    from fluxserve.upstream.gateway import local_note
 
     settings = settings_from_args(args, db=args.db, storage=args.storage, workers_per_device=args.workers_per_device)
     catalog = Catalog.load(settings.catalog or None)
@@ -100,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     metrics = Metrics(None, catalog.endpoints)  # served with the probes (--health-port)
     workers = [
         Worker(store, engine, storage, worker_id=worker_id, on_finished=metrics.finished, lease_s=args.lease,
-               models=models, kinds=["upstream"] if engine is gateway else local_kinds)
+               models=models, kinds=["upstream"] if engine is gateway else local_kinds,
+               note=None if engine is gateway else partial(local_note, catalog))
         for worker_id, engine in zip(ids, engine_list, strict=True)
     ]
     recovered = slot.start(store, ids)

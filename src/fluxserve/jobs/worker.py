@@ -100,7 +100,7 @@ class Worker:
     def __init__(self, store: JobStore, engine: Any, storage: Storage, worker_id: str | None = None,
                  on_finished: Callable[[Job], None] | None = None, *, lease_s: float = 30.0,
                  heartbeat_s: float = 0.5, poll_s: float = 1.0, models: list[str] | None = None,
-                 kinds: list[str] | None = None):
+                 kinds: list[str] | None = None, note: Callable[[Job], str | None] | None = None):
         self.store = store
         self.engine = engine
         self.storage = storage
@@ -111,6 +111,7 @@ class Worker:
         self.poll_s = poll_s
         self.models = models
         self.kinds = kinds  # the job kinds this worker takes ("generate", "train"); None: all
+        self.note = note  # a first log line for a job, or None (which weights serve a routed endpoint)
         self.jobs_done = 0
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -230,6 +231,8 @@ class Worker:
                 run.stop("timeout")
             return run.stop_reason is not None
 
+        if self.note is not None and (line := self.note(job)):
+            on_progress(Progress(step=0, total=0, message=line))
         started = time.perf_counter()
         try:
             if job.kind == "train":

@@ -14,7 +14,9 @@ import base64
 import io
 import logging
 import mimetypes
+import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 LOCAL = "local"
 UPSTREAM_KIND = "upstream"
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+STEP_LINE = re.compile(r"\bstep (\d+)/(\d+)\b")
 
 
 class RunLocally(Exception):
@@ -118,27 +121,39 @@ class Gateway:
         else:
             arguments = replicate_arguments(target, request, job.input if job.dialect == "replicate" else None)
 
-        def relay(message: str) -> None:
-            on_progress(Progress(step=0, total=0, message=f"{provider}: {message}"))
+        progress = [0, 0]  # the provider's "step n/N" lines drive this job's progress too
 
-        images: list[GeneratedImage] = []
-        seed = request.seed
-        # A provider endpoint without num_images ([pro], [flex]) makes one image a call: n is emulated.
+        def relay(message: str) -> None:
+            if step := STEP_LINE.search(message):
+                progress[:] = [int(step[1]), int(step[2])]
+            on_progress(Progress(step=progress[0], total=progress[1], message=f"{provider}: {message}"))
+
+        # A provider endpoint without num_images ([pro], [max], Replicate's models) makes one image a call: n
+        # is emulated with that many calls at once, seeds seed, seed + 1, ...
         calls = 1 if "num_images" in arguments else request.num_images
-        for index in range(calls):
-            if calls > 1 and seed is not None:
-                arguments["seed"] = seed + index
-            output = upstream.run(target, arguments, on_log=relay, should_cancel=should_cancel)
+
+        def call(index: int) -> tuple[dict, list[GeneratedImage]]:
+            own = dict(arguments)
+            if calls > 1 and request.seed is not None:
+                own["seed"] = request.seed + index
+            output = upstream.run(target, own, on_log=relay, should_cancel=should_cancel)
             answered.append(utcnow())
-            seed = output.get("seed", seed) if index == 0 else seed
             nsfw = output.get("has_nsfw_concepts") or []
-            for position, image in enumerate(output.get("images") or []):
-                flagged = bool(nsfw[position]) if position < len(nsfw) else False
-                images.append(self._fetched(upstream, image, request.output_format, flagged))
+            return output, [self._fetched(upstream, image, request.output_format,
+                                          bool(nsfw[i]) if i < len(nsfw) else False)
+                            for i, image in enumerate(output.get("images") or [])]
+
+        if calls == 1:
+            results = [call(0)]
+        else:
+            with ThreadPoolExecutor(max_workers=calls, thread_name_prefix="gateway-n") as pool:
+                results = list(pool.map(call, range(calls)))
+        images = [image for _, produced in results for image in produced]
         if not images:
             raise UpstreamError(f"{provider} returned no images", retryable=True)
-        return GenerationResult(images=images, seed=int(seed or 0), prompt=request.prompt,
-                                timings={"upstream": 0.0}, reference_sizes=[])
+        seed = results[0][0].get("seed", request.seed)
+        return GenerationResult(images=images, seed=int(seed or 0), prompt=request.prompt, timings={},
+                                reference_sizes=[])
 
     def _fetched(self, upstream: Any, image: dict, output_format: str, nsfw: bool) -> GeneratedImage:
         url = str(image.get("url") or "")
@@ -149,6 +164,15 @@ class Gateway:
             data, content_type = upstream.fetch(url)
         data, content_type, size = _in_format(data, content_type, output_format)
         return GeneratedImage(data=data, width=size[0], height=size[1], content_type=content_type, nsfw=nsfw)
+
+
+def local_note(catalog: Catalog, job: Any) -> str | None:
+    """The log line a routed endpoint's job gets when this server's GPUs serve it: which weights ran."""
+    spec = catalog.endpoints.get(job.endpoint)
+    if spec is None or not spec.routes or job.kind != "generate":
+        return None
+    return (f"served on this server's GPUs by the open FLUX.2 [dev] weights with {spec.id}'s preset: its own model "
+            "is reached only through an upstream provider (docs/gateway.md)")
 
 
 def _fell_back(tried: list[str], where: str) -> str:
