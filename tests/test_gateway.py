@@ -249,3 +249,35 @@ def test_stopping_the_upstream_mid_traffic_fails_no_request(demo_settings):
             assert handle.get()["images"]
         statuses = {gateway.store.get(handle.request_id).status for handle in first + later}
         assert statuses == {"completed"}
+
+
+def test_the_upstream_key_goes_to_that_provider_only(demo_settings, monkeypatch, caplog):
+    import logging
+
+    import fal_client
+
+    with Server(settings_for(demo_settings, "gateway_keyed_upstream"), auth_required=True) as upstream:
+        key_id, key = upstream.store.create_key("gateway")
+        monkeypatch.setenv("FLUXSERVE_UPSTREAM_FAL_KEY", key)
+        settings = replace(settings_for(demo_settings, "gateway_keyed"), upstream=f"fal={upstream.url}/queue")
+        caplog.set_level(logging.DEBUG)
+        with Server(settings) as gateway:
+            fluxserve.compat.fal.use(gateway.url)
+            result = fal_client.subscribe(PRO, arguments={"prompt": "a guarded door", **SMALL})
+            assert result["images"]
+            [served] = upstream_jobs(upstream, PRO)
+            assert served.owner == key_id and served.status == "completed"  # it authenticated with the key
+            job = next(job for job in gateway.store.list(limit=10) if job.endpoint == PRO)
+            seen = " ".join(line.message for line in gateway.store.logs(job.id)) + json_text(job) + caplog.text
+            status = httpx.get(f"{gateway.url}/fal-ai/flux-2-pro/requests/{job.id}/status", params={"logs": 1},
+                               timeout=30)
+            assert status.status_code == 200 and "routing to fal" in status.text
+            assert key not in seen + status.text
+            assert key not in repr(gateway.app.state.workers[-1].engine.upstreams)
+
+
+def json_text(job) -> str:
+    import json
+
+    return json.dumps({"request": job.request, "input": job.input, "result": job.result, "error": job.error},
+                      default=str)
