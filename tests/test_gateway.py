@@ -72,12 +72,16 @@ def test_provider_errors_say_whether_the_next_route_is_tried():
 def test_an_openai_request_for_pro_is_served_by_the_upstream(gateway, upstream):
     before = len(upstream_jobs(upstream, PRO))
     image = openai_client(gateway).images.generate(model="flux-2-pro", prompt="a red fox", size="512x512",
-                                                   response_format="url")
+                                                   response_format="url", quality="high",
+                                                   extra_body={"custom_style": "ink", "safety_tolerance": 4})
     assert image.data[0].url.startswith(gateway.url + "/files/")  # re-hosted: the gateway's storage and URLs
     picture = httpx.get(image.data[0].url, timeout=60)
     assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
     served = upstream_jobs(upstream, PRO)
     assert len(served) == before + 1 and served[0].status == "completed"  # the upstream's history shows it
+    sent = served[0].input
+    assert sent["custom_style"] == "ink" and "quality" not in sent  # unknown fields pass, OpenAI's own do not
+    assert sent["safety_tolerance"] == "4" and sent["image_size"] == {"width": 512, "height": 512}
     local = next(job for job in gateway.store.list(limit=1000) if job.endpoint == PRO)
     assert local.kind == "upstream" and local.status == "completed"
     messages = [line.message for line in gateway.store.logs(local.id)]

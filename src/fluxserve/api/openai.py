@@ -74,6 +74,17 @@ PASSTHROUGH: dict[str, str] = {
 IGNORED = ("quality", "style", "background", "user", "input_fidelity", "safety_identifier", "moderation")
 BOOL_FIELDS = ("stream", "enable_safety_checker", "disable_safety_checker", "enable_prompt_expansion",
                "prompt_upsampling", "sync_mode", "go_fast")
+# Every field the dialect reads; the rest of a request is the caller's provider-specific options, passed to an
+# upstream provider as they came when the gateway routes the request there (seed 004's "passthrough").
+MODELLED = frozenset(("model", "prompt", "n", "size", "aspect_ratio", "resolution", "response_format",
+                      "output_format", "output_compression", "seed", "stream", "partial_images", "mask", "image",
+                      "image_url", "image_count", "width", "height", "disable_safety_checker", "go_fast",
+                      "sync_mode", *PASSTHROUGH, *IGNORED))
+
+
+def provider_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    """The fields of an OpenAI request (as recorded) that the dialect does not read."""
+    return {name: value for name, value in raw.items() if name not in MODELLED and not name.startswith("image[")}
 
 
 class OpenAIRoute(APIRoute):

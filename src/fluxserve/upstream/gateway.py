@@ -117,9 +117,9 @@ class Gateway:
                    answered: list[datetime]) -> GenerationResult:
         upstream = self.upstreams[provider]
         if provider == "fal":
-            arguments = fal_arguments(spec, request, job.input if job.dialect == "fal" else None)
+            arguments = fal_arguments(spec, request, _caller_fields(job, "fal"))
         else:
-            arguments = replicate_arguments(target, request, job.input if job.dialect == "replicate" else None)
+            arguments = replicate_arguments(target, request, _caller_fields(job, "replicate"))
 
         progress = [0, 0]  # the provider's "step n/N" lines drive this job's progress too
 
@@ -173,6 +173,19 @@ def local_note(catalog: Catalog, job: Any) -> str | None:
         return None
     return (f"served on this server's GPUs by the open FLUX.2 [dev] weights with {spec.id}'s preset: its own model "
             "is reached only through an upstream provider (docs/gateway.md)")
+
+
+def _caller_fields(job: Any, provider: str) -> dict | None:
+    """The caller's own fields to pass through: all of them when the caller spoke the provider's dialect, the
+    ones the OpenAI dialect does not read for an OpenAI caller, none across fal and Replicate."""
+    raw = job.input if isinstance(job.input, dict) else {}
+    if job.dialect == provider:
+        return raw
+    if job.dialect == "openai":
+        from fluxserve.api.openai import provider_fields
+
+        return provider_fields(raw)
+    return None
 
 
 def _fell_back(tried: list[str], where: str) -> str:
