@@ -114,11 +114,14 @@ def test_a_stopped_upstream_falls_back_to_the_next_route(demo_settings):
         first = fal_client.subscribe(PRO, arguments={"prompt": "a boat", **SMALL})
         upstream.stop()
         second = fal_client.subscribe(PRO, arguments={"prompt": "a boat", **SMALL})
-        assert first["images"] and second["images"]  # no failed request
+        third = fal_client.subscribe(PRO, arguments={"prompt": "a boat", **SMALL})
+        assert first["images"] and second["images"] and third["images"]  # no failed request
         jobs = sorted((job for job in gateway.store.list(limit=100) if job.endpoint == PRO),
                       key=lambda job: job.created_at)
-        assert [job.status for job in jobs] == ["completed", "completed"]
+        assert [job.status for job in jobs] == ["completed", "completed", "completed"]
         assert jobs[1].kind == "generate"  # handed to this server's GPU workers
+        skipped = [line.message for line in gateway.store.logs(jobs[2].id)]  # fal is cooling down: not called
+        assert any(message.startswith("fal skipped: failed 1 time(s) in a row") for message in skipped)
         messages = [line.message for line in gateway.store.logs(jobs[1].id)]
         assert any(message.startswith("fal failed: fal could not be reached") for message in messages)
         assert any("running on this server's GPUs" in message for message in messages)
@@ -130,7 +133,7 @@ def test_a_stopped_upstream_falls_back_to_the_next_route(demo_settings):
         by_key = {row["key"]: row for row in rows}
         assert (by_key["fal"]["completed"], by_key["fal"]["failed"], by_key["fal"]["success_rate"]) == (1, 1, 0.5)
         assert by_key["fal"]["generation_ms"]["p50"] > 0 and by_key["fal"]["ttfb_ms"]["p50"] > 0
-        assert by_key["local"]["completed"] == 1
+        assert by_key["local"]["completed"] == 2
 
 
 def test_a_gateway_worker_process_needs_no_gpu(demo_settings, upstream, tmp_path):
@@ -285,3 +288,21 @@ def json_text(job) -> str:
 
     return json.dumps({"request": job.request, "input": job.input, "result": job.result, "error": job.error},
                       default=str)
+
+
+def test_a_failing_provider_cools_down_then_is_tried_again():
+    from fluxserve.upstream.gateway import Health
+
+    now = [100.0]
+    health = Health(base_s=10, max_s=25, clock=lambda: now[0])
+    assert health.ok("fal")
+    health.failed("fal", "ConnectError")
+    assert not health.ok("fal") and "failed 1 time(s) in a row, tried again in 10 s" in health.why("fal")
+    now[0] += 10
+    assert health.ok("fal")  # the next request tries it again
+    health.failed("fal", "503")
+    assert not health.ok("fal") and "in 20 s (last: 503)" in health.why("fal")  # doubled
+    health.failed("fal", "503")
+    assert "in 25 s" in health.why("fal")  # capped
+    health.served("fal")
+    assert health.ok("fal") and health.ok("replicate")

@@ -15,6 +15,8 @@ import io
 import logging
 import mimetypes
 import re
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -58,6 +60,7 @@ class Gateway:
         self.catalog = catalog
         self.upstreams = upstreams
         self.store = store  # where each call to a provider is recorded (JobStore.record_upstream_call)
+        self.health = Health()
 
     def routes(self, endpoint_id: str) -> list[str]:
         """The endpoint's routes that can be taken here: those of configured providers, and ``local``."""
@@ -75,11 +78,20 @@ class Gateway:
                 should_cancel: Callable[[], bool]) -> GenerationResult:
         spec = self.catalog.endpoint(job.endpoint)
         tried: list[str] = []
-        for route in self.routes(job.endpoint):
+        routes = self.routes(job.endpoint)
+        # A provider that failed recently is skipped while it cools down, unless no other route is left.
+        usable = [route for route in routes if route == LOCAL or self.health.ok(route.partition(":")[0])]
+        if not any(route != LOCAL for route in usable) and LOCAL not in routes:
+            usable = routes
+        for route in routes:
             if route == LOCAL:
                 on_progress(Progress(step=0, total=0, message=_fell_back(tried, "this server's GPUs")))
                 raise RunLocally(job.endpoint)
             provider, _, target = route.partition(":")
+            if route not in usable:
+                on_progress(Progress(step=0, total=0, message=f"{provider} skipped: {self.health.why(provider)}"))
+                tried.append(provider)
+                continue
             on_progress(Progress(step=0, total=0, message=f"routing to {provider} ({target})"))
             started, answered = utcnow(), []
             try:
@@ -90,6 +102,7 @@ class Gateway:
                              exc.message)
                 if not exc.retryable:
                     raise InputError(exc.field or "request", exc.message) from None
+                self.health.failed(provider, exc.message)
                 log.warning("route %s of %s failed: %s", route, job.endpoint, exc.message)
                 on_progress(Progress(step=0, total=0, message=f"{provider} failed: {exc.message}"))
                 tried.append(provider)
@@ -98,6 +111,7 @@ class Gateway:
                 self._record(job, provider, target, started, answered, "cancelled")
                 raise
             self._record(job, provider, target, started, answered, "served")
+            self.health.served(provider)
             return result
         raise UpstreamError(f"every route of {job.endpoint} failed ({', '.join(tried) or 'none configured'})",
                             retryable=False)
@@ -164,6 +178,39 @@ class Gateway:
             data, content_type = upstream.fetch(url)
         data, content_type, size = _in_format(data, content_type, output_format)
         return GeneratedImage(data=data, width=size[0], height=size[1], content_type=content_type, nsfw=nsfw)
+
+
+class Health:
+    """Which providers failed recently (in this process). After a failure (a connection error, timeout, 429 or
+    5xx) a provider is skipped for ``base_s``, doubling with each further failure up to ``max_s``; the first
+    request after that tries it again, and one that it serves clears the record."""
+
+    def __init__(self, base_s: float = 15.0, max_s: float = 300.0, clock: Callable[[], float] = time.monotonic):
+        self.base_s, self.max_s, self.clock = base_s, max_s, clock
+        self._lock = threading.Lock()
+        self._down: dict[str, tuple[float, int, str]] = {}  # provider -> (until, failures in a row, last error)
+
+    def ok(self, provider: str) -> bool:
+        with self._lock:
+            record = self._down.get(provider)
+            return record is None or self.clock() >= record[0]
+
+    def why(self, provider: str) -> str:
+        with self._lock:
+            until, failures, error = self._down.get(provider, (0.0, 0, ""))
+        wait = max(0.0, until - self.clock())
+        return f"failed {failures} time(s) in a row, tried again in {wait:.0f} s (last: {error})"
+
+    def failed(self, provider: str, error: str) -> None:
+        with self._lock:
+            _, failures, _ = self._down.get(provider, (0.0, 0, ""))
+            failures += 1
+            self._down[provider] = (self.clock() + min(self.max_s, self.base_s * 2 ** (failures - 1)), failures,
+                                    error[:300])
+
+    def served(self, provider: str) -> None:
+        with self._lock:
+            self._down.pop(provider, None)
 
 
 def local_note(catalog: Catalog, job: Any) -> str | None:
