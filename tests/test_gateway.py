@@ -134,6 +134,11 @@ def test_a_stopped_upstream_falls_back_to_the_next_route(demo_settings):
         assert (by_key["fal"]["completed"], by_key["fal"]["failed"], by_key["fal"]["success_rate"]) == (1, 1, 0.5)
         assert by_key["fal"]["generation_ms"]["p50"] > 0 and by_key["fal"]["ttfb_ms"]["p50"] > 0
         assert by_key["local"]["completed"] == 2
+        # usage by who served: fal one request, this server's GPUs two (with their GPU time)
+        usage = httpx.get(f"{gateway.url}/api/usage", params={"group_by": "provider"}, timeout=60).json()
+        served = {group["group"]: group for group in usage["groups"]}
+        assert served["fal"]["completed"] == 1 and served["fal"]["gpu_seconds"] == 0 and served["fal"]["steps"] == 0
+        assert served["local"]["completed"] == 2 and served["local"]["megapixels"] > 0
 
 
 def test_a_gateway_worker_process_needs_no_gpu(demo_settings, upstream, tmp_path):

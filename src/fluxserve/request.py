@@ -103,6 +103,7 @@ class GenerationResult:
     prompt: str
     timings: dict[str, float] = field(default_factory=dict)
     reference_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) of each reference as loaded
+    served_by: str = "local"  # "local" (this server's GPUs) or the upstream provider the gateway used
 
     @property
     def has_nsfw_concepts(self) -> list[bool]:

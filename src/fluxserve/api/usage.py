@@ -27,7 +27,8 @@ async def usage(
     request: Request,
     from_: str | None = Query(None, alias="from", description="ISO 8601: jobs finished at or after it"),
     to: str | None = Query(None, description="ISO 8601: jobs finished before it"),
-    group_by: str = Query("endpoint", description="key | endpoint | day (UTC)"),
+    group_by: str = Query("endpoint", description="key | endpoint | day (UTC) | provider (local or the gateway's "
+                          "upstream that served it)"),
 ) -> JSONResponse:
     since, until = query_time("from", from_), query_time("to", to)
     if since is not None and until is not None and until <= since:

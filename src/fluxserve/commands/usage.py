@@ -31,8 +31,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--key", metavar="ID", help="only this API key's jobs (its id, see fluxserve keys list)")
     parser.add_argument("--since", type=parse_since, metavar="WHEN",
                         help="jobs finished since: 7d, 12h, 30m, 2w or an ISO 8601 date (default: all)")
-    parser.add_argument("--by", choices=["endpoint", "key", "day"], default="endpoint",
-                        help="one row per endpoint (default), API key or day (UTC)")
+    parser.add_argument("--by", choices=["endpoint", "key", "day", "provider"], default="endpoint",
+                        help="one row per endpoint (default), API key, day (UTC) or provider (local, or the "
+                        "gateway's upstream that served it)")
     parser.add_argument("--db", help="job store URL (default: SQLite in the data directory)")
     parser.add_argument("--data-dir", help="where the database lives")
     parser.add_argument("--catalog", help="catalogue TOML whose [prices] give the cost (default: the packaged one)")

@@ -1,4 +1,4 @@
-"""The usage ledger: one ``job_usage`` row per finished job, and its totals per key, endpoint or day.
+"""The usage ledger: one ``job_usage`` row per finished job, and its totals per key, endpoint, day or provider.
 
 ``record`` runs inside the job store's transaction that makes a job terminal, so every finished job has its row
 and no job has two. Only completed jobs bill: the images and megapixels of failed and cancelled jobs are 0
@@ -16,12 +16,12 @@ from sqlalchemy import func, select
 from fluxserve.jobs.models import job_usage
 from fluxserve.usage import Price
 
-GROUPS = ("key", "endpoint", "day")
+GROUPS = ("key", "endpoint", "day", "provider")
 BILLED = ("input_images", "input_megapixels", "output_images", "output_megapixels", "megapixels")
 _INSERT_SQL = (
     "INSERT INTO job_usage (job_id, owner, endpoint, model, dialect, status, finished_at, input_images, "
-    "input_megapixels, output_images, output_megapixels, megapixels, gpu_seconds, steps) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id) DO NOTHING"
+    "input_megapixels, output_images, output_megapixels, megapixels, gpu_seconds, steps, provider) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id) DO NOTHING"
 )
 
 
@@ -31,7 +31,7 @@ def record(raw: Any, job: Any, now: datetime, usage: dict[str, Any] | None) -> N
     billed = [int(usage.get(name) or 0) if job.status == "completed" else 0 for name in BILLED]
     raw.execute(_INSERT_SQL, (
         job.id, job.owner, job.endpoint, job.model or "", job.dialect, job.status, raw.time(now), *billed,
-        float(usage.get("gpu_seconds") or 0.0), int(usage.get("steps") or 0),
+        float(usage.get("gpu_seconds") or 0.0), int(usage.get("steps") or 0), usage.get("provider"),
     ))
 
 
@@ -87,6 +87,8 @@ def _group_column(store: Any, group_by: str) -> Any:
         return job_usage.c.owner
     if group_by == "endpoint":
         return job_usage.c.endpoint
+    if group_by == "provider":
+        return job_usage.c.provider
     if store.is_sqlite:  # times are stored as text, 'YYYY-MM-DD HH:MM:SS.ffffff' in UTC
         return func.substr(job_usage.c.finished_at, 1, 10)
     return func.to_char(job_usage.c.finished_at, "YYYY-MM-DD")
@@ -95,7 +97,7 @@ def _group_column(store: Any, group_by: str) -> Any:
 def report(store: Any, *, group_by: str = "endpoint", since: datetime | None = None, until: datetime | None = None,
            owner: str | None = None, prices: dict[str, Price] | None = None) -> tuple[list[Totals], Totals]:
     """Usage of the jobs finished in ``[since, until)`` (given ``owner``, only that key's), per ``group_by``
-    (``key``, ``endpoint`` or ``day``, UTC) in order of the group, and in all."""
+    (``key``, ``endpoint``, ``day`` (UTC) or ``provider``: who served it) in order of the group, and in all."""
     if group_by not in GROUPS:
         raise ValueError(f"group_by must be one of {', '.join(GROUPS)}, not {group_by!r}")
     prices = prices or {}

@@ -216,6 +216,9 @@ job_usage = Table(
     Column("megapixels", Integer, nullable=False, default=0),  # input + output; 0 unless completed
     Column("gpu_seconds", Float, nullable=False, default=0.0),  # the engine's time on the job, billed or not
     Column("steps", Integer, nullable=False, default=0),  # denoising steps run
+    # who served it: "local" (this server's GPUs) or the gateway's upstream provider; NULL for a request the
+    # gateway could not get served, and for rows written before the column existed
+    Column("provider", String(32), nullable=True),
     Index("ix_job_usage_finished", "finished_at"),
     Index("ix_job_usage_owner_finished", "owner", "finished_at"),
 )
@@ -244,4 +247,5 @@ upstream_calls = Table(
 ADDED_COLUMNS: list[tuple[str, str]] = [  # (table, column)
     ("jobs", "owner"), ("api_keys", "admin"), ("jobs", "caller"), ("jobs", "first_progress_at"),
     ("api_keys", "max_concurrent"), ("api_keys", "rpm"), ("api_keys", "mp_per_day"), ("jobs", "kind"),
+    ("job_usage", "provider"),
 ]

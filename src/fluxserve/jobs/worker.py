@@ -287,7 +287,9 @@ class Worker:
     def _finish(self, run: _Run, outcome: GenerationResult | TrainedLora | BaseException) -> Job | None:
         """Record the outcome; the terminal job, or None when this worker no longer holds it."""
         job, store, wid = run.job, self.store, self.worker_id
-        spent = {"gpu_seconds": run.engine_seconds, "steps": run.step or 0}
+        local = getattr(self.engine, "gpu", True)
+        spent = {"gpu_seconds": run.engine_seconds, "steps": (run.step or 0) if local else 0,
+                 "provider": "local" if local else None}
         try:
             lines = self._lines(run.pending)
         except Exception:
@@ -329,7 +331,8 @@ class Worker:
                 return store.fail(job.id, message, BLOCKED_ERROR_TYPE, worker_id=wid, lines=lines, usage=spent)
         billed = billable(outcome.reference_sizes, [(image.width, image.height) for image in outcome.images])
         usage = {**vars(billed), "megapixels": billed.megapixels, "gpu_seconds": run.engine_seconds,
-                 "steps": run.total or run.step or job.request.get("steps") or 0}
+                 "steps": (run.total or run.step or job.request.get("steps") or 0) if local else 0,
+                 "provider": outcome.served_by}
         return self._complete(run, lambda: self._save(outcome), lines, usage)
 
     def _complete(self, run: _Run, save: Callable[[], dict], lines: list[dict], usage: dict) -> Job | None:

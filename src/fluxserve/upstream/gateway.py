@@ -167,7 +167,7 @@ class Gateway:
             raise UpstreamError(f"{provider} returned no images", retryable=True)
         seed = results[0][0].get("seed", request.seed)
         return GenerationResult(images=images, seed=int(seed or 0), prompt=request.prompt, timings={},
-                                reference_sizes=[])
+                                reference_sizes=[], served_by=provider)
 
     def _fetched(self, upstream: Any, image: dict, output_format: str, nsfw: bool) -> GeneratedImage:
         url = str(image.get("url") or "")
