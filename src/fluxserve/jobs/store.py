@@ -981,25 +981,20 @@ class JobStore:
         server's GPU workers), with the log lines that say why; it keeps its place by age."""
         if lines:
             self.report(job_id, worker_id, lines=lines)
-        with self._write() as conn:
-            count = conn.execute(
-                update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.worker_id == worker_id, jobs.c.status == "running")
-                .values(status="queued", kind=kind, worker_id=None, lease_expires_at=None, updated_at=utcnow(),
-                        attempts=jobs.c.attempts - 1)
-            ).rowcount
-        self._leases.pop(job_id, None)
-        self._changed(job_id, work=True)
-        return count == 1
+        return self._requeue(job_id, worker_id, kind=kind)
 
     def release(self, job_id: str, worker_id: str) -> bool:
         """Give a running job back to the queue (a worker shutting down); it keeps its place by age."""
+        return self._requeue(job_id, worker_id)
+
+    def _requeue(self, job_id: str, worker_id: str, **values: Any) -> bool:
+        """Put a job this worker runs back in the queue, the attempt not counted, setting ``values`` too."""
         with self._write() as conn:
             count = conn.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id, jobs.c.worker_id == worker_id, jobs.c.status == "running")
                 .values(status="queued", worker_id=None, lease_expires_at=None, updated_at=utcnow(),
-                        attempts=jobs.c.attempts - 1)
+                        attempts=jobs.c.attempts - 1, **values)
             ).rowcount
         self._leases.pop(job_id, None)
         self._changed(job_id, work=True)
