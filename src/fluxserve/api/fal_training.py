@@ -15,7 +15,7 @@ from fastapi import Request
 
 from fluxserve import fetch
 from fluxserve.api.auth import caller
-from fluxserve.api.common import base_url, may_reference, own_file_key
+from fluxserve.api.common import OwnFileMissing, base_url, own_file_key, resolve_own_file
 from fluxserve.api.errors import FalValidationError, from_field_error
 from fluxserve.api.fal_schemas import TrainerInput
 from fluxserve.api.file_urls import file_url
@@ -58,12 +58,9 @@ def _read_dataset(request: Request, training: TrainingRequest) -> tuple[str | No
         load_dataset(url, **options)  # through the guarded fetcher
         return None, False
     try:
-        if not may_reference(request, url, key):
-            raise KeyError(key)  # another key's file: as if it did not exist
-        data, _ = storage.get(key)
-    except KeyError:
-        raise InputError(FIELD, f"file {key!r} not found on this server") from None
-    load_dataset(data, **options)
+        load_dataset(resolve_own_file(request, url), **options)  # read from storage, the caller's or signed
+    except OwnFileMissing as exc:
+        raise InputError(FIELD, str(exc)) from None
     return key, False
 
 
