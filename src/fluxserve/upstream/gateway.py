@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import io
 import logging
-import mimetypes
 import re
 import threading
 import time
@@ -317,11 +316,13 @@ def replicate_arguments(model: str, request: GenerationRequest, caller_input: di
 def _as_url(reference: str) -> str:
     """A reference a provider can read: URLs as they are, this server's own files (resolved to local paths) as
     data URIs."""
-    if reference.startswith(("http://", "https://", "data:")):
+    from fluxserve.api.common import data_uri, is_url_or_data_uri
+    from fluxserve.inputs import image_type
+
+    if is_url_or_data_uri(reference):
         return reference
-    path = Path(reference)
-    content_type = mimetypes.guess_type(path.name)[0] or "image/png"
-    return f"data:{content_type};base64,{base64.b64encode(path.read_bytes()).decode()}"
+    data = Path(reference).read_bytes()
+    return data_uri(data, image_type(data) or "image/png")
 
 
 def open_upstreams(specs: dict[str, str], keys: dict[str, str | None]) -> dict[str, Any]:
