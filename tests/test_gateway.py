@@ -313,3 +313,21 @@ def test_a_failing_provider_cools_down_then_is_tried_again():
     assert "in 25 s" in health.why("fal")  # capped
     health.served("fal")
     assert health.ok("fal") and health.ok("replicate")
+
+
+def test_references_reach_a_provider_as_urls_or_data_uris(tmp_path):
+    import base64
+    import io
+
+    from PIL import Image
+
+    from fluxserve.upstream.gateway import _as_url
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buffer, "WEBP")
+    local = tmp_path / "upload.bin"  # this server's own file, resolved to a path: its bytes decide its type
+    local.write_bytes(buffer.getvalue())
+    uri = _as_url(str(local))
+    assert uri.startswith("data:image/webp;base64,") and base64.b64decode(uri.split(",", 1)[1]) == buffer.getvalue()
+    assert _as_url("https://example.com/a.png") == "https://example.com/a.png"
+    assert _as_url("data:image/png;base64,AAAA") == "data:image/png;base64,AAAA"
