@@ -1173,19 +1173,16 @@ def _estimate(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"--estimate {text!r}: expected NAME=SECONDS") from None
 
 
-def _parts(text: str) -> tuple[str, ...]:
-    names = tuple(name.strip() for name in text.split(",") if name.strip())
-    unknown = [name for name in names if name not in PARTS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"--parts {text!r}: choose from {', '.join(PARTS)}")
-    return names
+def _names(flag: str, allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
+    """The argparse type of a comma-separated list of ``allowed`` names (``flag`` names it in errors)."""
 
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(name.strip() for name in text.split(",") if name.strip())
+        if not names or any(name not in allowed for name in names):
+            raise argparse.ArgumentTypeError(f"{flag} {text!r}: choose from {', '.join(allowed)}")
+        return names
 
-def _levels(text: str) -> tuple[str, ...]:
-    names = tuple(name.strip() for name in text.split(",") if name.strip())
-    if not names or any(name not in LEVELS for name in names):
-        raise argparse.ArgumentTypeError(f"--dev-levels {text!r}: choose from {', '.join(LEVELS)}")
-    return names
+    return parse
 
 
 def prepare_environment() -> Path:
@@ -1206,10 +1203,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU: the same code paths, for CI")
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
                         help=f"seconds for the whole run, start-up included (default {DEFAULT_BUDGET_S:.0f})")
-    parser.add_argument("--parts", type=_parts, default=PARTS, metavar="NAME,...",
+    parser.add_argument("--parts", type=_names("--parts", PARTS), default=PARTS, metavar="NAME,...",
                         help=f"which parts to run, in this order (default {','.join(PARTS)}; profile needs dev "
                              "before it)")
-    parser.add_argument("--dev-levels", type=_levels, default=LEVELS, metavar="LEVEL,...",
+    parser.add_argument("--dev-levels", type=_names("--dev-levels", LEVELS), default=LEVELS, metavar="LEVEL,...",
                         help="the acceleration levels the dev part runs, in order (default none,regular,high; "
                              "none first: the others' error is against it)")
     parser.add_argument("--estimate", action="append", default=[], metavar="NAME=SECONDS", type=_estimate,
