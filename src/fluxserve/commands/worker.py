@@ -73,14 +73,14 @@ def run(args: argparse.Namespace) -> int:
     if not kinds or any(k not in JOB_KINDS for k in kinds):
         print(f"error: --jobs: {args.jobs!r} is not a comma-separated list of {', '.join(JOB_KINDS)}", file=sys.stderr)
         return 2
+    gateway = open_gateway(settings, catalog) if "upstream" in kinds else None
+    if "upstream" in kinds and gateway is None:
+        print("error: --jobs upstream: no provider is configured (--upstream fal=URL)", file=sys.stderr)
+        return 2
     try:
         slot = ProcessSlot.acquire(settings.data_dir, "worker", args.worker_id)
     except SlotBusy as e:
         print(f"error: --worker-id: {e}", file=sys.stderr)
-        return 2
-    gateway = open_gateway(settings, catalog) if "upstream" in kinds else None
-    if "upstream" in kinds and gateway is None:
-        print("error: --jobs upstream: no provider is configured (--upstream fal=URL)", file=sys.stderr)
         return 2
     store = JobStore(settings.db_url)
     if gateway is not None:
