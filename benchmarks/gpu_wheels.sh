@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Download the wheels benchmarks/first_gpu_run.py needs on a GPU machine that has PyTorch, transformers and the
+# Download the wheels benchmarks/gpu_run.py needs on a GPU machine that has PyTorch, transformers and the
 # Hugging Face libraries but not diffusers or pydantic, and no network: run it here (with network), carry the
 # .whl/ folder there, and install it with
 #

@@ -30,7 +30,7 @@ byte-level ones (prompts are padded to 512 tokens either way, so the sequence le
 
 Full-size builds need CUDA (``check_device``); pass small ``Architecture`` overrides to build anywhere:
 ``tiny_architecture(model)`` is a one-block transformer, a tiny text encoder and VAE with the real structure,
-which the tests and ``benchmarks/first_gpu_run.py --tiny`` build on the CPU through exactly the same code.
+which the tests and ``benchmarks/gpu_run.py --tiny`` build on the CPU through exactly the same code.
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def tiny_text(specials: list[str], layers: int, tied: bool) -> dict:
 def tiny_architecture(model: str) -> Architecture:
     """A tiny architecture with the structure of ``model`` (the same module classes, the same hidden states read
     by the pipeline), small enough to build and run on a CPU in seconds: what the CPU tests and
-    ``benchmarks/first_gpu_run.py --tiny`` build through exactly the code the full-size models go through."""
+    ``benchmarks/gpu_run.py --tiny`` build through exactly the code the full-size models go through."""
     from fluxserve.engine.demo import MISTRAL_SPECIALS, QWEN_SPECIALS
 
     _check_model(model)

@@ -1,4 +1,4 @@
-"""``benchmarks/first_gpu_run.py --tiny``: the first-GPU-run script's very code paths on the CPU with tiny models,
+"""``benchmarks/gpu_run.py --tiny``: the GPU run script's very code paths on the CPU with tiny models,
 as a user runs it (a subprocess), and its budget: parts and sub-steps that do not fit are skipped and say why."""
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "first_gpu_run.py"
+SCRIPT = ROOT / "benchmarks" / "gpu_run.py"
 PARTS = ("checks", "klein", "dev", "profile", "vae", "train")
 
 
 def run_script(tmp_path: Path, *args: str, timeout: int = 300) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "FLUXSERVE_FIRST_RUN_WORK": str(tmp_path / "work")}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "FLUXSERVE_GPU_RUN_WORK": str(tmp_path / "work")}
     done = subprocess.run([sys.executable, str(SCRIPT), "--tiny", *args, str(out)], check=False,
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     return done, out
@@ -35,7 +35,7 @@ def positive(value) -> bool:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    done, out = run_script(tmp_path_factory.mktemp("first-run"))
+    done, out = run_script(tmp_path_factory.mktemp("gpu-run"))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     return done, out
 
