@@ -313,45 +313,33 @@ def test_levels_and_go_fast():
         accel.normalise_level("turbo")
 
 
-# ---- attention backend: decided once, fastest that runs --------------------------------------------------------
-def test_attention_candidates_by_device():
-    cuda = torch.device("cuda")
-    assert accel.attention_candidates(torch.device("cpu")) == ["native"]
-    assert accel.attention_candidates(cuda, (9, 0), flash_attention_3=True) == ["_flash_3", "_native_cudnn", "native"]
-    # an importable flash_attn_interface is not enough: diffusers must be able to use it
-    assert accel.attention_candidates(cuda, (9, 0), flash_attention_3=False) == ["_native_cudnn", "native"]
-    assert accel.attention_candidates(cuda, (8, 9), flash_attention_3=True) == ["_native_cudnn", "native"]
-    assert accel.attention_candidates(cuda, (7, 5), flash_attention_3=False) == ["native"]
-
-
-def test_attention_choice_falls_through_once_and_is_remembered(monkeypatch):
-    monkeypatch.setattr(accel, "_attention_choice", {})
-    tried: list[str] = []
-
-    def probe(name, _device):
-        tried.append(name)
-        if name == "_flash_3":
-            raise RuntimeError("FA3 kernels missing")
-
-    device = torch.device("cuda", 7)
-    candidates = ["_flash_3", "_native_cudnn", "native"]
-    backend, notes = accel.choose_attention(device, candidates, probe)
-    assert backend == "_native_cudnn" and tried == ["_flash_3", "_native_cudnn"]
-    assert len(notes) == 1 and "_flash_3" in notes[0] and "FA3 kernels missing" in notes[0]
-    assert accel.choose_attention(device, candidates, probe) == (backend, notes)
-    assert tried == ["_flash_3", "_native_cudnn"]  # not probed (nor logged) again
-
-    def broken(name, _device):
-        raise RuntimeError(f"{name} broken")
-
-    assert accel.choose_attention(torch.device("cuda", 6), candidates, broken)[0] == "native"
-
-
-def test_cpu_attention_is_native_and_set_once():
+# ---- attention in the state (the choice itself: tests/test_attention.py) ------------------------------------------
+def test_cpu_attention_is_native_and_reported_in_the_state():
     pipe = _Pipe(_tiny_transformer())
-    state = accel.apply_acceleration(pipe, "regular", "cpu")
-    assert state["attention"] == "native"
-    assert accel.choose_attention(torch.device("cpu")) == ("native", ())
+    for level in ("regular", "high", "none"):
+        state = accel.apply_acceleration(pipe, level, "cpu")
+        assert state["attention"] == "native" and state["fp8_attention"] is False
+        assert state["attention_why"] and state["fp8_attention_why"]
+    assert "none" in state["attention_why"]
+
+
+def test_forced_attention_backend_runs_our_processors_and_matches_none(monkeypatch):
+    pipe = _Pipe(_tiny_transformer())
+    kwargs = _inputs(3)
+    with torch.no_grad():
+        accel.apply_acceleration(pipe, "none", "cpu")
+        ref = pipe.transformer(**kwargs)[0]
+        monkeypatch.setenv("FLUXSERVE_ATTENTION", "sdpa_math")
+        state = accel.apply_acceleration(pipe, "regular", "cpu")
+        out = pipe.transformer(**kwargs)[0]
+    assert state["attention"] == "sdpa_math" and "forced" in state["attention_why"]
+    processors = {type(m.processor).__name__ for m in pipe.transformer.modules() if hasattr(m, "set_processor")}
+    assert processors == {"DoubleStreamAttention", "SingleStreamAttention"}
+    assert _rel(out, ref) <= 1e-5
+    monkeypatch.delenv("FLUXSERVE_ATTENTION")
+    state = accel.apply_acceleration(pipe, "none", "cpu")
+    processors = {type(m.processor).__name__ for m in pipe.transformer.modules() if hasattr(m, "set_processor")}
+    assert state["attention"] == "native" and processors == {"Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor"}
 
 
 # ---- CUDA graphs: a bounded number of captured shapes ----------------------------------------------------------

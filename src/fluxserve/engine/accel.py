@@ -3,12 +3,13 @@
 
 * ``none``: the reference. Stock diffusers modules, eager, PyTorch's default SDPA dispatch, no prompt cache.
 * ``regular`` (default): lossless transforms only. Fused QKV projections in the double-stream blocks, the
-  fastest exact attention kernel (FlashAttention-3 when ``flash_attn_interface`` imports, else cuDNN SDPA),
+  fastest exact attention kernel, measured once per GPU and attention geometry (``attention_choice``),
   regional ``torch.compile`` of the repeated transformer blocks with dynamic shapes (one compiled graph per
   block class, reused by every block; a new resolution does not recompile the model), CUDA graphs on CUDA,
   and a prompt-embedding cache (an LRU of text-encoder outputs; a hit skips the text encoder).
 * ``high``: ``regular`` plus FP8 weights and activations for the transformer blocks' Linear layers
-  (``fluxserve.engine.fp8``, ``torch._scaled_mm``). CUDA with compute capability >= 8.9 only; elsewhere it
+  (``fluxserve.engine.fp8``, ``torch._scaled_mm``), and FP8 attention (FlashAttention-3's FP8 path) where a
+  Hopper GPU and the kernel allow it and it is faster. CUDA with compute capability >= 8.9 only; elsewhere it
   runs as ``regular`` and the report says so.
 
 The engine calls ``apply_acceleration(pipe, level, device)`` when a model loads and before every request; it
@@ -18,9 +19,11 @@ is idempotent and cheap when nothing changes, and switches between levels on the
 forward fails, the model falls back to eager and the report says so.
 
 Environment overrides: ``FLUXSERVE_COMPILE`` (auto|1|0; auto = on for CUDA, off on CPU where compiling a
-block takes longer than it saves), ``FLUXSERVE_CUDA_GRAPHS`` (auto|1|0), ``FLUXSERVE_ATTENTION`` (a diffusers
-attention backend name, e.g. ``_flash_3``, ``_native_cudnn``, ``native``), ``FLUXSERVE_PROMPT_CACHE``
-(entries; 0 disables), ``FLUXSERVE_PROMPT_CACHE_MB``.
+block takes longer than it saves), ``FLUXSERVE_CUDA_GRAPHS`` (auto|1|0), ``FLUXSERVE_ATTENTION`` (an exact
+attention backend forced at ``regular`` and ``high`` instead of the measured one: a diffusers name such as
+``native`` or ``_flash_3``, or one of ``fluxserve.engine.attention``'s, such as ``sdpa_cudnn`` or ``fa3``),
+``FLUXSERVE_FP8_ATTENTION`` (auto|1|0; auto = on at ``high`` where it runs within tolerance and is faster),
+``FLUXSERVE_PROMPT_CACHE`` (entries; 0 disables), ``FLUXSERVE_PROMPT_CACHE_MB``.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fluxserve.engine import fp8
+from fluxserve.engine import attention, fp8
+from fluxserve.engine.attention_choice import decide, geometry_of
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +83,8 @@ def _env_switch(name: str) -> bool | None:
 class AccelOptions:
     compile: bool | None = None  # None = auto: CUDA only
     cuda_graphs: bool | None = None  # None = auto: with compile on CUDA
-    attention: str | None = None  # None = best available
+    attention: str | None = None  # None = measured; else an exact backend forced at regular and high
+    fp8_attention: bool | None = None  # None = auto: at high where it runs within tolerance and is faster
     prompt_cache_entries: int = 64
     prompt_cache_bytes: int = 2 * 1024**3
     cuda_graph_shapes: int = 4  # input shapes (resolution x batch) that get CUDA graphs; others run without
@@ -91,6 +96,7 @@ class AccelOptions:
             cuda_graphs=_env_switch("FLUXSERVE_CUDA_GRAPHS"),
             cuda_graph_shapes=int(os.environ.get("FLUXSERVE_CUDA_GRAPH_SHAPES", "4")),
             attention=os.environ.get("FLUXSERVE_ATTENTION") or None,
+            fp8_attention=_env_switch("FLUXSERVE_FP8_ATTENTION"),
             prompt_cache_entries=int(os.environ.get("FLUXSERVE_PROMPT_CACHE", "64")),
             prompt_cache_bytes=int(float(os.environ.get("FLUXSERVE_PROMPT_CACHE_MB", "2048")) * 1024**2),
         )
@@ -293,88 +299,6 @@ def fuse_fp8_qkv(transformer: nn.Module) -> int:
         attn.fused_projections = True
         count += 1
     return count
-
-
-# ---- attention backend ------------------------------------------------------------------------------
-_attention_choice: dict[str, tuple[str, tuple[str, ...]]] = {}  # device -> (backend, notes), decided once
-_attention_lock = threading.Lock()
-
-
-def diffusers_can_use_flash_attention_3() -> bool:
-    """diffusers' own test for FlashAttention-3 (the ``flash_attn_3`` package, imported by it), which is what
-    its ``_flash_3`` backend needs; an importable ``flash_attn_interface`` alone is not enough."""
-    try:
-        from diffusers.models import attention_dispatch
-    except ImportError:  # pragma: no cover - diffusers is a dependency
-        return False
-    return bool(getattr(attention_dispatch, "_CAN_USE_FLASH_ATTN_3", False))
-
-
-def attention_candidates(device: torch.device, capability: tuple[int, int] | None = None,
-                         flash_attention_3: bool | None = None) -> list[str]:
-    """The exact attention kernels worth trying on ``device``, fastest first: FlashAttention-3 (Hopper, when
-    diffusers can use it), cuDNN SDPA (compute capability >= 8.0), PyTorch's own SDPA dispatch."""
-    if device.type != "cuda":
-        return ["native"]
-    major, _ = capability or torch.cuda.get_device_capability(device)
-    fa3 = diffusers_can_use_flash_attention_3() if flash_attention_3 is None else flash_attention_3
-    names = []
-    if major == 9 and fa3:
-        names.append("_flash_3")
-    if major >= 8:
-        names.append("_native_cudnn")
-    return [*names, "native"]
-
-
-def probe_attention(backend: str, device: torch.device) -> None:
-    """Run ``backend`` once on FLUX.2-shaped inputs (bf16, head dim 128); raises when it cannot run here."""
-    from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-    generator = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(1, 256, 2, 128, device=device, dtype=torch.bfloat16, generator=generator)
-               for _ in range(3))
-    out = dispatch_attention_fn(q, k, v, backend=backend)
-    if out.shape != q.shape or not torch.isfinite(out).all():
-        raise RuntimeError(f"{backend} returned a wrong or non-finite result")
-
-
-def choose_attention(device: torch.device, candidates: list[str] | None = None,
-                     probe=probe_attention) -> tuple[str, tuple[str, ...]]:
-    """(backend, notes): the first of ``candidates`` that runs on ``device``, decided once per device and
-    remembered (later calls neither retry nor log again); notes say which were skipped and why."""
-    key = str(device)
-    with _attention_lock:
-        if key in _attention_choice:
-            return _attention_choice[key]
-        notes = []
-        chosen = "native"
-        for name in candidates or attention_candidates(device):
-            if name == "native":
-                break
-            try:
-                probe(name, device)
-            except Exception as exc:  # noqa: BLE001 - a missing kernel or an unsupported GPU
-                notes.append(f"attention {name} unavailable ({type(exc).__name__}: {str(exc)[:200]})")
-                log.warning("attention backend %s unavailable on %s (%s); trying the next", name, device, exc)
-                continue
-            chosen = name
-            break
-        log.info("attention backend on %s: %s", device, chosen)
-        _attention_choice[key] = (chosen, tuple(notes))
-        return _attention_choice[key]
-
-
-def set_attention_backend(transformer: nn.Module, backend: str) -> str:
-    """Set a diffusers attention backend on every attention processor; ``native`` when it cannot be set."""
-    if not hasattr(transformer, "set_attention_backend"):
-        return "native"
-    try:
-        transformer.set_attention_backend(backend)
-        return backend
-    except Exception as exc:  # noqa: BLE001 - unmet requirements
-        log.warning("attention backend %s could not be set (%s); using native", backend, exc)
-        transformer.set_attention_backend("native")
-        return "native"
 
 
 # ---- regional compile -------------------------------------------------------------------------------
@@ -731,7 +655,11 @@ class AccelState:
     level: str = "none"
     device: str = "cpu"
     fused_qkv: bool = False
-    attention: str = "native"
+    attention: str = "native"  # the backend the attention modules run
+    attention_why: str = ""
+    attention_figures: dict[str, dict] = field(default_factory=dict)  # backend -> measured figures, or why not
+    fp8_attention: bool = False
+    fp8_attention_why: str = ""
     compiled: bool = False
     cuda_graphs: bool = False
     cuda_graph_shapes: list[str] = field(default_factory=list)  # shapes captured, oldest first
@@ -812,7 +740,7 @@ def _fp8_room(transformer: nn.Module, device: torch.device) -> bool:
 
 
 def _keep_note(note: str) -> bool:
-    return note.startswith((HELD_IN_FP8, "torch.compile failed", "torch.compile of the VAE", "attention "))
+    return note.startswith((HELD_IN_FP8, "torch.compile failed", "torch.compile of the VAE"))
 
 
 def apply_acceleration(
@@ -875,17 +803,16 @@ def apply_acceleration(
         fuse_qkv(transformer)
     state.fused_qkv = is_fused(transformer)
 
-    # 2. attention kernel: decided once per device (the fastest that runs), native for none.
-    if effective == "none":
-        want = "native"
-    elif options.attention:
-        want = options.attention
-    else:
-        want, skipped = choose_attention(dev)
-        notes.extend(n for n in skipped if n not in notes)
-    if want != state.attention or not getattr(pipe, "_fluxserve_attention_set", False):
-        state.attention = set_attention_backend(transformer, want)
+    # 2. attention kernel: measured once per GPU and geometry (stock native for none); FP8 attention at high.
+    decision = decide(dev, geometry_of(transformer), effective, forced=options.attention,
+                      fp8=options.fp8_attention)
+    if decision.backend != state.attention or not getattr(pipe, "_fluxserve_attention_set", False):
+        state.attention = attention.set_attention_backend(transformer, decision.backend)
         pipe._fluxserve_attention_set = True
+    state.attention_why, state.attention_figures = decision.why, decision.figures
+    state.fp8_attention = decision.fp8 and state.attention == "fa3_fp8"
+    state.fp8_attention_why = decision.fp8_why if state.attention == decision.backend else (
+        f"{decision.backend} could not be set; running {state.attention}")
 
     # 3. FP8 mode of the transformer's quantised layers (if any). Held in FP8: FP8 matmuls at every level
     # where the GPU has them (dequantising the weights at every step would be slower and no more exact).
