@@ -1,6 +1,7 @@
 """Part ``checks``: the device and library versions; bf16 and FP8 (``torch._scaled_mm``, row-wise scales) matrix
 products on FLUX.2 [dev]'s Linear shapes at the run's resolution, the whole FP8 w8a8 layer (activation quantisation
-included); every attention backend on [dev]'s attention shape, with its error against fp32."""
+included); every attention backend on [dev]'s attention geometry and the blocks' layouts, with its error against
+float64 and whether it compiles without graph breaks."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import statistics
 from gpu_parts.common import Run, dev_transformer_meta, error_record, log, median, rel_error, time_calls
 
 ESTIMATES = {
-    "gpu": {"checks": 30, "checks.environment": 5, "checks.matmul": 15, "checks.attention": 10},
-    "tiny": {"checks": 8, "checks.environment": 2, "checks.matmul": 3, "checks.attention": 3},
+    "gpu": {"checks": 65, "checks.environment": 5, "checks.matmul": 15, "checks.attention": 45},
+    "tiny": {"checks": 13, "checks.environment": 2, "checks.matmul": 3, "checks.attention": 8},
 }
 
 
@@ -181,65 +182,34 @@ def _fp8_linear_row(nn, fp8, x, w, ref, flops: float, run: Run) -> dict:
         return error_record(exc)
 
 
-def attention_backends(run: Run) -> dict[str, str | None]:
-    """Backend name -> None to try it, or why it is not tried here."""
-    import importlib.util
-
-    from fluxserve.engine import accel
-
-    if run.device.type != "cuda":
-        reason = f"not supported on {run.device.type}"
-        return {"native": None, "_native_cudnn": reason, "_flash_3": reason, "flash": reason}
-    backends: dict[str, str | None] = {"native": None, "_native_cudnn": None, "_native_flash": None,
-                                       "_native_efficient": None}
-    backends["_flash_3"] = None if accel.diffusers_can_use_flash_attention_3() else (
-        "diffusers cannot use FlashAttention-3 here (the flash_attn_3 package is not importable)")
-    backends["flash"] = None if importlib.util.find_spec("flash_attn") else "flash_attn is not installed"
-    return backends
-
-
 def attention_checks(run: Run, report: dict) -> dict:
-    """Each attention backend on [dev]'s attention shape (B, S, H, D) in bf16: time, TFLOP/s (4 S^2 H D) and
-    the error against PyTorch's attention on the same inputs in float32; and what the engine chooses."""
-    import torch
-    from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-    from fluxserve.engine import accel
+    """Each attention backend on [dev]'s attention geometry in bf16, on the layouts the blocks pass (the single
+    blocks' strided v, the double blocks' concatenations): ms and TFLOP/s (4 S^2 H D a call) per layout, the error
+    against a float64 reference and against bf16 SDPA, whether it traces without graph breaks, or why it did not
+    run (``attention_choice.attention_table``); FP8 attention among them; and what the engine decides at
+    ``regular`` and ``high``."""
+    from fluxserve.engine import attention_choice
 
     device, scale = run.device, run.scale
-    meta = dev_transformer_meta(run)
-    heads, dim = meta.config.num_attention_heads, meta.config.attention_head_dim
-    tokens = (scale.width // 16) * (scale.height // 16) + scale.text_tokens
-    flops = 4 * tokens * tokens * heads * dim
-    generator = torch.Generator(device=device).manual_seed(1)
-    q, k, v = (torch.randn(1, tokens, heads, dim, device=device, dtype=torch.bfloat16, generator=generator)
-               for _ in range(3))
-    ref = dispatch_attention_fn(q.float(), k.float(), v.float(), backend="native")
-    chosen, notes = accel.choose_attention(device)
-    result = {"shape": {"batch": 1, "tokens": tokens, "heads": heads, "head_dim": dim, "layout": "B,S,H,D",
-                        "dtype": "bf16"},
-              "flops": flops, "reference": "native (PyTorch SDPA) on the same inputs in float32",
-              "chosen": chosen, "choice_notes": list(notes), "candidates": accel.attention_candidates(device),
-              "flash_attention_3_usable_by_diffusers": accel.diffusers_can_use_flash_attention_3(),
-              "backends": {}}
+    geometry = attention_choice.geometry_of(dev_transformer_meta(run), image_tokens=(scale.width // 16)
+                                            * (scale.height // 16), text_tokens=scale.text_tokens)
+    result = attention_choice.attention_table(device, geometry, calls=scale.kernel_repeat, compile_check=True)
     report["attention"] = result
-    for name, reason in attention_backends(run).items():
-        if reason:
-            result["backends"][name] = {"skipped": reason}
+    run.save("checks", report)
+    for name, row in result["backends"].items():
+        if "skipped" in row:
+            log(f"attention {name}: skipped ({row['skipped']})")
             continue
-        try:
-            out = dispatch_attention_fn(q, k, v, backend=name)
-            error = rel_error(out, ref)
-            ms = median(time_calls(lambda name=name: dispatch_attention_fn(q, k, v, backend=name), device,
-                                   warmup=3, repeat=scale.kernel_repeat))
-            result["backends"][name] = {"ms": ms, "tflops": flops / (ms / 1000) / 1e12, "rel_error_vs_fp32": error}
-            log(f"attention {name} ({tokens} tokens, {heads} heads x {dim}, bf16) on {run.device_name}: "
-                f"{ms:.3f} ms, {flops / (ms / 1000) / 1e12:.1f} TFLOP/s, error vs fp32 {error:.2e}")
-        except Exception as exc:  # noqa: BLE001 - a backend that cannot run here is recorded
-            result["backends"][name] = error_record(exc)
-            log(f"attention {name}: failed: {type(exc).__name__}: {str(exc)[:200]}")
-        run.save("checks", report)
-    log(f"attention chosen by the engine on {run.device_name}: {chosen}")
+        log(f"attention {name} ({geometry.tokens} tokens, {geometry.heads} heads x {geometry.head_dim}, bf16) on "
+            f"{run.device_name}: " + ", ".join(
+                f"{layout} {cell['ms']:.3f} ms {cell['tflops'] or 0:.1f} TFLOP/s" for layout, cell in
+                row["layouts"].items()) + f", error vs fp32 {row['rel_error_vs_fp32']}")
+    for level in ("regular", "high"):
+        decision = attention_choice.decide(device, geometry, level)
+        result[f"decision_{level}"] = decision.as_dict()
+        log(f"attention chosen by the engine at {level} on {run.device_name}: {decision.backend} ({decision.why}); "
+            f"FP8 attention: {decision.fp8_why}")
+    result["chosen"] = result["decision_regular"]["backend"]
     return result
 
 
