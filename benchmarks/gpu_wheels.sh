@@ -31,8 +31,12 @@ PLATFORMS="${PLATFORMS:-manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux201
 #                        huggingface-hub >= 1.31, safetensors >= 0.8, regex >= 2025.10.22) are those of the
 #                        transformers 5.17 installed there, but for huggingface-hub's bound
 #   peft                 the version the tests use (the acceleration levels check for LoRA layers with it)
+#   fa3-fwd              FlashAttention-3's forward (bf16 and FP8) for Hopper: an attention candidate and FP8
+#                        attention at high; one CPython-ABI3 wheel (PyTorch's stable ABI), 26 MiB, pinned here since
+#                        it cannot be imported (so is not installed) where the tests run
 PURE=(diffusers pydantic annotated-types typing-inspection typing-extensions transformers peft)
 COMPILED=(pydantic-core)
+ABI3=("fa3-fwd==0.0.3")
 
 version_of() {
   "$PY" -c 'import sys; from importlib.metadata import version; print(version(sys.argv[1]))' "$1"
@@ -51,6 +55,10 @@ for name in "${COMPILED[@]}"; do
   echo "== $pin (CPython $PY_VERSION, x86-64 Linux)"
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PY_VERSION" --implementation cp \
     "${platform_flags[@]}" -d "$DEST" "$pin"
+done
+for pin in "${ABI3[@]}"; do
+  echo "== $pin (ABI3, x86-64 Linux)"
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --platform manylinux_2_24_x86_64 -d "$DEST" "$pin"
 done
 ls -l "$DEST"
 du -ch "$DEST"/*.whl | tail -1
