@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from fluxserve.engine import accel, fp8
+from fluxserve.engine.compile_errors import is_compile_failure
 
 
 def _tiny_transformer(seed: int = 0):
@@ -406,9 +407,9 @@ def _raised_in(path: str, exc: Exception) -> Exception:
 def test_an_error_from_inside_the_compiler_counts_as_a_compile_failure():
     # PyTorch 2.11's CUDA graph trees fail a bare assertion on a thread that did not import them
     inside = _raised_in("/site-packages/torch/_inductor/cudagraph_trees.py", AssertionError())
-    assert accel._is_compile_failure(inside)
-    assert not accel._is_compile_failure(_raised_in("/site-packages/diffusers/models/x.py", AssertionError()))
-    assert not accel._is_compile_failure(ValueError("bad width"))
+    assert is_compile_failure(inside)
+    assert not is_compile_failure(_raised_in("/site-packages/diffusers/models/x.py", AssertionError()))
+    assert not is_compile_failure(ValueError("bad width"))
 
 
 def test_each_thread_gets_its_own_cuda_graph_state():

@@ -23,7 +23,9 @@ block takes longer than it saves), ``FLUXSERVE_CUDA_GRAPHS`` (auto|1|0), ``FLUXS
 attention backend forced at ``regular`` and ``high`` instead of the measured one: a diffusers name such as
 ``native`` or ``_flash_3``, or one of ``fluxserve.engine.attention``'s, such as ``sdpa_cudnn`` or ``fa3``),
 ``FLUXSERVE_FP8_ATTENTION`` (auto|1|0; auto = on at ``high`` where it runs within tolerance and is faster),
-``FLUXSERVE_PROMPT_CACHE`` (entries; 0 disables), ``FLUXSERVE_PROMPT_CACHE_MB``.
+``FLUXSERVE_PROMPT_CACHE`` (entries; 0 disables), ``FLUXSERVE_PROMPT_CACHE_MB``, and the switches of the lossless
+savings around the blocks (``fluxserve.engine.lossless``: RoPE tables kept, the text encoder compiled,
+post-processing on the device, cudnn.benchmark for the VAE).
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ import itertools
 import logging
 import os
 import threading
-import traceback
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -42,8 +43,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from fluxserve.engine import attention, fp8
+from fluxserve.engine import attention, fp8, lossless
 from fluxserve.engine.attention_choice import decide, geometry_of
+from fluxserve.engine.compile_errors import is_compile_failure
+from fluxserve.engine.lossless import LosslessOptions, LosslessState
+from fluxserve.engine.switches import env_switch
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +74,6 @@ def level_from_go_fast(go_fast: bool | None) -> str:
 
 
 # ---- options ----------------------------------------------------------------------------------------
-def _env_switch(name: str) -> bool | None:
-    raw = os.environ.get(name, "auto").strip().lower()
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    return None
-
-
 @dataclass
 class AccelOptions:
     compile: bool | None = None  # None = auto: CUDA only
@@ -88,17 +83,19 @@ class AccelOptions:
     prompt_cache_entries: int = 64
     prompt_cache_bytes: int = 2 * 1024**3
     cuda_graph_shapes: int = 4  # input shapes (resolution x batch) that get CUDA graphs; others run without
+    lossless: LosslessOptions = field(default_factory=LosslessOptions)  # the savings of engine/lossless.py
 
     @classmethod
     def from_env(cls) -> AccelOptions:
         return cls(
-            compile=_env_switch("FLUXSERVE_COMPILE"),
-            cuda_graphs=_env_switch("FLUXSERVE_CUDA_GRAPHS"),
+            compile=env_switch("FLUXSERVE_COMPILE"),
+            cuda_graphs=env_switch("FLUXSERVE_CUDA_GRAPHS"),
             cuda_graph_shapes=int(os.environ.get("FLUXSERVE_CUDA_GRAPH_SHAPES", "4")),
             attention=os.environ.get("FLUXSERVE_ATTENTION") or None,
-            fp8_attention=_env_switch("FLUXSERVE_FP8_ATTENTION"),
+            fp8_attention=env_switch("FLUXSERVE_FP8_ATTENTION"),
             prompt_cache_entries=int(os.environ.get("FLUXSERVE_PROMPT_CACHE", "64")),
             prompt_cache_bytes=int(float(os.environ.get("FLUXSERVE_PROMPT_CACHE_MB", "2048")) * 1024**2),
+            lossless=LosslessOptions.from_env(),
         )
 
     def compile_on(self, device: torch.device) -> bool:
@@ -387,7 +384,7 @@ def _install_forward_guard(pipe: Any) -> None:
         try:
             out = original(*args, **kwargs)
         except Exception as exc:
-            if not _is_compile_failure(exc):
+            if not is_compile_failure(exc):
                 raise
             log.warning(
                 "compiled transformer failed (%s: %s); falling back to eager", type(exc).__name__, exc
@@ -408,26 +405,6 @@ def _install_forward_guard(pipe: Any) -> None:
 
     transformer.forward = guarded
     transformer._fluxserve_guarded = True
-
-
-def _is_compile_failure(exc: BaseException) -> bool:
-    """A compiler or CUDA-graph error: a dynamo exception, one whose name or message names the compiler, or any
-    error raised from inside the compiler's own code (an assertion in CUDA graph trees, say)."""
-    try:
-        from torch._dynamo.exc import TorchDynamoException
-    except ImportError:  # pragma: no cover
-        TorchDynamoException = ()
-    if isinstance(exc, TorchDynamoException):
-        return True
-    text = f"{type(exc).__module__}.{type(exc).__name__} {exc}".lower()
-    if any(word in text for word in ("inductor", "cudagraph", "triton", "dynamo")):
-        return True
-    frames = traceback.extract_tb(exc.__traceback__)
-    innermost = frames[-1].filename.replace("\\", "/") if frames else ""
-    return any(part in innermost for part in COMPILER_CODE)
-
-
-COMPILER_CODE = ("/torch/_inductor/", "/torch/_dynamo/", "/torch/_functorch/", "/triton/")
 
 
 def ensure_cudagraph_thread() -> None:
@@ -478,7 +455,7 @@ def _install_vae_guard(vae: nn.Module, state: AccelState) -> None:
         try:
             return original(*args, **kwargs)
         except Exception as exc:
-            if not _is_compile_failure(exc):
+            if not is_compile_failure(exc):
                 raise
             log.warning("compiled VAE decoder failed (%s: %s); falling back to eager", type(exc).__name__, exc)
             vae.decoder._compiled_call_impl = None
@@ -672,6 +649,7 @@ class AccelState:
     compile_failed: str | None = None
     vae_compiled: bool = False  # the VAE decoder compiled (regular and high on CUDA)
     vae_compile_failed: str | None = None
+    lossless: LosslessState = field(default_factory=LosslessState)  # RoPE cache, text encoder compiled, ...
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -845,6 +823,11 @@ def apply_acceleration(
     # 4b. the VAE decoder compiled too (on an H200 at 1024x1024 it decodes in about a third of the eager time),
     # guarded the same way.
     set_vae_compiled(pipe, state, want_compile)
+
+    # 4c. the lossless savings around the blocks (engine/lossless.py): RoPE tables kept, the text encoder compiled,
+    # post-processing on the device, cudnn.benchmark for the VAE.
+    lossless.apply(pipe, state.lossless, effective, dev, options.lossless, notes=notes,
+                   compile_default=options.compile_on(dev))
 
     # 5. prompt cache.
     install_prompt_cache(pipe)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
+from fluxserve.engine import lossless
+
 
 def vae_latents(pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """The pipeline's latent output (packed or not) -> the VAE's input (B, 32, H/8, W/8)."""
@@ -36,8 +38,13 @@ def denormalize_and_unpatchify(pipe, latents: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def decode(pipe, vae_input: torch.Tensor, output_type: str = "pil") -> list[Image.Image]:
+    """VAE decode and the pipeline's post-processing. At ``regular`` and ``high`` (``lossless``): cuDNN's benchmark
+    mode while decoding on CUDA, and the post-processing to PIL images on the VAE's device (bit-identical)."""
     vae_device = next(pipe.vae.parameters()).device
-    image = pipe.vae.decode(vae_input.to(vae_device), return_dict=False)[0]
+    with lossless.vae_decoding(pipe, vae_device):
+        image = pipe.vae.decode(vae_input.to(vae_device), return_dict=False)[0]
+    if output_type == "pil":
+        return lossless.postprocess(pipe, image)
     return pipe.image_processor.postprocess(image, output_type=output_type)
 
 
