@@ -155,6 +155,13 @@ def test_text_encoder_compiled_matches_eager_and_reuses_its_graph(monkeypatch):
         out = pipe.text_encoder(input_ids=ids, use_cache=True)
     assert out.logits.shape[:2] == ids.shape and _graphs() == before + 1
 
+    from fluxserve.engine.lossless_checks import measure_text_encoder_compile
+
+    report = measure_text_encoder_compile(pipe, "cpu", repeat=1)  # what the GPU benchmark runs; compiled already
+    assert report["compiled"] and report["graphs_compiled"] == 0 and report["recompiles_for_later_prompts"] == 0
+    assert report["rel_error"] < 1e-5 and report["shape"] == [1, 512, 48] and report["compile_failed"] is None
+    assert lossless.state_of(pipe).text_encoder_compiled  # put back as it was
+
     assert not accel.apply_acceleration(pipe, "none", "cpu")["lossless"]["text_encoder_compiled"]
     assert torch.equal(_encode(pipe, prompts[0]), eager[prompts[0]])  # none: eager again
 
@@ -213,35 +220,16 @@ def _same_pixels(processor, image: torch.Tensor) -> None:
         assert a.dtype == b.dtype == np.uint8 and np.array_equal(a, b)
 
 
-def _boundaries(dtype: torch.dtype) -> torch.Tensor:
-    """Values of ``dtype`` whose denormalised pixel (x * 0.5 + 0.5) * 255 lies at or next to a .5 rounding
-    boundary, every level's, plus the ends, values outside [-1, 1], infinities and NaN."""
-    halves = (torch.arange(256, dtype=torch.float64) + 0.5) / 255 * 2 - 1
-    near = torch.cat([halves + k * 2.0**-24 for k in range(-8, 9)]).to(torch.float32)
-    near = torch.cat([near, torch.nextafter(near, torch.full_like(near, 2.0)),
-                      torch.nextafter(near, torch.full_like(near, -2.0))])
-    specials = torch.tensor([-1.0, 1.0, 0.0, -0.0, -3.5, 2.25, 1e-30, -1e-30, float("inf"), float("-inf"),
-                             float("nan")])
-    return torch.cat([near, specials]).to(dtype)
-
-
 def test_device_postprocess_is_bit_identical_in_bf16_and_fp32():
+    from fluxserve.engine.lossless_checks import postprocess_probe
+
     processor = Flux2ImageProcessor(vae_scale_factor=16)
     g = torch.Generator().manual_seed(0)
-    # every bf16 value from -2 to 2 (the denormalised range and beyond), as images
-    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
-    every = every[(every >= -2) & (every <= 2)]
     for dtype in (torch.bfloat16, torch.float32):
-        edge = _boundaries(dtype)
-        side = 64
-        count = -(-edge.numel() // (3 * side)) * 3 * side
-        edge = torch.cat([edge, torch.zeros(count - edge.numel(), dtype=dtype)]).reshape(-1, 3, side, 1)
-        _same_pixels(processor, edge.expand(-1, -1, -1, 2).contiguous())
-        _same_pixels(processor, (torch.randn(2, 3, 48, 40, generator=g) * 1.5).to(dtype))  # outside [-1, 1] too
+        # at and next to every .5 rounding boundary, beyond [-1, 1], inf, NaN; for bf16 every value in [-2, 2]
+        _same_pixels(processor, postprocess_probe(dtype))
+        _same_pixels(processor, (torch.randn(2, 3, 48, 40, generator=g) * 1.5).to(dtype))
         _same_pixels(processor, torch.randn(1, 1, 16, 24, generator=g).to(dtype))  # grayscale: an "L" image
-    whole = -(-every.numel() // 96) * 96
-    values = torch.cat([every, torch.zeros(whole - every.numel(), dtype=torch.bfloat16)]).reshape(-1, 3, 32, 1)
-    _same_pixels(processor, values)
 
 
 def test_device_postprocess_follows_the_level_and_its_switch(monkeypatch):
@@ -253,6 +241,21 @@ def test_device_postprocess_follows_the_level_and_its_switch(monkeypatch):
     assert all(np.array_equal(a, b) for a, b in zip(_pixels(lossless.postprocess(pipe, image)), stock))
     monkeypatch.setenv("FLUXSERVE_DEVICE_POSTPROCESS", "0")
     assert not accel.apply_acceleration(pipe, "regular", "cpu")["lossless"]["device_postprocess"]
+
+
+def test_boundary_probe_catches_a_different_rounding():
+    """The probe's values tell apart roundings that random values would not: half away from zero (fp32; from a
+    bf16 image the two never differ), and the same arithmetic in float64."""
+    from fluxserve.engine.lossless_checks import postprocess_probe
+
+    for dtype in (torch.bfloat16, torch.float32):
+        probe = postprocess_probe(dtype)
+        finite = probe.isfinite()
+        scaled = (probe * 0.5 + 0.5).clamp(0, 1).float() * 255
+        stock = scaled.round()
+        assert ((scaled - scaled.floor()) == 0.5)[finite].sum() > 50  # exactly on a boundary
+        assert (torch.floor(scaled + 0.5) != stock)[finite].any() == (dtype == torch.float32)
+        assert (((probe.double() * 0.5 + 0.5).clamp(0, 1) * 255).round() != stock)[finite].any()
 
 
 # ---- 4. cudnn.benchmark while the VAE decodes ------------------------------------------------------------------------
@@ -322,3 +325,56 @@ def test_none_has_every_saving_off_and_the_state_is_json():
     state = accel.apply_acceleration(pipe, "none", "cpu")
     assert not any(value for key, value in state["lossless"].items() if key != "text_encoder_compile_failed")
     assert json.loads(json.dumps(state)) == state
+
+
+# ---- 5. graph partitions: one graph per block class -----------------------------------------------------------------
+def test_each_block_class_compiles_to_one_graph_without_breaks():
+    """What makes a compiled forward one CUDA graph per block (the partition count measure_graph_partitions
+    reports): dynamo captures each block class whole, and every block of a class reuses its graph."""
+    from torch._dynamo.testing import CompileCounter
+    from torch._dynamo.utils import counters
+
+    pipe = _klein()
+    transformer = pipe.transformer
+    accel.fuse_qkv(transformer)
+    counter = CompileCounter()
+    blocks = [m for m in transformer.modules() if type(m).__name__ in transformer._repeated_blocks]
+    for block in blocks:
+        block.compile(backend=counter, dynamic=True)
+    breaks = sum(counters["graph_break"].values())
+    with torch.no_grad():
+        for h, w in ((4, 8), (8, 8)):
+            transformer(**_transformer_inputs(pipe, h, w))
+    assert {type(b).__name__ for b in blocks} == {"Flux2TransformerBlock", "Flux2SingleTransformerBlock"}
+    assert counter.frame_count == 2  # one graph per block class, for both resolutions
+    assert sum(counters["graph_break"].values()) == breaks
+
+
+# ---- the measurements the GPU benchmark runs, on the tiny models --------------------------------------------------
+def test_measurements_run_on_the_cpu_and_report_exactness():
+    import json
+
+    from fluxserve.engine import lossless_checks as checks
+
+    pipe = _klein()
+    accel.apply_acceleration(pipe, "regular", "cpu")
+    inputs = checks.transformer_inputs(pipe.transformer, 64, 32, text_tokens=8, dtype=torch.float32)
+    rope = checks.measure_rope_cache(pipe.transformer, inputs, "cpu", repeat=2, warmup=1)
+    assert rope["bit_identical"] and rope["off_is_deterministic"] and rope["max_abs_diff"] == 0
+    assert rope["off"]["tables_aten_ops"] >= 20 and rope["on"]["tables_aten_ops"] == 0  # kept: nothing to run
+    assert rope["tokens"] == {"image": 8, "text": 8}
+    assert lossless.state_of(pipe).rope_cache and pipe.transformer.pos_embed._fluxserve_rope_cache_on  # put back
+
+    post = checks.measure_postprocess(pipe.image_processor, "cpu", width=64, height=48, repeat=1)
+    assert post["bit_identical"] and post["bit_identical_at_boundaries"] and post["boundary_values"] > 30000
+    assert post["bytes_to_host"] == {"off": 2 * 3 * 64 * 48, "on": 3 * 64 * 48}
+
+    vae = checks.measure_vae_cudnn_benchmark(pipe, "cpu", width=64, height=64, repeat=1)
+    assert not vae["applies"] and vae["bit_identical"] and vae["rel_error"] == 0
+
+    partitions = checks.measure_graph_partitions(pipe.transformer, inputs, "cpu")
+    assert partitions["blocks"] == 2 and partitions["compiled_regions_per_forward"] == 0  # not compiled on a CPU
+    assert partitions["cuda_graph_replays_per_forward"] == 0 and partitions["eager_aten_ops_per_forward"] > 50
+    assert partitions["synchronised_forward"]["host_ms"] > 0
+    for report in (rope, post, vae, partitions):
+        json.dumps(report)
