@@ -358,7 +358,7 @@ def _profile(fn: Callable[[], Any], device: torch.device, gaps: int) -> dict:
     region = next(e for e in events if e.name == REGION)
     result: dict = {"host_ms": (region.time_range.end - region.time_range.start) / 1000,
                     "eager_aten_ops": sum(1 for e in events if _eager_top_level_aten(e)),
-                    "cuda_graph_launches": sum(1 for e in events if e.name == "cudaGraphLaunch")}
+                    "cuda_graph_launches": sum(1 for e in events if e.name.startswith("cudaGraphLaunch"))}
     kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
     if not kernels:
         return result
