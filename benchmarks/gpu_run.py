@@ -54,7 +54,7 @@ from gpu_parts.common import (
 )
 
 DEFAULT_BUDGET_S = 510.0
-PARTS = ("checks", "klein", "dev", "profile", "vae", "train")
+PARTS = ("checks", "klein", "dev", "profile", "lossless", "vae", "train")
 
 
 def load_parts(names: tuple[str, ...]) -> dict[str, Any]:
@@ -70,7 +70,7 @@ def all_estimates(tiny: bool) -> dict[str, float]:
     return table
 
 
-def run_part(run: Run, name: str) -> None:
+def run_part(run: Run, name: str, keep_handoff: bool = False) -> None:
     """Run one part when its estimate fits: its JSON is written as it goes and when it ends, the summary before
     it starts (status running) and after; an error is recorded with its traceback and the run goes on."""
     entry: dict = {"file": f"{name}.json", "estimate_s": run.estimate(name)}
@@ -103,8 +103,8 @@ def run_part(run: Run, name: str) -> None:
     report["status"] = entry["status"]
     report["part_seconds"] = entry["seconds"]
     run.save(name, report)
-    if name == "profile":
-        run.handoff.clear()  # the [dev] transformer kept for it
+    if not keep_handoff:
+        run.handoff.clear()  # the [dev] transformer, kept while a later part uses it
     free_memory(run.device)
     entry["allocated_gib_after"] = allocated_gib(run.device)
     run.save_summary()
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
                         help=f"seconds for the whole run, start-up included (default {DEFAULT_BUDGET_S:.0f})")
     parser.add_argument("--parts", type=_names("--parts", PARTS), default=PARTS, metavar="NAME,...",
-                        help=f"which parts to run, in this order (default {','.join(PARTS)}; profile needs dev "
+                        help=f"which parts to run, in this order (default {','.join(PARTS)}; profile and lossless need dev "
                              "before it)")
     parser.add_argument("--dev-levels", type=_names("--dev-levels", LEVELS), default=LEVELS, metavar="LEVEL,...",
                         help="the acceleration levels the dev part runs, in order (default none,regular,high; "
@@ -203,8 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_term)
-    for part in args.parts:
-        run_part(run, part)
+    modules = load_parts(args.parts)
+    for index, part in enumerate(args.parts):
+        later = args.parts[index + 1:]
+        run_part(run, part, keep_handoff=any(getattr(modules[p], "USES_HANDOFF", False) for p in later))
     run.handoff.clear()
     run.summary["finished"] = True
     run.save_summary()

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_run.py"
-PARTS = ("checks", "klein", "dev", "profile", "vae", "train")
+PARTS = ("checks", "klein", "dev", "profile", "lossless", "vae", "train")
 
 
 def run_script(tmp_path: Path, *args: str, timeout: int = 300) -> tuple[subprocess.CompletedProcess, Path]:
@@ -125,6 +125,18 @@ def test_tiny_vae_eager_and_compiled(tiny_run):
     assert vae["layout"] == "channels_last" and vae["compile_backend"] == "eager"
     assert positive(vae["eager_ms"]) and positive(vae["compiled_ms"]) and positive(vae["first_compiled_call_s"])
     assert vae["rel_error_vs_eager"] < 1e-5  # the same function
+
+
+def test_tiny_lossless_savings(tiny_run):
+    _, out = tiny_run
+    lossless = load(out, "lossless")
+    rope = lossless["dev"]["rope_cache"]
+    assert rope["bit_identical"] is True and rope["on"]["tables_aten_ops"] < rope["off"]["tables_aten_ops"]
+    klein = lossless["klein"]
+    assert klein["postprocess"]["bit_identical"] is True and klein["postprocess"]["bit_identical_at_boundaries"]
+    assert positive(klein["vae_cudnn_benchmark"]["off"]["median_ms"])
+    assert klein["text_encoder_compile"]["status"] == "skipped"  # inductor on the CPU: minutes
+    assert set(load(out, "summary")["parts"]["lossless"]["headline"]) >= {"rope_cache", "postprocess"}
 
 
 def test_tiny_train_steps(tiny_run):

@@ -6,6 +6,7 @@ import time
 
 from gpu_parts.common import Run, log, sync
 
+USES_HANDOFF = True  # the [dev] transformer of the dev part
 ESTIMATES = {
     "gpu": {"profile": 40},
     "tiny": {"profile": 5},
