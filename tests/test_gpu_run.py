@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_run.py"
-PARTS = ("checks", "klein", "dev", "profile", "lossless", "vae", "train")
+PARTS = ("checks", "klein", "dev", "profile", "lossless", "vae", "train", "whole_request")
 
 
 def run_script(tmp_path: Path, *args: str, timeout: int = 300) -> tuple[subprocess.CompletedProcess, Path]:
@@ -149,6 +149,31 @@ def test_tiny_train_steps(tiny_run):
         assert all(positive(loss) for loss in row["losses"])
     assert train["rows"]["klein-4b"]["precision"] == "float32"
     assert train["rows"]["dev"]["precision"].startswith("fp8 weights")  # [dev] as an 80 GB GPU holds it
+
+
+def test_tiny_whole_request(tiny_run):
+    done, out = tiny_run
+    report = load(out, "whole_request")
+    assert report["model"] == "dev" and report["request"]["steps"] == 2 and report["request"]["width"] == 64
+    cap = report["memory_cap"]
+    assert cap["requested_gib"] == 80
+    assert set(cap["per_placement"]) == {"default", "bf16_stream"}
+    for name, row in report["placements"].items():
+        assert row["memory_cap"]["applied"] is False and "not a GPU" in row["memory_cap"]["note"]
+        placed = report["placement"][name]
+        assert placed["summary"] and placed["as_expected"] is None  # no GPU plan on the CPU
+        assert row["requested"]["transformer"] == {"default": "auto", "bf16_stream": "bf16"}[name]
+        assert positive(row["build"]["load_s"]) and row["warmup"]["steps"] == 1
+        stages = report["stages"][name]
+        assert stages["requests"] == 1 and stages["steps"] == 2 and stages["prompt_cache_hits"] == 0
+        for stage in ("text_encoding", "denoising", "decoding", "encoding"):
+            assert positive(stages["stages_s"][stage]), stage
+        assert positive(stages["end_to_end_s"]) and positive(stages["step_ms"])
+        assert stages["end_to_end_s"] >= stages["pipeline_s"] > stages["stages_s"]["text_encoding"]
+        assert stages["steps_28_s"] > stages["pipeline_s"] and "measured at 2 steps" in stages["steps_28_note"]
+        assert stages["peak_allocated_gib"] is None and stages["acceleration"]["level"] == "regular"
+        assert row["lifted_cap"]["applied"] is False
+    assert "whole_request.bf16_stream: memory cap 80.0 GiB: not applied" in done.stdout
 
 
 def test_parts_and_dev_levels_choose_what_runs(tmp_path):

@@ -73,16 +73,15 @@ def part(run: Run, report: dict) -> dict:
 
 def build_dev(run: Run, report: dict) -> TransformerOnly:
     """The [dev] transformer with seeded random weights, materialised tensor by tensor on the device."""
-    import torch
 
-    from fluxserve.engine import random_weights
+    from fluxserve.engine import memory, random_weights
     from fluxserve.engine.placement import place_module
     from fluxserve.engine.plan import headroom_bytes
 
     device = run.device
     transformer = dev_transformer_meta(run)
     if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
+        free, total = memory.free_gpu_bytes(device)
         need = report["bytes"]["full_precision"] + headroom_bytes(total)
         report["memory_before_build"] = {"free_gib": round(free / 2**30, 2), "needed_gib": round(need / 2**30, 2)}
         if need > free:

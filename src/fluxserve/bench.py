@@ -284,10 +284,13 @@ def run_baseline(
 
 
 def _fits(pipe, device: torch.device) -> bool:
-    from fluxserve.engine.placement import headroom_bytes, module_bytes
+    """Whether the whole pipeline fits the GPU memory the planner sees (under the cap), working memory kept."""
+    from fluxserve.engine import memory
+    from fluxserve.engine.placement import module_bytes
+    from fluxserve.engine.plan import headroom_bytes
 
     need = sum(module_bytes(getattr(pipe, n)) for n in ("transformer", "text_encoder", "vae"))
-    free, total = torch.cuda.mem_get_info(device)
+    free, total = memory.free_gpu_bytes(device)
     return need + headroom_bytes(total) <= free
 
 
@@ -621,6 +624,10 @@ def format_report(report: dict) -> str:
             + (f"; plan {plan.get('needed_gib')} GiB of {plan.get('free_gib')} GiB free" if plan.get("free_gib") else "")
             + (f"; {info.get('dtype')} GiB: {sizes}" if sizes else "")
         )
+    cap = report["placement"].get("memory", {}).get("cap")
+    if cap:
+        lines.append(f"GPU memory cap {cap['requested_gib']} GiB: "
+                     + (f"applied ({cap['how']})" if cap["applied"] else f"not applied ({cap['note']})"))
     lines.append(
         "stage medians (s): "
         + ", ".join(f"{k} {_fmt(ours['stages_s'].get(k))}" for k in (*STAGES, "inference"))

@@ -8,10 +8,22 @@ the files and the model cache under one data directory (``~/.local/share/fluxser
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 UPSTREAM_PROVIDERS = ("fal", "replicate")  # the protocols the gateway speaks (fluxserve.upstream)
+GIB = 1024**3
+
+
+def memory_size(text: str, name: str) -> int:
+    """Bytes from "80GiB", "80 GiB", "80G" (GiB), "80GB" (10^9 bytes) or "141" (GiB); ``name`` (the flag or
+    environment variable) is named in the error."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(gib|gb|g)?\s*", text.lower())
+    if not match:
+        raise ValueError(f"{name} {text!r}: expected a size like 80GiB, 24GiB or 141GB")
+    unit = {"gb": 10**9}.get(match.group(2) or "gib", GIB)
+    return int(float(match.group(1)) * unit)
 
 
 def _default_data_dir() -> Path:
@@ -29,6 +41,9 @@ class Settings:
     device: str = ""  # "cuda", "cuda:1", "cpu"; empty = cuda when available
     transformer_placement: str = "auto"  # auto | bf16 | fp8 | stream (fluxserve.engine.plan)
     text_encoder_placement: str = "auto"  # auto | resident | fp8 | stream
+    # bytes of each GPU this process may use (fluxserve.engine.memory; 0: all of it); e.g. 80GiB makes a
+    # larger GPU plan, place and run as an 80 GB one
+    gpu_memory_cap: int = 0
     workers_per_device: int = 1
     hf_token: str = ""
     # where the public key that verifies fal-dialect webhook signatures is served, as a JWKS
@@ -103,6 +118,8 @@ class Settings:
                 continue
             if f.name == "data_dir":
                 values[f.name] = Path(raw)
+            elif f.name == "gpu_memory_cap":
+                values[f.name] = memory_size(raw, "FLUXSERVE_GPU_MEMORY_CAP")
             elif f.name == "demo":
                 values[f.name] = raw.lower() in ("1", "true", "yes", "on")
             elif f.type == "int":

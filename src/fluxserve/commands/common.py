@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 from fluxserve import fetch
-from fluxserve.config import Settings
+from fluxserve.config import Settings, memory_size
+
+
+def memory_flag(flag: str) -> Callable[[str], int]:
+    """The argparse type of a memory size flag ("80GiB", "141GB", "24"): bytes; a bad size names ``flag``."""
+
+    def parse(text: str) -> int:
+        try:
+            return memory_size(text, flag)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +36,12 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         choices=["auto", "resident", "fp8", "stream"],
                         help="how the text encoder is held on CUDA: resident (bf16), fp8, or stream (host "
                         "memory, layer by layer; no prompt expansion); default: auto")
+    parser.add_argument("--gpu-memory-cap", dest="gpu_memory_cap", type=memory_flag("--gpu-memory-cap"),
+                        metavar="SIZE",
+                        help="use at most SIZE of each GPU (e.g. 80GiB: a larger GPU plans, places and runs as an "
+                        "80 GB one; GiB unless GB is written); applied at engine start with "
+                        "torch.cuda.set_per_process_memory_fraction; ignored on the CPU (default: the whole GPU, "
+                        "or FLUXSERVE_GPU_MEMORY_CAP)")
     parser.add_argument("--upstream", action="append", metavar="NAME=URL",
                         help="a provider that serves the closed models' routes (repeatable), e.g. "
                         "fal=https://queue.fal.run; its key from FLUXSERVE_UPSTREAM_<NAME>_KEY (see docs/gateway.md)")
@@ -42,12 +61,13 @@ def settings_from_args(args: argparse.Namespace, **extra) -> Settings:
         "device": getattr(args, "device", None),
         "transformer_placement": getattr(args, "transformer_placement", None),
         "text_encoder_placement": getattr(args, "text_encoder_placement", None),
+        "gpu_memory_cap": getattr(args, "gpu_memory_cap", None),
         "fetch_allow": getattr(args, "fetch_allow", None),
         "upstream": ",".join(args.upstream) if getattr(args, "upstream", None) else None,
     }
     overrides.update(extra)
-    settings = Settings.from_env(**overrides)
     try:
+        settings = Settings.from_env(**overrides)
         fetch.configure(fetch.FetchPolicy.from_settings(settings))
         settings.upstreams  # noqa: B018 - a malformed --upstream stops here, naming it
     except ValueError as exc:

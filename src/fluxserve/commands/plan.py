@@ -10,27 +10,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
+
+from fluxserve.commands.common import memory_flag
 
 GIB = 1024**3
 MODELS = ("dev", "klein-4b", "klein-9b")
 ARCHITECTURE_OF = {"klein-4b-base": "klein-4b", "klein-9b-base": "klein-9b"}
 
 
-def memory(text: str) -> int:
-    """Bytes from "80GiB", "80 GiB", "80GB" (10^9), "141" (GiB)."""
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(gib|gb|g)?\s*", text.lower())
-    if not match:
-        raise argparse.ArgumentTypeError(f"--gpu-memory {text!r}: expected a size like 80GiB, 24GiB or 141GB")
-    unit = {"gb": 10**9}.get(match.group(2) or "gib", GIB)
-    return int(float(match.group(1)) * unit)
-
-
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("plan", help="what fits where: each model's placement on a GPU of a given memory",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gpu-memory", type=memory,
+    parser.add_argument("--gpu-memory", type=memory_flag("--gpu-memory"),
                         help="the GPU's memory, e.g. 80GiB (default: this machine's first GPU, free memory)")
     parser.add_argument("--model", action="append", choices=[*MODELS, *ARCHITECTURE_OF],
                         help="a model (repeatable; default: dev, klein-4b and klein-9b)")
@@ -171,9 +163,16 @@ def run(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             print("fluxserve plan: no GPU here; give --gpu-memory, e.g. --gpu-memory 80GiB", file=sys.stderr)
             return 2
-        from fluxserve.engine.placement import free_gpu_bytes
+        from fluxserve.config import Settings
+        from fluxserve.engine import memory
 
-        free_bytes, _ = free_gpu_bytes(torch.device("cuda"))
+        device = torch.device("cuda")
+        try:  # the cap the server would run under (FLUXSERVE_GPU_MEMORY_CAP) shapes the plan as it would there
+            memory.apply_memory_cap(device, Settings.from_env().gpu_memory_cap)
+        except ValueError as exc:
+            print(f"fluxserve plan: {exc}", file=sys.stderr)
+            return 2
+        free_bytes, _ = memory.free_gpu_bytes(device)
     results = [plan_model(model, free_bytes, args) for model in (args.model or MODELS)]
     if args.json:
         print(json.dumps({"gpu_memory_gib": round(free_bytes / GIB, 2), "models": results}, indent=2))

@@ -43,10 +43,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from fluxserve.engine import attention, fp8, lossless
+from fluxserve.engine import attention, fp8, lossless, memory
 from fluxserve.engine.attention_choice import decide, geometry_of
 from fluxserve.engine.compile_errors import is_compile_failure
 from fluxserve.engine.lossless import LosslessOptions, LosslessState
+from fluxserve.engine.plan import headroom_bytes
 from fluxserve.engine.switches import env_switch
 
 log = logging.getLogger(__name__)
@@ -709,11 +710,8 @@ def fp8_copy_bytes(transformer: nn.Module) -> int:
 
 def _fp8_room(transformer: nn.Module, device: torch.device) -> bool:
     """Room on the GPU to add FP8 copies of the block weights beside the bf16 ones, with working memory left
-    (``plan.headroom_bytes``)."""
-    from fluxserve.engine.placement import free_gpu_bytes
-    from fluxserve.engine.plan import headroom_bytes
-
-    free, total = free_gpu_bytes(device)
+    (``plan.headroom_bytes``), in the GPU memory the plan sees (``memory.free_gpu_bytes``: under the cap)."""
+    free, total = memory.free_gpu_bytes(device)
     return free >= fp8_copy_bytes(transformer) + headroom_bytes(total)
 
 

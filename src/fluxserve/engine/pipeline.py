@@ -24,7 +24,7 @@ from PIL import Image
 
 from fluxserve.catalog import Catalog, ModelSpec
 from fluxserve.config import Settings
-from fluxserve.engine import accel, lora, plan, safety
+from fluxserve.engine import accel, lora, memory, plan, safety
 from fluxserve.engine import decode as decoding
 from fluxserve.engine.demo import demo_lora_path, ensure_demo_weights
 from fluxserve.engine.encode import encode_image
@@ -77,6 +77,8 @@ class Engine:
         plan.candidates(settings.transformer_placement, settings.text_encoder_placement)  # a clear error early
         self.device = _pick_device(settings.device)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        # before anything is planned or allocated: every plan on this device sees the capped memory
+        self.memory_cap = memory.apply_memory_cap(self.device, settings.gpu_memory_cap)
         self._models: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
         self._model_locks: dict[str, threading.Lock] = {}
@@ -128,7 +130,8 @@ class Engine:
                 "text_encoder": self.settings.text_encoder_placement}
 
     def placement(self) -> dict:
-        """What is loaded where, in which precision, and the device's memory."""
+        """What is loaded where, in which precision, and the device's memory (as planned from: under the cap,
+        which is reported when one was asked for)."""
         models = {}
         for key, loaded in self._models.items():
             info = loaded.placement.as_dict()
@@ -137,13 +140,12 @@ class Engine:
             if state is not None:
                 info["acceleration"] = state
             models[key] = info
-        memory: dict[str, float] = {}
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            memory = {"free_gib": round(free / 2**30, 2), "total_gib": round(total / 2**30, 2),
-                      "allocated_gib": round(torch.cuda.memory_allocated(self.device) / 2**30, 2)}
+        device_memory: dict = memory.memory_report(self.device)
+        if self.memory_cap.requested_bytes:
+            device_memory["cap"] = self.memory_cap.as_dict()
         return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-                "demo": self.settings.demo, "requested": self.requested_placement(), "models": models, "memory": memory}
+                "demo": self.settings.demo, "requested": self.requested_placement(), "models": models,
+                "memory": device_memory}
 
     # ---- generation -------------------------------------------------------------------------------------
     def generate(
@@ -187,7 +189,7 @@ class Engine:
                        references: int) -> plan.TrainingPlan | None:
         """The training plan of a loaded model on this GPU, from the bytes its components hold there now and the
         memory left (None off CUDA: no plan to make)."""
-        from fluxserve.engine.placement import device_bytes, free_gpu_bytes
+        from fluxserve.engine.placement import device_bytes
         from fluxserve.training.trainer import step_bytes
 
         if self.device.type != "cuda":
@@ -196,7 +198,7 @@ class Engine:
         held = {name: device_bytes(getattr(pipe, name), self.device) for name in ("transformer", "text_encoder",
                                                                                    "vae")}
         sizes = {**held, "transformer_fp8": held["transformer"], "text_encoder_fp8": held["text_encoder"]}
-        free, total = free_gpu_bytes(self.device)
+        free, total = memory.free_gpu_bytes(self.device)
         return plan.plan_training(sizes, transformer=loaded.placement.transformer,
                                   text_encoder=loaded.placement.text_encoder,
                                   step_bytes=step_bytes(pipe.transformer, resolution=resolution, rank=rank,

@@ -2,10 +2,11 @@
 
 The plan (``fluxserve.engine.plan``) is made *before* anything reaches the GPU, from byte counts
 (``pipeline_sizes`` from a meta-device build, ``weights.checkpoint_bytes`` from the checkpoint on disk) and the
-GPU's free memory (``free_gpu_bytes``: what the driver reports plus what PyTorch's allocator holds but does not
-use). Each component is then put on the GPU one tensor at a time by ``place_module``: a Linear the plan holds in
-FP8 is quantised as soon as its weight has arrived and its full-precision weight is released, so the GPU never
-holds the bf16 copy of a component that is meant to be FP8 (peak: the FP8 component plus one bf16 Linear). A
+GPU's free memory (``memory.free_gpu_bytes``: what the driver reports plus what PyTorch's allocator holds but
+does not use, under the process's GPU memory cap when one is set). Each component is then put on the GPU one
+tensor at a time by ``place_module``: a Linear the plan holds in FP8 is quantised as soon as its weight has
+arrived and its full-precision weight is released, so the GPU never holds the bf16 copy of a component that is
+meant to be FP8 (peak: the FP8 component plus one bf16 Linear). A
 streamed component stays in host memory and is moved to the GPU layer by layer while it runs (diffusers' group
 offloading, the next layer copied on a side stream while the current one computes).
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fluxserve.engine import fp8, plan
+from fluxserve.engine import fp8, memory, plan
 from fluxserve.engine.plan import GIB, MemoryPlan
 
 COMPONENTS = ("transformer", "text_encoder", "vae")
@@ -52,14 +53,6 @@ def device_bytes(module: nn.Module | None, device: torch.device | str) -> int:
     kind = torch.device(device).type
     tensors = [*module.parameters(), *module.buffers()]
     return sum(t.numel() * t.element_size() for t in tensors if t.device.type == kind)
-
-
-def free_gpu_bytes(device: torch.device | str) -> tuple[int, int]:
-    """(free, total) bytes of a CUDA device: the driver's free memory plus what PyTorch's caching allocator has
-    reserved but does not use (it hands that out before asking the driver for more)."""
-    free, total = torch.cuda.mem_get_info(device)
-    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return free + max(0, cached), total
 
 
 # ---- the plan ---------------------------------------------------------------------------------------------------
@@ -93,14 +86,15 @@ def plan_for(device: torch.device | str, sizes: dict[str, int], transformer: str
              fp8_matmul: bool | None = None) -> MemoryPlan:
     """The memory plan for ``sizes`` on ``device``.
 
-    CUDA: ``plan.plan_memory`` from ``free_gpu_bytes`` (or the given free/total bytes), FP8 matmuls where the GPU
-    has them (assumed when planning without a GPU). Other devices: everything resident at the load dtype."""
+    CUDA: ``plan.plan_memory`` from ``memory.free_gpu_bytes`` (or the given free/total bytes), FP8 matmuls where
+    the GPU has them (assumed when planning without a GPU). Other devices: everything resident at the load
+    dtype."""
     device = torch.device(device)
     if device.type != "cuda" and free_bytes is None:
         plan.candidates(transformer, text_encoder)  # rejects unknown choices
         return MemoryPlan("bf16", "resident", sum(sizes.get(c, 0) for c in COMPONENTS))
     if free_bytes is None or total_bytes is None:
-        free, total = free_gpu_bytes(device)
+        free, total = memory.free_gpu_bytes(device)
         free_bytes = free if free_bytes is None else free_bytes
         total_bytes = total if total_bytes is None else total_bytes
     if fp8_matmul is None:
@@ -297,7 +291,6 @@ def place_pipeline(pipe, device: torch.device, dtype: torch.dtype, requested: di
 __all__ = [
     "GIB",
     "Placement",
-    "free_gpu_bytes",
     "module_bytes",
     "pipeline_sizes",
     "place_component",

@@ -1,7 +1,7 @@
 """The memory plan: where each part of a model goes on one GPU, and in which precision.
 
 A pure function of byte counts (``plan_memory``), so ``fluxserve plan`` can answer "what fits where" without a
-GPU, and the engine makes the very same decision from ``torch.cuda.mem_get_info`` before it allocates anything.
+GPU, and the engine makes the very same decision from ``memory.free_gpu_bytes`` before it allocates anything.
 
 The transformer is held in one of:
 

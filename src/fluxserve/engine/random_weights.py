@@ -9,15 +9,17 @@ Built to fit, like real weights (``placement``):
 1. every module is constructed on the **meta device** (parameters only; the few small buffers such as rotary
    frequencies are computed on the CPU as usual), which allocates nothing and gives the bf16 byte counts;
 2. the memory plan (``placement.plan_for`` -> ``plan.plan_memory``, with ``plan.headroom_bytes`` kept free) is
-   made from those counts and the GPU's free memory **before** anything is allocated;
+   made from those counts and the GPU's free memory (``memory.free_gpu_bytes``, under the process's GPU memory
+   cap when one is set) **before** anything is allocated;
 3. ``placement.place_components`` materialises each component tensor by tensor on its device; a Linear the
    plan holds in FP8 (the transformer blocks', the text encoder's except ``lm_head``) is quantised right after
    its bf16 weight is made, so the GPU never holds a whole bf16 component that is meant to be FP8. A streamed
-   component is materialised on the CPU and streamed from there.
+   component is drawn on the GPU tensor by tensor, copied to pinned host memory and streamed from there.
 
 The [dev] transformer (64 GB bf16) and Mistral (48 GB) therefore build on an 80 GB H100 as FP8 + FP8 (or, with
 ``--transformer bf16``, a bf16 transformer and a streamed text encoder), the same placement real weights get
-there, and in bf16 everywhere on a 141 GB H200.
+there, and in bf16 everywhere on a 141 GB H200 (as FP8 + FP8 again when it is capped at 80 GiB:
+``--gpu-memory-cap``).
 
 Random initialisation (timing weights, not a trained model): every tensor with two or more dimensions
 (Linear, Embedding, Conv weights) is drawn from ``normal(0, std)`` with ``std = min(0.02, fan_in ** -0.5)``
@@ -319,11 +321,16 @@ def _tied(model):
     return model
 
 
-def random_init(seed: int, component: str, std: float = 0.02):
+def random_init(seed: int, component: str, std: float = 0.02, draw_on: torch.device | None = None):
     """The seeded initialiser ``place_module`` calls for each meta tensor of ``component`` (see the module
-    docstring for the distribution)."""
+    docstring for the distribution).
 
-    def materialise(name: str, like: torch.Tensor, device: torch.device) -> torch.Tensor:
+    ``draw_on``: the device whose generator draws every tensor (default: the one the tensor goes to). A
+    component streamed from host memory on a GPU build is drawn on the GPU and copied to pinned host memory,
+    which streaming uses as it is: the GPU draws [dev]'s 24B-parameter text encoder in seconds where the CPU
+    takes minutes, and its weights are the very ones a resident placement of the same build gets."""
+
+    def draw(name: str, like: torch.Tensor, device: torch.device) -> torch.Tensor:
         out = torch.empty(like.shape, dtype=like.dtype, device=device)
         if not out.is_floating_point():
             return out.zero_()
@@ -334,6 +341,13 @@ def random_init(seed: int, component: str, std: float = 0.02):
             fan_in = max(1, out[0].numel())
             return out.normal_(0.0, min(std, fan_in**-0.5), generator=generator)
         return out.fill_(1.0 if name.rsplit(".", 1)[-1] == "weight" else 0.0)
+
+    def materialise(name: str, like: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if draw_on is None or torch.device(draw_on).type == torch.device(device).type:
+            return draw(name, like, device)
+        drawn = draw(name, like, torch.device(draw_on))
+        pinned = torch.device(device).type == "cpu" and torch.cuda.is_available()
+        return torch.empty(like.shape, dtype=like.dtype, device=device, pin_memory=pinned).copy_(drawn)
 
     return materialise
 
@@ -394,7 +408,8 @@ def build_placed_random_pipeline(
         plan = placing.plan_for(device, sizes, requested["transformer"], requested["text_encoder"])
     placed = placing.place_components(
         pipe, device, dtype, plan, requested=requested, sizes=sizes,
-        materialise=lambda component: random_init(seed, component),
+        materialise=lambda component: random_init(seed, component,
+                                                  draw_on=device if device.type == "cuda" else None),
     )
     return pipe, placed
 
@@ -406,28 +421,37 @@ def build_random_pipeline(
     """The pipeline with random weights, everything resident at ``dtype`` (what stock diffusers holds: the
     ``--baseline diffusers`` run). Refuses, before allocating, when that does not fit the GPU."""
     from fluxserve.engine import placement as placing
-    from fluxserve.engine.plan import MemoryPlan, headroom_bytes
 
     device = torch.device(device)
     if arch is None:
         device = check_device(device)
     pipe = build_meta_pipeline(model, dtype, arch)
     sizes = meta_sizes(pipe, dtype)
-    resident = sizes["transformer"] + sizes["text_encoder"] + sizes["vae"]
-    plan = MemoryPlan("bf16", "resident", resident, 0)
-    if device.type == "cuda":
-        free, total = placing.free_gpu_bytes(device)
-        need = resident + headroom_bytes(total)
-        if need > free:
-            raise RandomWeightsUnavailable(
-                f"{model} with every model resident in bf16 needs {need / 2**30:.1f} GiB (headroom included); "
-                f"{device} has {free / 2**30:.1f} GiB free. Stock diffusers cannot hold it here: drop "
-                "--baseline diffusers (fluxserve itself places it in FP8), or use a larger GPU."
-            )
-        plan = MemoryPlan("bf16", "resident", need, free)
+    plan = resident_plan(model, sizes, device)
     placing.place_components(pipe, device, dtype, plan, sizes=sizes,
                              materialise=lambda component: random_init(seed, component))
     return pipe
+
+
+def resident_plan(model: str, sizes: dict[str, int], device: torch.device):
+    """The plan of everything resident at the load dtype; on CUDA only where that fits the GPU memory the
+    planner sees (``memory.free_gpu_bytes``: under the cap) with working memory, else
+    ``RandomWeightsUnavailable`` before anything is allocated."""
+    from fluxserve.engine import memory
+    from fluxserve.engine.plan import MemoryPlan, headroom_bytes
+
+    resident = sizes["transformer"] + sizes["text_encoder"] + sizes["vae"]
+    if device.type != "cuda":
+        return MemoryPlan("bf16", "resident", resident, 0)
+    free, total = memory.free_gpu_bytes(device)
+    need = resident + headroom_bytes(total)
+    if need > free:
+        raise RandomWeightsUnavailable(
+            f"{model} with every model resident in bf16 needs {need / 2**30:.1f} GiB (headroom included); "
+            f"{device} has {free / 2**30:.1f} GiB free. Stock diffusers cannot hold it here: drop "
+            "--baseline diffusers (fluxserve itself places it in FP8), or use a larger GPU."
+        )
+    return MemoryPlan("bf16", "resident", need, free)
 
 
 def parameter_counts(model: str) -> dict[str, int]:
