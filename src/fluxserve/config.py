@@ -30,6 +30,7 @@ class Settings:
     transformer_placement: str = "auto"  # auto | bf16 | fp8 | stream (fluxserve.engine.plan)
     text_encoder_placement: str = "auto"  # auto | resident | fp8 | stream
     workers_per_device: int = 1
+    encode_threads: int = 0  # threads per engine that encode images into files (0: one per CPU core, up to 4)
     hf_token: str = ""
     # where the public key that verifies fal-dialect webhook signatures is served, as a JWKS
     webhook_jwks_path: str = "/.well-known/jwks.json"
