@@ -31,8 +31,9 @@ PLATFORMS="${PLATFORMS:-manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux201
 #                        huggingface-hub >= 1.31, safetensors >= 0.8, regex >= 2025.10.22) are those of the
 #                        transformers 5.17 installed there, but for huggingface-hub's bound
 #   peft                 the version the tests use (the acceleration levels check for LoRA layers with it)
-PURE=(diffusers pydantic annotated-types typing-inspection typing-extensions transformers peft)
-COMPILED=(pydantic-core)
+#   fpng + lazy-loader   the fast PNG encoder (engine/encode.py; without it Pillow writes PNGs, many times slower)
+PURE=(diffusers pydantic annotated-types typing-inspection typing-extensions transformers peft lazy-loader)
+COMPILED=(pydantic-core fpng)
 
 version_of() {
   "$PY" -c 'import sys; from importlib.metadata import version; print(version(sys.argv[1]))' "$1"
