@@ -92,9 +92,10 @@ class LoadedModel:
 
 
 class Engine:
-    """Runs generation requests on one device. Thread-safe loading; one request at a time per instance, always
-    on the engine's own thread, whichever thread calls ``generate`` (CUDA graphs are recorded per thread, so
-    one thread keeps one set of them per engine however many workers share it)."""
+    """Runs generation requests on one device. Thread-safe loading; one request's GPU part at a time per
+    instance, always on the engine's own thread, whichever thread calls ``render`` or ``generate`` (CUDA graphs
+    are recorded per thread, so one thread keeps one set of them per engine however many workers share it);
+    image encoding on the engine's encoding pool, alongside the next request's GPU part."""
 
     def __init__(self, settings: Settings, catalog: Catalog) -> None:
         self.settings = settings
