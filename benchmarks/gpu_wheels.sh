@@ -34,8 +34,9 @@ PLATFORMS="${PLATFORMS:-manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux201
 #   fa3-fwd              FlashAttention-3's forward (bf16 and FP8) for Hopper: an attention candidate and FP8
 #                        attention at high; one CPython-ABI3 wheel (PyTorch's stable ABI), 26 MiB, pinned here since
 #                        it cannot be imported (so is not installed) where the tests run
-PURE=(diffusers pydantic annotated-types typing-inspection typing-extensions transformers peft)
-COMPILED=(pydantic-core)
+#   fpng + lazy-loader   the fast PNG encoder (engine/encode.py; without it Pillow writes PNGs, many times slower)
+PURE=(diffusers pydantic annotated-types typing-inspection typing-extensions transformers peft lazy-loader)
+COMPILED=(pydantic-core fpng)
 ABI3=("fa3-fwd==0.0.3")
 
 version_of() {

@@ -10,17 +10,17 @@ step_s = float(os.environ.get("FLUXSERVE_STEP_DELAY_S") or 0)
 if step_s > 0:
     from fluxserve.engine import Engine
 
-    _generate = Engine.generate
+    _render = Engine.render  # the GPU part, which workers and Engine.generate both run
 
-    def generate(self, request, on_progress=None, should_cancel=None):
+    def render(self, request, on_progress=None, should_cancel=None):
         def slow(progress):
             time.sleep(step_s)
             if on_progress is not None:
                 on_progress(progress)
 
-        return _generate(self, request, slow, should_cancel)
+        return _render(self, request, slow, should_cancel)
 
-    Engine.generate = generate
+    Engine.render = render
 
 from fluxserve.cli import main  # after the patch, so the command line runs the slowed engine
 

@@ -99,6 +99,29 @@ def test_same_seed_same_pixels_and_different_seeds_differ(engine: Engine):
     assert first.prompt == "a red fox in the snow"
 
 
+def test_render_then_encode_images_is_generate(engine: Engine):
+    """The GPU part and the encoding apart give the files ``generate`` gives, with every timing."""
+    rendered = engine.render(request(seed=21, steps=1, num_images=2))
+    assert len(rendered.images) == 2 and all(isinstance(image, Image.Image) for image in rendered.images)
+    assert set(rendered.timings) == {"text_encoding", "denoising", "decoding", "safety"}
+    assert rendered.gpu_seconds >= rendered.timings["denoising"] > 0
+    split = engine.encode_images(rendered)
+    whole = engine.generate(request(seed=21, steps=1, num_images=2))
+    assert [image.data for image in split.images] == [image.data for image in whole.images]
+    assert split.seed == whole.seed == 21 and split.prompt == whole.prompt
+    assert list(split.timings) == ["text_encoding", "denoising", "decoding", "safety", "encoding", "inference"]
+    assert split.timings["encoding"] > 0
+    assert split.timings["inference"] == pytest.approx(rendered.gpu_seconds + split.timings["encoding"])
+
+
+def test_the_encoding_pool_size_is_configurable(demo_settings, catalog):
+    from fluxserve.engine.pipeline import encode_threads
+
+    assert encode_threads(replace(demo_settings, encode_threads=3)) == 3
+    assert 1 <= encode_threads(demo_settings) <= 4  # 0: one per CPU core, up to 4
+    assert Engine(replace(demo_settings, encode_threads=3), catalog)._encoder._max_workers == 3
+
+
 def test_seed_is_drawn_and_returned_when_missing(engine: Engine):
     result = engine.generate(request(seed=None, steps=1))
     assert isinstance(result.seed, int) and 0 <= result.seed < 2**31

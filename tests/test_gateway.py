@@ -214,7 +214,7 @@ def test_a_cancel_reaches_the_upstream(demo_settings):
 
     with Server(settings_for(demo_settings, "gateway_slow_upstream")) as upstream:
         engine = upstream.app.state.engines[0]
-        generate = engine.generate
+        render = engine.render
 
         def slow(request, on_progress=None, should_cancel=None):  # every step lasts until the job is cancelled
             def step(progress):
@@ -223,9 +223,9 @@ def test_a_cancel_reaches_the_upstream(demo_settings):
                     time.sleep(0.05)
                 if on_progress is not None:
                     on_progress(progress)
-            return generate(request, step, should_cancel)
+            return render(request, step, should_cancel)
 
-        engine.generate = slow
+        engine.render = slow
         settings = replace(settings_for(demo_settings, "gateway_cancel"), upstream=f"fal={upstream.url}/queue")
         with Server(settings) as gateway:
             fluxserve.compat.fal.use(gateway.url)

@@ -177,7 +177,7 @@ class FrozenAfterFirstStep:
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
-    def generate(self, request, on_progress=None, should_cancel=None):
+    def render(self, request, on_progress=None, should_cancel=None):
         def stall(progress):
             if not self.frozen.is_set():
                 self.frozen.set()
@@ -191,7 +191,7 @@ class FrozenAfterFirstStep:
                     time.sleep(0.01)
             on_progress(progress)
 
-        return self.engine.generate(request, stall, should_cancel)
+        return self.engine.render(request, stall, should_cancel)
 
 
 def test_a_worker_that_lost_its_lease_stops_at_its_next_step_and_records_nothing(store, engine, tmp_path):

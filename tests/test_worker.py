@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 
@@ -186,13 +187,13 @@ class SlowSteps:
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
-    def generate(self, request, on_progress=None, should_cancel=None):
+    def render(self, request, on_progress=None, should_cancel=None):
         def slow(progress):
             time.sleep(self.step_s)
             if on_progress is not None:
                 on_progress(progress)
 
-        return self.engine.generate(request, on_progress=slow, should_cancel=should_cancel)
+        return self.engine.render(request, on_progress=slow, should_cancel=should_cancel)
 
 
 def test_a_running_job_past_its_timeout_is_stopped(store, engine, storage):
@@ -348,3 +349,84 @@ def test_worker_threads_share_one_engine_without_running_a_job_twice(store, engi
             w.stop()
     assert all(j.status == "completed" and j.attempts == 1 for j in done)
     assert sum(w.jobs_done for w in workers) == 4
+
+
+# ---- the GPU part and the encoding overlap ------------------------------------------------------------------
+class HeldEncoding:
+    """The engine with every job's encoding held until ``release`` is set; ``rendered[prompt]`` is set when that
+    job's GPU part has ended, ``encoding`` when an encoding is waiting for ``release``."""
+
+    def __init__(self, engine, prompts: list[str]):
+        self.engine = engine
+        self.rendered = {prompt: threading.Event() for prompt in prompts}
+        self.encoding, self.release = threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def render(self, request, on_progress=None, should_cancel=None):
+        rendered = self.engine.render(request, on_progress, should_cancel)
+        self.rendered[request.prompt].set()
+        return rendered
+
+    def encode_images(self, rendered):
+        self.encoding.set()
+        assert self.release.wait(120), "the test never released the encoding"
+        return self.engine.encode_images(rendered)
+
+
+def test_the_gpu_runs_the_next_job_while_the_last_one_encodes(store, engine, storage, finished):
+    engine.load("dev")
+    held = HeldEncoding(engine, ["first", "second", "third"])
+    jobs = [submit(store, request=request(prompt=prompt)) for prompt in ("first", "second", "third")]
+    worker = Worker(store, held, storage, on_finished=finished.append, poll_s=0.1, heartbeat_s=0.05).start()
+    try:
+        assert held.encoding.wait(120)  # the first job's images are held before they are encoded...
+        assert held.rendered["second"].wait(120)  # ...and meanwhile the GPU ran the second job's part, whole
+        first = store.get(jobs[0].id)
+        assert first.status == "running" and first.result is None and first.worker_id == worker.worker_id
+        # the held job stays leased: its heartbeats go on while it waits for its encoding
+        wait_until(lambda: store.get(jobs[0].id).lease_expires_at > first.lease_expires_at)
+        assert store.get(jobs[1].id).status == "running"
+        # two jobs held (one encoding, one waiting to): the worker claims no third until one is finished
+        assert store.get(jobs[2].id).status == "queued"
+    finally:
+        held.release.set()
+    try:
+        done = [store.wait(job.id, timeout=120) for job in jobs]
+        wait_until(lambda: len(finished) == 3)
+    finally:
+        worker.stop()
+    assert all(job.status == "completed" and job.attempts == 1 for job in done), [j.error for j in done]
+    assert [job.result["prompt"] for job in done] == ["first", "second", "third"]
+    assert sorted(job.id for job in finished) == sorted(job.id for job in jobs)  # each finished once
+    for job in done:
+        assert set(job.result["timings"]) >= {"encoding", "inference"}
+        assert job.result["timings"]["inference"] >= job.result["timings"]["encoding"] > 0
+        data, content_type = storage.get(job.result["images"][0]["key"])
+        assert content_type == "image/png" and Image.open(io.BytesIO(data)).size == (256, 256)
+
+
+def test_a_job_whose_lease_lapsed_while_it_waited_to_encode_is_left_to_its_new_worker(store, engine, storage):
+    engine.load("dev")
+    held = HeldEncoding(engine, ["first"])
+    job = submit(store, request=request(prompt="first"))
+    # no heartbeat between progress lines: once the GPU part is over, the lease lapses while the encoding is held
+    old = Worker(store, held, storage, worker_id="old/0", lease_s=0.5, heartbeat_s=3600)
+    outcome: list = []
+    runner = threading.Thread(target=lambda: outcome.append(old.run_once()))
+    runner.start()
+    try:
+        assert held.encoding.wait(120)
+        deadline = time.monotonic() + 60
+        while (taken := store.claim("new/0", lease_s=600)) is None:
+            assert time.monotonic() < deadline, "the lease never lapsed"
+            time.sleep(0.05)
+        assert taken.id == job.id and taken.attempts == 2
+    finally:
+        held.release.set()
+        runner.join(120)
+    assert not runner.is_alive()
+    current = store.get(job.id)
+    assert current.status == "running" and current.worker_id == "new/0" and current.result is None
+    assert outcome[0].worker_id == "new/0" and old.jobs_done == 1

@@ -45,6 +45,7 @@ class Settings:
     # larger GPU plan, place and run as an 80 GB one
     gpu_memory_cap: int = 0
     workers_per_device: int = 1
+    encode_threads: int = 0  # threads per engine that encode images into files (0: one per CPU core, up to 4)
     hf_token: str = ""
     # where the public key that verifies fal-dialect webhook signatures is served, as a JWKS
     webhook_jwks_path: str = "/.well-known/jwks.json"

@@ -16,9 +16,15 @@ C2PA-aware tools and photo libraries read as "created by a generative model". EX
 "fluxserve".
 
 ``quality`` (0-100, higher = better looking / larger) maps onto each format:
-JPEG, WebP and AVIF quality directly; PNG is lossless, so quality only trades file size for encoding time:
-``compress_level = round(9 * (100 - quality) / 100)`` (100 -> level 0, fastest, largest); GIF quality sets
-the palette size: ``2 + round(254 * quality / 100)`` colours (100 -> 256).
+JPEG, WebP and AVIF quality directly; GIF quality sets the palette size: ``2 + round(254 * quality / 100)``
+colours (100 -> 256). PNG is lossless whatever the quality: it only trades file size for encoding time, as a
+zlib level ``round(9 * (100 - quality) / 100)``. The default (no quality) and every quality that maps to levels
+0-2 (quality 73-100) are written by fpng, a fast encoder with one fixed effort: 20-50x faster than Pillow's
+default level 6 on a 1024x1024 image, files about the size of zlib level 1 (``benchmarks/encoding.py``
+measures both). Qualities 0-72 (levels 3-9) ask for smaller files at a CPU cost and are written by Pillow at
+that level. Pillow also writes the PNGs fpng cannot: modes other than 8-bit RGB and RGBA, and any PNG when fpng
+is not installed. The metadata chunks are the same either way (fpng's output gets them spliced in after IHDR,
+before the first IDAT); so are the pixels.
 """
 
 from __future__ import annotations
@@ -30,6 +36,11 @@ from typing import Any
 
 from PIL import ExifTags, Image, PngImagePlugin
 
+try:  # the fast PNG encoder; without it Pillow writes every PNG (the same pixels and metadata, slower)
+    import fpng
+except ImportError:
+    fpng = None
+
 AI_MARKER = "AI generated"
 SOFTWARE = "fluxserve"
 DIGITAL_SOURCE_TYPE = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
@@ -37,9 +48,11 @@ DESCRIPTION = f"{AI_MARKER} image (FLUX.2, {SOFTWARE})"
 
 FORMATS = ("png", "jpeg", "webp", "avif", "gif")
 DEFAULT_QUALITY = {"jpeg": 90, "webp": 90, "avif": 80}
-# zlib level 1 encodes a 1024x768 photo-like PNG ~2.8x faster than level 6 (73 vs 203 ms here) for ~40% more
-# bytes: at serving speeds the encode time matters more than the size (pass a quality for smaller files).
+# Pillow's level when it writes a PNG without a quality (fpng not installed, or a mode fpng cannot write): zlib
+# level 1 encodes a photo-like PNG ~2x faster than level 6 for ~15% more bytes.
 DEFAULT_PNG_LEVEL = 1
+FAST_PNG_MAX_LEVEL = 2  # fpng is faster than zlib at levels 0-2 and its files are about level 1's size
+FAST_PNG_MODES = {"RGB": 3, "RGBA": 4}  # the modes fpng writes, with their channels
 
 _PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "avif": "AVIF", "gif": "GIF"}
 _USER_COMMENT_ASCII = b"ASCII\x00\x00\x00"  # EXIF UserComment character-code prefix
@@ -77,19 +90,28 @@ def encode_image(image: Image.Image, fmt: str, quality: int | None, metadata: di
         if len(options["xmp"]) > _MAX_SEGMENT:
             options["xmp"] = _xmp(None)
     if fmt == "png":
-        image = image if image.mode in ("RGB", "RGBA", "L", "LA", "P", "I", "I;16", "1") else image.convert("RGB")
-        info = PngImagePlugin.PngInfo()
-        info.add_text("parameters", parameters)
-        info.add_text("Software", SOFTWARE)
-        info.add_text("Description", DESCRIPTION)
-        info.add_itxt("XML:com.adobe.xmp", options.pop("xmp").decode("utf-8"))
-        level = DEFAULT_PNG_LEVEL if quality is None else round(9 * (100 - quality) / 100)
-        image.save(out, "PNG", pnginfo=info, compress_level=level, **options)
+        _save_png(image, out, quality, parameters, options["exif"], options["xmp"])
     else:
         keep_alpha = fmt in ("webp", "avif") and image.mode in ("RGBA", "LA")
         image = image.convert("RGBA" if keep_alpha else "RGB") if image.mode not in ("RGB",) else image
         q = DEFAULT_QUALITY[fmt] if quality is None else quality
         image.save(out, _PIL_FORMATS[fmt], quality=q, **options)
+    return out.getvalue()
+
+
+def png_encoder(image: Image.Image, quality: int | None = None) -> str:
+    """Which encoder writes ``image`` as a PNG at ``quality``: ``"fpng"`` or ``"pillow"`` (see module doc)."""
+    level = None if quality is None else _png_level(quality)
+    fast = level is None or level <= FAST_PNG_MAX_LEVEL
+    return "fpng" if fast and fpng is not None and image.mode in FAST_PNG_MODES else "pillow"
+
+
+def plain_png(image: Image.Image) -> bytes:
+    """``image`` as a PNG without metadata, as fast as this machine writes one (live previews)."""
+    if png_encoder(image) == "fpng":
+        return _fpng(image)
+    out = io.BytesIO()
+    image.save(out, "PNG", compress_level=DEFAULT_PNG_LEVEL)
     return out.getvalue()
 
 
@@ -203,6 +225,47 @@ def _read_xmp(xmp: str | bytes) -> tuple[str | None, str | None]:
         if node is not None and params is None:
             params = node.text
     return source_type, params
+
+
+def _png_level(quality: int) -> int:
+    return round(9 * (100 - quality) / 100)
+
+
+def _save_png(image: Image.Image, out: io.BytesIO, quality: int | None, parameters: str, exif: bytes,
+              xmp: bytes) -> None:
+    image = image if image.mode in ("RGB", "RGBA", "L", "LA", "P", "I", "I;16", "1") else image.convert("RGB")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    info.add_text("Software", SOFTWARE)
+    info.add_text("Description", DESCRIPTION)
+    info.add_itxt("XML:com.adobe.xmp", xmp.decode("utf-8"))
+    if png_encoder(image, quality) == "pillow":
+        level = DEFAULT_PNG_LEVEL if quality is None else _png_level(quality)
+        image.save(out, "PNG", pnginfo=info, compress_level=level, exif=exif)
+        return
+    # The chunks Pillow would write before the image data, in its order: the text chunks, then eXIf (the EXIF
+    # block without its "Exif\0\0" header).
+    chunks = io.BytesIO()
+    for cid, data, *_after_idat in info.chunks:
+        PngImagePlugin.putchunk(chunks, cid, data)
+    PngImagePlugin.putchunk(chunks, b"eXIf", exif.removeprefix(b"Exif\x00\x00"))
+    out.write(_with_chunks(_fpng(image), chunks.getvalue()))
+
+
+def _fpng(image: Image.Image) -> bytes:
+    channels = FAST_PNG_MODES[image.mode]
+    pixels = image.tobytes()
+    if len(pixels) != image.width * image.height * channels:  # fpng reads width * height * channels bytes
+        raise ValueError(f"{image.mode} image of {image.size} gave {len(pixels)} bytes")
+    return fpng.from_bytes(pixels, image.width, image.height, channels)
+
+
+def _with_chunks(png: bytes, chunks: bytes) -> bytes:
+    """``png`` with ``chunks`` (whole chunks: length, type, data, CRC) inserted right after its IHDR chunk."""
+    if png[:8] != b"\x89PNG\r\n\x1a\n" or png[12:16] != b"IHDR":
+        raise ValueError("not a PNG that starts with its IHDR chunk")
+    end = 8 + 12 + int.from_bytes(png[8:12], "big")  # signature, then length + type + data + CRC
+    return png[:end] + chunks + png[end:]
 
 
 def _save_gif(image: Image.Image, out: io.BytesIO, quality: int | None, parameters: str) -> None:

@@ -4,11 +4,20 @@ Stages, each timed: text encoding (``encode_prompt``, after the optional prompt 
 diffusers pipeline with ``prompt_embeds`` and ``output_type="latent"``, a callback per step for progress,
 previews and cancellation), decoding (the VAE, with the pipeline's own latent post-processing), safety and
 encoding. Pipelines stay resident per model key once loaded.
+
+The first four are the GPU part (``Engine.render``), on the engine's own thread; encoding the images into
+files (``Engine.encode_images``) runs on a pool of its own (``Settings.encode_threads``), so the engine is free
+for the next request while the CPU encodes the last one. ``Engine.generate`` does both, one after the other.
+
+Timings (seconds, in ``GenerationResult.timings``): ``text_encoding``, ``denoising``, ``decoding`` and ``safety``
+are those stages on the engine's thread; ``encoding`` is the wall time from handing the images to the encoding
+pool to the last one encoded (all of a request's images encode in parallel); ``inference`` is the request's
+time on the engine: its whole GPU part (loading references and, on first use, the model included) plus its
+encoding, not counting any time the decoded images waited between the two.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import secrets
@@ -27,7 +36,7 @@ from fluxserve.config import Settings
 from fluxserve.engine import accel, lora, memory, plan, safety
 from fluxserve.engine import decode as decoding
 from fluxserve.engine.demo import demo_lora_path, ensure_demo_weights
-from fluxserve.engine.encode import encode_image
+from fluxserve.engine.encode import encode_image, plain_png
 from fluxserve.engine.placement import Placement
 from fluxserve.engine.prompts import MAX_NEW_TOKENS, expand_prompt
 from fluxserve.engine.text_encoder import encoding_only
@@ -55,6 +64,24 @@ TIMING_KEYS = ("text_encoding", "denoising", "decoding", "safety", "encoding", "
 
 
 @dataclass
+class Rendered:
+    """A request's images as pixels, after the GPU part and before encoding: what ``Engine.render`` returns and
+    ``Engine.encode_images`` turns into files. ``gpu_seconds``: the GPU part's whole time on the engine's
+    thread."""
+
+    images: list[Image.Image]
+    nsfw: list[bool]
+    seed: int
+    prompt: str
+    metadata: dict  # the generation parameters embedded in every file
+    output_format: str
+    output_quality: int | None
+    reference_sizes: list[tuple[int, int]]
+    timings: dict[str, float]  # text_encoding, denoising, decoding, safety
+    gpu_seconds: float
+
+
+@dataclass
 class LoadedModel:
     key: str
     spec: ModelSpec
@@ -65,9 +92,10 @@ class LoadedModel:
 
 
 class Engine:
-    """Runs generation requests on one device. Thread-safe loading; one request at a time per instance, always
-    on the engine's own thread, whichever thread calls ``generate`` (CUDA graphs are recorded per thread, so
-    one thread keeps one set of them per engine however many workers share it)."""
+    """Runs generation requests on one device. Thread-safe loading; one request's GPU part at a time per
+    instance, always on the engine's own thread, whichever thread calls ``render`` or ``generate`` (CUDA graphs
+    are recorded per thread, so one thread keeps one set of them per engine however many workers share it);
+    image encoding on the engine's encoding pool, alongside the next request's GPU part."""
 
     def __init__(self, settings: Settings, catalog: Catalog) -> None:
         self.settings = settings
@@ -85,6 +113,8 @@ class Engine:
         self._safety = None
         self._safety_lock = threading.Lock()
         self._runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{self.device}")
+        self._encoder = ThreadPoolExecutor(max_workers=encode_threads(settings),
+                                           thread_name_prefix=f"encode-{self.device}")
 
     # ---- models -----------------------------------------------------------------------------------------
     def load(self, model_key: str) -> None:
@@ -154,8 +184,37 @@ class Engine:
         on_progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
     ) -> GenerationResult:
-        """Run ``request`` on the engine's thread; progress and cancel checks are called from that thread."""
-        return self._runner.submit(self._generate, request, on_progress, should_cancel).result()
+        """Run ``request``: ``render`` then ``encode_images``; the encoded images."""
+        return self.encode_images(self.render(request, on_progress, should_cancel))
+
+    def render(
+        self,
+        request: GenerationRequest,
+        on_progress: ProgressCallback | None = None,
+        should_cancel: CancelCheck | None = None,
+    ) -> Rendered:
+        """The GPU part of ``request`` (text encoding, denoising, decoding, safety) on the engine's thread, whichever
+        thread calls it; progress and cancel checks are called from that thread. The images are not encoded yet:
+        the engine takes its next request as soon as this returns."""
+        return self._runner.submit(self._render, request, on_progress, should_cancel).result()
+
+    def encode_images(self, rendered: Rendered) -> GenerationResult:
+        """Encode ``rendered``'s images into files on the encoding pool, one task per image, off the engine's
+        thread (the caller waits for them); the result with every timing (see module doc)."""
+        started = time.perf_counter()
+        tasks = [self._encoder.submit(encode_image, image, rendered.output_format, rendered.output_quality,
+                                      rendered.metadata) for image in rendered.images]
+        files = [task.result() for task in tasks]
+        encoding = time.perf_counter() - started
+        timings = {**dict.fromkeys(TIMING_KEYS, 0.0), **rendered.timings, "encoding": encoding,
+                   "inference": rendered.gpu_seconds + encoding}
+        outputs = [
+            GeneratedImage(data=data, width=image.width, height=image.height,
+                           content_type=CONTENT_TYPES[rendered.output_format], nsfw=flagged)
+            for data, image, flagged in zip(files, rendered.images, rendered.nsfw, strict=True)
+        ]
+        return GenerationResult(images=outputs, seed=rendered.seed, prompt=rendered.prompt, timings=timings,
+                                reference_sizes=rendered.reference_sizes)
 
     def train(self, model_key: str, examples: list, *, on_note: Callable[[str], None] | None = None,
               **options) -> dict:
@@ -205,14 +264,14 @@ class Engine:
                                                         references=references),
                                   free_bytes=free + sum(held.values()), total_bytes=total)
 
-    def _generate(
+    def _render(
         self,
         request: GenerationRequest,
         on_progress: ProgressCallback | None,
         should_cancel: CancelCheck | None,
-    ) -> GenerationResult:
+    ) -> Rendered:
         started = time.perf_counter()
-        timings = dict.fromkeys(TIMING_KEYS, 0.0)
+        timings: dict[str, float] = {}
         spec = self._spec(request.model)
         references = self._references(request)
         out_width, out_height = self._output_size(request, references)
@@ -255,26 +314,17 @@ class Engine:
             images = [safety.blackout(image) if flagged else image for image, flagged in zip(images, flags)]
         timings["safety"] = time.perf_counter() - t0
 
-        # 5. encoding
-        t0 = time.perf_counter()
+        # 5. encoding: Engine.encode_images, on the encoding pool
         metadata = {
             "prompt": prompt, "seed": seed, "model": spec.key, "model_title": spec.title,
             "steps": request.steps, "guidance": request.guidance, "width": out_width, "height": out_height,
         }
         if request.loras:
             metadata["loras"] = [{"path": public_url(lora.path), "scale": lora.scale} for lora in request.loras]
-        outputs = [
-            GeneratedImage(
-                data=encode_image(image, request.output_format, request.output_quality, metadata),
-                width=image.width, height=image.height,
-                content_type=CONTENT_TYPES[request.output_format], nsfw=flagged,
-            )
-            for image, flagged in zip(images, flags)
-        ]
-        timings["encoding"] = time.perf_counter() - t0
-        timings["inference"] = time.perf_counter() - started
-        return GenerationResult(images=outputs, seed=seed, prompt=prompt, timings=timings,
-                                reference_sizes=[reference.size for reference in references])
+        return Rendered(images=images, nsfw=flags, seed=seed, prompt=prompt, metadata=metadata,
+                        output_format=request.output_format, output_quality=request.output_quality,
+                        reference_sizes=[reference.size for reference in references], timings=timings,
+                        gpu_seconds=time.perf_counter() - started)
 
     # ---- stages -----------------------------------------------------------------------------------------
     def _references(self, request: GenerationRequest) -> list[Image.Image]:
@@ -331,7 +381,7 @@ class Engine:
             preview = None
             if step in preview_steps and "latents" in previous:
                 sigmas = pipeline.scheduler.sigmas
-                preview = _png(decoding.preview_from_step(
+                preview = plain_png(decoding.preview_from_step(
                     pipeline, previous["latents"], latents, float(sigmas[i]), float(sigmas[i + 1]), height, width))
             if preview_steps:
                 previous["latents"] = latents
@@ -408,6 +458,11 @@ def engines_for(settings: Settings, catalog: Catalog) -> list[Engine]:
     return [Engine(replace(settings, device=device), catalog) for device in serving_devices(settings.device)]
 
 
+def encode_threads(settings: Settings) -> int:
+    """The encoding pool's size: ``settings.encode_threads``, else one per CPU core up to 4."""
+    return settings.encode_threads if settings.encode_threads > 0 else min(4, os.cpu_count() or 1)
+
+
 def _pick_device(name: str) -> torch.device:
     if name:
         return torch.device(name)
@@ -442,8 +497,3 @@ def _preview_steps(total: int, count: int) -> set[int]:
         return set()
     return {max(2, round(total * (j + 1) / (count + 1))) for j in range(count)} - {total}
 
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=False, compress_level=1)
-    return buffer.getvalue()

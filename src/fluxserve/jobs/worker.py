@@ -1,9 +1,18 @@
 """A worker thread: claims jobs from the store, runs the engine, stores outputs, records the outcome.
 
+A job runs in two stages. The engine stage, in the worker's thread and holding the engine's lock: the GPU part
+(``Engine.render``: text encoding to safety; a training job or an upstream request runs whole here). Then the
+finishing stage, on the worker's finisher thread: the images encoded into files (``Engine.encode_images``, on
+the engine's encoding pool), stored, and the outcome recorded. Meanwhile the worker claims the next job and the
+GPU runs it. A worker holds at most ``1 + encode_ahead`` jobs (``encode_ahead`` defaults to 1): it claims a job
+only when one of those places is free, so the images waiting to be encoded stay bounded and no queued job is
+held by a worker that cannot start it (``encode_ahead=0``: one job at a time, as a single stage).
+
 The engine thread never waits on the database or storage between steps: progress lines and previews go to a
-per-job reporter thread, which writes them together with the heartbeat (and keeps the lease alive while a
-model loads). Cancels requested through the same store are seen at the next step without a database read;
-cancels from other processes arrive with the next heartbeat (every ``heartbeat_s``).
+per-job reporter thread, which writes them together with the heartbeat and keeps the lease alive from the claim
+until the job's images are encoded (while a model loads, and while the job waits to be encoded). Cancels
+requested through the same store are seen at the next step without a database read; cancels from other
+processes arrive with the next heartbeat (every ``heartbeat_s``). A job whose GPU part has ended completes.
 """
 
 from __future__ import annotations
@@ -16,7 +25,8 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -83,15 +93,23 @@ class _Run:
         self.stop_reason: str | None = None  # "cancel" | "timeout" | "lease" | "shutdown"
         self.step: int | None = None
         self.total: int | None = None
-        self.engine_seconds = 0.0  # the engine's time on the job, whatever the outcome
+        self.engine_seconds = 0.0  # the engine stage's time on the job (the GPU's), whatever the outcome
         self.pending: list[tuple[dict, bytes | None]] = []  # (log line, preview bytes)
         self.lock = threading.Lock()
         self.wake = threading.Event()
-        self.done = threading.Event()
+        self.done = threading.Event()  # the engine's work on the job (its encoding included) has ended
+        self.reporter: Future | None = None
 
     def stop(self, reason: str) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
+
+
+@dataclass
+class _ToEncode:
+    """An engine stage's images, as pixels: the finishing stage encodes them (``engine.encode_images``)."""
+
+    rendered: Any
 
 
 class Worker:
@@ -100,7 +118,8 @@ class Worker:
     def __init__(self, store: JobStore, engine: Any, storage: Storage, worker_id: str | None = None,
                  on_finished: Callable[[Job], None] | None = None, *, lease_s: float = 30.0,
                  heartbeat_s: float = 0.5, poll_s: float = 1.0, models: list[str] | None = None,
-                 kinds: list[str] | None = None, note: Callable[[Job], str | None] | None = None):
+                 kinds: list[str] | None = None, note: Callable[[Job], str | None] | None = None,
+                 encode_ahead: int = 1):
         self.store = store
         self.engine = engine
         self.storage = storage
@@ -115,17 +134,24 @@ class Worker:
         self.jobs_done = 0
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._run_state: _Run | None = None
+        self._run_state: _Run | None = None  # the job in its engine stage
         self._engine_lock = _engine_lock(engine)
-        # One long-lived reporter thread: the store keeps a connection per thread, so a thread per job would
-        # open a new database connection for every job (~10 ms on PostgreSQL).
-        self._reporter = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"reporter-{self.worker_id}")
+        # the jobs this worker holds at once: one in its engine stage, up to encode_ahead finishing
+        self._places = threading.Semaphore(1 + max(0, encode_ahead))
+        # Long-lived reporter threads (one per job held) and one finisher: the store keeps a connection per
+        # thread, so a thread per job would open a new database connection for every job (~10 ms on PostgreSQL).
+        self._reporter = ThreadPoolExecutor(max_workers=1 + max(0, encode_ahead),
+                                            thread_name_prefix=f"reporter-{self.worker_id}")
+        self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"finisher-{self.worker_id}")
+        self._finishing: set[Future] = set()
+        self._finishing_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"Worker({self.worker_id!r})"
 
     @property
     def current_job_id(self) -> str | None:
+        """The job in its engine stage, if any."""
         run = self._run_state
         return run.job.id if run is not None else None
 
@@ -140,8 +166,9 @@ class Worker:
         return self
 
     def stop(self, timeout: float | None = 30.0) -> None:
-        """Stop claiming; let the current job finish for up to ``timeout`` seconds, then stop it at the next
-        step and give it back to the queue for another worker."""
+        """Stop claiming; let the job on the engine finish for up to ``timeout`` seconds, then stop it at the next
+        step and give it back to the queue for another worker. Jobs past their GPU part are finished (encoded,
+        stored, recorded) before this returns."""
         self.request_stop()
         thread = self._thread
         if thread is None:
@@ -152,6 +179,9 @@ class Worker:
             if run is not None:
                 run.stop("shutdown")
             thread.join()
+        with self._finishing_lock:
+            finishing = list(self._finishing)
+        wait(finishing)
         self._thread = None
 
     def request_stop(self) -> None:
@@ -167,7 +197,7 @@ class Worker:
         while not self._stopping.is_set():
             try:
                 version = self.store.work_version()
-                if self.run_once() is None and not self._stopping.is_set():
+                if self._start_next() is None and not self._stopping.is_set():
                     self.store.wait_for_work(version, self.poll_s)
             except Exception:
                 log.exception("worker %s: unexpected error; retrying in %.1fs", self.worker_id, self.poll_s)
@@ -176,35 +206,99 @@ class Worker:
     # --- one job --------------------------------------------------------------------------------------
 
     def run_once(self) -> Job | None:
-        """Claim and run one job in the calling thread; the job as it ended, or None when there was none."""
+        """Claim and run one job, and wait for it to be finished; the job as it ended, or None when there was
+        none."""
+        finishing = self._start_next()
+        return None if finishing is None else finishing.result()
+
+    def _start_next(self) -> Future | None:
+        """Wait for a free place, claim a job and run its engine stage in the calling thread, then hand it to the
+        finishing stage; that stage's future (the job as it ended), or None when there was no job to claim."""
+        self._places.acquire()
+        try:
+            run, outcome = self._engine_stage()
+            if run is None:
+                self._places.release()
+                return None
+        except BaseException:
+            self._places.release()
+            raise
+        try:
+            finishing = self._finisher.submit(self._finishing_stage, run, outcome)
+        except BaseException:  # the finisher is gone (interpreter shutdown): the lease lapses, the job runs again
+            self._stop_reporting(run)
+            self._places.release()
+            raise
+        with self._finishing_lock:
+            self._finishing.add(finishing)
+        finishing.add_done_callback(self._finished)
+        return finishing
+
+    def _finished(self, finishing: Future) -> None:
+        with self._finishing_lock:
+            self._finishing.discard(finishing)
+
+    def _engine_stage(self) -> tuple[_Run | None, Any]:
+        """Claim a job and run its engine part, holding the engine's lock; (None, None) when there was none."""
         with self._engine_lock:
             if self._stopping.is_set() and self._thread is not None:
-                return None
+                return None, None
             job = self.store.claim(self.worker_id, self.lease_s, self.models, self.kinds)
             if job is None:
-                return None
+                return None, None
             run = _Run(job)
+            run.reporter = self._reporter.submit(self._report_loop, run)
             self._run_state = run
-            reporter = self._reporter.submit(self._report_loop, run)
             try:
-                outcome = self._generate(run)
+                return run, self._generate(run)
+            except BaseException:
+                self._stop_reporting(run)
+                raise
             finally:
-                run.done.set()
-                run.wake.set()
-                reporter.result()
+                self._run_state = None
+
+    def _finishing_stage(self, run: _Run, outcome: Any) -> Job | None:
+        """Encode the images (keeping the lease alive meanwhile), store them and record the outcome; the job as
+        it ended. Frees the worker's place for another job."""
         try:
+            try:
+                if isinstance(outcome, _ToEncode):
+                    outcome = self._encode(run, outcome)
+            finally:
+                self._stop_reporting(run)
             finished = self._finish(run, outcome)
+            self.jobs_done += 1
+        except BaseException:
+            log.exception("worker %s: could not finish job %s", self.worker_id, run.job.id)
+            raise
         finally:
-            self._run_state = None
-        self.jobs_done += 1
+            self._places.release()
         if finished is not None and self.on_finished is not None:
             try:
                 self.on_finished(finished)
             except Exception:
-                log.exception("on_finished failed for job %s", job.id)
-        return finished or self.store.get(job.id)
+                log.exception("on_finished failed for job %s", run.job.id)
+        return finished or self.store.get(run.job.id)
 
-    def _generate(self, run: _Run) -> GenerationResult | TrainedLora | BaseException:
+    def _encode(self, run: _Run, outcome: _ToEncode) -> GenerationResult | BaseException | None:
+        """The encoded images, the error that stopped them, or None when the job is no longer this worker's."""
+        if run.stop_reason == "lease":
+            return None
+        try:
+            return self.engine.encode_images(outcome.rendered)
+        except Exception as e:
+            log.exception("job %s: encoding failed on worker %s", run.job.id, self.worker_id)
+            return e
+
+    @staticmethod
+    def _stop_reporting(run: _Run) -> None:
+        """End the job's reporter (its pending lines are then written with the outcome) and wait for it."""
+        run.done.set()
+        run.wake.set()
+        if run.reporter is not None:
+            run.reporter.result()
+
+    def _generate(self, run: _Run) -> GenerationResult | TrainedLora | _ToEncode | BaseException:
         job = run.job
         try:
             model = TrainingRequest if job.kind == "train" else GenerationRequest
@@ -239,8 +333,8 @@ class Worker:
                 return run_training(self.engine, self.storage, request, on_progress, should_cancel)
             if hasattr(self.engine, "run_job"):  # the gateway: the endpoint's routes
                 result = self.engine.run_job(job, request, on_progress, should_cancel)
-            else:
-                result = self.engine.generate(request, on_progress, should_cancel)
+            else:  # this server's engine: the GPU part here, the encoding in the finishing stage
+                return _ToEncode(self.engine.render(request, on_progress, should_cancel))
         except (GenerationCancelled, InputError, RunLocally) as e:
             return e
         except Exception as e:
@@ -252,8 +346,8 @@ class Worker:
         return result
 
     def _report_loop(self, run: _Run) -> None:
-        """Write progress lines, previews and heartbeats until the job's generation ends (the lines still
-        pending then are written with the job's outcome, in the same transaction)."""
+        """Write progress lines, previews and heartbeats until the engine's work on the job ends, encoding included
+        (the lines still pending then are written with the job's outcome, in the same transaction)."""
         last = time.monotonic()
         while True:
             run.wake.wait(self.heartbeat_s)
@@ -284,9 +378,13 @@ class Worker:
             lines.append(line)
         return lines
 
-    def _finish(self, run: _Run, outcome: GenerationResult | TrainedLora | BaseException) -> Job | None:
-        """Record the outcome; the terminal job, or None when this worker no longer holds it."""
+    def _finish(self, run: _Run, outcome: GenerationResult | TrainedLora | BaseException | None) -> Job | None:
+        """Record the outcome; the terminal job, or None when this worker no longer holds it (then nothing is
+        stored or written)."""
         job, store, wid = run.job, self.store, self.worker_id
+        if outcome is None or (run.stop_reason == "lease" and not isinstance(outcome, BaseException)):
+            log.warning("worker %s lost the lease on job %s; leaving it to its new worker", wid, job.id)
+            return None
         local = getattr(self.engine, "gpu", True)
         spent = {"gpu_seconds": run.engine_seconds, "steps": (run.step or 0) if local else 0,
                  "provider": "local" if local else None}
