@@ -54,7 +54,7 @@ from gpu_parts.common import (
 )
 
 DEFAULT_BUDGET_S = 510.0
-PARTS = ("checks", "klein", "dev", "profile", "lossless", "vae", "train", "whole_request")
+PARTS = ("checks", "klein", "dev", "profile", "lossless", "vae", "train", "whole_request", "encoding")
 
 
 def load_parts(names: tuple[str, ...]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_run.py"
-PARTS = ("checks", "klein", "dev", "profile", "lossless", "vae", "train", "whole_request")
+PARTS = ("checks", "klein", "dev", "profile", "lossless", "vae", "train", "whole_request", "encoding")
 
 
 def run_script(tmp_path: Path, *args: str, timeout: int = 300) -> tuple[subprocess.CompletedProcess, Path]:
@@ -137,6 +137,17 @@ def test_tiny_lossless_savings(tiny_run):
     assert positive(klein["vae_cudnn_benchmark"]["off"]["median_ms"])
     assert klein["text_encoder_compile"]["status"] == "skipped"  # inductor on the CPU: minutes
     assert set(load(out, "summary")["parts"]["lossless"]["headline"]) >= {"rope_cache", "postprocess"}
+
+
+def test_tiny_encoding(tiny_run):
+    _, out = tiny_run
+    encoding = load(out, "encoding")
+    assert encoding["size"] == [64, 64] and set(encoding["results"]) == {"png", "jpeg", "webp", "avif", "gif"}
+    assert set(encoding["results"]["png"]) == {"fpng", "pillow-default", "pillow-level1"}
+    for by_encoder in encoding["results"].values():
+        for by_image in by_encoder.values():
+            assert all(positive(row["ms"]) and row["bytes"] > 0 for row in by_image.values())
+    assert positive(encoding["png_speedup"]["noise"])
 
 
 def test_tiny_train_steps(tiny_run):
