@@ -46,7 +46,7 @@ else:
     from triton_numerics import INTERPRETER
 
     from fluxserve.engine import accel, blocks, fp8
-    from fluxserve.engine.kernels import norm_quant, qk_rope, runtime, swiglu_quant
+    from fluxserve.engine.kernels import norm_quant, ops, qk_rope, runtime, swiglu_quant
 
     @triton.jit
     def _cast_kernel(x_ptr, bf16_ptr, fp8_ptr, n, BLOCK: tl.constexpr):
@@ -76,6 +76,19 @@ else:
         # why the mirror is needed: the interpreter differs from round-to-nearest casts
         assert not torch.equal(bits(out_bf16), bits(x.to(torch.bfloat16)))
         assert not torch.equal(bits(out_fp8), bits(x.to(torch.float8_e4m3fn)))
+
+    def test_a_failing_kernel_falls_back_to_its_reference(monkeypatch):
+        attn, mlp = _swiglu_inputs("odd-rows")
+
+        def broken(*args):
+            raise RuntimeError("cannot compile")
+
+        monkeypatch.setattr(swiglu_quant, "launch", broken)
+        monkeypatch.setattr(runtime, "_failure", None)
+        assert_same_rows(ops.swiglu_quant_rows(attn, mlp), swiglu_quant.reference(attn, mlp))
+        assert runtime.failure() == "RuntimeError: cannot compile"
+        assert not runtime.triton_runs_on(torch.device("cpu"))
+        assert "a Triton kernel failed here" in runtime.unavailable_reason(torch.device("cpu"))
 
     # ---- (a) SwiGLU + concat + quantisation ---------------------------------------------------------------
     SWIGLU_CASES = {
@@ -188,6 +201,7 @@ else:
             with FluxserveOps() as seen:
                 ours = transformer(**kwargs)[0]
         assert seen.counts["rms_norm_rope"] == 2 * 4  # q and k in each of the four blocks
+        assert runtime.failure() is None  # the kernels ran, not the references
         assert rel(ours, stock) <= 1e-5
 
     def test_high_on_the_kernels_equals_the_unfused_w8a8_path(monkeypatch):
@@ -210,6 +224,7 @@ else:
                 fused = transformer(**kwargs)[0]
         assert seen.counts["norm_quant"] == 2 * 4 + 2  # 4 per double block, 1 per single block
         assert seen.counts["swiglu_quant"] == 2 * 4 + 2  # to_out, to_add_out, 2 x linear_out; to_out
+        assert runtime.failure() is None
         fp8_error = rel(unfused, exact)
         assert 1e-3 <= fp8_error <= 5e-2
         assert rel(fused, unfused) <= min(1e-3, fp8_error / 10)

@@ -3,7 +3,8 @@ each as one opaque call (no graph break) and the fake implementations give the o
 
 Each op runs its Triton kernel where Triton runs for the tensors' device (CUDA; the CPU under
 ``TRITON_INTERPRET=1``), else the kernel module's torch reference, which computes the same function with
-PyTorch's own rounding. None of them has a backward: the blocks call them only with gradients off.
+PyTorch's own rounding (also after a kernel failed to compile or launch here: ``runtime.record_failure``). None of
+them has a backward: the blocks call them only with gradients off.
 """
 
 
@@ -21,7 +22,10 @@ def swiglu_quant_op(attn: Tensor | None, mlp: Tensor | None) -> tuple[Tensor, Te
     ``attn`` is (B, S, H, D) or (B, S, C), ``mlp`` (B, S, 2M), either may be None; any strides."""
     device = (attn if attn is not None else mlp).device
     if runtime.triton_runs_on(device):
-        return swiglu_quant.launch(attn, mlp)
+        try:
+            return swiglu_quant.launch(attn, mlp)
+        except Exception as exc:  # noqa: BLE001 - see runtime.record_failure
+            runtime.record_failure(exc)
     return swiglu_quant.reference(attn, mlp)
 
 
@@ -37,7 +41,10 @@ def norm_quant_op(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> tuple[
     """(q, row_scale) of ``(1 + scale) * layer_norm(x, eps) + shift`` for ``x`` (B, S, C); ``shift`` and
     ``scale`` broadcast to it ((B, 1, C) per batch or (B, S, C) per token)."""
     if runtime.triton_runs_on(x.device):
-        return norm_quant.launch(x, shift, scale, eps)
+        try:
+            return norm_quant.launch(x, shift, scale, eps)
+        except Exception as exc:  # noqa: BLE001 - see runtime.record_failure
+            runtime.record_failure(exc)
     return norm_quant.reference(x, shift, scale, eps)
 
 
@@ -54,7 +61,10 @@ def rms_norm_rope_op(x: Tensor, weight: Tensor, cos: Tensor, sin: Tensor, eps: f
     """``apply_rotary_emb(cat([rms_norm(context), rms_norm(x)], 1), (cos, sin))`` for (B, S, H, D) views,
     contiguous; float8_e4m3fn divided by ``fp8_scale`` when it is given."""
     if runtime.triton_runs_on(x.device):
-        return qk_rope.launch(x, weight, cos, sin, eps, context, context_weight, fp8_scale)
+        try:
+            return qk_rope.launch(x, weight, cos, sin, eps, context, context_weight, fp8_scale)
+        except Exception as exc:  # noqa: BLE001 - see runtime.record_failure
+            runtime.record_failure(exc)
     return qk_rope.reference(x, weight, cos, sin, eps, context, context_weight, fp8_scale).contiguous()
 
 

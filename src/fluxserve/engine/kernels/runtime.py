@@ -8,6 +8,7 @@ importing ``fluxserve.engine.kernels``.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -24,6 +25,8 @@ except ImportError as exc:  # a CPU-only install without Triton: the torch refer
 else:
     IMPORT_ERROR = None
 
+log = logging.getLogger(__name__)
+
 INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET", "0").strip() in ("1", "true", "on")
 
 
@@ -32,10 +35,27 @@ def jit(fn):
     return triton.jit(fn) if triton is not None else fn
 
 
+_failure: str | None = None  # why a kernel failed to compile or launch here; the torch references run since
+
+
+def record_failure(exc: BaseException) -> None:
+    """A kernel failed (a Triton release that cannot compile it, say): log it once and run the torch references
+    from now on, so a request is served (slower) instead of failing; ``unavailable_reason`` reports it."""
+    global _failure
+    if _failure is None:
+        _failure = f"{type(exc).__name__}: {exc}"[:300]
+        log.warning("a fused Triton kernel failed (%s); using the torch references from now on", _failure)
+
+
+def failure() -> str | None:
+    """Why a kernel failed here (None when none has)."""
+    return _failure
+
+
 def triton_runs_on(device: torch.device) -> bool:
     """True where the Triton kernels run for tensors on ``device``: compiled on CUDA, interpreted on the CPU
-    when this process defined them under ``TRITON_INTERPRET=1``."""
-    if triton is None:
+    when this process defined them under ``TRITON_INTERPRET=1`` (and none has failed here)."""
+    if triton is None or _failure is not None:
         return False
     if INTERPRETED:
         return device.type == "cpu"
@@ -46,6 +66,8 @@ def unavailable_reason(device: torch.device) -> str | None:
     """Why the Triton kernels cannot run on ``device`` (None when they can)."""
     if triton is None:
         return f"Triton not importable ({IMPORT_ERROR})"
+    if _failure is not None:
+        return f"a Triton kernel failed here ({_failure})"
     if triton_runs_on(device):
         return None
     if device.type != "cuda":
