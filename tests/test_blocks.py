@@ -213,3 +213,24 @@ def test_split_measurement_reports_both_ways():
         == "bfloat16"
     assert split.choose_split(bf16, torch.device("cpu")) == (False, None)  # not measured on a CPU: fused
     assert split.choose_split(bf16, torch.device("cpu"), forced=True) == (True, None)
+
+
+def test_attention_runs_on_the_backend_the_state_chose(monkeypatch):
+    """A fluxserve attention backend (its processors installed by attention.set_attention_backend): the block
+    forwards still apply and call ``attention.attend`` with it."""
+    from fluxserve.engine import attention
+
+    pipe = _Pipe(tiny_transformer(torch.float32))
+    kwargs = model_inputs(9)
+    with torch.no_grad():
+        accel.apply_acceleration(pipe, "none", "cpu")
+        stock = pipe.transformer(**kwargs)[0]
+        state = accel.apply_acceleration(pipe, "regular", "cpu", accel.AccelOptions(attention="sdpa_math"))
+        assert state["attention"] == "sdpa_math" and state["block_forward"] == "fluxserve"
+        used = []
+        real = attention.attend
+        monkeypatch.setattr(attention, "attend", lambda q, k, v, backend: used.append(backend) or real(q, k, v,
+                                                                                                      backend))
+        ours = pipe.transformer(**kwargs)[0]
+    assert used == ["sdpa_math"] * 4
+    assert rel(ours, stock) <= 1e-5
