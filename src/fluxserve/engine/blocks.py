@@ -10,12 +10,14 @@ instance ``forward`` that computes the same function as diffusers' (``use_stock`
 * where a Linear runs FP8 matmuls with row-wise scales (``FP8Linear`` in mode ``w8a8``), its input is quantised
   by the fused op that computes it (``fluxserve::norm_quant`` after LayerNorm + modulation,
   ``fluxserve::swiglu_quant`` for SwiGLU + concat), and the product runs on that (``forward_quantized``): the
-  same FP8 values and scales ``FP8Linear.forward`` would have computed, without the bf16 round trip;
+  FP8 values and scales ``FP8Linear.forward`` computes (float32 rounding order in LayerNorm's sums and in
+  ``exp`` aside), without the bf16 tensor written and read back;
 * the single blocks' fused in-projection can run as two GEMMs on views of its weight rows (QKV rows, MLP rows)
   where ``split.py`` measured that faster.
 
 The stock forward runs instead wherever this one cannot apply: with gradients on (training), with diffusers'
-KV-cache processors or context parallelism, attention kwargs, unfused QKV (LoRA adapters), or no rotary tables.
+KV-cache processors or context parallelism, attention kwargs, a double block with unfused QKV (LoRA adapters),
+or no rotary tables.
 With ``options.kernels`` off, every step is the stock torch operation (the fused ops are not called).
 """
 
