@@ -25,7 +25,10 @@ attention backend forced at ``regular`` and ``high`` instead of the measured one
 ``FLUXSERVE_FP8_ATTENTION`` (auto|1|0; auto = on at ``high`` where it runs within tolerance and is faster),
 ``FLUXSERVE_PROMPT_CACHE`` (entries; 0 disables), ``FLUXSERVE_PROMPT_CACHE_MB``, and the switches of the lossless
 savings around the blocks (``fluxserve.engine.lossless``: RoPE tables kept, the text encoder compiled,
-post-processing on the device, cudnn.benchmark for the VAE).
+post-processing on the device, cudnn.benchmark for the VAE), ``FLUXSERVE_FUSED_KERNELS`` (auto|1|0: fluxserve's
+block forwards on the fused Triton ops; auto = where Triton runs, i.e. CUDA), ``FLUXSERVE_SPLIT_PROJECTION``
+(auto|1|0: the single blocks' in-projection as two GEMMs; auto = timed once on CUDA), ``FLUXSERVE_FP8_FAST_ACCUM``
+(1 turns on ``_scaled_mm``'s fast accumulation at ``high``; lossy, off by default).
 """
 
 from __future__ import annotations
@@ -43,9 +46,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from fluxserve.engine import attention, fp8, lossless, memory
+from fluxserve.engine import attention, blocks, fp8, lossless, memory
+from fluxserve.engine import split as split_mod
 from fluxserve.engine.attention_choice import decide, geometry_of
 from fluxserve.engine.compile_errors import is_compile_failure
+from fluxserve.engine.kernels import runtime as kernel_runtime
 from fluxserve.engine.lossless import LosslessOptions, LosslessState
 from fluxserve.engine.plan import headroom_bytes
 from fluxserve.engine.switches import env_switch
@@ -85,12 +90,18 @@ class AccelOptions:
     prompt_cache_bytes: int = 2 * 1024**3
     cuda_graph_shapes: int = 4  # input shapes (resolution x batch) that get CUDA graphs; others run without
     lossless: LosslessOptions = field(default_factory=LosslessOptions)  # the savings of engine/lossless.py
+    fused_kernels: bool | None = None  # None = auto: where the Triton kernels run (CUDA with Triton)
+    split_projection: bool | None = None  # None = auto: timed on CUDA, fused elsewhere
+    fp8_fast_accum: bool = False  # _scaled_mm's fast accumulation at high (lossy)
 
     @classmethod
     def from_env(cls) -> AccelOptions:
         return cls(
             compile=env_switch("FLUXSERVE_COMPILE"),
             cuda_graphs=env_switch("FLUXSERVE_CUDA_GRAPHS"),
+            fused_kernels=env_switch("FLUXSERVE_FUSED_KERNELS"),
+            split_projection=env_switch("FLUXSERVE_SPLIT_PROJECTION"),
+            fp8_fast_accum=bool(env_switch("FLUXSERVE_FP8_FAST_ACCUM")),
             cuda_graph_shapes=int(os.environ.get("FLUXSERVE_CUDA_GRAPH_SHAPES", "4")),
             attention=os.environ.get("FLUXSERVE_ATTENTION") or None,
             fp8_attention=env_switch("FLUXSERVE_FP8_ATTENTION"),
@@ -651,6 +662,11 @@ class AccelState:
     vae_compiled: bool = False  # the VAE decoder compiled (regular and high on CUDA)
     vae_compile_failed: str | None = None
     lossless: LosslessState = field(default_factory=LosslessState)  # RoPE cache, text encoder compiled, ...
+    block_forward: str = "diffusers"  # diffusers | fluxserve (engine/blocks.py)
+    fused_kernels: bool = False  # the fused Triton ops (engine/kernels) in fluxserve's block forwards
+    split_projection: bool = False  # the single blocks' in-projection as two GEMMs
+    split_measurement: dict | None = None  # the timing that chose it (split.measure_split)
+    fp8_fast_accum: bool = False  # _scaled_mm's use_fast_accum (high only)
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -803,6 +819,10 @@ def apply_acceleration(
     else:
         state.transformer_precision = _dtype_name(transformer)
 
+    # 3b. fluxserve's block forwards (fused kernels, split in-projection) at regular and high; fast accumulation
+    # only ever at high.
+    set_block_forwards(transformer, state, effective, dev, options, notes, lora)
+
     # 4. regional compile (+ CUDA graphs), guarded.
     _install_forward_guard(pipe)
     want_compile = (effective != "none" and not streamed and options.compile_on(dev)
@@ -834,6 +854,42 @@ def apply_acceleration(
     state.level = effective
     state.notes = notes
     return state.as_dict()
+
+
+def set_block_forwards(transformer: nn.Module, state: AccelState, level: str, device: torch.device,
+                       options: AccelOptions, notes: list[str], lora: bool) -> None:
+    """Stock diffusers block forwards at ``none`` and on a streamed transformer (its hooks move the blocks as
+    they are); fluxserve's (``blocks.install``) otherwise, with the fused kernels where they run and the
+    in-projection split where it was measured faster. Records the choices and their reasons in ``state``."""
+    fast_accum = level == "high" and options.fp8_fast_accum and fp8.has_fp8(transformer)
+    fp8.set_fast_accum(transformer, fast_accum)
+    state.fp8_fast_accum = fast_accum
+    if level == "none" or state.streamed:
+        blocks.use_stock(transformer)
+        state.block_forward, state.fused_kernels, state.split_projection = "diffusers", False, False
+        state.split_measurement = None
+        if state.streamed and level != "none":
+            notes.append("the transformer is streamed from host memory: its blocks run diffusers' forward")
+        return
+    reason = kernel_runtime.unavailable_reason(device)
+    kernels = options.fused_kernels if options.fused_kernels is not None else reason is None
+    if not kernels:
+        why = "FLUXSERVE_FUSED_KERNELS=0" if options.fused_kernels is False else reason
+        notes.append(f"fused kernels off: {why}")
+    elif reason is not None:
+        notes.append(f"fused kernels on as torch references: {reason}")
+    if kernels and fp8.has_fp8(transformer) and any(layer.granularity != "row" for layer in fp8.fp8_layers(transformer)):
+        notes.append("fused FP8 quantisation needs row-wise scales: per-tensor FP8 layers quantise their input "
+                     "as before")
+    split, figures = split_mod.choose_split(transformer, device, options.split_projection)
+    if figures is not None and "error" in figures:
+        notes.append(f"split in-projection not timed ({figures['error']}): kept fused")
+    if lora:
+        notes.append("LoRA active: the double-stream blocks run diffusers' forward (QKV unfused); fused "
+                     "FP8 quantisation only where a layer is not wrapped by an adapter")
+    blocks.install(transformer, blocks.BlockOptions(state.attention, kernels, split))
+    state.block_forward, state.fused_kernels = "fluxserve", kernels
+    state.split_projection, state.split_measurement = split, figures
 
 
 def acceleration_state(pipe: Any) -> dict | None:

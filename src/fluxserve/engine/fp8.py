@@ -34,7 +34,7 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 MODES = ("w8a8", "weight_only", "original")
 GRANULARITIES = ("row", "tensor")
-_SCALE_FLOOR = 1e-12
+SCALE_FLOOR = 1e-12
 
 
 # ---- quantisation -----------------------------------------------------------------------------------
@@ -61,7 +61,7 @@ def quantize_tensor(x: torch.Tensor, granularity: str = "row") -> tuple[torch.Te
         amax = xf.abs().amax(dim=-1, keepdim=True)
     else:
         amax = xf.abs().amax()
-    scale = (amax / FP8_MAX).clamp(min=_SCALE_FLOOR)
+    scale = (amax / FP8_MAX).clamp(min=SCALE_FLOOR)
     q = (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale.to(torch.float32)
 
@@ -90,11 +90,11 @@ def quantize_weight(
         for start, stop in blocks:
             part = w[start:stop].float().abs().amax()
             amax = part if amax is None else torch.maximum(amax, part)
-        scale = (amax / FP8_MAX).clamp(min=_SCALE_FLOOR)
+        scale = (amax / FP8_MAX).clamp(min=SCALE_FLOOR)
     for start, stop in blocks:
         xf = w[start:stop].float()
         if granularity == "row":
-            block_scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=_SCALE_FLOOR)
+            block_scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=SCALE_FLOOR)
             scale[start:stop] = block_scale
         else:
             block_scale = scale
@@ -181,6 +181,7 @@ class FP8Linear(nn.Module):
         self.original = _parameter(original)
         # _scaled_mm needs both matrix dimensions divisible by 16.
         self.mm_shapes_ok = self.in_features % 16 == 0 and self.out_features % 16 == 0
+        self.fast_accum = False
         self.mode = "weight_only"
         self.set_mode(mode)
 
@@ -265,19 +266,38 @@ class FP8Linear(nn.Module):
 
     def _forward_w8a8(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        xq, x_scale = quantize_tensor(x2, self.granularity)
-        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
+        xq, x_scale = quantize_tensor(x.reshape(-1, shape[-1]), self.granularity)
+        return self.forward_quantized(xq, x_scale, shape[:-1], x.dtype)
+
+    def forward_quantized(
+        self,
+        xq: torch.Tensor,
+        x_scale: torch.Tensor,
+        lead_shape: Sequence[int],
+        dtype: torch.dtype,
+        rows: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """The w8a8 product for an input quantised already: ``xq`` (tokens, in) float8_e4m3fn and ``x_scale``
+        as ``quantize_tensor(x, self.granularity)`` gives them (a fused kernel may have written both). Returns
+        ``(*lead_shape, out)`` in ``dtype`` (the input's dtype), exactly what ``forward`` returns for that ``x``.
+        ``rows=(start, stop)`` computes only those output features, on views of the weight rows (no copy).
+        ``fast_accum`` (off unless the ``high`` level turns it on) is ``_scaled_mm``'s ``use_fast_accum``."""
+        out_dtype = dtype if dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
         if self.granularity == "row" and out_dtype != torch.bfloat16:
             out_dtype_mm = torch.bfloat16  # row-wise scaling requires bf16 output on CUDA
         else:
             out_dtype_mm = out_dtype
-        y = torch._scaled_mm(
-            xq, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale_row, out_dtype=out_dtype_mm
-        )
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.to(out_dtype).reshape(*shape[:-1], self.out_features)
+        weight, weight_scale, bias = self.weight_fp8, self.weight_scale_row, self.bias
+        if rows is not None:
+            start, stop = rows
+            weight = weight[start:stop]
+            weight_scale = weight_scale[:, start:stop] if self.granularity == "row" else weight_scale
+            bias = None if bias is None else bias[start:stop]
+        y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale, out_dtype=out_dtype_mm,
+                             use_fast_accum=self.fast_accum)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y.to(out_dtype).reshape(*lead_shape, weight.shape[0])
 
     def extra_repr(self) -> str:
         return (
@@ -400,6 +420,13 @@ def set_fp8_mode(root: nn.Module, mode: str) -> str | None:
         used = layer.set_mode(mode)
         counts[used] = counts.get(used, 0) + 1
     return max(counts, key=counts.get) if counts else None
+
+
+def set_fast_accum(root: nn.Module, on: bool) -> None:
+    """Turn ``_scaled_mm``'s fast accumulation on or off for every FP8Linear under ``root`` (lossy: only ever
+    at ``high``)."""
+    for layer in fp8_layers(root):
+        layer.fast_accum = bool(on)
 
 
 def has_fp8(root: nn.Module) -> bool:
