@@ -42,7 +42,6 @@ if str(HERE) not in sys.path:
 
 from gpu_parts.common import (
     GPU_SCALE,
-    LEVELS,
     START,
     TINY_SCALE,
     Budget,
@@ -52,9 +51,11 @@ from gpu_parts.common import (
     free_memory,
     log,
 )
+from gpu_parts.dev import RUNS as DEV_RUNS
 
 DEFAULT_BUDGET_S = 510.0
-PARTS = ("checks", "klein", "dev", "profile", "lossless", "vae", "train", "whole_request", "encoding")
+# most important first: what the next GPU run must measure, in the order of its value
+PARTS = ("checks", "dev", "klein", "whole_request", "kernels", "attention", "lossless", "vae", "encoding", "train")
 
 
 def load_parts(names: tuple[str, ...]) -> dict[str, Any]:
@@ -70,7 +71,7 @@ def all_estimates(tiny: bool) -> dict[str, float]:
     return table
 
 
-def run_part(run: Run, name: str, keep_handoff: bool = False) -> None:
+def run_part(run: Run, name: str) -> None:
     """Run one part when its estimate fits: its JSON is written as it goes and when it ends, the summary before
     it starts (status running) and after; an error is recorded with its traceback and the run goes on."""
     entry: dict = {"file": f"{name}.json", "estimate_s": run.estimate(name)}
@@ -103,8 +104,6 @@ def run_part(run: Run, name: str, keep_handoff: bool = False) -> None:
     report["status"] = entry["status"]
     report["part_seconds"] = entry["seconds"]
     run.save(name, report)
-    if not keep_handoff:
-        run.handoff.clear()  # the [dev] transformer, kept while a later part uses it
     free_memory(run.device)
     entry["allocated_gib_after"] = allocated_gib(run.device)
     run.save_summary()
@@ -152,11 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
                         help=f"seconds for the whole run, start-up included (default {DEFAULT_BUDGET_S:.0f})")
     parser.add_argument("--parts", type=_names("--parts", PARTS), default=PARTS, metavar="NAME,...",
-                        help=f"which parts to run, in this order (default {','.join(PARTS)}; profile and lossless need dev "
-                             "before it)")
-    parser.add_argument("--dev-levels", type=_names("--dev-levels", LEVELS), default=LEVELS, metavar="LEVEL,...",
-                        help="the acceleration levels the dev part runs, in order (default none,regular,high; "
-                             "none first: the others' error is against it)")
+                        help=f"which parts to run, in this order (default {','.join(PARTS)})")
+    parser.add_argument("--dev-levels", type=_names("--dev-levels", DEV_RUNS), default=DEV_RUNS,
+                        metavar="LEVEL,...",
+                        help=f"the acceleration levels and high's variants the dev part runs, in order (default "
+                             f"{','.join(DEV_RUNS)}; none first: the others' error is against it; the variants "
+                             "after high)")
     parser.add_argument("--estimate", action="append", default=[], metavar="NAME=SECONDS", type=_estimate,
                         help="override the estimated cost of a part or sub-step (e.g. dev.high=150 on a slower "
                              f"GPU); names: {', '.join(all_estimates(tiny=False))}")
@@ -203,11 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_term)
-    modules = load_parts(args.parts)
-    for index, part in enumerate(args.parts):
-        later = args.parts[index + 1:]
-        run_part(run, part, keep_handoff=any(getattr(modules[p], "USES_HANDOFF", False) for p in later))
-    run.handoff.clear()
+    for part in args.parts:
+        run_part(run, part)
     run.summary["finished"] = True
     run.save_summary()
     faulthandler.cancel_dump_traceback_later()

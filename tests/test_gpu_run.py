@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_run.py"
-PARTS = ("checks", "klein", "dev", "profile", "lossless", "vae", "train", "whole_request", "encoding")
+PARTS = ("checks", "dev", "klein", "whole_request", "kernels", "attention", "lossless", "vae", "encoding", "train")
 
 
 def run_script(tmp_path: Path, *args: str, timeout: int = 300) -> tuple[subprocess.CompletedProcess, Path]:
@@ -42,7 +42,9 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_run_writes_every_part(tiny_run):
     done, out = tiny_run
-    assert sorted(p.name for p in out.iterdir()) == sorted(["summary.json", *(f"{p}.json" for p in PARTS)])
+    # one file a part, the summary, and the dev part's profiles
+    expected = ["summary.json", "profile.json", *(f"{p}.json" for p in PARTS)]
+    assert sorted(p.name for p in out.iterdir()) == sorted(expected)
     summary = load(out, "summary")
     assert summary["finished"] is True and summary["run"]["mode"] == "tiny (CPU)"
     assert summary["elapsed_s"] < summary["run"]["budget_s"]
@@ -70,12 +72,34 @@ def test_tiny_checks(tiny_run):
         assert positive(row["bf16"]["tflops"]) and positive(row["bf16"]["ms"])
         assert "not supported on cpu" in row["fp8_scaled_mm"]["skipped"]
         assert "not supported on cpu" in row["fp8_linear_w8a8"]["skipped"]
-    attention = checks["attention"]
-    assert attention["chosen"] == "native"
-    native = attention["backends"]["native"]
-    assert positive(native["tflops"]) and 0 <= native["rel_error_vs_fp32"] < 0.05  # bf16 against fp32
-    for name in ("_native_cudnn", "_flash_3", "flash"):
-        assert attention["backends"][name] == {"skipped": "not supported on cpu"}
+    assert "attention" not in checks  # a part of its own
+
+
+def test_tiny_attention(tiny_run):
+    _, out = tiny_run
+    attention = load(out, "attention")
+    assert set(attention["models"]) == {"dev", "klein-4b"}
+    for result in attention["models"].values():
+        assert result["chosen"] == "native" and result["decision_high"]["fp8"] is False
+        native = result["backends"]["native"]
+        assert positive(native["tflops"]) and 0 <= native["rel_error_vs_fp32"] < 0.05  # bf16 against float64
+        assert set(native["layouts"]) == {"single", "double"} and native["graph_breaks"] == "none"
+        for name in ("_native_cudnn", "fa3", "fa3_fp8"):
+            assert "skipped" in result["backends"][name]
+    assert all(result["model"] == model for model, result in attention["models"].items())
+
+
+def test_tiny_kernels(tiny_run):
+    _, out = tiny_run
+    kernels = load(out, "kernels")
+    assert kernels["fused"]["triton"].startswith("not CUDA")  # the torch references run on the CPU
+    cases = kernels["fused"]["cases"]
+    assert {"layernorm_modulation_quant (b)", "single_block_out_quant (a)"} <= set(cases)
+    for row in cases.values():
+        assert positive(row["fused_ms"]) and positive(row["compiled_ms"]) and row["bytes"] > 0
+        # the torch references are eager PyTorch's math, where the fused op computes the same function
+        assert row["fused_vs_eager"]["exact"] is row["same_math"]
+    assert kernels["fast_accum"]["gemms"]
 
 
 def test_tiny_klein_levels(tiny_run):
@@ -101,9 +125,15 @@ def test_tiny_dev_levels_and_profile(tiny_run):
     _, out = tiny_run
     dev = load(out, "dev")
     assert dev["tokens"] == 16 + 512 and dev["flops"]["per_step"] > 0
-    assert set(dev["levels"]) == {"none", "regular", "high"}
+    variants = ("high-unfused", "high-fp8-attention", "high-bf16-attention", "high-fast-accum")
+    assert set(dev["levels"]) == {"none", "regular", "high", *variants}
     precisions = {level: row["precision"] for level, row in dev["levels"].items()}
-    assert precisions == {"none": "fp32", "regular": "fp32", "high": "fp8-weight-only"}
+    assert precisions == {"none": "fp32", "regular": "fp32", **dict.fromkeys(("high", *variants), "fp8-weight-only")}
+    for name in variants:  # measured on the CPU although every switch resolves as high's there
+        assert dev["levels"][name]["rel_error_vs_high"] == 0 and dev["levels"][name]["variant"]
+    assert dev["levels"]["high-unfused"]["fused_kernels"] is False
+    assert dev["lossless"]["rope-cache"]["bit_identical"] is True
+    assert "cuda_graph_replays_per_forward" in dev["lossless"]["graph-partitions"]
     for row in dev["levels"].values():
         assert positive(row["step_ms"]) and positive(row["cold_first_forward_s"])
         assert math.isfinite(row["rel_error_vs_none"])
@@ -114,9 +144,11 @@ def test_tiny_dev_levels_and_profile(tiny_run):
     choice = dev["placement_80gb"]
     assert positive(choice["bf16_transformer_streamed_text_encoder"]["step_ms"])
     assert positive(choice["fp8_transformer_fp8_text_encoder"]["step_ms"])
-    profile = load(out, "profile")
-    assert profile["level"] == "high" and profile["activity"] == "CPU operators"
-    assert 0 < len(profile["top"]) <= 30 and all(positive(row["ms"]) for row in profile["top"])
+    profiles = load(out, "profile")["levels"]
+    assert set(profiles) == {"regular", "high"}
+    for level, profile in profiles.items():
+        assert profile["level"] == level and profile["activity"] == "CPU operators"
+        assert 0 < len(profile["top"]) <= 30 and all(positive(row["ms"]) for row in profile["top"])
 
 
 def test_tiny_vae_eager_and_compiled(tiny_run):
@@ -130,13 +162,11 @@ def test_tiny_vae_eager_and_compiled(tiny_run):
 def test_tiny_lossless_savings(tiny_run):
     _, out = tiny_run
     lossless = load(out, "lossless")
-    rope = lossless["dev"]["rope_cache"]
-    assert rope["bit_identical"] is True and rope["on"]["tables_aten_ops"] < rope["off"]["tables_aten_ops"]
     klein = lossless["klein"]
     assert klein["postprocess"]["bit_identical"] is True and klein["postprocess"]["bit_identical_at_boundaries"]
     assert positive(klein["vae_cudnn_benchmark"]["off"]["median_ms"])
     assert klein["text_encoder_compile"]["status"] == "skipped"  # inductor on the CPU: minutes
-    assert set(load(out, "summary")["parts"]["lossless"]["headline"]) >= {"rope_cache", "postprocess"}
+    assert set(load(out, "summary")["parts"]["lossless"]["headline"]) >= {"postprocess", "vae_cudnn_benchmark"}
 
 
 def test_tiny_encoding(tiny_run):
@@ -188,14 +218,17 @@ def test_tiny_whole_request(tiny_run):
 
 
 def test_parts_and_dev_levels_choose_what_runs(tmp_path):
-    done, out = run_script(tmp_path, "--parts", "dev,profile", "--dev-levels", "none,regular")
+    done, out = run_script(tmp_path, "--parts", "dev,vae", "--dev-levels", "none,regular,high-unfused")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     summary = load(out, "summary")
-    assert list(summary["parts"]) == ["dev", "profile"] and summary["run"]["dev_levels"] == ["none", "regular"]
-    assert set(load(out, "dev")["levels"]) == {"none", "regular"} and load(out, "profile")["level"] == "regular"
+    assert list(summary["parts"]) == ["dev", "vae"]
+    assert summary["run"]["dev_levels"] == ["none", "regular", "high-unfused"]
+    dev = load(out, "dev")
+    assert set(dev["levels"]) == {"none", "regular"} and set(load(out, "profile")["levels"]) == {"regular"}
+    assert dev["skipped"]["high-unfused"] == "high did not run before it"
     assert not (out / "klein.json").exists()
     wrong, _ = run_script(tmp_path / "wrong", "--parts", "dev,warp")
-    assert wrong.returncode == 2 and "--parts 'dev,warp': choose from checks, klein" in wrong.stderr
+    assert wrong.returncode == 2 and "--parts 'dev,warp': choose from checks, dev, klein" in wrong.stderr
 
 
 def test_tiny_budget_skips_parts_and_says_why(tmp_path):
@@ -220,9 +253,8 @@ def test_sub_steps_skip_when_their_estimate_does_not_fit(tmp_path):
     parts = load(out, "summary")["parts"]
     assert parts["klein"]["status"] == "skipped" and "needs ~1000 s" in parts["klein"]["skipped"]
     assert parts["checks"]["status"] == "ok" and "needs ~1000 s" in parts["checks"]["skipped_steps"]["matmul"]
-    assert "matmul" not in load(out, "checks") and load(out, "checks")["attention"]["chosen"] == "native"
+    assert "matmul" not in load(out, "checks") and load(out, "checks")["environment"]["torch"]
     dev = load(out, "dev")
     assert set(dev["levels"]) == {"none", "regular"} and "needs ~1000 s" in dev["skipped"]["high"]
     assert parts["dev"]["status"] == "ok" and "high" in parts["dev"]["skipped_steps"]
-    # the profile runs on what the dev part left: the bf16 regular level
-    assert parts["profile"]["status"] == "ok" and load(out, "profile")["level"] == "regular"
+    assert set(load(out, "profile")["levels"]) == {"regular"}  # high did not run

@@ -1,7 +1,6 @@
 """Part ``checks``: the device and library versions; bf16 and FP8 (``torch._scaled_mm``, row-wise scales) matrix
-products on FLUX.2 [dev]'s Linear shapes at the run's resolution, the whole FP8 w8a8 layer (activation quantisation
-included); every attention backend on [dev]'s attention geometry and the blocks' layouts, with its error against
-float64 and whether it compiles without graph breaks."""
+products on FLUX.2 [dev]'s Linear shapes at the run's resolution, and the whole FP8 w8a8 layer (activation
+quantisation included). The attention kernels have a part of their own (``attention``)."""
 
 from __future__ import annotations
 
@@ -11,15 +10,14 @@ import statistics
 from gpu_parts.common import Run, dev_transformer_meta, error_record, log, median, rel_error, time_calls
 
 ESTIMATES = {
-    "gpu": {"checks": 65, "checks.environment": 5, "checks.matmul": 15, "checks.attention": 45},
-    "tiny": {"checks": 13, "checks.environment": 2, "checks.matmul": 3, "checks.attention": 8},
+    "gpu": {"checks": 25, "checks.environment": 5, "checks.matmul": 15},
+    "tiny": {"checks": 6, "checks.environment": 2, "checks.matmul": 3},
 }
 
 
 def part(run: Run, report: dict) -> dict:
     report["environment"] = run.step("checks", report, "environment", lambda: environment(run))
     matmul = run.step("checks", report, "matmul", lambda: matmul_checks(run, report))
-    attention = run.step("checks", report, "attention", lambda: attention_checks(run, report))
     headline: dict = {"device": run.device_name}
     if matmul:
         for kind in ("bf16", "fp8_scaled_mm", "fp8_linear_w8a8"):
@@ -28,10 +26,6 @@ def part(run: Run, report: dict) -> dict:
                 headline[f"{kind}_tflops_best"] = round(max(rates), 1)
                 headline[f"{kind}_tflops_median"] = round(statistics.median(rates), 1)
         headline["matmul_tokens"] = matmul["tokens"]
-    if attention:
-        headline["attention_tflops"] = {name: round(row["tflops"], 1) for name, row in attention["backends"].items()
-                                        if "tflops" in row}
-        headline["attention_chosen"] = attention.get("chosen")
     return headline
 
 
@@ -180,36 +174,3 @@ def _fp8_linear_row(nn, fp8, x, w, ref, flops: float, run: Run) -> dict:
         return {"ms": ms, "tflops": flops / (ms / 1000) / 1e12, "rel_error_vs_bf16": error, "mode": layer.mode}
     except Exception as exc:  # noqa: BLE001 - recorded per shape
         return error_record(exc)
-
-
-def attention_checks(run: Run, report: dict) -> dict:
-    """Each attention backend on [dev]'s attention geometry in bf16, on the layouts the blocks pass (the single
-    blocks' strided v, the double blocks' concatenations): ms and TFLOP/s (4 S^2 H D a call) per layout, the error
-    against a float64 reference and against bf16 SDPA, whether it traces without graph breaks, or why it did not
-    run (``attention_choice.attention_table``); FP8 attention among them; and what the engine decides at
-    ``regular`` and ``high``."""
-    from fluxserve.engine import attention_choice
-
-    device, scale = run.device, run.scale
-    geometry = attention_choice.geometry_of(dev_transformer_meta(run), image_tokens=(scale.width // 16)
-                                            * (scale.height // 16), text_tokens=scale.text_tokens)
-    result = attention_choice.attention_table(device, geometry, calls=scale.kernel_repeat, compile_check=True)
-    report["attention"] = result
-    run.save("checks", report)
-    for name, row in result["backends"].items():
-        if "skipped" in row:
-            log(f"attention {name}: skipped ({row['skipped']})")
-            continue
-        log(f"attention {name} ({geometry.tokens} tokens, {geometry.heads} heads x {geometry.head_dim}, bf16) on "
-            f"{run.device_name}: " + ", ".join(
-                f"{layout} {cell['ms']:.3f} ms {cell['tflops'] or 0:.1f} TFLOP/s" for layout, cell in
-                row["layouts"].items()) + f", error vs fp32 {row['rel_error_vs_fp32']}")
-    for level in ("regular", "high"):
-        decision = attention_choice.decide(device, geometry, level)
-        result[f"decision_{level}"] = decision.as_dict()
-        log(f"attention chosen by the engine at {level} on {run.device_name}: {decision.backend} ({decision.why}); "
-            f"FP8 attention: {decision.fp8_why}")
-    result["chosen"] = result["decision_regular"]["backend"]
-    return result
-
-

@@ -114,8 +114,7 @@ class Run:
     device_name: str = ""
     defaults: dict[str, float] = field(default_factory=dict)  # every part's estimates for this mode
     estimates: dict[str, float] = field(default_factory=dict)  # --estimate overrides
-    handoff: dict = field(default_factory=dict)  # the [dev] transformer, kept for the profile part
-    dev_levels: tuple[str, ...] = LEVELS  # the profile part profiles the last one
+    dev_levels: tuple[str, ...] = LEVELS  # the levels (and high's variants) the dev part runs
 
     def estimate(self, name: str) -> float:
         if name in self.estimates:

@@ -1,35 +1,25 @@
-"""Part ``lossless``: each lossless saving of ``regular``/``high`` off and on (``fluxserve.engine.lossless_checks``):
-on the [dev] transformer the ``dev`` part left resident, the RoPE tables kept per shape and the CUDA graph
-partitions of one step (replays, input copies, host-side eager ops, GPU idle time); on a [klein] 4B pipeline built
-here, the text encoder compiled for its fixed 512 tokens, the post-processing to uint8 on the GPU (bit-identical
-pixels) and ``cudnn.benchmark`` for the VAE decode."""
+"""Part ``lossless``: the lossless savings of ``regular``/``high`` that act on the pipeline around the transformer,
+each off and on (``fluxserve.engine.lossless_checks``), on a [klein] 4B pipeline built here: the text encoder
+compiled for its fixed 512 tokens, the post-processing to uint8 on the GPU (bit-identical pixels) and
+``cudnn.benchmark`` for the VAE decode. The transformer's own (the RoPE tables kept per shape, the CUDA graph
+partitions of a step) are measured by the ``dev`` part on [dev]."""
 
 from __future__ import annotations
 
-from gpu_parts.common import Run, free_memory, log, num, release_compiled
+from gpu_parts.common import Run, free_memory, log, release_compiled
 
 ESTIMATES = {
-    "gpu": {"lossless": 150, "lossless.dev": 30, "lossless.klein": 110},
-    "tiny": {"lossless": 60, "lossless.dev": 10, "lossless.klein": 45},
+    "gpu": {"lossless": 120, "lossless.klein": 110},
+    "tiny": {"lossless": 20, "lossless.klein": 15},
 }
-USES_HANDOFF = True  # the [dev] transformer of the dev part
 
 
 def part(run: Run, report: dict) -> dict:
     report.update(device=run.device_name, resolution=f"{run.scale.width}x{run.scale.height}",
                   note="each saving measured off and on in the same process (CUDA events on a GPU); exactness as "
                        "the saving promises it (bit_identical, rel_error)")
-    run.step("lossless", report, "dev", lambda: dev_savings(run, report))
     run.step("lossless", report, "klein", lambda: klein_savings(run, report))
     headline: dict = {}
-    rope = report.get("dev", {}).get("rope_cache")
-    if rope:
-        headline["rope_cache"] = {"saved_ms_per_forward": rope.get("saved_ms_per_forward"),
-                                  "bit_identical": rope.get("bit_identical")}
-    partitions = report.get("dev", {}).get("graph_partitions")
-    if partitions:
-        headline["graph_partitions"] = {key: partitions.get(key) for key in
-                                        ("cuda_graph_replays_per_forward", "memcpy_dtod")}
     for name in ("text_encoder_compile", "postprocess", "vae_cudnn_benchmark"):
         row = report.get("klein", {}).get(name)
         if row:
@@ -46,31 +36,6 @@ def off_on(row: dict) -> dict:
     out = {f"{side}_ms": (row.get(side) or {}).get("median_ms") for side in ("off", "on")}
     out.update({key: row[key] for key in EXACTNESS if key in row})
     return out
-
-
-def dev_savings(run: Run, report: dict) -> dict:
-    """The RoPE cache and the graph partitions on the [dev] transformer as the dev part left it."""
-    from fluxserve.engine import accel, lossless_checks
-
-    kept = run.handoff.get("dev")
-    if not kept:
-        raise RuntimeError("no [dev] transformer is resident: the dev part did not complete a level")
-    pipe, inputs, level = kept["pipe"], kept["inputs"], kept["level"]
-    state = accel.apply_acceleration(pipe, level, run.device)
-    result: dict = {"what": run.where("dev transformer", "one forward", state.get("transformer_precision", "?"),
-                                      level)}
-    report["dev"] = result
-    result["rope_cache"] = lossless_checks.measure_rope_cache(pipe.transformer, inputs, run.device)
-    run.save("lossless", report)
-    rope = result["rope_cache"]
-    log(f"{result['what']}: RoPE cache saves {num(rope.get('saved_ms_per_forward'))} ms a forward, bit-identical "
-        f"{rope.get('bit_identical')}")
-    result["graph_partitions"] = lossless_checks.measure_graph_partitions(pipe.transformer, inputs, run.device)
-    run.save("lossless", report)
-    parts = result["graph_partitions"]
-    log(f"{result['what']}: {parts.get('cuda_graph_replays_per_forward')} CUDA graph replays a forward, "
-        f"{parts.get('memcpy_dtod')} device copies")
-    return result
 
 
 def klein_savings(run: Run, report: dict) -> dict:

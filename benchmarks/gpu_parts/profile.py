@@ -1,4 +1,4 @@
-"""Part ``profile``: the top CUDA kernels of one warm [dev] step at the last level the ``dev`` part ran."""
+"""The top CUDA kernels of one warm [dev] step (the ``dev`` part profiles each level it runs but ``none``)."""
 
 from __future__ import annotations
 
@@ -6,25 +6,15 @@ import time
 
 from gpu_parts.common import Run, log, sync
 
-USES_HANDOFF = True  # the [dev] transformer of the dev part
-ESTIMATES = {
-    "gpu": {"profile": 40},
-    "tiny": {"profile": 5},
-}
 
-
-def part(run: Run, report: dict) -> dict:
-    """The top kernels of one warm [dev] transformer step at the last level the dev part ran (``torch.profiler``;
-    on the CPU the top operators)."""
+def profile_step(run: Run, pipe, inputs: dict, level: str) -> dict:
+    """The top kernels of one warm [dev] transformer step at ``level`` as the transformer is now
+    (``torch.profiler``; on the CPU the top operators)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from fluxserve.engine import accel
 
-    kept = run.handoff.get("dev")
-    if not kept:
-        raise RuntimeError("no [dev] transformer is resident: the dev part did not complete a level")
-    pipe, inputs, level = kept["pipe"], kept["inputs"], kept["level"]
     device = run.device
     state = accel.apply_acceleration(pipe, level, device)
 
@@ -44,19 +34,19 @@ def part(run: Run, report: dict) -> dict:
     step_ms = (time.perf_counter() - start) * 1000
     rows = top_kernels(prof, cuda, step_ms)
     precision = state.get("transformer_precision", "unknown")
-    report.update(what=run.where("dev transformer", "one step (one forward)", precision, level),
-                  level=level, precision=precision, activity="CUDA kernels" if cuda else "CPU operators",
-                  step_ms_under_profiler=step_ms, kernels_seen=rows["count"],
-                  kernel_ms_total=rows["total_ms"], top=rows["top"],
-                  note="ms: the kernel's (CPU: the operator's own) time summed over its calls in one step; "
-                       "pct_of_step: of the profiled step's wall time; pct_of_kernels: of all kernel time")
+    record = {"what": run.where("dev transformer", "one step (one forward)", precision, level),
+              "level": level, "precision": precision, "activity": "CUDA kernels" if cuda else "CPU operators",
+              "step_ms_under_profiler": step_ms, "kernels_seen": rows["count"], "kernel_ms_total": rows["total_ms"],
+              "top": rows["top"],
+              "note": "ms: the kernel's (CPU: the operator's own) time summed over its calls in one step; "
+                      "pct_of_step: of the profiled step's wall time; pct_of_kernels: of all kernel time"}
     if cuda and rows["total_ms"] < 0.5 * step_ms:
-        report["warning"] = (f"the profiler saw kernels for {rows['total_ms']:.1f} of the step's {step_ms:.1f} ms "
+        record["warning"] = (f"the profiler saw kernels for {rows['total_ms']:.1f} of the step's {step_ms:.1f} ms "
                              "(kernels replayed inside CUDA graphs may be hidden from it)")
     for row in rows["top"][:10]:
         log(f"profile {level} ({precision}): {row['ms']:8.2f} ms {row['pct_of_step']:5.1f}% x{row['calls']:<4} "
             f"{row['name'][:90]}")
-    return {"what": report["what"], "top5": [{k: r[k] for k in ("name", "ms", "pct_of_step")} for r in rows["top"][:5]]}
+    return record
 
 
 def top_kernels(prof, cuda: bool, step_ms: float, count: int = 30) -> dict:
