@@ -152,3 +152,67 @@ def test_full_size_builds_need_cuda():
         rw.build_placed_random_pipeline("klein-4b", "cpu")
     with pytest.raises(rw.RandomWeightsUnavailable, match="--demo"):
         rw.build_random_pipeline("dev", "cpu")
+
+
+# ---- the engine serving random weights (the setting ``random_weights``) ------------------------------------------
+def test_engine_builds_tiny_random_models_and_runs_no_safety_checker(tmp_path, catalog):
+    """``random_weights = "tiny"``: the engine builds the catalogue model's architecture (a [klein] base model
+    gets its distilled sibling's, undistilled) instead of loading weights, and never loads a safety model even
+    when a request asks for the check."""
+    from fluxserve.config import Settings
+    from fluxserve.engine import Engine
+    from fluxserve.request import GenerationRequest
+
+    engine = Engine(Settings(data_dir=tmp_path, device="cpu", random_weights="tiny"), catalog)
+    result = engine.generate(GenerationRequest(model="klein-4b-base", prompt="a lighthouse", width=64, height=64,
+                                               steps=2, guidance=4.0, seed=1, safety_checker=True))
+    assert len(result.images) == 1 and result.images[0].data.startswith(b"\x89PNG")
+    assert result.images[0].nsfw is False and engine._safety is None
+    pipe = engine._models["klein-4b-base"].pipe
+    assert pipe.config.is_distilled is False and pipe.transformer.config.num_layers == 1  # the tiny stand-in
+    report = engine.placement()
+    assert report["random_weights"] == "tiny" and report["safety_checker"] == rw.SAFETY_OFF
+    assert report["models"]["klein-4b-base"]["weights"] == "random weights (tiny klein-4b architecture, seed 0)"
+    assert not (tmp_path / "cache" / "demo-weights").exists()  # nothing loaded, nothing downloaded
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"random_weights": "full", "device": "cpu"}, "needs CUDA|device is cpu"),
+    ({"random_weights": "full", "device": "cpu", "demo": True}, "exclude each other"),
+    ({"random_weights": "huge", "device": "cpu"}, "choose full or tiny"),
+])
+def test_engine_refuses_random_weights_it_cannot_build(tmp_path, catalog, settings, message):
+    from fluxserve.config import Settings
+    from fluxserve.engine import Engine
+
+    with pytest.raises(rw.RandomWeightsUnavailable, match=message):
+        Engine(Settings(data_dir=tmp_path, **settings), catalog)
+
+
+def test_random_weights_setting_from_flags_and_environment(monkeypatch, tmp_path):
+    from fluxserve.cli import build_parser
+    from fluxserve.commands.common import settings_from_args
+    from fluxserve.config import Settings
+
+    for command in ("serve", "worker"):
+        args = build_parser().parse_args([command, "--random-weights", "--data-dir", str(tmp_path)])
+        assert settings_from_args(args).random_weights == "full"
+        assert settings_from_args(build_parser().parse_args([command])).random_weights == ""
+    for raw, expected in (("1", "full"), ("on", "full"), ("tiny", "tiny"), ("0", ""), ("full", "full")):
+        monkeypatch.setenv("FLUXSERVE_RANDOM_WEIGHTS", raw)
+        assert Settings.from_env().random_weights == expected
+
+
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_serve_and_worker_refuse_random_weights_without_cuda(tmp_path, command):
+    """On a machine without a CUDA GPU, --random-weights stops at once with one line that says why and what to
+    use instead, before a port or a worker slot is taken."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "fluxserve", command, "--random-weights", "--device", "cpu",
+                           "--data-dir", str(tmp_path)], check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.startswith("error: --random-weights builds the full-size models")
+    assert "--demo" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "fluxserve.db").exists()

@@ -34,7 +34,8 @@ def part(run: Run, report: dict) -> dict:
     from fluxserve.request import GenerationRequest
 
     model, scale, device = "klein-4b", run.scale, run.device
-    settings = Settings(data_dir=run.work_dir / "data", device=str(device))
+    settings = Settings(data_dir=run.work_dir / "data", device=str(device),
+                        random_weights="tiny" if run.tiny else "full")
     catalog = Catalog.load()
     spec = catalog.models[model]
     arch = random_weights.tiny_architecture(model) if run.tiny else None
@@ -54,8 +55,7 @@ def part(run: Run, report: dict) -> dict:
     free_memory(device)
     engine = Engine(settings, catalog)
     try:
-        build = run.step("klein", report, "build", lambda: bench.load_timed(
-            engine, spec, random_weights=True, safety=False, arch=arch))
+        build = run.step("klein", report, "build", lambda: bench.load_timed(engine, spec, safety=False))
         if build is None:
             return klein_headline(run, report)
         report["build"] = {**build, "placement": engine.placement()["models"].get(model)}

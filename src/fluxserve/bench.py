@@ -23,7 +23,7 @@ import platform
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -295,37 +295,18 @@ def _fits(pipe, device: torch.device) -> bool:
 
 
 # ---- fluxserve ----------------------------------------------------------------------------------------------
-def _adopt_random_pipeline(engine, spec, pipe, placement, seconds: float) -> None:
-    """Serve a random-weight pipeline built to fit the GPU through the engine (no weights on disk); its
-    placement (memory plan, precisions) is the one ``random_weights`` decided, reported like a loaded model's."""
-    from fluxserve.engine import accel
-    from fluxserve.engine.pipeline import LoadedModel
-
-    accel.apply_acceleration(pipe, "regular", engine.device)
-    engine._models[spec.key] = LoadedModel(spec.key, spec, pipe, "random-weights", placement, seconds)
-
-
-def load_for_bench(engine, spec, random_weights: bool, safety: bool, arch=None) -> None:
-    """Load (or build) the model, and the safety checker when the runs use it, before anything is timed or
-    compiled; any failure is one ``BenchError`` line. ``arch``: a ``random_weights.Architecture`` to build
-    instead of the full-size one (tiny CPU runs)."""
+def load_for_bench(engine, spec, safety: bool) -> None:
+    """Load the model (built with random weights where the engine's setting ``random_weights`` says so), and the
+    safety checker when the runs use it, before anything is timed or compiled; any failure is one
+    ``BenchError`` line."""
     try:
-        if random_weights:
-            from fluxserve.engine.random_weights import build_placed_random_pipeline
-
-            start = time.perf_counter()
-            pipe, placement = build_placed_random_pipeline(
-                spec.key, engine.device, engine.dtype, seed=0, requested=engine.requested_placement(), arch=arch
-            )
-            _adopt_random_pipeline(engine, spec, pipe, placement, time.perf_counter() - start)
-        else:
-            engine.load(spec.key)
+        engine.load(spec.key)
         if safety:
             engine._safety_checker()
     except (KeyboardInterrupt, BenchError):
         raise
     except Exception as exc:
-        what = "build" if random_weights else "load"
+        what = "build" if engine.settings.random_weights else "load"
         raise BenchError(f"could not {what} {spec.key}: {type(exc).__name__}: {str(exc).splitlines()[0][:500]}"
                          ) from exc
 
@@ -337,21 +318,19 @@ def _prompt_cache_of(engine, model: str):
     return accel._cache_of(loaded.pipe) if loaded is not None else None
 
 
-def run_fluxserve(
-    *, engine, spec, request: GenerationRequest, warmup: int, repeat: int, random_weights: bool
-) -> dict:
+def run_fluxserve(*, engine, spec, request: GenerationRequest, warmup: int, repeat: int) -> dict:
     """Load (or build) the model, then time ``request`` through the engine (``load_timed`` + ``time_requests``)."""
-    loaded = load_timed(engine, spec, random_weights=random_weights, safety=request.safety_checker)
+    loaded = load_timed(engine, spec, safety=request.safety_checker)
     return {**loaded, **time_requests(engine, request, warmup=warmup, repeat=repeat)}
 
 
-def load_timed(engine, spec, *, random_weights: bool, safety: bool, arch=None) -> dict:
+def load_timed(engine, spec, *, safety: bool) -> dict:
     """``load_for_bench`` with its time, the peak GPU memory while loading (FP8 placements never hold a bf16
     component whole) and the memory resident afterwards."""
     device = engine.device
     _peak_memory_reset(device)
     start = time.perf_counter()
-    load_for_bench(engine, spec, random_weights, safety, arch=arch)
+    load_for_bench(engine, spec, safety)
     _sync(device)
     return {
         "load_s": round(time.perf_counter() - start, 3),
@@ -462,16 +441,10 @@ def run(config: BenchConfig, settings) -> dict:
     if config.model not in catalog.models:
         raise ValueError(f"--model {config.model!r}: choose one of {', '.join(catalog.models)}")
     spec = catalog.models[config.model]
-    engine = Engine(settings, catalog)
+    if config.random_weights and not settings.random_weights:
+        settings = replace(settings, random_weights="full")
+    engine = Engine(settings, catalog)  # refuses random weights where they cannot run (no CUDA, --demo)
     device = engine.device
-    if config.random_weights:
-        if settings.demo:
-            raise ValueError(
-                "--random-weights and --demo exclude each other: --demo already uses random tiny models"
-            )
-        from fluxserve.engine.random_weights import check_device
-
-        check_device(device)
 
     guidance = config.guidance if config.guidance is not None else default_guidance(spec.pipeline)
     with tempfile.TemporaryDirectory(prefix="fluxserve-bench-") as tmp:
@@ -513,7 +486,6 @@ def run(config: BenchConfig, settings) -> dict:
             request=request,
             warmup=config.warmup,
             repeat=config.repeat,
-            random_weights=config.random_weights,
         )
 
     loaded = engine._models[spec.key]

@@ -38,6 +38,10 @@ class Settings:
     storage: str = ""  # directory or s3://bucket/prefix; empty = data_dir/files
     catalog: str = ""  # TOML path; empty = the packaged catalog.toml
     demo: bool = False  # serve every endpoint with the tiny demo models
+    # build the models with seeded random weights instead of loading any (benchmarks: no download, noise images,
+    # safety checker off): "full" = the published architectures, on a CUDA GPU only (--random-weights);
+    # "tiny" = small stand-ins with the same structure, anywhere (CPU checks of that path); "" = load weights
+    random_weights: str = ""
     device: str = ""  # "cuda", "cuda:1", "cpu"; empty = cuda when available
     transformer_placement: str = "auto"  # auto | bf16 | fp8 | stream (fluxserve.engine.plan)
     text_encoder_placement: str = "auto"  # auto | resident | fp8 | stream
@@ -123,6 +127,10 @@ class Settings:
                 values[f.name] = memory_size(raw, "FLUXSERVE_GPU_MEMORY_CAP")
             elif f.name == "demo":
                 values[f.name] = raw.lower() in ("1", "true", "yes", "on")
+            elif f.name == "random_weights":
+                lowered = raw.strip().lower()
+                values[f.name] = ("full" if lowered in ("1", "true", "yes", "on") else
+                                  "" if lowered in ("", "0", "false", "no", "off") else lowered)
             elif f.type == "int":
                 values[f.name] = int(raw)
             elif f.type == "float":

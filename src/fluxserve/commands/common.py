@@ -51,6 +51,39 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         "addresses are refused)")
 
 
+def add_random_weights_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--random-weights", action="store_true", default=None,
+                        help="build the catalogue models' full-size architectures with seeded random weights "
+                        "directly on the CUDA GPU instead of loading weights: no download, noise images, the "
+                        "safety checker off (benchmarks of speed and memory; FLUXSERVE_RANDOM_WEIGHTS=1)")
+
+
+def random_weights_refusal(settings: Settings) -> str | None:
+    """Why the setting ``random_weights`` cannot run on the devices these settings serve on (no CUDA GPU,
+    --demo with it), or None; said before anything is built."""
+    if not settings.random_weights:
+        return None
+    from fluxserve.engine.pipeline import serving_devices
+    from fluxserve.engine.random_weights import RandomWeightsUnavailable, check_setting
+
+    try:
+        for device in serving_devices(settings.device):
+            check_setting(settings.random_weights, device, settings.demo)
+    except RandomWeightsUnavailable as exc:
+        return str(exc)
+    return None
+
+
+def random_weights_note(settings: Settings) -> str:
+    """The start-up line's words for what the engines serve instead of weights ("" when they load weights)."""
+    if not settings.random_weights:
+        return ""
+    from fluxserve.engine.random_weights import SAFETY_OFF
+
+    what = "full-size architectures" if settings.random_weights == "full" else "tiny stand-in architectures"
+    return f"random weights: the catalogue models' {what}, seeded, noise images; safety checker {SAFETY_OFF}"
+
+
 def settings_from_args(args: argparse.Namespace, **extra) -> Settings:
     from pathlib import Path
 
@@ -64,6 +97,7 @@ def settings_from_args(args: argparse.Namespace, **extra) -> Settings:
         "gpu_memory_cap": getattr(args, "gpu_memory_cap", None),
         "fetch_allow": getattr(args, "fetch_allow", None),
         "upstream": ",".join(args.upstream) if getattr(args, "upstream", None) else None,
+        "random_weights": "full" if getattr(args, "random_weights", None) else None,
     }
     overrides.update(extra)
     try:

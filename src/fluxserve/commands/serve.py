@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fluxserve.commands.common import add_model_flags, settings_from_args
+from fluxserve.commands.common import (
+    add_model_flags,
+    add_random_weights_flag,
+    random_weights_note,
+    random_weights_refusal,
+    settings_from_args,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -35,6 +41,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--max-prompt-chars", type=int,
                         help="longest prompt in characters (default 8192; FLUXSERVE_MAX_PROMPT_CHARS)")
     add_model_flags(parser)
+    add_random_weights_flag(parser)
     parser.set_defaults(func=run)
 
 
@@ -50,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, db=args.db, storage=args.storage, workers_per_device=args.workers_per_device,
                                   retention_hours=args.retention_hours, max_body_mb=args.max_body_mb,
                                   max_prompt_chars=args.max_prompt_chars)
+    if refusal := random_weights_refusal(settings):
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
     app = create_app(settings, start_workers=not args.no_workers)
     if not is_loopback(args.host):
         if not app.state.store.has_keys():
@@ -65,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
     scheme = "https" if args.ssl_certfile else "http"
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"fluxserve: {scheme}://{shown_host}:{args.port}  (data: {settings.data_dir}, db: {settings.db_url_shown})")
+    if note := random_weights_note(settings):
+        print(f"  {note}")
     if scheme == "https":
         print(f"  fal clients: FAL_RUN_HOST={shown_host}:{args.port}/run "
               f"FAL_QUEUE_RUN_HOST={shown_host}:{args.port}/queue SSL_CERT_FILE={args.ssl_certfile}")

@@ -13,7 +13,13 @@ import signal
 import sys
 import threading
 
-from fluxserve.commands.common import add_model_flags, settings_from_args
+from fluxserve.commands.common import (
+    add_model_flags,
+    add_random_weights_flag,
+    random_weights_note,
+    random_weights_refusal,
+    settings_from_args,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -43,6 +49,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--health-host", default="127.0.0.1",
                         help="address the health port listens on (default 127.0.0.1; 0.0.0.0 in a container)")
     add_model_flags(parser)
+    add_random_weights_flag(parser)
     parser.set_defaults(func=run)
 
 
@@ -77,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
     if "upstream" in kinds and gateway is None:
         print("error: --jobs upstream: no provider is configured (--upstream fal=URL)", file=sys.stderr)
         return 2
+    if any(kind != "upstream" for kind in kinds) and (refusal := random_weights_refusal(settings)):
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
     try:
         slot = ProcessSlot.acquire(settings.data_dir, "worker", args.worker_id)
     except SlotBusy as e:
@@ -110,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
     recovered = slot.start(store, ids)
     print(f"fluxserve worker: {count} worker(s) {base_id} on {store!r}, storage {storage!r}"
           + (" (demo models)" if settings.demo else ""), file=sys.stderr, flush=True)
+    if local_kinds and (note := random_weights_note(settings)):
+        print(f"  {note}", file=sys.stderr, flush=True)
     if any(recovered.values()):
         print(f"the previous worker in this slot stopped without giving its jobs back: {recovered['requeued']} "
               f"back in the queue, {recovered['failed']} failed, {recovered['cancelled']} cancelled",

@@ -14,6 +14,9 @@ are those stages on the engine's thread; ``encoding`` is the wall time from hand
 pool to the last one encoded (all of a request's images encode in parallel); ``inference`` is the request's
 time on the engine: its whole GPU part (loading references and, on first use, the model included) plus its
 encoding, not counting any time the decoded images waited between the two.
+
+With the setting ``random_weights`` the engine builds each model's architecture with seeded random weights
+(``random_weights.build_for_model``) instead of loading weights, and runs no safety checker (``safety_off``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from PIL import Image
 
 from fluxserve.catalog import Catalog, ModelSpec
 from fluxserve.config import Settings
-from fluxserve.engine import accel, lora, memory, plan, safety
+from fluxserve.engine import accel, lora, memory, plan, random_weights, safety
 from fluxserve.engine import decode as decoding
 from fluxserve.engine.demo import demo_lora_path, ensure_demo_weights
 from fluxserve.engine.encode import encode_image, plain_png
@@ -104,6 +107,8 @@ class Engine:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.cache_dir / "torchinductor"))
         plan.candidates(settings.transformer_placement, settings.text_encoder_placement)  # a clear error early
         self.device = _pick_device(settings.device)
+        if settings.random_weights:  # refused here, before anything is built, where it cannot run
+            random_weights.check_setting(settings.random_weights, self.device, settings.demo)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         # before anything is planned or allocated: every plan on this device sees the capped memory
         self.memory_cap = memory.apply_memory_cap(self.device, settings.gpu_memory_cap)
@@ -147,13 +152,24 @@ class Engine:
 
     def _load(self, spec: ModelSpec) -> LoadedModel:
         start = time.perf_counter()
-        path = resolve_weights(spec, self.settings)
-        pipe, placement = load_placed_pipeline(spec, path, self.device, self.dtype, self.requested_placement(),
-                                               demo=self.settings.demo)
+        size = self.settings.random_weights
+        if size:
+            path = f"random weights ({size} {random_weights.architecture_key(spec.key)} architecture, seed 0)"
+            pipe, placement = random_weights.build_for_model(spec.key, size, self.device, self.dtype,
+                                                             self.requested_placement(), distilled=spec.distilled)
+        else:
+            path = resolve_weights(spec, self.settings)
+            pipe, placement = load_placed_pipeline(spec, path, self.device, self.dtype, self.requested_placement(),
+                                                   demo=self.settings.demo)
         accel.apply_acceleration(pipe, "regular", self.device)
         seconds = time.perf_counter() - start
         log.info("loaded %s from %s in %.1fs (%s)", spec.key, path, seconds, placement.as_dict())
         return LoadedModel(spec.key, spec, pipe, str(path), placement, seconds)
+
+    @property
+    def safety_off(self) -> str | None:
+        """Why this engine runs no safety checker whatever a request asks (random weights), or None."""
+        return random_weights.SAFETY_OFF if self.settings.random_weights else None
 
     def requested_placement(self) -> dict[str, str]:
         return {"transformer": self.settings.transformer_placement,
@@ -174,8 +190,9 @@ class Engine:
         if self.memory_cap.requested_bytes:
             device_memory["cap"] = self.memory_cap.as_dict()
         return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-                "demo": self.settings.demo, "requested": self.requested_placement(), "models": models,
-                "memory": device_memory}
+                "demo": self.settings.demo, "random_weights": self.settings.random_weights or None,
+                "safety_checker": self.safety_off or "on (requests may turn it off)",
+                "requested": self.requested_placement(), "models": models, "memory": device_memory}
 
     # ---- generation -------------------------------------------------------------------------------------
     def generate(
@@ -309,7 +326,7 @@ class Engine:
         # 4. safety
         t0 = time.perf_counter()
         flags = [False] * len(images)
-        if request.safety_checker:
+        if request.safety_checker and self.safety_off is None:
             flags = self._check_safety(images, request.safety_tolerance)
             images = [safety.blackout(image) if flagged else image for image, flagged in zip(images, flags)]
         timings["safety"] = time.perf_counter() - t0

@@ -33,6 +33,12 @@ byte-level ones (prompts are padded to 512 tokens either way, so the sequence le
 Full-size builds need CUDA (``check_device``); pass small ``Architecture`` overrides to build anywhere:
 ``tiny_architecture(model)`` is a one-block transformer, a tiny text encoder and VAE with the real structure,
 which the tests and ``benchmarks/gpu_run.py --tiny`` build on the CPU through exactly the same code.
+
+The engine serves these builds instead of loading weights when the setting ``random_weights`` is ``full``
+(``fluxserve serve --random-weights``, ``fluxserve bench --random-weights``) or ``tiny``
+(``FLUXSERVE_RANDOM_WEIGHTS=tiny``: CPU checks of that path): ``build_for_model`` maps a catalogue model to its
+architecture (the [klein] base models share their distilled siblings' architectures). The safety checker is off
+there (``SAFETY_OFF``): its model would be a download, and the images are noise.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ from dataclasses import dataclass, field
 import torch
 
 MODELS = ("dev", "klein-4b", "klein-9b")
+SIZES = ("full", "tiny")  # the values of the setting ``random_weights`` (empty: load weights)
+SAFETY_OFF = "off with random weights (the safety model would be a download, and the images are noise)"
 
 TRANSFORMER_CONFIGS: dict[str, dict] = {
     "dev": {
@@ -196,6 +204,18 @@ def tiny_architecture(model: str) -> Architecture:
 
 class RandomWeightsUnavailable(RuntimeError):
     """--random-weights was asked for where it cannot run (no CUDA device)."""
+
+
+def check_setting(size: str, device: torch.device | str, demo: bool = False) -> None:
+    """Refuse, before anything is built, a ``random_weights`` setting that cannot run here: an unknown value,
+    ``--demo`` with it, or the full-size architectures without a CUDA GPU (``check_device``)."""
+    if size not in SIZES:
+        raise RandomWeightsUnavailable(f"random_weights {size!r}: choose {' or '.join(SIZES)} (or leave it empty)")
+    if demo:
+        raise RandomWeightsUnavailable(
+            "--random-weights and --demo exclude each other: --demo already serves tiny random models")
+    if size == "full":
+        check_device(device)
 
 
 def check_device(device: torch.device | str) -> torch.device:
@@ -359,8 +379,10 @@ def meta_sizes(pipe, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
     return pipeline_sizes(pipe, dtype)
 
 
-def build_meta_pipeline(model: str, dtype: torch.dtype = torch.bfloat16, arch: Architecture | None = None):
-    """The pipeline with every parameter on the meta device: no memory, real shapes."""
+def build_meta_pipeline(model: str, dtype: torch.dtype = torch.bfloat16, arch: Architecture | None = None,
+                        distilled: bool = True):
+    """The pipeline with every parameter on the meta device: no memory, real shapes. ``distilled``: a [klein]
+    pipeline of the step-distilled model (False: a base model, which runs classifier-free guidance)."""
     from diffusers import Flux2KleinPipeline, Flux2Pipeline
 
     from fluxserve.engine import demo
@@ -375,7 +397,7 @@ def build_meta_pipeline(model: str, dtype: torch.dtype = torch.bfloat16, arch: A
     if model == "dev":
         pipe = Flux2Pipeline(**components)
     else:
-        pipe = Flux2KleinPipeline(**components, is_distilled=True)
+        pipe = Flux2KleinPipeline(**components, is_distilled=distilled)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -389,6 +411,7 @@ def build_placed_random_pipeline(
     requested: dict[str, str] | None = None,
     arch: Architecture | None = None,
     plan=None,
+    distilled: bool = True,
 ):
     """``(pipe, placement)``: the pipeline with random weights, built to fit ``device``.
 
@@ -401,7 +424,7 @@ def build_placed_random_pipeline(
     device = torch.device(device)
     if arch is None:
         device = check_device(device)
-    pipe = build_meta_pipeline(model, dtype, arch)
+    pipe = build_meta_pipeline(model, dtype, arch, distilled)
     sizes = meta_sizes(pipe, dtype)
     requested = requested or {"transformer": "auto", "text_encoder": "auto"}
     if plan is None:
@@ -412,6 +435,29 @@ def build_placed_random_pipeline(
                                                   draw_on=device if device.type == "cuda" else None),
     )
     return pipe, placed
+
+
+def architecture_key(model_key: str) -> str:
+    """The architecture a catalogue model has: its own key, or its distilled sibling's for a [klein] base
+    model (``klein-4b-base`` is ``klein-4b``'s architecture, undistilled)."""
+    key = model_key.removesuffix("-base")
+    if key not in MODELS:
+        raise RandomWeightsUnavailable(
+            f"--random-weights has no architecture for the model {model_key!r}; it builds "
+            f"{', '.join(MODELS)} (and their -base variants)")
+    return key
+
+
+def build_for_model(model_key: str, size: str, device: torch.device | str, dtype: torch.dtype,
+                    requested: dict[str, str], *, distilled: bool = True, seed: int = 0):
+    """``(pipe, placement)`` for catalogue model ``model_key`` as the engine serves it with the setting
+    ``random_weights`` = ``size``: the published architecture (``full``, CUDA only) or its tiny stand-in
+    (``tiny``), placed as ``requested`` on ``device``."""
+    key = architecture_key(model_key)
+    check_setting(size, device)
+    arch = tiny_architecture(key) if size == "tiny" else None
+    return build_placed_random_pipeline(key, device, dtype, seed, requested=requested, arch=arch,
+                                        distilled=distilled)
 
 
 def build_random_pipeline(
