@@ -26,6 +26,7 @@ services verify them unchanged:
   ``GET /v1/webhooks/default/secret`` returns.
 
 The keys are generated on first use and kept in the job store, so restarts and API replicas sign alike.
+``cryptography`` (the ED25519 key) is imported then too: a server that never signs a fal webhook runs without it.
 """
 
 from __future__ import annotations
@@ -41,13 +42,15 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fluxserve import fetch
 from fluxserve.jobs.store import Delivery, EventDelivery, Job, JobStore, utcnow
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +97,8 @@ class WebhookKeys:
         self._lock = threading.Lock()
 
     def fal_private_key(self) -> Ed25519PrivateKey:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # only where signing
+
         with self._lock:
             if self._fal is None:
                 stored = self.store.webhook_key(FAL_KEY, lambda: base64.b64encode(
