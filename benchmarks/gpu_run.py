@@ -55,7 +55,8 @@ from gpu_parts.dev import RUNS as DEV_RUNS
 
 DEFAULT_BUDGET_S = 510.0
 # most important first: what the next GPU run must measure, in the order of its value
-PARTS = ("checks", "dev", "klein", "whole_request", "kernels", "attention", "lossless", "vae", "encoding", "train")
+PARTS = ("checks", "dev", "klein", "whole_request", "kernels", "attention", "lossless", "vae", "encoding", "train",
+         "serving")
 
 
 def load_parts(names: tuple[str, ...]) -> dict[str, Any]:

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+LOOPBACK = "127.0.0.1,localhost,::1"
 
 
 def free_port() -> int:
@@ -18,24 +23,61 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(data_dir: str, *flags: str, timeout: float = 120.0) -> tuple[subprocess.Popen, str, int]:
-    """``fluxserve serve`` on a free port in its own process (so the client does not compete with it for the
-    GIL), without auth; returns (process, base URL, port) once /health answers."""
+def loopback_only(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with loopback exempt from any HTTP proxy, so clients of a local server never leave the machine."""
+    for key in ("NO_PROXY", "no_proxy"):
+        env[key] = ",".join(filter(None, (env.get(key), LOOPBACK)))
+    return env
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a fluxserve child process: this checkout's ``src`` first on ``PYTHONPATH`` (when run
+    from one), no Hugging Face network access, loopback exempt from proxies, plus ``extra``."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", **(extra or {})}
+    if (SRC / "fluxserve").is_dir():
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(SRC), env.get("PYTHONPATH"))))
+    return loopback_only(env)
+
+
+def start_server(data_dir: str, *flags: str, timeout: float = 120.0, env: dict[str, str] | None = None,
+                 log_path: str | None = None) -> tuple[subprocess.Popen, str, int]:
+    """``fluxserve serve`` on a free port of 127.0.0.1 in its own process (so the client does not compete with it
+    for the GIL), without auth; returns (process, base URL, port) once /health answers (``--preload`` models are
+    built before it does). Its output goes to ``log_path`` (default ``DATA_DIR/server.log``), never to a pipe
+    nobody reads; stop it with ``stop_server``."""
     port = free_port()
     command = [sys.executable, "-m", "fluxserve", "serve", "--port", str(port), "--data-dir", data_dir, *flags]
-    server = subprocess.Popen(command, env={**os.environ, "FLUXSERVE_REQUIRE_AUTH": "0"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log_file = Path(log_path or Path(data_dir) / "server.log")
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("ab") as out:
+        server = subprocess.Popen(command, env=child_env({"FLUXSERVE_REQUIRE_AUTH": "0", **(env or {})}),
+                                  stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
-    while True:
+    with httpx.Client(trust_env=False) as client:
+        while True:
+            try:
+                client.get(f"{base}/health", timeout=1)
+                return server, base, port
+            except httpx.HTTPError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    stop_server(server)
+                    tail = log_file.read_text(errors="replace")[-2000:]
+                    raise SystemExit(f"server did not start within {timeout:.0f} s: {tail}") from None
+                time.sleep(0.2)
+
+
+def stop_server(server: subprocess.Popen, timeout: float = 60.0) -> int | None:
+    """Stop the server by its PID: SIGTERM (a graceful shutdown), SIGKILL after ``timeout`` seconds; its exit
+    status."""
+    if server.poll() is None:
+        server.send_signal(signal.SIGTERM)
         try:
-            httpx.get(f"{base}/health", timeout=1)
-            return server, base, port
-        except httpx.HTTPError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                raise SystemExit(f"server did not start: {server.stderr.read().decode()[-2000:]}") from None
-            time.sleep(0.2)
+            server.wait(timeout)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(30)
+    return server.returncode
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -14,7 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_run.py"
-PARTS = ("checks", "dev", "klein", "whole_request", "kernels", "attention", "lossless", "vae", "encoding", "train")
+PARTS = ("checks", "dev", "klein", "whole_request", "kernels", "attention", "lossless", "vae", "encoding", "train",
+         "serving")
 
 
 def run_script(tmp_path: Path, *args: str, timeout: int = 300) -> tuple[subprocess.CompletedProcess, Path]:
@@ -217,6 +218,42 @@ def test_tiny_whole_request(tiny_run):
     assert "whole_request.bf16_stream: memory cap 80.0 GiB: not applied" in done.stdout
 
 
+def test_tiny_serving_through_the_server(tiny_run):
+    """The demo [klein] through ``fluxserve serve`` by official fal clients at 1 and 2 clients, and the same
+    requests through the engine alone: every number there and positive (none judged: no timing assertions)."""
+    _, out = tiny_run
+    serving = load(out, "serving")
+    assert serving["client"]["library"].startswith("fal-client ") and serving["client"]["call"] == "run"
+    row = serving["models"]["klein-4b"]
+    assert row["endpoint"] == "fal-ai/flux-2/klein/4b" and row["size"] == "512x512" and row["weights"] == "demo models"
+    assert set(row["levels"]) == {"1", "2"}
+    for level in row["levels"].values():
+        assert level["completed"] == level["requests"] == 2 and level["errors"] == 0 and level["images"] == 2
+        for key in ("images_per_s", "p50_s", "p95_s", "engine_images_per_s", "engine_images_per_s_in_server",
+                    "vs_engine", "wait_p50_s"):
+            assert positive(level[key]), (key, level[key])
+        assert level["p95_s"] >= level["p50_s"]
+        busy = level["gpu_busy"]
+        assert busy["nvml"] is None and busy["nvml_note"] == "no NVML on cpu"  # the GPU's NVML counters only
+        assert 0 < busy["engine_seconds_over_wall"] <= 1.0
+        assert positive(level["stages_p50_s"]["inference"])
+    alone = row["engine_alone"]
+    assert alone["requests"] == 2 and positive(alone["images_per_s"]) and len(alone["warmup_s"]) == 1
+    assert positive(row["added_latency_p50_s"]) and row["added_latency_p50_s"] == row["levels"]["1"]["wait_p50_s"]
+    split = row["added_latency_split_p50_s"]
+    assert set(split) == {"submit_s", "start_s", "finish_s", "notify_s"}
+    assert all(math.isfinite(value) and abs(value) < 5 for value in split.values())  # the jobs of this run
+    assert row["saturation"]["engine_images_per_s"] == alone["images_per_s"]
+    assert set(row["targets"]) == {"saturation_vs_engine", "added_latency_p50_s"}
+    assert all(isinstance(target["met"], bool) for target in row["targets"].values())
+    assert row["device"]["type"] == "cpu" and row["placement_matches"] is True
+    health = row["server"]["health"]
+    assert health["demo"] is True and health["placement"][0]["models"]["klein-4b"]["pipeline"] == "Flux2KleinPipeline"
+    assert row["server"]["exit_status"] in (0, -15)  # stopped by SIGTERM (uvicorn re-raises it once shut down)
+    headline = load(out, "summary")["parts"]["serving"]["headline"]["klein-4b"]
+    assert positive(headline["levels"]["2"]["images_per_s"]) and "through fluxserve serve" in headline["what"]
+
+
 def test_parts_and_dev_levels_choose_what_runs(tmp_path):
     done, out = run_script(tmp_path, "--parts", "dev,vae", "--dev-levels", "none,regular,high-unfused")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
@@ -248,7 +285,7 @@ def test_tiny_budget_skips_parts_and_says_why(tmp_path):
 
 def test_sub_steps_skip_when_their_estimate_does_not_fit(tmp_path):
     done, out = run_script(tmp_path, "--budget", "200", "--estimate", "klein=1000", "--estimate", "dev.high=1000",
-                           "--estimate", "checks.matmul=1000")
+                           "--estimate", "checks.matmul=1000", "--estimate", "serving.klein-4b=1000")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     parts = load(out, "summary")["parts"]
     assert parts["klein"]["status"] == "skipped" and "needs ~1000 s" in parts["klein"]["skipped"]
@@ -258,3 +295,4 @@ def test_sub_steps_skip_when_their_estimate_does_not_fit(tmp_path):
     assert set(dev["levels"]) == {"none", "regular"} and "needs ~1000 s" in dev["skipped"]["high"]
     assert parts["dev"]["status"] == "ok" and "high" in parts["dev"]["skipped_steps"]
     assert set(load(out, "profile")["levels"]) == {"regular"}  # high did not run
+    assert "needs ~1000 s" in parts["serving"]["skipped_steps"]["klein-4b"] and load(out, "serving")["models"] == {}
