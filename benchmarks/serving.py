@@ -1,4 +1,5 @@
-"""Shared by the server benchmarks: a ``fluxserve serve`` process of its own, percentiles, the device."""
+"""Shared by the server benchmarks: a ``fluxserve serve`` process of its own, percentiles, the device and its
+busy fraction (NVML)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,19 @@ import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Self
 
 import httpx
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 LOOPBACK = "127.0.0.1,localhost,::1"
+NVML_PERIOD_S = 0.05
 
 
 def free_port() -> int:
@@ -94,3 +99,58 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+class GpuSampler:
+    """Mean NVML utilisation of one GPU while the ``with`` block runs (a thread samples it every 50 ms);
+    ``result()`` is ``{"nvml": fraction or None, "nvml_samples": n, "nvml_note": why None}``."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.samples: list[int] = []
+        self.note: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._handle = None
+
+    def __enter__(self) -> Self:
+        if not self.device.startswith("cuda"):
+            self.note = f"no NVML on {self.device or 'this device'}"
+            return self
+        try:
+            self._handle = nvml_handle(int(self.device.partition(":")[2] or 0))
+        except Exception as exc:  # noqa: BLE001 - NVML missing or unusable: said in the result
+            self.note = f"NVML unavailable: {type(exc).__name__}: {exc}"
+            return self
+        self._thread = threading.Thread(target=self._run, name="nvml-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        import pynvml
+
+        while not self._stop.wait(NVML_PERIOD_S):
+            self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def result(self) -> dict:
+        value = statistics.fmean(self.samples) / 100 if self.samples else None
+        return {"nvml": value, "nvml_samples": len(self.samples),
+                "nvml_note": self.note if value is None else None}
+
+
+def nvml_handle(index: int):
+    """The NVML handle of CUDA device ``index`` of this process (``CUDA_VISIBLE_DEVICES`` taken into account)."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if not visible:
+        return pynvml.nvmlDeviceGetHandleByIndex(index)
+    entry = visible[index]
+    return pynvml.nvmlDeviceGetHandleByIndex(int(entry)) if entry.isdigit() else \
+        pynvml.nvmlDeviceGetHandleByUUID(entry)

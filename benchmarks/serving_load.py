@@ -58,7 +58,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Self
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
@@ -66,12 +65,11 @@ if str(HERE) not in sys.path:
 if (HERE.parent / "src" / "fluxserve").is_dir() and str(HERE.parent / "src") not in sys.path:
     sys.path.insert(0, str(HERE.parent / "src"))
 
-from serving import child_env, cpu_model, loopback_only, percentile, start_server, stop_server
+from serving import GpuSampler, child_env, cpu_model, loopback_only, percentile, start_server, stop_server
 
 ENDPOINTS = {"klein-4b": "fal-ai/flux-2/klein/4b", "dev": "fal-ai/flux-2"}
 SATURATION_TARGET = 0.9  # through the server at saturation / the engine alone
 ADDED_LATENCY_TARGET_S = 0.020  # p50 at concurrency 1
-NVML_PERIOD_S = 0.05
 STAGES = ("text_encoding", "denoising", "decoding", "safety", "encoding", "inference")
 
 
@@ -175,61 +173,6 @@ def drive(endpoint: str, bodies: list[tuple[int, dict]], concurrency: int, confi
         samples = [future.result() for future in futures]  # each call is bounded by its own timeout
     ends = [s.ended for s in samples if s.ended is not None]
     return samples, (max(ends) - start) if ends else 0.0
-
-
-class GpuSampler:
-    """Mean NVML utilisation of one GPU while the ``with`` block runs (a thread samples it every 50 ms);
-    ``result()`` is ``{"nvml": fraction or None, "nvml_samples": n, "nvml_note": why None}``."""
-
-    def __init__(self, device: str) -> None:
-        self.device = device
-        self.samples: list[int] = []
-        self.note: str | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._handle = None
-
-    def __enter__(self) -> Self:
-        if not self.device.startswith("cuda"):
-            self.note = f"no NVML on {self.device or 'this device'}"
-            return self
-        try:
-            self._handle = nvml_handle(int(self.device.partition(":")[2] or 0))
-        except Exception as exc:  # noqa: BLE001 - NVML missing or unusable: said in the result
-            self.note = f"NVML unavailable: {type(exc).__name__}: {exc}"
-            return self
-        self._thread = threading.Thread(target=self._run, name="nvml-sampler", daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        import pynvml
-
-        while not self._stop.wait(NVML_PERIOD_S):
-            self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-
-    def result(self) -> dict:
-        value = statistics.fmean(self.samples) / 100 if self.samples else None
-        return {"nvml": value, "nvml_samples": len(self.samples),
-                "nvml_note": self.note if value is None else None}
-
-
-def nvml_handle(index: int):
-    """The NVML handle of CUDA device ``index`` of this process (``CUDA_VISIBLE_DEVICES`` taken into account)."""
-    import pynvml
-
-    pynvml.nvmlInit()
-    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    if not visible:
-        return pynvml.nvmlDeviceGetHandleByIndex(index)
-    entry = visible[index]
-    return pynvml.nvmlDeviceGetHandleByIndex(int(entry)) if entry.isdigit() else \
-        pynvml.nvmlDeviceGetHandleByUUID(entry)
 
 
 # ---- statistics ---------------------------------------------------------------------------------------------
