@@ -3,7 +3,8 @@
 The process's GPU memory is capped at 80 GiB (``Settings.gpu_memory_cap``, applied by the engine at start with
 ``torch.cuda.set_per_process_memory_fraction``), so the memory plan, the random-weight build and every request
 see an 80 GiB GPU. Two placements, each on an engine of its own, with random weights of the real architectures
-(``random_weights.build_placed_random_pipeline`` on the plan the engine makes under the cap):
+(the engine's setting ``random_weights``: ``random_weights.build_placed_random_pipeline`` on the plan the engine
+makes under the cap):
 
 * ``default``: what the plan picks with nothing forced: the FP8 transformer and the FP8 text encoder;
 * ``bf16_stream``: ``--transformer bf16``: the bf16 transformer, and the plan then streams the text encoder
@@ -106,7 +107,8 @@ def measure_placement(run: Run, report: dict, catalog, request, name: str, reque
     free_memory(device)
     settings = Settings(data_dir=run.work_dir / "data", device=str(device), gpu_memory_cap=CAP_BYTES,
                         transformer_placement=requested["transformer"],
-                        text_encoder_placement=requested["text_encoder"])
+                        text_encoder_placement=requested["text_encoder"],
+                        random_weights="tiny" if run.tiny else "full")
     engine = Engine(settings, catalog)
     cap = engine.memory_cap.as_dict()
     cap["pytorch_fraction"] = _pytorch_fraction(device)
@@ -172,10 +174,8 @@ def measure_placement(run: Run, report: dict, catalog, request, name: str, reque
 def build(run: Run, engine, catalog, cap: dict) -> dict:
     """The random-weight [dev] pipeline built where the engine's plan (under the cap) puts it."""
     from fluxserve import bench
-    from fluxserve.engine import random_weights
 
-    arch = random_weights.tiny_architecture("dev") if run.tiny else None
-    loaded = bench.load_timed(engine, catalog.models["dev"], random_weights=True, safety=False, arch=arch)
+    loaded = bench.load_timed(engine, catalog.models["dev"], safety=False)  # the engine's random_weights setting
     loaded["reserved_memory_gib"] = _reserved_gib(run.device)
     loaded["peak"] = peak_memory(run.device, cap)  # while building, against the cap
     loaded["host_memory"] = host_memory()
