@@ -21,22 +21,26 @@ Per model ([klein] 4B through ``fal-ai/flux-2/klein/4b``, [dev] through ``fal-ai
    hides the text encoder. Images are not downloaded: the result is the JSON with their URLs.
 4. The server stopped by its PID (SIGTERM, then SIGKILL if it lingers), on error too.
 5. The engine alone: the warm-up requests and the first ``--engine-requests`` measured ones, exactly as the
-   server stored them (the canonical requests of its job store), run back to back through ``Engine.generate``
-   in a fresh process of its own with the same settings (the same placement plan, the same compiler caches).
+   server stored them (the canonical requests of its job store), run back to back through the engine in a fresh
+   process of its own with the same settings (the same placement plan, the same compiler caches), pipelined as
+   the server's worker pipelines them: the next request renders while the last one's images encode.
 
 Per model and concurrency level (``levels``):
   images_per_s                  images / wall time from the first submit to the last result (client side)
   p50_s, p95_s                  client latency of a request: submit -> result in hand
   engine_images_per_s           the engine alone (step 5): images / wall time of the back-to-back replay. The
                                 reference: through the server at saturation the target is >= 90% of it
-  engine_images_per_s_in_server images / the sum of the jobs' own inference seconds inside the server (how
-                                fast the engine ran there; lower than alone where serving takes its CPU)
+  engine_images_per_s_in_server images / the sum of the jobs' seconds on the engine's thread inside the server
+                                (timings.inference less encoding: text encoding to safety, the GPU part; how
+                                fast the engine ran there, lower than alone where serving takes its CPU)
   vs_engine                     images_per_s / engine_images_per_s
   wait_p50_s                    median of (latency - the job's own inference seconds): queueing + overhead
   gpu_busy.nvml                 mean NVML utilisation of the GPU over the level (the fraction of time a kernel
                                 ran, sampled every 50 ms; null on the CPU or without NVML)
-  gpu_busy.engine_seconds_over_wall   the jobs' inference seconds / wall time: the fraction of the time the
-                                engine was running a job (its CPU stages, such as PNG encoding, included)
+  gpu_busy.engine_seconds_over_wall   the jobs' seconds on the engine's thread (as above) / wall time: the
+                                fraction of the time the engine was running a job's GPU part (its CPU work
+                                there, such as launches and the text encoder's tokenizer, included; the images'
+                                encoding, which overlaps the next job, not)
 Per model: ``added_latency_p50_s``, the median at concurrency 1 of the latency less the job's inference seconds
 (what the server adds to one request; target <= 20 ms), split by the job's own timestamps into submit, start,
 finish and notify (as benchmarks/queue_overhead.py defines them), and ``saturation``: the best level's
@@ -185,12 +189,19 @@ def _inference(sample: Sample) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def _engine_thread(sample: Sample) -> float:
+    """The job's seconds on the engine's thread: its inference time less the images' encoding (which runs on a
+    pool of its own, overlapping the next job)."""
+    encoding = sample.timings.get("encoding")
+    return (_inference(sample) or 0.0) - (float(encoding) if isinstance(encoding, (int, float)) else 0.0)
+
+
 def level_stats(samples: list[Sample], wall: float, gpu: dict) -> dict:
     """The numbers of one concurrency level from its samples (the engine-alone ones are added later)."""
     done = [s for s in samples if s.error is None]
     latencies = [s.latency_s for s in done]
     images = sum(s.images for s in done)
-    engine_s = sum(_inference(s) or 0.0 for s in done)
+    engine_s = sum(_engine_thread(s) for s in done)
     waits = [s.latency_s - _inference(s) for s in done if _inference(s) is not None]
     errors = [s.error for s in samples if s.error is not None]
     return {
@@ -240,10 +251,15 @@ def stored_jobs(db_url: str, endpoint: str) -> dict[str, object]:
 
 
 # ---- the engine alone ---------------------------------------------------------------------------------------
+ENCODE_AHEAD = 1  # as a server's worker: one job rendering while the last one's images encode
+
+
 def engine_replay(requests: list[dict], warmup: int, *, data_dir: Path, demo: bool, device: str) -> dict:
-    """Run the canonical requests back to back through ``Engine.generate`` (the first ``warmup`` not counted):
-    images per second of wall time and the stages, with the engine's placement and the device. Runs in a process
-    of its own (``--engine-replay``), so that nothing of the server's is resident."""
+    """Run the canonical requests back to back through the engine (the first ``warmup`` not counted), as fast
+    as it goes: ``Engine.render`` of the next request while the last one's images encode (``Engine.encode_images``
+    on a thread of its own, at most ``ENCODE_AHEAD`` waiting, as the server's worker pipelines them). Images per
+    second of wall time and the stages, with the engine's placement and the device. Runs in a process of its own
+    (``--engine-replay``), so that nothing of the server's is resident."""
     from fluxserve.catalog import Catalog
     from fluxserve.config import Settings
     from fluxserve.engine import Engine
@@ -261,14 +277,21 @@ def engine_replay(requests: list[dict], warmup: int, *, data_dir: Path, demo: bo
         engine.generate(request)
         warm.append(time.perf_counter() - start)
     results = []
-    start = time.perf_counter()
-    for request in parsed[warmup:]:
-        results.append(engine.generate(request))
-    wall = time.perf_counter() - start
+    with ThreadPoolExecutor(max_workers=ENCODE_AHEAD, thread_name_prefix="finish") as finisher:
+        pending: list = []
+        start = time.perf_counter()
+        for request in parsed[warmup:]:
+            rendered = engine.render(request)
+            while len(pending) >= ENCODE_AHEAD:
+                results.append(pending.pop(0).result())
+            pending.append(finisher.submit(engine.encode_images, rendered))
+        results += [future.result() for future in pending]
+        wall = time.perf_counter() - start
     images = sum(len(result.images) for result in results)
     return {
         "requests": len(results), "images": images, "wall_s": wall,
         "images_per_s": images / wall if wall and images else None,
+        "pipelined": f"render the next request while the last one's images encode ({ENCODE_AHEAD} at most)",
         "load_s": load_s, "warmup_s": warm,
         "stages_p50_s": {stage: _median([float(r.timings.get(stage, 0.0)) for r in results]) for stage in STAGES},
         "placement": engine.placement(), "device": device_info(engine.device),
