@@ -50,13 +50,14 @@ from gpu_parts.common import (
     error_record,
     free_memory,
     log,
+    write_json,
 )
 from gpu_parts.dev import RUNS as DEV_RUNS
 
 DEFAULT_BUDGET_S = 510.0
 # most important first: what the next GPU run must measure, in the order of its value
-PARTS = ("checks", "dev", "klein", "whole_request", "kernels", "attention", "lossless", "vae", "encoding", "train",
-         "serving")
+PARTS = ("checks", "dev", "klein", "serving", "whole_request", "kernels", "attention", "lossless", "vae", "encoding",
+         "train")
 
 
 def load_parts(names: tuple[str, ...]) -> dict[str, Any]:
@@ -133,6 +134,20 @@ def _names(flag: str, allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ..
     return parse
 
 
+def unbundle(bundle: Path, out: Path) -> int:
+    """The files a ``--bundle`` run kept, written into ``out`` as the run wrote them."""
+    import json
+
+    files = json.loads(bundle.read_text())["files"]
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        if Path(name).name != name or not name.endswith(".json"):
+            raise SystemExit(f"{bundle}: not a file name of a run: {name!r}")
+        write_json(out / name, data)
+    print(f"{len(files)} files written to {out}: {', '.join(sorted(files))}")
+    return 0
+
+
 def prepare_environment() -> Path:
     """No network, and compiler caches outside OUT_DIR (only a few files come back from it). Set before torch,
     diffusers and transformers are imported."""
@@ -149,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", metavar="OUT_DIR", help="where the JSON files go (created)")
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU: the same code paths, for CI")
+    parser.add_argument("--bundle", metavar="FILE", type=Path,
+                        help="also keep every JSON file of the run in this one file, rewritten as they are (for "
+                             "machines that return few files); --unbundle FILE OUT_DIR writes them out again")
+    parser.add_argument("--unbundle", metavar="FILE", type=Path,
+                        help="write the files of a --bundle FILE into OUT_DIR, then exit (nothing is measured)")
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
                         help=f"seconds for the whole run, start-up included (default {DEFAULT_BUDGET_S:.0f})")
     parser.add_argument("--parts", type=_names("--parts", PARTS), default=PARTS, metavar="NAME,...",
@@ -163,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"GPU); names: {', '.join(all_estimates(tiny=False))}")
     args = parser.parse_args(argv)
     out = Path(args.out_dir)
+    if args.unbundle:
+        return unbundle(args.unbundle, out)
     out.mkdir(parents=True, exist_ok=True)
     work = prepare_environment()
     budget = Budget(args.budget, START)
@@ -183,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     name = "cpu (tiny models)" if tiny else torch.cuda.get_device_name(device)
     run = Run(out=out, tiny=tiny, budget=budget, scale=TINY_SCALE if tiny else GPU_SCALE, device=device,
               dtype=dtype, work_dir=work, device_name=name, defaults=all_estimates(tiny), estimates=dict(args.estimate),
-              dev_levels=args.dev_levels)
+              dev_levels=args.dev_levels, bundle=args.bundle)
     run.summary = {
         "run": {"mode": "tiny (CPU)" if tiny else "gpu", "device": name, "budget_s": args.budget,
                 "started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv, "torch": torch.__version__,

@@ -14,8 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_run.py"
-PARTS = ("checks", "dev", "klein", "whole_request", "kernels", "attention", "lossless", "vae", "encoding", "train",
-         "serving")
+PARTS = ("checks", "dev", "klein", "serving", "whole_request", "kernels", "attention", "lossless", "vae", "encoding",
+         "train")
 
 
 def run_script(tmp_path: Path, *args: str, timeout: int = 300) -> tuple[subprocess.CompletedProcess, Path]:
@@ -266,6 +266,20 @@ def test_parts_and_dev_levels_choose_what_runs(tmp_path):
     assert not (out / "klein.json").exists()
     wrong, _ = run_script(tmp_path / "wrong", "--parts", "dev,warp")
     assert wrong.returncode == 2 and "--parts 'dev,warp': choose from checks, dev, klein" in wrong.stderr
+
+
+def test_bundle_keeps_every_file_in_one_and_unbundles(tmp_path):
+    bundle = tmp_path / "run.json"
+    done, out = run_script(tmp_path, "--parts", "checks,vae", "--bundle", str(bundle))
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    files = json.loads(bundle.read_text())["files"]
+    assert sorted(files) == ["checks.json", "summary.json", "vae.json"]
+    assert files["summary.json"] == load(out, "summary") and files["vae.json"] == load(out, "vae")
+    again = subprocess.run([sys.executable, str(SCRIPT), "--unbundle", str(bundle), str(tmp_path / "again")],
+                           check=False, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == sorted(files)
+    assert load(tmp_path / "again", "checks") == load(out, "checks")
 
 
 def test_tiny_budget_skips_parts_and_says_why(tmp_path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from gpu_parts.common import Run, log
 
 ESTIMATES = {
-    "gpu": {"attention": 90, "attention.dev": 45, "attention.klein-4b": 40},
+    "gpu": {"attention": 45, "attention.dev": 45, "attention.klein-4b": 40},
     "tiny": {"attention": 16, "attention.dev": 8, "attention.klein-4b": 8},
 }
 MODELS = ("dev", "klein-4b")

@@ -10,7 +10,7 @@ import statistics
 from gpu_parts.common import Run, dev_transformer_meta, error_record, log, median, rel_error, time_calls
 
 ESTIMATES = {
-    "gpu": {"checks": 25, "checks.environment": 5, "checks.matmul": 15},
+    "gpu": {"checks": 15, "checks.environment": 3, "checks.matmul": 12},
     "tiny": {"checks": 6, "checks.environment": 2, "checks.matmul": 3},
 }
 

@@ -114,6 +114,8 @@ class Run:
     device_name: str = ""
     defaults: dict[str, float] = field(default_factory=dict)  # every part's estimates for this mode
     estimates: dict[str, float] = field(default_factory=dict)  # --estimate overrides
+    bundle: Path | None = None  # --bundle: every JSON file of the run in one, kept current
+    bundled: dict = field(default_factory=dict)
     dev_levels: tuple[str, ...] = LEVELS  # the levels (and high's variants) the dev part runs
 
     def estimate(self, name: str) -> float:
@@ -122,11 +124,18 @@ class Run:
         return float(self.defaults[name])
 
     def save(self, part: str, report: dict) -> None:
-        write_json(self.out / f"{part}.json", report)
+        self._write(f"{part}.json", report)
 
     def save_summary(self) -> None:
         self.summary["elapsed_s"] = round(self.budget.elapsed(), 1)
-        write_json(self.out / "summary.json", self.summary)
+        self._write("summary.json", self.summary)
+
+    def _write(self, name: str, data: dict) -> None:
+        """One JSON file in OUT_DIR, and the bundle (every file so far in one, rewritten each time) if asked."""
+        write_json(self.out / name, data)
+        if self.bundle is not None:
+            self.bundled[name] = _clean(data)
+            write_json(self.bundle, {"files": self.bundled})
 
     def step(self, part: str, report: dict, name: str, fn: Callable[[], Any]) -> Any:
         """Run sub-step ``name`` of ``part`` when its estimate fits the time left: its result, or None when it

@@ -10,7 +10,7 @@ from pathlib import Path
 from gpu_parts.common import Run, log
 
 ESTIMATES = {
-    "gpu": {"encoding": 60},
+    "gpu": {"encoding": 45},
     "tiny": {"encoding": 10},
 }
 

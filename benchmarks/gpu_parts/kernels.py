@@ -8,7 +8,7 @@ from __future__ import annotations
 from gpu_parts.common import Run, log, num
 
 ESTIMATES = {
-    "gpu": {"kernels": 150, "kernels.fused": 110, "kernels.fast_accum": 30},
+    "gpu": {"kernels": 90, "kernels.fused": 90, "kernels.fast_accum": 20},
     "tiny": {"kernels": 30, "kernels.fused": 20, "kernels.fast_accum": 5},
 }
 

@@ -21,8 +21,12 @@ from gpu_parts.common import (
 )
 
 ESTIMATES = {
-    "gpu": {"klein": 180, "klein.baseline": 35, "klein.build": 15, "klein.none": 15, "klein.regular": 60, "klein.high": 55},
-    "tiny": {"klein": 40, "klein.baseline": 8, "klein.build": 5, "klein.none": 5, "klein.regular": 5, "klein.high": 5},
+    # measured on an H200 (runs 1-3): baseline 4-5 s, build 0.3-2.6 s, none 4 s, regular 20-31 s, high 15-70 s (the
+    # first FP8 compile); regular now compiles the text encoder too. The part's estimate: through regular.
+    "gpu": {"klein": 75, "klein.baseline": 10, "klein.build": 5, "klein.none": 8, "klein.regular": 50,
+            "klein.high": 80},
+    "tiny": {"klein": 40, "klein.baseline": 8, "klein.build": 5, "klein.none": 5, "klein.regular": 5,
+             "klein.high": 5},
 }
 
 

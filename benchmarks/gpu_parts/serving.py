@@ -12,9 +12,10 @@ from functools import partial
 
 from gpu_parts.common import Run, log, num, pct
 
-# model build + first compile in the server, then again (from the caches) in the engine-alone process
+# model build + first compile in the server, then again (from the caches) in the engine-alone process; the part's
+# estimate is its first model's
 ESTIMATES = {
-    "gpu": {"serving": 600, "serving.klein-4b": 240, "serving.dev": 330},
+    "gpu": {"serving": 160, "serving.klein-4b": 160, "serving.dev": 240},
     "tiny": {"serving": 90, "serving.klein-4b": 80, "serving.dev": 80},
 }
 

@@ -21,7 +21,7 @@ from gpu_parts.common import (
 )
 
 ESTIMATES = {
-    "gpu": {"train": 200, "train.klein-4b": 60, "train.dev": 130},
+    "gpu": {"train": 60, "train.klein-4b": 60, "train.dev": 130},
     "tiny": {"train": 20, "train.klein-4b": 8, "train.dev": 8},
 }
 
