@@ -60,6 +60,14 @@ PARTS = ("checks", "dev", "klein", "serving", "whole_request", "kernels", "atten
          "train")
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds through the parts (which record errors, not this) to ``main``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 def load_parts(names: tuple[str, ...]) -> dict[str, Any]:
     """The part modules of ``gpu_parts`` by name (imported before torch is: they import it inside functions)."""
     return {name: importlib.import_module(f"gpu_parts.{name}") for name in names}
@@ -95,7 +103,7 @@ def run_part(run: Run, name: str) -> None:
         entry["status"] = "failed" if failed else "ok"
         if failed:
             entry["error"] = "; ".join(f"{step}: {report['errors'][step]['error'][:300]}" for step in failed)
-    except Exception as exc:  # noqa: BLE001 - recorded, and the run goes on
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - recorded (a library's exit too), and the run goes on
         record = error_record(exc)
         report.update(record)
         entry.update(status="failed", error=record["error"][:500])
@@ -223,11 +231,14 @@ def main(argv: list[str] | None = None) -> int:
         run.summary["terminated"] = f"signal {signum} at +{budget.elapsed():.0f} s"
         run.save_summary()
         log(f"terminated by signal {signum}")
-        sys.exit(128 + signum)
+        raise Terminated(signum)  # not caught by the parts: their cleanup runs (a server is stopped), then we exit
 
     signal.signal(signal.SIGTERM, on_term)
-    for part in args.parts:
-        run_part(run, part)
+    try:
+        for part in args.parts:
+            run_part(run, part)
+    except Terminated as stop:
+        return 128 + stop.signum
     run.summary["finished"] = True
     run.save_summary()
     faulthandler.cancel_dump_traceback_later()

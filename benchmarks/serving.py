@@ -44,6 +44,10 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return loopback_only(env)
 
 
+class ServerDidNotStart(RuntimeError):
+    """``fluxserve serve`` exited or did not answer in time; the message ends with its log's last lines."""
+
+
 def start_server(data_dir: str, *flags: str, timeout: float = 120.0, env: dict[str, str] | None = None,
                  log_path: str | None = None) -> tuple[subprocess.Popen, str, int]:
     """``fluxserve serve`` on a free port of 127.0.0.1 in its own process (so the client does not compete with it
@@ -66,9 +70,11 @@ def start_server(data_dir: str, *flags: str, timeout: float = 120.0, env: dict[s
                 return server, base, port
             except httpx.HTTPError:
                 if time.monotonic() > deadline or server.poll() is not None:
-                    stop_server(server)
+                    status = stop_server(server)
                     tail = log_file.read_text(errors="replace")[-2000:]
-                    raise SystemExit(f"server did not start within {timeout:.0f} s: {tail}") from None
+                    why = (f"exited with status {status}" if time.monotonic() <= deadline
+                           else f"not answering after {timeout:.0f} s")
+                    raise ServerDidNotStart(f"server did not start ({why}): {tail}") from None
                 time.sleep(0.2)
 
 

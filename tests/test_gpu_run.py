@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -280,6 +281,27 @@ def test_bundle_keeps_every_file_in_one_and_unbundles(tmp_path):
     assert again.returncode == 0, again.stderr
     assert sorted(p.name for p in (tmp_path / "again").iterdir()) == sorted(files)
     assert load(tmp_path / "again", "checks") == load(out, "checks")
+
+
+def test_sigterm_ends_the_run_and_the_summary_says_so(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "FLUXSERVE_GPU_RUN_WORK": str(tmp_path / "work")}
+    with subprocess.Popen([sys.executable, str(SCRIPT), "--tiny", "--parts", "checks,dev,vae", str(out)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT) as run:
+        try:
+            for line in run.stdout:  # bounded by the run itself: it ends after its three parts
+                if "== dev: start" in line:
+                    run.send_signal(signal.SIGTERM)
+                    break
+            rest = run.stdout.read()
+            status = run.wait(timeout=300)
+        finally:
+            if run.poll() is None:
+                run.kill()
+    assert status == 128 + signal.SIGTERM, rest[-3000:]
+    summary = load(out, "summary")
+    assert summary["finished"] is False and summary["terminated"].startswith(f"signal {int(signal.SIGTERM)}")
+    assert "vae" not in summary["parts"]  # nothing ran after it
 
 
 def test_tiny_budget_skips_parts_and_says_why(tmp_path):

@@ -150,7 +150,7 @@ class Run:
         start = time.perf_counter()
         try:
             result = fn()
-        except Exception as exc:  # noqa: BLE001 - recorded, and the run goes on
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - recorded, and the run goes on
             report.setdefault("errors", {})[name] = error_record(exc)
             log(f"{part}.{name}: FAILED after {time.perf_counter() - start:.1f} s: {type(exc).__name__}: "
                 f"{str(exc)[:300]}")
