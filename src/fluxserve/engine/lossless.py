@@ -34,7 +34,6 @@ from torch import nn
 
 from fluxserve.engine import fp8
 from fluxserve.engine.compile_errors import is_compile_failure
-from fluxserve.engine.placement import is_streamed
 from fluxserve.engine.switches import env_switch
 
 ROPE_CACHE_ENTRIES = 4  # a request uses two (image and text ids); a 2048x2048 image's tables are 16 MiB
@@ -205,7 +204,7 @@ def set_text_encoder_compiled(pipe: Any, state: LosslessState, on: bool, notes: 
     if decoder is None:
         state.text_encoder_compiled = False
         return
-    if on and is_streamed(text_encoder):
+    if on and getattr(text_encoder, "_fluxserve_streamed", False):  # placement.is_streamed, without the import
         notes.append("the text encoder is streamed from host memory: not compiled")
         on = False
     if on and fp8.has_fp8(text_encoder):
