@@ -48,6 +48,7 @@ PLATFORMS="${PLATFORMS:-manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux201
 #   sqlalchemy           the job store (compiled; SQLite only: psycopg and boto3 are imported only for
 #                        PostgreSQL and S3, greenlet only for asyncio engines, none carried)
 #   fal-client + httpx-sse, asyncstdlib, websockets   the official fal client (websockets is compiled)
+#   imagesize            training datasets' image dimensions, read from their headers when a job is submitted
 # Not carried: cryptography (signs fal webhooks and serves their JWKS; imported only when a webhook is
 # signed), boto3, psycopg, watchfiles and python-dotenv (uvicorn's reload and env files), and kernels (compiled,
 # 2.7 MB: this transformers' from_pretrained refuses to load a model without it, but random weights are built,
@@ -55,7 +56,7 @@ PLATFORMS="${PLATFORMS:-manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux201
 PURE=(diffusers pydantic annotated-types typing-inspection typing-extensions transformers peft lazy-loader
       huggingface-hub httpx2 httpcore2 truststore
       fastapi starlette uvicorn fastapi-offline python-multipart opentelemetry-api
-      fal-client httpx-sse asyncstdlib)
+      fal-client httpx-sse asyncstdlib imagesize)
 COMPILED=(pydantic-core fpng sqlalchemy httptools websockets)
 ABI3=("fa3-fwd==0.0.3")
 

@@ -312,3 +312,56 @@ def test_api_callers_may_only_give_urls_and_data_uris(tmp_path):
         with pytest.raises(InputError) as info:
             check_api_source(source)
         assert info.value.field == "image_data_url"
+
+
+@pytest.mark.parametrize(("fmt", "suffix"), [("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp"), ("AVIF", "avif"),
+                                             ("BMP", "bmp"), ("GIF", "gif"), ("TIFF", "tif")])
+def test_every_format_is_checked_by_its_header_and_decoded_on_access(fmt, suffix):
+    data = zip_of({f"a.{suffix}": image_bytes(320, 288, fmt=fmt), "b.png": image_bytes(300, 256)})
+    with load_dataset(data, default_caption="x") as dataset:
+        assert dataset.megapixels == pytest.approx((320 * 288 + 300 * 256) / 1024**2)
+        assert [e.image.size for e in dataset.examples] == [(320, 288), (300, 256)]
+        assert dataset.examples[0].image.mode == "RGB"
+
+
+def test_headers_alone_refuse_too_many_megapixels_in_all():
+    """300 PNGs that each declare 2048x2048 and hold almost no pixels: refused from their headers (1200 MP)."""
+    data = zip_of({f"{i:03d}.png": png_header_only(2048, 2048) for i in range(300)})
+    assert len(data) < 200_000
+    assert "the images total more than 1024 MP" in refused(data, default_caption="x")
+    with load_dataset(data, default_caption="x", limits=DatasetLimits(max_total_megapixels=2000)) as dataset:
+        assert dataset.megapixels == 1200  # nothing decoded: the headers are all that was read
+        assert "could not decode the image" in pytest.raises(InputError, lambda: dataset.examples[0].image).value.message
+
+
+def test_a_file_that_is_not_an_image_is_refused_from_its_first_bytes():
+    message = refused(zip_of({"ok.png": image_bytes(), "fake.jpg": b"<svg width='9000' height='9000'/>"}),
+                      default_caption="x")
+    assert message.startswith("fake.jpg: could not read an image")
+
+
+def test_a_caption_over_its_limit_is_refused():
+    data = zip_of({"a.png": image_bytes(), "a.txt": "x" * 2000})
+    message = refused(data, limits=DatasetLimits(max_caption_bytes=1000))
+    assert message.startswith("a.txt is") and "a caption may have at most" in message
+    assert load_dataset(data).examples[0].caption == "x" * 2000
+
+
+def test_examples_read_from_the_dataset_until_it_is_closed(tmp_path):
+    (tmp_path / "set.zip").write_bytes(zip_of({"cat.png": image_bytes(), "cat.txt": "a cat"}))
+    with load_dataset(tmp_path / "set.zip") as dataset:
+        [example] = dataset.examples
+        assert example.image.size == (320, 288) and len(example.starts) == 0
+    with pytest.raises(ValueError):
+        example.image  # noqa: B018 - the archive is closed
+
+
+def test_the_limits_come_from_the_settings(monkeypatch):
+    from fluxserve.config import Settings
+
+    monkeypatch.setenv("FLUXSERVE_DATASET_MAX_FILES", "3")
+    monkeypatch.setenv("FLUXSERVE_DATASET_MAX_TOTAL_MEGAPIXELS", "0.5")
+    monkeypatch.setenv("FLUXSERVE_DATASET_MAX_CAPTION_KB", "2")
+    limits = DatasetLimits.from_settings(Settings.from_env())
+    assert (limits.max_files, limits.max_total_megapixels, limits.max_caption_bytes) == (3, 0.5, 2048)
+    assert DatasetLimits.from_settings(Settings()) == DatasetLimits()

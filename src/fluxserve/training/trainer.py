@@ -337,7 +337,8 @@ def _shifted_sigma(u: float, mu: float) -> float:
 @torch.no_grad()
 def _encode_examples(pipe, examples: list[Example], resolution: int) -> list[CachedExample]:
     """Latents and text embeddings of every example, computed once and kept in host memory (a step moves its
-    example to the device); the encoders are not needed afterwards."""
+    example to the device); the encoders are not needed afterwards. Each image is asked for once, encoded and
+    let go, so examples that decode on access (``training.dataset.Example``) hold one image at a time."""
     from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
 
     embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
