@@ -9,8 +9,10 @@ from __future__ import annotations
 import base64
 import io
 import json
+import struct
 import time
 import zipfile
+import zlib
 from dataclasses import replace
 
 import fal_client
@@ -81,6 +83,45 @@ def test_bad_input_is_a_422_naming_the_field_and_makes_no_job(server, body, fiel
     detail = response.json()["detail"]
     assert detail[0]["loc"][:2] == ["body", field], detail
     assert job_count(server) == before
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` and which holds a few bytes of pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(("files", "message"), [
+    ({f"{i:03d}.png": png_header_only(2048, 2048) for i in range(300)}, "the images total more than 1024 MP"),
+    ({"huge.png": png_header_only(20000, 20000)}, "huge.png: image is 20000x20000"),
+    ({"ok.png": square((1, 2, 3)), "bomb.bmp": b"\0" * (8 * 1024**2)}, "bomb.bmp expands"),
+    ({f"{i:04d}.png": b"" for i in range(1001)}, "holds 1001 files; at most 1000"),
+    ({"red.png": square((220, 30, 30)), "red.txt": b"x" * (65 * 1024)}, "a caption may have at most 64 KiB"),
+])
+def test_the_dataset_is_checked_by_its_headers_at_submit(server, files, message):
+    """Each archive is refused from what its headers declare (none of these pixels exist): a 422 naming
+    ``image_data_url`` on both the queue and the synchronous route, and no job."""
+    before = job_count(server)
+    for route in (f"/queue/{DEV_TRAINER}", f"/{DEV_TRAINER}"):
+        response = httpx.post(server.url + route, json={"image_data_url": zip_uri(files), "default_caption": "x"},
+                              timeout=60)
+        assert response.status_code == 422, response.text
+        [detail] = response.json()["detail"]
+        assert detail["loc"] == ["body", "image_data_url"] and message in detail["msg"], detail
+    assert job_count(server) == before
+
+
+def test_an_image_whose_pixels_do_not_decode_fails_the_job_on_the_worker(server):
+    """Its header is sound, so the submit is accepted; the worker, which decodes, ends the job naming the file."""
+    uri = zip_uri({"red.png": square((220, 30, 30)), "broken.png": png_header_only(256, 256)})
+    response = httpx.post(f"{server.url}/queue/{KLEIN_TRAINER}",
+                          json={"image_data_url": uri, "default_caption": "x", "steps": 2, **FAST}, timeout=60)
+    assert response.status_code == 200, response.text
+    job = server.store.wait(response.json()["request_id"], timeout=120)
+    assert job.status == "failed" and "broken.png" in job.error and "could not decode" in job.error, job.error
 
 
 def test_fal_client_trains_a_lora_with_step_and_loss_logs(server, tmp_path):

@@ -69,6 +69,17 @@ class Settings:
     # ---- limits at the edge (fluxserve.api.limits): 413 / 4xx naming the field in each dialect ----
     max_body_mb: int = 32  # request bodies other than file uploads (FLUXSERVE_MAX_UPLOAD_MB caps those)
     max_prompt_chars: int = 8192  # FLUX.2 reads at most 512 tokens of a prompt
+    # ---- training datasets (fluxserve.training.limits): checked by their headers when a job is submitted,
+    # decoded one image at a time on the worker ----
+    dataset_max_files: int = 1000  # files in a dataset's archive (skipped ones included)
+    dataset_max_archive_mb: float = 1024.0  # MiB of the archive itself (a download stops there)
+    dataset_max_total_mb: float = 4096.0  # MiB of all images and captions, uncompressed
+    dataset_max_file_mb: float = 64.0  # MiB of one image, uncompressed
+    dataset_max_caption_kb: float = 64.0  # KiB of one caption
+    dataset_max_ratio: float = 100.0  # uncompressed / compressed, per file and for the archive (zip bombs)
+    dataset_max_image_megapixels: float = 14.0  # one image, from its header
+    dataset_max_side: int = 2048  # pixels: longer sides are downscaled to this when decoded
+    dataset_max_total_megapixels: float = 1024.0  # all images as kept (after downscaling), from their headers
     # ---- the gateway (fluxserve.upstream): providers that serve the closed models ----
     upstream: str = ""  # NAME=URL,... e.g. fal=https://queue.fal.run; keys: FLUXSERVE_UPSTREAM_<NAME>_KEY
     gateway_workers: int = 8  # requests sent upstream at once by each serve process

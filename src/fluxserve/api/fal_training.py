@@ -1,6 +1,7 @@
-"""fal's FLUX.2 trainer endpoints: their input as a ``TrainingRequest`` (the dataset fetched, read and checked
-before the job is queued, so a bad archive is a 422 naming the field before any GPU time) and a finished
-training job as fal's ``{diffusers_lora_file, config_file}``.
+"""fal's FLUX.2 trainer endpoints: their input as a ``TrainingRequest`` (the dataset fetched and checked by its
+headers before the job is queued, so a bad archive is a 422 naming the field before any GPU time; no image is
+decoded here: the worker decodes them one at a time) and a finished training job as fal's
+``{diffusers_lora_file, config_file}``.
 
 Where the archive lives: an http(s) URL elsewhere is fetched again by the worker; one of this server's files (an
 upload, e.g. ``fal_client.upload_file``) is read from storage, the caller's own or by its signed URL; a data URI
@@ -23,7 +24,7 @@ from fluxserve.api.upload_types import ZIP
 from fluxserve.catalog import EndpointSpec
 from fluxserve.inputs import data_uri_bytes
 from fluxserve.request import InputError, TrainingRequest
-from fluxserve.training.dataset import FIELD, check_api_source, load_dataset
+from fluxserve.training.dataset import FIELD, DatasetLimits, check_api_source, check_dataset
 
 
 async def training_request(request: Request, spec: EndpointSpec, inp: TrainerInput, body: dict) -> TrainingRequest:
@@ -44,21 +45,23 @@ async def training_request(request: Request, spec: EndpointSpec, inp: TrainerInp
 
 
 def _read_dataset(request: Request, training: TrainingRequest) -> tuple[str | None, bool]:
-    """Check the dataset (blocking): (its storage key or None for a URL elsewhere, whether it was stored now)."""
+    """Check the dataset by its headers (blocking): (its storage key or None for a URL elsewhere, whether it was
+    stored now)."""
     storage, url = request.app.state.storage, training.image_data_url.strip()
-    options = {"edit": training.edit, "default_caption": training.default_caption}
+    options = {"edit": training.edit, "default_caption": training.default_caption,
+               "limits": DatasetLimits.from_settings(request.app.state.settings)}
     if url.lower().startswith("data:"):
         data = data_uri_bytes(url, FIELD)
-        load_dataset(data, **options)
+        check_dataset(data, **options)
         key = storage.put(data, ZIP, prefix="datasets", filename="dataset.zip")
         request.app.state.store.add_file(key, caller(request).key_id)
         return key, True
     key = own_file_key(request, url)
     if key is None:
-        load_dataset(url, **options)  # through the guarded fetcher
+        check_dataset(url, **options)  # through the guarded fetcher
         return None, False
     try:
-        load_dataset(resolve_own_file(request, url), **options)  # read from storage, the caller's or signed
+        check_dataset(resolve_own_file(request, url), **options)  # from storage, the caller's or signed
     except OwnFileMissing as exc:
         raise InputError(FIELD, str(exc)) from None
     return key, False

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from fluxserve.engine import Engine, WeightsNotFound
     from fluxserve.engine.plan import DoesNotFit
     from fluxserve.request import InputError
-    from fluxserve.training.dataset import load_dataset
+    from fluxserve.training.dataset import DatasetLimits, load_dataset
     from fluxserve.training.trainer import save_lora
 
     if problem := _check(args):
@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
               f"{', '.join(key for key, spec in catalog.models.items() if spec.trainable)}", file=sys.stderr)
         return 2
     try:
-        dataset = load_dataset(Path(args.data), edit=args.edit, default_caption=args.caption)
+        dataset = load_dataset(Path(args.data), edit=args.edit, default_caption=args.caption,
+                               limits=DatasetLimits.from_settings(settings))
     except InputError as exc:
         field = "--caption" if exc.field == "default_caption" else "data"
         print(f"fluxserve train: error: {field}: {exc.message}", file=sys.stderr)
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())
     try:
-        with Progress(*columns, console=err) as bar:
+        with dataset, Progress(*columns, console=err) as bar:  # images are decoded as they are encoded
             task = bar.add_task(f"loading {args.model}" + (" (demo)" if settings.demo else ""), total=None, loss="-")
             engine.load(args.model)
             bar.update(task, description=f"encoding {len(dataset.examples)} images")
@@ -91,8 +92,9 @@ def run(args: argparse.Namespace) -> int:
             state = engine.train(args.model, dataset.examples, steps=args.steps, learning_rate=args.lr,
                                  rank=args.rank, seed=args.seed, resolution=args.resolution, on_progress=on_progress,
                                  on_note=bar.console.print)
-    except InputError as exc:
-        print(f"fluxserve train: error: --{exc.field}: {exc.message}", file=sys.stderr)
+    except InputError as exc:  # an image whose data does not decode is the data's
+        field = "data" if exc.field == "image_data_url" else f"--{exc.field}"
+        print(f"fluxserve train: error: {field}: {exc.message}", file=sys.stderr)
         return 2
     except (WeightsNotFound, DoesNotFit) as exc:
         print(f"fluxserve train: error: {exc}", file=sys.stderr)

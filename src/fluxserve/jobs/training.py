@@ -1,6 +1,6 @@
-"""Training jobs on a worker: the dataset read again (a training job holds its source, checked when it was
-queued), ``Engine.train`` with ``step n/N loss x`` progress, and the LoRA and its config put in storage as the
-job's files."""
+"""Training jobs on a worker: the dataset opened again (a training job holds its source, checked by its headers
+when it was queued) and its images decoded one at a time as the trainer encodes them, ``Engine.train`` with
+``step n/N loss x`` progress, and the LoRA and its config put in storage as the job's files."""
 
 from __future__ import annotations
 
@@ -24,27 +24,37 @@ class TrainedLora:
 
 def run_training(engine: Any, storage: Storage, request: TrainingRequest, on_progress: ProgressCallback,
                  should_cancel: CancelCheck) -> TrainedLora:
-    from fluxserve.training.dataset import load_dataset
+    from fluxserve.training.dataset import DatasetLimits, load_dataset
     from fluxserve.training.trainer import save_lora
-
-    source = storage.get(request.dataset_key)[0] if request.dataset_key else request.image_data_url
-    dataset = load_dataset(source, edit=request.edit, default_caption=request.default_caption)
-    for note in dataset.notes:
-        on_progress(Progress(step=0, total=request.steps, message=note))
 
     def progress(p) -> None:
         on_progress(Progress(step=p.step, total=p.total, message=f"step {p.step}/{p.total} loss {p.loss:.4f}"))
 
-    state = engine.train(request.model, dataset.examples, steps=request.steps, learning_rate=request.learning_rate,
-                         rank=request.rank, seed=request.seed, resolution=request.resolution, on_progress=progress,
-                         should_cancel=should_cancel,
-                         on_note=lambda note: on_progress(Progress(step=0, total=request.steps, message=note)))
+    with load_dataset(_source(storage, request), edit=request.edit, default_caption=request.default_caption,
+                      limits=DatasetLimits.from_settings(engine.settings)) as dataset:
+        for note in dataset.notes:
+            on_progress(Progress(step=0, total=request.steps, message=note))
+        state = engine.train(request.model, dataset.examples, steps=request.steps,
+                             learning_rate=request.learning_rate, rank=request.rank, seed=request.seed,
+                             resolution=request.resolution, on_progress=progress, should_cancel=should_cancel,
+                             on_note=lambda note: on_progress(Progress(step=0, total=request.steps, message=note)))
     config = {**request.model_dump(exclude={"kind", "image_data_url", "dataset_key"}), "images": len(dataset.examples)}
     with tempfile.TemporaryDirectory(prefix="fluxserve-lora-") as folder:
         path = os.path.join(folder, "lora.safetensors")
         save_lora(state, path, format=request.output_lora_format, metadata={"fluxserve": json.dumps(config)})
         with open(path, "rb") as f:
             return TrainedLora(f.read(), config)
+
+
+def _source(storage: Storage, request: TrainingRequest) -> str | os.PathLike | bytes:
+    """Where the worker reads the dataset: a stored archive as its file where the storage has files (read as
+    needed), else its bytes; a URL elsewhere is fetched again."""
+    if not request.dataset_key:
+        return request.image_data_url
+    path = getattr(storage, "path", None)
+    if path is not None and (local := path(request.dataset_key)).is_file():
+        return local
+    return storage.get(request.dataset_key)[0]
 
 
 def save_trained(storage: Storage, trained: TrainedLora) -> dict:
