@@ -3,7 +3,8 @@
 Clients send ``Authorization: Key <secret>`` (fal), ``Bearer <secret>`` (OpenAI, Replicate) or
 ``Token <secret>`` (older Replicate clients); fal's ``FAL_KEY_ID:FAL_KEY_SECRET`` form is accepted too.
 Policy: required when the server listens beyond loopback (``fluxserve serve`` refuses to start there
-without a key) or when ``FLUXSERVE_REQUIRE_AUTH=1``; on loopback it is required as soon as one key exists.
+without a key) or when ``FLUXSERVE_REQUIRE_AUTH=1``; on loopback it is required as soon as one key has been
+created, and stays required when every key is revoked, until the operator runs ``fluxserve keys keyless``.
 """
 
 from __future__ import annotations
@@ -14,16 +15,18 @@ import ipaddress
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
 from fluxserve.api.errors import ApiError
 
+if TYPE_CHECKING:
+    from fluxserve.jobs.store import KeyCounts
+
 SCHEMES = ("key", "bearer", "token")
-_KEYS_TTL_S = 2.0  # how long "are there any keys?" is cached
 _VERIFIED_TTL_S = 10.0  # how long a verified secret is trusted without asking the store again
-_REVOCATIONS_TTL_S = 0.1  # how often the store's revocation count is read: a revoked key fails within this
+_KEY_COUNTS_TTL_S = 0.1  # how often the store's key counts are read: a key revoked elsewhere fails within this
 
 
 @dataclass(frozen=True)
@@ -75,55 +78,59 @@ def env_requires_auth() -> bool:
 
 
 class KeyChecker:
-    """Answers "may this request pass?" cheaply: results are cached briefly in memory."""
+    """Answers "may this request pass?" cheaply, from what it last read of the store's keys.
+
+    Invariants: once a key has been created, keys are needed (on loopback too) until the operator releases every
+    revoked key (``fluxserve keys keyless``): revoking keys never opens the server. The store's ``KeyCounts`` are
+    read again at once after this process changed a key, and otherwise at most every ``_KEY_COUNTS_TTL_S``; when
+    they changed, every verified secret is forgotten. So a revoked key fails at once in the process that revoked
+    it and within ``_KEY_COUNTS_TTL_S`` in every other process sharing the store."""
 
     def __init__(self, store: Any, required: bool | None = None):
         self.store = store
-        self.required = required
-        self._keys_exist: tuple[float, bool] = (0.0, False)
-        self._verified: dict[str, tuple[float, Identity]] = {}
-        self._revocations: tuple[float, int | None] = (0.0, None)
+        self.required = required  # True beyond loopback; None: decided by the keys (and FLUXSERVE_REQUIRE_AUTH)
+        self._verified: dict[str, tuple[float, int, Identity]] = {}  # sha256 -> (when, generation, identity)
+        self._counts: KeyCounts | None = None
+        self._counts_at = 0.0
+        self._changes = -1  # the store's ``key_changes`` when its counts were read
+        self._generation = 0  # bumped whenever the counts changed; verifications of older ones are void
 
-    def check_revocations(self) -> None:
-        """Forget verified secrets when a key was revoked since (in any process sharing the store): the
-        store's revocation count is read at most every ``_REVOCATIONS_TTL_S``, a single indexed read."""
-        checked_at, count = self._revocations
-        now = time.monotonic()
-        if now - checked_at < _REVOCATIONS_TTL_S:
-            return
-        current = self.store.revocations()
-        if count is not None and current != count:
+    def current_counts(self) -> KeyCounts | None:
+        """The key counts last read, while they need no new read; None when the store must be read (no I/O)."""
+        fresh = self.store.key_changes == self._changes and time.monotonic() - self._counts_at < _KEY_COUNTS_TTL_S
+        return self._counts if fresh else None
+
+    def key_counts(self) -> KeyCounts:
+        """The store's key counts, read again when ``current_counts`` says so (a blocking read: off the loop)."""
+        if (counts := self.current_counts()) is not None:
+            return counts
+        changes, now = self.store.key_changes, time.monotonic()
+        counts = self.store.key_counts()
+        if counts != self._counts:
+            self._generation += 1
             self._verified.clear()
-            self._keys_exist = (0.0, False)
-        self._revocations = (now, current)
+        self._counts, self._counts_at, self._changes = counts, now, changes
+        return counts
 
     def auth_needed(self) -> bool:
         if self.required is not None:
             return self.required
-        if env_requires_auth():
-            return True
-        checked_at, exist = self._keys_exist
-        if time.monotonic() - checked_at > _KEYS_TTL_S:
-            exist = self._any_key()
-            self._keys_exist = (time.monotonic(), exist)
-        return exist
+        return env_requires_auth() or self.key_counts().keyed
 
-    def _any_key(self) -> bool:
-        for key in self.store.list_keys():
-            revoked = key.get("revoked") if isinstance(key, dict) else getattr(key, "revoked", None)
-            revoked_at = key.get("revoked_at") if isinstance(key, dict) else getattr(key, "revoked_at", None)
-            if not revoked and not revoked_at:
-                return True
-        return False
+    def cached(self, secret: str) -> Identity | None:
+        """The identity verified for this secret since the keys last changed, within ``_VERIFIED_TTL_S``."""
+        generation = self._generation
+        cached = self._verified.get(hashlib.sha256(secret.encode()).hexdigest())
+        if cached is not None and cached[1] == generation and time.monotonic() - cached[0] < _VERIFIED_TTL_S:
+            return cached[2]
+        return None
 
     def verify(self, secret: str) -> Identity | None:
-        """The identity of the key with this secret (cached for ``_VERIFIED_TTL_S`` unless a key is revoked
-        meanwhile), or None."""
-        self.check_revocations()
-        digest = hashlib.sha256(secret.encode()).hexdigest()
-        cached = self._verified.get(digest)
-        if cached is not None and time.monotonic() - cached[0] < _VERIFIED_TTL_S:
-            return cached[1]
+        """The identity of the active key with this secret, or None (asks the store unless ``cached``)."""
+        self.key_counts()
+        generation = self._generation  # taken before the store is asked: a change meanwhile voids the answer
+        if (identity := self.cached(secret)) is not None:
+            return identity
         candidates = [secret]
         if ":" in secret:  # FAL_KEY_ID:FAL_KEY_SECRET
             candidates.append(secret.split(":", 1)[1])
@@ -133,34 +140,29 @@ class KeyChecker:
                 identity = Identity(key.id, bool(key.admin))
                 if len(self._verified) > 10_000:
                     self._verified.clear()
-                self._verified[digest] = (time.monotonic(), identity)
+                self._verified[hashlib.sha256(secret.encode()).hexdigest()] = (time.monotonic(), generation,
+                                                                                identity)
                 return identity
         return None
 
     def forget(self) -> None:
-        """Drop the caches (after a key was created or revoked in this process)."""
-        self._keys_exist = (0.0, False)
+        """Drop what was read and verified: the next request reads the store again."""
+        self._counts = None
+        self._generation += 1
         self._verified.clear()
 
 
 def is_cached(checker: KeyChecker, secret: str | None) -> Identity | None:
-    """The caller's identity when the caches already say this request may pass (no store read): ``OPEN`` when
-    no key is needed; None when the store must be asked. Caches: "no key exists" for ``_KEYS_TTL_S``, a
-    verified secret (by SHA-256) for ``_VERIFIED_TTL_S``, dropped as soon as the store counts a new revocation
-    (read at most every ``_REVOCATIONS_TTL_S``, so a key revoked in any process fails within that)."""
+    """The caller's identity when what the checker holds already says this request may pass, without any read
+    (safe on the event loop): ``OPEN`` when no key is needed; None when the store must be asked."""
     if checker.required is False:
         return OPEN
-    if checker.required is None and not env_requires_auth():
-        checked_at, exist = checker._keys_exist
-        if not exist and time.monotonic() - checked_at <= _KEYS_TTL_S:
-            return OPEN  # no key exists (checked moments ago): loopback without auth
-    if secret is not None:
-        checker.check_revocations()
-        digest = hashlib.sha256(secret.encode()).hexdigest()
-        cached = checker._verified.get(digest)
-        if cached is not None and time.monotonic() - cached[0] < _VERIFIED_TTL_S:
-            return cached[1]
-    return None
+    counts = checker.current_counts()
+    if counts is None:
+        return None  # due for a read of the key counts: the caller reads them off the loop
+    if checker.required is None and not env_requires_auth() and not counts.keyed:
+        return OPEN  # keyless local use: no key was ever created, or the operator released them all
+    return checker.cached(secret) if secret is not None else None
 
 
 async def authenticate(request: Request) -> Identity | None:

@@ -1,6 +1,9 @@
 """``fluxserve keys``: create, list, limit and revoke the API keys clients must send (``Authorization: Key
 <key>``, ``Bearer <key>``, or ``FAL_KEY`` with the fal clients). A key's quotas (docs/quotas.md): requests at
-once (``--max-concurrent``), requests per minute (``--rpm``), megapixels per 24 hours (``--mp-per-day``)."""
+once (``--max-concurrent``), requests per minute (``--rpm``), megapixels per 24 hours (``--mp-per-day``).
+
+Once a key has been created the server needs keys, on loopback too, also after every key is revoked; ``keyless``
+(only when no key is active) lets a loopback server run without keys again, where every caller sees everything."""
 
 from __future__ import annotations
 
@@ -33,7 +36,10 @@ def add_parser(subparsers) -> None:
     actions.add_parser("list", help="list keys and their limits (never their secrets)")
     revoke = actions.add_parser("revoke", help="revoke a key; clients using it are refused at once")
     revoke.add_argument("key_id", metavar="ID", help="the key's id, e.g. key_0123456789abcdef")
-    for sub in (create, update, actions.choices["list"], revoke):
+    keyless = actions.add_parser(
+        "keyless", help="let a loopback server run without keys again (every key revoked first); callers without "
+        "a key then see every key's requests")
+    for sub in (create, update, actions.choices["list"], revoke, keyless):
         sub.add_argument("--db", help="job store URL (default: SQLite in the data directory)")
         sub.add_argument("--data-dir", help="where the database lives")
         sub.set_defaults(func=run)
@@ -46,6 +52,19 @@ def _limit(value: str) -> int | None:
     if not value.strip().isdigit():
         raise argparse.ArgumentTypeError(f"a whole number, or 0 or none for no limit, not {value!r}")
     return int(value) or None
+
+
+def keys_note(store) -> str | None:
+    """A line on how a loopback server stands when no key is active, or None."""
+    counts = store.key_counts()
+    if counts.active:
+        return None
+    if counts.keyed:
+        return ("no active key: every request is refused until you create a key (fluxserve keys create), or make a "
+                "loopback server keyless again (fluxserve keys keyless)")
+    if counts.created:
+        return "keyless: a loopback server needs no key (fluxserve keys keyless was run)"
+    return None
 
 
 def _when(value) -> str:
@@ -80,6 +99,16 @@ def run(args: argparse.Namespace) -> int:
                 status = ("active" if key.active else f"revoked {_when(key.revoked_at)}") + (" admin" if key.admin else "")
                 print(f"{key.id:<22} {key.name[:20]:<20} {_when(key.created_at):<24} {_when(key.last_used_at):<24} "
                       f"{key.limits.describe():<38} {status}")
+            if note := keys_note(store):
+                print(note, file=sys.stderr)
+            return 0
+        if args.action == "keyless":
+            if store.has_keys():
+                print("error: a key is still active; revoke every key first (fluxserve keys list)", file=sys.stderr)
+                return 1
+            released = store.release_revoked_keys()
+            print(f"keyless: a loopback server needs no key now; every caller sees every request ({released} revoked "
+                  "key(s) released; creating a key makes keys needed again)")
             return 0
         if args.action == "update":
             changes = {name: getattr(args, name) for name in LIMITS if hasattr(args, name)}

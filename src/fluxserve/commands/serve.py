@@ -12,6 +12,7 @@ from fluxserve.commands.common import (
     random_weights_refusal,
     settings_from_args,
 )
+from fluxserve.commands.keys import keys_note
 
 
 def add_parser(subparsers) -> None:
@@ -71,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
             )
             return 2
         app.state.auth.required = True
+    elif note := keys_note(app.state.store):
+        print(f"note: {note}", file=sys.stderr)
     preload(app.state.engines, settings, args.preload or [])
     scheme = "https" if args.ssl_certfile else "http"
     shown_host = f"[{args.host}]" if ":" in args.host else args.host

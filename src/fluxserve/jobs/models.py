@@ -116,6 +116,9 @@ api_keys = Table(
     Column("secret_hash", String(128), nullable=False, unique=True),  # sha256 hex of the secret
     Column("created_at", UTCDateTime, nullable=False),
     Column("revoked_at", UTCDateTime, nullable=True),
+    # a revoked key the operator released (``fluxserve keys keyless``): a loopback server needs keys while any
+    # key is not released, so revoking every key never makes it keyless by itself
+    Column("released_at", UTCDateTime, nullable=True),
     Column("last_used_at", UTCDateTime, nullable=True),
     Column("admin", Boolean, nullable=False, server_default=text("false")),  # sees every key's jobs and files
     # quotas (fluxserve.jobs.quotas); NULL: unlimited
@@ -247,5 +250,5 @@ upstream_calls = Table(
 ADDED_COLUMNS: list[tuple[str, str]] = [  # (table, column)
     ("jobs", "owner"), ("api_keys", "admin"), ("jobs", "caller"), ("jobs", "first_progress_at"),
     ("api_keys", "max_concurrent"), ("api_keys", "rpm"), ("api_keys", "mp_per_day"), ("jobs", "kind"),
-    ("job_usage", "provider"),
+    ("job_usage", "provider"), ("api_keys", "released_at"),
 ]

@@ -277,6 +277,7 @@ class ApiKey:
     last_used_at: datetime | None = None
     admin: bool = False
     limits: quotas.Limits = field(default_factory=quotas.Limits)
+    released_at: datetime | None = None  # revoked, then released by ``fluxserve keys keyless``
 
     @property
     def active(self) -> bool:
@@ -285,7 +286,27 @@ class ApiKey:
     @classmethod
     def from_row(cls, r: Any) -> ApiKey:
         return cls(r.id, r.name, r.created_at, r.revoked_at, r.last_used_at, bool(r.admin),
-                   quotas.Limits(r.max_concurrent, r.rpm, r.mp_per_day))
+                   quotas.Limits(r.max_concurrent, r.rpm, r.mp_per_day), r.released_at)
+
+
+@dataclass(frozen=True)
+class KeyCounts:
+    """How many API keys were ever created, revoked and released (``JobStore.key_counts``). Every change to
+    the keys that matters to authentication changes one of the three, so API processes compare them to notice
+    a change made by any process."""
+
+    created: int = 0
+    revoked: int = 0
+    released: int = 0
+
+    @property
+    def keyed(self) -> bool:
+        """A key exists that the operator has not released: revoking every key leaves a server keyed."""
+        return self.created > self.released
+
+    @property
+    def active(self) -> int:
+        return self.created - self.revoked
 
 
 class QueueFull(Exception):
@@ -407,6 +428,7 @@ class JobStore:
         self._raw_local = threading.local()  # per-thread DBAPI connection for hot reads (file SQLite)
         self._raw_path = self._sqlite_file_path()
         self._status_cache: dict[str, tuple[int, float, JobStatus]] = {}
+        self.key_changes = 0  # bumped when this object creates, revokes or releases an API key
         self.max_queued: int | None = None  # queued jobs in all; None: no limit
         self.max_queued_per_owner: int | None = None  # queued jobs per API key; None: no limit
         self._create_tables()
@@ -1411,6 +1433,7 @@ class JobStore:
             conn.execute(insert(api_keys).values(
                 id=key_id, name=name, secret_hash=self._hash(secret), created_at=utcnow(), admin=admin,
                 **{name: getattr(limits, name) for name in quotas.LIMITS}))
+        self.key_changes += 1
         return key_id, secret
 
     def set_limits(self, key_id: str, **changes: int | None) -> ApiKey | None:
@@ -1447,17 +1470,33 @@ class JobStore:
         return [ApiKey.from_row(r) for r in rows]
 
     def revoke_key(self, key_id: str) -> bool:
-        """False when no active key has this id."""
+        """False when no active key has this id. A revoked key stays on record and keeps the server keyed
+        (``KeyCounts.keyed``) until the operator releases it (``release_revoked_keys``)."""
         with self._write() as conn:
-            return conn.execute(
+            revoked = conn.execute(
                 update(api_keys).where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
                 .values(revoked_at=utcnow())
             ).rowcount == 1
+        self.key_changes += 1
+        return revoked
 
-    def revocations(self) -> int:
-        """How many keys were ever revoked: API processes compare it to drop cached verifications at once."""
-        row = self._raw_query("SELECT COUNT(revoked_at) FROM api_keys", "SELECT COUNT(revoked_at) FROM api_keys", ())
-        return int(row[0])
+    def release_revoked_keys(self) -> int:
+        """Release every revoked key (``fluxserve keys keyless``): once no key is active or unreleased, a loopback
+        server runs without keys again. How many keys were released now."""
+        with self._write() as conn:
+            released = conn.execute(
+                update(api_keys).where(api_keys.c.revoked_at.is_not(None), api_keys.c.released_at.is_(None))
+                .values(released_at=utcnow())
+            ).rowcount
+        self.key_changes += 1
+        return released
+
+    def key_counts(self) -> KeyCounts:
+        """The keys created, revoked and released, in one read: API processes read it at most every 0.1 s and
+        forget what they had verified when it changed."""
+        sql = "SELECT COUNT(*), COUNT(revoked_at), COUNT(released_at) FROM api_keys"
+        created, revoked, released = self._raw_query(sql, sql, ())
+        return KeyCounts(int(created), int(revoked), int(released))
 
     def has_keys(self) -> bool:
         """True when at least one active key exists (the API then requires one)."""
