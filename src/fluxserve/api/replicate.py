@@ -655,6 +655,8 @@ async def upload_file(request: Request) -> Response:
 
 @router.get("/webhooks/default/secret", summary="The secret that signs webhooks (Replicate)")
 async def webhook_secret(request: Request) -> Response:
-    """``{"key": "whsec_..."}``: verify deliveries' ``webhook-signature`` with it (Standard Webhooks)."""
+    """``{"key": "whsec_..."}``: the caller's key's secret; verify the ``webhook-signature`` of its predictions'
+    deliveries with it (Standard Webhooks). Every API key has its own."""
     await _authorize(request)
-    return JSONResponse({"key": await run_in_threadpool(request.app.state.webhooks.keys.replicate_secret)})
+    owner = caller(request).key_id
+    return JSONResponse({"key": await run_in_threadpool(request.app.state.webhooks.keys.replicate_secret, owner)})

@@ -1414,6 +1414,11 @@ class JobStore:
         with self._read() as conn:
             return conn.execute(select(webhook_keys.c.secret).where(webhook_keys.c.name == name)).scalar_one()
 
+    def job_owner(self, job_id: str) -> str | None:
+        """The API key that made the job (None: made without keys, or no such job); webhooks are signed as it."""
+        with self._read() as conn:
+            return conn.execute(select(jobs.c.owner).where(jobs.c.id == job_id)).scalar()
+
     # --- API keys -------------------------------------------------------------------------------------
 
     @staticmethod

@@ -20,10 +20,13 @@ services verify them unchanged:
 
 - fal: ED25519 over ``"{request_id}\n{user_id}\n{timestamp}\n{sha256_hex(body)}"``, hex in
   ``X-Fal-Webhook-Signature``, with ``X-Fal-Webhook-Request-Id``, ``-User-Id`` and ``-Timestamp`` (Unix seconds);
-  the public key is served as a JWKS (``fal_jwks``).
+  the public key is served as a JWKS (``fal_jwks``). The user id is the API key that made the request (its id,
+  ``key_...``; ``fluxserve`` without keys): one key signs for every tenant, as fal's does for every account, and
+  the signed user id tells a receiver whose delivery it is.
 - Replicate: Standard Webhooks: ``webhook-id``, ``webhook-timestamp`` and ``webhook-signature``
-  (``v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">``) with the ``whsec_`` secret that
-  ``GET /v1/webhooks/default/secret`` returns.
+  (``v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">``) with the ``whsec_`` secret of the API key that made
+  the prediction, which ``GET /v1/webhooks/default/secret`` returns to that key (as Replicate has one per
+  account): a symmetric secret shared by tenants would let each forge the others' deliveries.
 
 The keys are generated on first use and kept in the job store, so restarts and API replicas sign alike.
 ``cryptography`` (the ED25519 key) is imported then too: a server that never signs a fal webhook runs without it.
@@ -77,7 +80,7 @@ def payload_builders() -> dict[str, PayloadBuilder]:
 # ---- signing ---------------------------------------------------------------------------------------------
 FAL_KEY = "fal_ed25519"
 REPLICATE_KEY = "replicate_whsec"
-# the X-Fal-Webhook-User-Id of every delivery (fal sends the account's user id; a self-hosted server has one)
+# the X-Fal-Webhook-User-Id of a request made without keys (fal sends the account's user id; with keys, the key's)
 FAL_USER_ID = "fluxserve"
 # how far a delivery's timestamp may be from the receiver's clock in the verifiers both services document
 TIMESTAMP_TOLERANCE_S = 300
@@ -93,7 +96,7 @@ class WebhookKeys:
     def __init__(self, store: JobStore):
         self.store = store
         self._fal: Ed25519PrivateKey | None = None
-        self._replicate: str | None = None
+        self._replicate: dict[str | None, str] = {}  # API key id (None: no keys) -> its secret
         self._lock = threading.Lock()
 
     def fal_private_key(self) -> Ed25519PrivateKey:
@@ -106,13 +109,15 @@ class WebhookKeys:
                 self._fal = Ed25519PrivateKey.from_private_bytes(base64.b64decode(stored))
             return self._fal
 
-    def replicate_secret(self) -> str:
-        """The Standard Webhooks secret, ``whsec_`` followed by 32 random bytes in base64."""
+    def replicate_secret(self, owner: str | None = None) -> str:
+        """The Standard Webhooks secret of API key ``owner`` (None: the server's, for requests made without
+        keys): ``whsec_`` followed by 32 random bytes in base64, made on first use. No two keys share one."""
         with self._lock:
-            if self._replicate is None:
-                self._replicate = self.store.webhook_key(
-                    REPLICATE_KEY, lambda: "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
-            return self._replicate
+            if owner not in self._replicate:
+                name = REPLICATE_KEY if owner is None else f"{REPLICATE_KEY}:{owner}"
+                self._replicate[owner] = self.store.webhook_key(
+                    name, lambda: "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
+            return self._replicate[owner]
 
     def fal_jwks(self) -> dict[str, Any]:
         """The public key as a JSON Web Key Set (RFC 7517/8037), as fal serves its webhook keys."""
@@ -141,13 +146,13 @@ def standard_signature_headers(secret: str, message_id: str, body: bytes,
             "webhook-signature": "v1," + base64.b64encode(digest).decode()}
 
 
-# a dialect's signer: (keys, job id, message id, body bytes) -> headers
-Signer = Callable[[WebhookKeys, str, str, bytes], dict[str, str]]
+# a dialect's signer: (keys, job id, the job's owner (API key id or None), message id, body bytes) -> headers
+Signer = Callable[[WebhookKeys, str, "str | None", str, bytes], dict[str, str]]
 SIGNERS: dict[str, Signer] = {
-    "fal": lambda keys, job_id, _message_id, body: fal_signature_headers(
-        keys.fal_private_key(), job_id, FAL_USER_ID, body),
-    "replicate": lambda keys, _job_id, message_id, body: standard_signature_headers(
-        keys.replicate_secret(), message_id, body),
+    "fal": lambda keys, job_id, owner, _message_id, body: fal_signature_headers(
+        keys.fal_private_key(), job_id, owner or FAL_USER_ID, body),
+    "replicate": lambda keys, _job_id, owner, message_id, body: standard_signature_headers(
+        keys.replicate_secret(owner), message_id, body),
 }
 
 
@@ -288,8 +293,9 @@ class WebhookSender:
         headers = {"User-Agent": "fluxserve-webhook", "Content-Type": "application/json"}
         signer = self.signers.get(delivery.dialect)
         try:
-            if signer is not None:  # signed at each attempt, so the timestamp is fresh
-                headers.update(signer(self.keys, delivery.job_id, message_id, content))
+            if signer is not None:  # signed at each attempt, so the timestamp is fresh; as the job's owner
+                owner = self.store.job_owner(delivery.job_id)
+                headers.update(signer(self.keys, delivery.job_id, owner, message_id, content))
             response = self._client.post(url, content=content, headers=headers)
             status_code = response.status_code
             error = None if response.is_success else f"HTTP {status_code}"
