@@ -154,18 +154,30 @@ class Settings:
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 
 
+# query parameters of a database URL that carry a credential or name where one is kept (libpq's password,
+# passfile, sslpassword, sslkey; drivers' token / secret / auth options)
+_CREDENTIAL_PARAM = re.compile(r"pass|pwd|secret|token|key|auth|cred", re.IGNORECASE)
+
+
 def masked_url(url: str) -> str:
-    """``url`` with the password of its user-info part replaced by ``***`` (``postgresql://u:***@host/db``)."""
-    from urllib.parse import urlsplit, urlunsplit
+    """``url`` with every credential replaced by ``***``: the password of its user-info part
+    (``postgresql://u:***@host/db``) and the values of credential-bearing query parameters
+    (``?password=***&sslpassword=***``). Everything else is left as written."""
+    from urllib.parse import unquote, urlsplit
 
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable URL>"
-    if parts.password is None:
+    netloc = parts.netloc
+    userinfo, at, hostport = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:***@{hostport}"
+    query = "&".join(
+        f"{name}=***" if sep and _CREDENTIAL_PARAM.search(unquote(name)) else f"{name}{sep}{value}"
+        for name, sep, value in (item.partition("=") for item in parts.query.split("&"))
+    ) if parts.query else ""
+    if netloc == parts.netloc and query == parts.query:
         return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    head = f"{parts.scheme}://{netloc}" if url[len(parts.scheme) + 1:].startswith("//") else f"{parts.scheme}:"
+    return head + parts.path + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")

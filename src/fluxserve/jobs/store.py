@@ -43,6 +43,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.pool import StaticPool
 
+from fluxserve.config import masked_url
 from fluxserve.jobs import ledger, quotas
 from fluxserve.jobs.models import (
     ADDED_COLUMNS,
@@ -434,7 +435,7 @@ class JobStore:
         self._create_tables()
 
     def __repr__(self) -> str:
-        return f"JobStore({self.engine.url.render_as_string(hide_password=True)!r})"
+        return f"JobStore({masked_url(self.url)!r})"
 
     def close(self) -> None:
         for name in ("conn", "pg"):
