@@ -26,6 +26,7 @@ from fluxserve.api import replicate as replicate_api
 from fluxserve.api import usage as usage_api
 from fluxserve.api.auth import KeyChecker, check_request
 from fluxserve.api.errors import ApiError, FalValidationError, api_error_handler, fal_validation_handler
+from fluxserve.api.framing import NoFraming
 from fluxserve.api.limits import MIB, BodyLimitMiddleware
 from fluxserve.catalog import Catalog
 from fluxserve.config import Settings
@@ -165,7 +166,8 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
 
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_mb * MIB)
     app.add_middleware(RequestIdMiddleware)
-    app.add_middleware(fal.StatusFastPath)  # outermost: status polls skip routing and the middleware stack
+    app.add_middleware(fal.StatusFastPath)  # status polls skip routing and the middleware stack
+    app.add_middleware(NoFraming)  # outermost: no answer may be framed by another site
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(FalValidationError, fal_validation_handler)
 
