@@ -10,6 +10,8 @@ import sys
 import time
 
 import httpx
+import pytest
+from db_fixtures import PG_URL, fresh_schema
 from fal_helpers import free_port
 from PIL import Image
 
@@ -76,8 +78,15 @@ def test_redact_path_and_the_log_filter():
     assert RedactSecrets().filter(record) and "s3cret" not in record.getMessage()
 
 
-def test_serve_banner_and_access_log_keep_secrets(demo_data_dir, pg_url):
-    url = pg_url.replace("postgres@", "postgres:hunter2@") + "&password=hunter2"  # trust auth ignores them
+@pytest.fixture
+def empty_pg_url():
+    """A PostgreSQL schema of this test's own: no key that other tests left makes the server keyed."""
+    with fresh_schema(PG_URL) as url:
+        yield url
+
+
+def test_serve_banner_and_access_log_keep_secrets(demo_data_dir, empty_pg_url):
+    url = empty_pg_url.replace("postgres@", "postgres:hunter2@") + "&password=hunter2"  # trust auth ignores them
     assert "hunter2" in url
     port = free_port()
     cmd = [sys.executable, "-m", "fluxserve", "serve", "--demo", "--no-workers", "--access-log", "--port", str(port),
