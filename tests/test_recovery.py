@@ -372,5 +372,5 @@ def test_an_openai_caller_with_an_idempotency_key_may_come_back(engine):
                          b"Idempotency-Key: k1\r\n" + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
             job = wait_until(lambda: next(iter(server.store.list(dialect="openai")), None), 60, "the job queued")
         assert job.caller is None
-        time.sleep(2 * 1.0)  # two of the request's disconnect checks (openai.WAIT_POLL_S)
+        time.sleep(2 * 1.0)  # two of the request's disconnect checks (waits.CHECK_EVERY_S)
         assert server.store.get(job.id).status == "queued"

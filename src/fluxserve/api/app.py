@@ -28,6 +28,7 @@ from fluxserve.api.auth import KeyChecker, check_request
 from fluxserve.api.errors import ApiError, FalValidationError, api_error_handler, fal_validation_handler
 from fluxserve.api.framing import NoFraming
 from fluxserve.api.limits import MIB, BodyLimitMiddleware
+from fluxserve.api.waits import JobWaits
 from fluxserve.catalog import Catalog
 from fluxserve.config import Settings
 
@@ -158,6 +159,7 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
     app.state.metrics, app.state.webhooks = app_metrics, webhooks
     app.state.process_id = slot.process_id  # recorded as the caller of synchronous requests
     app.state.auth = KeyChecker(store)
+    app.state.waits = JobWaits(store)  # synchronous callers wait for their jobs without holding a thread
     store.max_queued = settings.max_queued or None
     store.max_queued_per_owner = settings.max_queued_per_key or None
     app.state.signer = files.Signer(store.secret("upload-tokens"))  # shared by replicas and restarts

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import re
 import time
 import uuid
@@ -418,15 +419,13 @@ def result_response(request: Request, job: Any, spec: EndpointSpec) -> Response:
 
 
 # ---- synchronous run ------------------------------------------------------------------------------------------
-async def wait_for(request: Request, job_id: str, *, cancel_on_disconnect: bool = True) -> Any:
+async def wait_for(request: Request, job_id: str) -> Any:
+    """The job once it ended (None if it is gone), holding no thread while it waits (``api/waits.py``); a
+    caller that hangs up first has its job cancelled."""
     store = request.app.state.store
-    while True:
-        job = await asyncio.to_thread(store.wait, job_id, 1.0)
-        if job is None or job.status in TERMINAL:
-            return job
-        if cancel_on_disconnect and await request.is_disconnected():
-            await asyncio.to_thread(store.request_cancel, job_id)
-            return job
+    if not await request.app.state.waits.wait(job_id, math.inf, caller_gone=request.is_disconnected):
+        await asyncio.to_thread(store.request_cancel, job_id)
+    return await asyncio.to_thread(store.get, job_id)
 
 
 async def run(request: Request, endpoint_id: str) -> Response:

@@ -18,6 +18,7 @@ import base64
 import hashlib
 import json
 import logging
+import math
 import re
 import time
 import uuid
@@ -55,7 +56,6 @@ SINGLE_IMAGE_SCHEMAS = ("pro", "flex")  # fal's [pro] and [flex] make one image 
 OUTPUT_FORMATS = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg", "webp": "webp", "gif": "gif", "avif": "avif"}
 TERMINAL = ("completed", "failed", "cancelled")
 INPUT_ERRORS = ("input_error", "invalid_input", "validation_error", "bad_request")
-WAIT_POLL_S = 1.0  # how often a waiting request checks that its caller is still connected
 
 # Provider fields (seed 004 "passthrough") -> canonical request fields.
 PASSTHROUGH: dict[str, str] = {
@@ -435,15 +435,12 @@ async def submit_jobs(
 async def wait_all(request: Request, job_ids: list[str]) -> list[Any]:
     """The request's jobs once all are terminal. A caller that disconnects first (without an Idempotency-Key
     to come back with) has its jobs that have not started cancelled: nobody would receive their images."""
-    store = request.app.state.store
+    store, waits = request.app.state.store, request.app.state.waits
     jobs = []
-    for job_id in job_ids:
-        job = await run_in_threadpool(store.wait, job_id, WAIT_POLL_S)
-        while job.status not in TERMINAL:
-            if await request.is_disconnected():
-                await _caller_gone(request, job_ids)
-            job = await run_in_threadpool(store.wait, job_id, WAIT_POLL_S)
-        jobs.append(job)
+    for job_id in job_ids:  # waiting holds no thread (``api/waits.py``)
+        if not await waits.wait(job_id, math.inf, caller_gone=request.is_disconnected):
+            await _caller_gone(request, job_ids)
+        jobs.append(await run_in_threadpool(store.get, job_id))
     return jobs
 
 

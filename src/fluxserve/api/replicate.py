@@ -425,7 +425,7 @@ async def create(request: Request, model_name: str, body: dict[str, Any]) -> Res
         await run_in_threadpool(store.queue_webhook_event, job.id, "replicate", "start", webhook, start)
         _wake_sender(request.app)
     if wait is not None:
-        await run_in_threadpool(store.wait, job.id, wait)
+        await request.app.state.waits.wait(job.id, wait)  # holds no thread (``api/waits.py``)
     job, body_out = await load_prediction(request, job.id)
     if wait is not None and not job.terminal:
         body_out["status"] = "starting"  # the client polls a "starting" prediction after Prefer: wait

@@ -1228,6 +1228,19 @@ class JobStore:
                 if not self._waiters[job_id]:
                     del self._waiters[job_id], self._job_versions[job_id]
 
+    def ended(self, job_ids: list[str]) -> set[str]:
+        """The ids among ``job_ids`` whose job is terminal or unknown, in one read per 500 ids (after the
+        sweep has finished jobs that can no longer run, as ``get`` would show them). For waiters that poll
+        many jobs at once (``fluxserve.api.waits``)."""
+        self._sweep()
+        active: set[str] = set()
+        with self._read() as conn:
+            for start in range(0, len(job_ids), 500):
+                chunk = job_ids[start:start + 500]
+                active.update(conn.execute(select(jobs.c.id).where(
+                    jobs.c.id.in_(chunk), jobs.c.status.in_(ACTIVE))).scalars())
+        return set(job_ids) - active
+
     def work_version(self) -> int:
         with self._cond:
             return self._submits
