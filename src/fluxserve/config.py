@@ -80,6 +80,13 @@ class Settings:
     dataset_max_image_megapixels: float = 14.0  # one image, from its header
     dataset_max_side: int = 2048  # pixels: longer sides are downscaled to this when decoded
     dataset_max_total_megapixels: float = 1024.0  # all images as kept (after downscaling), from their headers
+    # ---- client connections (fluxserve.api.connections): slow or idle clients cannot hold the server ----
+    http_header_timeout: float = 10.0  # seconds a connection has to send a complete request head
+    http_keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
+    http_max_connections: int = 1000  # open client connections; over it the longest-waiting idle one is closed
+    http_max_header_kb: int = 64  # KiB of one request head (request line and headers); longer: 431
+    # ---- request bodies (fluxserve.api.bodies): none stalls the event loop ----
+    max_json_values: int = 20_000  # JSON values in one request body (a bound counted as it arrives); more: 413
     # ---- the gateway (fluxserve.upstream): providers that serve the closed models ----
     upstream: str = ""  # NAME=URL,... e.g. fal=https://queue.fal.run; keys: FLUXSERVE_UPSTREAM_<NAME>_KEY
     gateway_workers: int = 8  # requests sent upstream at once by each serve process

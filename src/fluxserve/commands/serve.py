@@ -41,6 +41,16 @@ def add_parser(subparsers) -> None:
                         help="largest request body in MiB, uploads aside (default 32; FLUXSERVE_MAX_BODY_MB)")
     parser.add_argument("--max-prompt-chars", type=int,
                         help="longest prompt in characters (default 8192; FLUXSERVE_MAX_PROMPT_CHARS)")
+    parser.add_argument("--http-header-timeout", type=float,
+                        help="seconds a connection has to send a complete request head (default 10; "
+                        "FLUXSERVE_HTTP_HEADER_TIMEOUT)")
+    parser.add_argument("--http-keep-alive-timeout", type=float,
+                        help="seconds an idle keep-alive connection stays open (default 5; "
+                        "FLUXSERVE_HTTP_KEEP_ALIVE_TIMEOUT)")
+    parser.add_argument("--http-max-connections", type=int,
+                        help="open client connections (default 1000; FLUXSERVE_HTTP_MAX_CONNECTIONS)")
+    parser.add_argument("--http-max-header-kb", type=int,
+                        help="KiB of one request head (default 64; FLUXSERVE_HTTP_MAX_HEADER_KB)")
     add_model_flags(parser)
     add_random_weights_flag(parser)
     parser.set_defaults(func=run)
@@ -51,13 +61,24 @@ def run(args: argparse.Namespace) -> int:
 
     from fluxserve.api.app import create_app
     from fluxserve.api.auth import is_loopback
+    from fluxserve.api.connections import ConnectionLimits
 
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         print("error: --ssl-certfile and --ssl-keyfile go together", file=sys.stderr)
         return 2
     settings = settings_from_args(args, db=args.db, storage=args.storage, workers_per_device=args.workers_per_device,
                                   retention_hours=args.retention_hours, max_body_mb=args.max_body_mb,
-                                  max_prompt_chars=args.max_prompt_chars)
+                                  max_prompt_chars=args.max_prompt_chars,
+                                  http_header_timeout=args.http_header_timeout,
+                                  http_keep_alive_timeout=args.http_keep_alive_timeout,
+                                  http_max_connections=args.http_max_connections,
+                                  http_max_header_kb=args.http_max_header_kb)
+    limits = ConnectionLimits.from_settings(settings)
+    try:
+        limits.validate()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if refusal := random_weights_refusal(settings):
         print(f"error: {refusal}", file=sys.stderr)
         return 2
@@ -89,8 +110,12 @@ def run(args: argparse.Namespace) -> int:
         from fluxserve.api.logs import redact_access_log
 
         redact_access_log()
+    limits, note = limits.fit_descriptors()
+    if note:
+        print(f"  warning: {note}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
-                log_level="info", access_log=args.access_log, timeout_graceful_shutdown=30)
+                log_level="info", access_log=args.access_log, timeout_graceful_shutdown=30,
+                **limits.uvicorn_options())
     return 0
 
 
