@@ -25,6 +25,7 @@ from fluxserve.api import openai as openai_api
 from fluxserve.api import replicate as replicate_api
 from fluxserve.api import usage as usage_api
 from fluxserve.api.auth import KeyChecker, check_request
+from fluxserve.api.bodies import JsonValueLimit
 from fluxserve.api.errors import ApiError, FalValidationError, api_error_handler, fal_validation_handler
 from fluxserve.api.framing import NoFraming
 from fluxserve.api.limits import MIB, BodyLimitMiddleware
@@ -166,6 +167,7 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
     file_urls.configure(store.secret("file-urls"), settings.file_url_hours * 3600)
     app.state.store_inline = store.is_sqlite  # SQLite reads are fast enough to run on the event loop
 
+    app.add_middleware(JsonValueLimit, max_values=settings.max_json_values)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_mb * MIB)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(fal.StatusFastPath)  # status polls skip routing and the middleware stack

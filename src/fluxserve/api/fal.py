@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from fluxserve import fetch
 from fluxserve.api.auth import Identity, caller, is_cached, parse_authorization, queue_full, require_key
+from fluxserve.api.bodies import off_loop
 from fluxserve.api.common import OwnFileMissing, base_url, data_uri, image_url, resolve_own_file
 from fluxserve.api.errors import (
     ApiError,
@@ -119,6 +120,11 @@ async def _store_call(request: Request, fn, *args, **kwargs):
 # ---- input -> GenerationRequest ------------------------------------------------------------------------------
 async def read_input(request: Request, spec: EndpointSpec) -> tuple[FalInput | TrainerInput, dict]:
     raw = await request.body()
+    return await off_loop(len(raw), parse_input, raw, spec, request.app.state.settings.max_prompt_chars)
+
+
+def parse_input(raw: bytes, spec: EndpointSpec, max_prompt_chars: int) -> tuple[FalInput | TrainerInput, dict]:
+    """Decode and validate a fal body (a large one runs off the event loop: ``api/bodies.py``)."""
     try:
         body = json.loads(raw) if raw.strip() else {}
     except ValueError as exc:
@@ -129,7 +135,7 @@ async def read_input(request: Request, spec: EndpointSpec) -> tuple[FalInput | T
         inp = input_model(spec).model_validate(body)
     except ValidationError as exc:
         raise FalValidationError(from_pydantic(exc, body)) from None
-    if isinstance(inp, FalInput) and (message := prompt_error(inp.prompt, request.app.state.settings.max_prompt_chars)):
+    if isinstance(inp, FalInput) and (message := prompt_error(inp.prompt, max_prompt_chars)):
         raise FalValidationError([field_error(["prompt"], message, "string_too_long")])
     return inp, body
 
@@ -216,7 +222,7 @@ async def prepare(request: Request, spec: EndpointSpec
     inp, body = await read_input(request, spec)
     if isinstance(inp, TrainerInput):
         return await training_request(request, spec, inp, body), body, inp
-    gen = generation_request(spec, inp)
+    gen = await off_loop(len(await request.body()), generation_request, spec, inp)
     if getattr(inp, "loras", None):
         presets = len(spec.loras)
         gen.loras[presets:] = await fetch.run_blocking(_resolve_loras, request, gen.loras[presets:])

@@ -38,6 +38,7 @@ from starlette.formparsers import MultiPartException
 
 from fluxserve import fetch
 from fluxserve.api.auth import caller, check_request, queue_full
+from fluxserve.api.bodies import off_loop
 from fluxserve.api.common import BadReference, data_uri, image_url, resolve_references
 from fluxserve.api.errors import ApiError, documented
 from fluxserve.api.limits import prompt_error
@@ -627,7 +628,7 @@ async def _run(request: Request, fields: dict[str, Any], images: list[str], edit
     names = names or [f"image[{i}]" for i in range(len(images))]
     if images:
         images = await resolve_images(request, images, names)
-    spec, requests, options = translate(fields, catalog, images, edit)
+    spec, requests, options = await off_loop(len(body), translate, fields, catalog, images, edit)
     options["image_params"] = names
     if images:
         await check_images(spec, images, names)
@@ -656,7 +657,7 @@ async def _run(request: Request, fields: dict[str, Any], images: list[str], edit
 async def generations(request: Request) -> Response:
     await _authorize(request)
     body = await request.body()
-    return await _run(request, _json_object(body), [], edit=False, body=body)
+    return await _run(request, await off_loop(len(body), _json_object, body), [], edit=False, body=body)
 
 
 def _json_object(body: bytes) -> dict:
@@ -694,7 +695,7 @@ async def edits(request: Request) -> Response:
     names: list[str] = []
     if content_type.startswith("application/json"):
         body = await request.body()
-        fields = _json_object(body)
+        fields = await off_loop(len(body), _json_object, body)
         for index, item in enumerate(_as_list(fields.get("images"))):
             ref = item.get("image_url") if isinstance(item, dict) else item
             if not isinstance(ref, str):

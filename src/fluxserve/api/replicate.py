@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fluxserve import fetch
 from fluxserve.api.auth import caller, check_request, queue_full
+from fluxserve.api.bodies import off_loop
 from fluxserve.api.common import BadReference, base_url, image_url, resolve_references
 from fluxserve.api.errors import ApiError, documented
 from fluxserve.api.file_urls import file_url
@@ -190,11 +191,12 @@ async def translate(catalog_models: ReplicateModels, model_name: str, raw: Any,
                     request: Request | None = None) -> tuple[str, dict[str, Any]]:
     """Replicate input -> (endpoint id, canonical request dict). Raises Problem (422). With the ``request``,
     input images that are this server's own files (``/v1/files`` uploads, earlier outputs) are read from
-    storage rather than over HTTP."""
+    storage rather than over HTTP, and a large body is validated off the event loop."""
     if not isinstance(raw, dict):
         raise invalid_input([("input", "type", "input must be an object")])
+    size = len(await request.body()) if request is not None else 0
     try:
-        parsed = catalog_models.input_model(model_name).model_validate(raw)
+        parsed = await off_loop(size, catalog_models.input_model(model_name).model_validate, raw)
     except ValidationError as exc:
         raise _validation_problem(exc, sent=raw) from None
     text_spec, edit_spec = catalog_models.specs(model_name)
@@ -381,8 +383,13 @@ def _wait_seconds(prefer: str | None) -> float | None:
 
 
 async def _body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    return await off_loop(len(raw), _decode, raw)  # a large body off the event loop (``api/bodies.py``)
+
+
+def _decode(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(await request.body() or b"{}")
+        body = json.loads(raw or b"{}")
     except ValueError:
         raise Problem(400, "Bad request", "The request body is not valid JSON") from None
     if not isinstance(body, dict):
