@@ -158,3 +158,11 @@ def test_waits_for_many_jobs_end_each_with_its_own_job(store):
 
 def test_a_wait_for_an_unknown_job_ends_at_once(store):
     assert asyncio.run(JobWaits(store).wait("missing", 60)) is True
+
+
+def test_a_wait_ends_when_the_job_times_out_with_nobody_to_end_it(store):
+    """No worker and no other caller touches the job: the waits' poll runs the store's sweep, which ends a
+    queued job past its timeout."""
+    job = store.submit(endpoint="fal-ai/flux-2", dialect="fal", request={"prompt": "x"}, timeout_s=0.3)
+    assert asyncio.run(JobWaits(store).wait(job.id, 60)) is True
+    assert store.get(job.id).status == "failed"
