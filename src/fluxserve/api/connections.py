@@ -168,12 +168,8 @@ def head_limited(limits: ConnectionLimits, base: type[asyncio.Protocol] | None =
                 self._head_timer = None
 
         def _head_timed_out(self) -> None:
-            self._head_timer = None
-            if self.head_since is None or self._head_parsed() or self._serving():
-                self.head_since = None
-                return
-            self.head_since = None
-            if not self.transport.is_closing():
+            waiting, self._head_timer, self.head_since = self.head_since is not None, None, None
+            if waiting and not self._head_parsed() and not self._serving() and not self.transport.is_closing():
                 log.info("closing a connection from %s: no complete request head in %g s", self._peer(),
                          limits.header_timeout)
                 self.transport.close()

@@ -69,11 +69,6 @@ class JobWaits:
                 if not waiting:
                     self._waiters.pop(job_id, None)
 
-    def waiting(self) -> int:
-        """How many waits are in progress (for tests and metrics)."""
-        with self._lock:
-            return sum(len(waiters) for waiters in self._waiters.values())
-
     def _wake(self, job_id: str) -> None:
         """Wake the waiters of ``job_id``; safe from any thread (the store calls it from the ending one)."""
         with self._lock:
