@@ -16,7 +16,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
@@ -44,7 +44,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.pool import StaticPool
 
 from fluxserve.config import masked_url
-from fluxserve.jobs import ledger, quotas
+from fluxserve.jobs import ledger, outbox, quotas
 from fluxserve.jobs.models import (
     ADDED_COLUMNS,
     PRIORITY_RANKS,
@@ -338,6 +338,7 @@ class Delivery:
     url: str | None
     body: Any
     attempts: int
+    owner: str | None = None  # the API key of the job (None: a server without keys)
 
 
 @dataclass
@@ -351,6 +352,7 @@ class EventDelivery:
     url: str
     body: Any
     attempts: int
+    owner: str | None = None  # the API key of the job (None: a server without keys)
 
 
 def normalize_db_url(url: str) -> str:
@@ -1291,9 +1293,12 @@ class JobStore:
 
     # --- webhook deliveries ---------------------------------------------------------------------------
 
-    def claim_deliveries(self, dialects: list[str], limit: int = 8, lease_s: float = 60.0) -> list[Delivery]:
+    def claim_deliveries(self, dialects: list[str], limit: int = 8, lease_s: float = 60.0, *,
+                         per_owner: int | None = None, busy: Mapping[str | None, int] | None = None
+                         ) -> list[Delivery]:
         """Take due webhook deliveries for these dialects; they are hidden from other senders for ``lease_s``
-        (a sender that dies mid-delivery leaves them to be retried after that)."""
+        (a sender that dies mid-delivery leaves them to be retried after that). ``per_owner``: at most that
+        many for one API key, counting the ``busy`` ones it has in flight already (``outbox.claim``)."""
         if not dialects:
             return []
         now = utcnow()
@@ -1303,15 +1308,9 @@ class JobStore:
             if conn.execute(select(webhook_deliveries.c.id).where(due).limit(1)).first() is None:
                 return []
         with self._write() as conn:
-            rows = conn.execute(
-                select(webhook_deliveries).where(due).order_by(webhook_deliveries.c.next_attempt_at)
-                .limit(limit).with_for_update(skip_locked=True)
-            ).all()
-            if rows:
-                conn.execute(update(webhook_deliveries)
-                             .where(webhook_deliveries.c.id.in_([r.id for r in rows]))
-                             .values(next_attempt_at=now + timedelta(seconds=lease_s)))
-        return [Delivery(r.id, r.job_id, r.dialect, r.url, r.body, r.attempts) for r in rows]
+            rows = outbox.claim(conn, webhook_deliveries, due, now=now, limit=limit, lease_s=lease_s,
+                                per_owner=per_owner, busy=busy)
+        return [Delivery(r.id, r.job_id, r.dialect, r.url, r.body, r.attempts, owner) for r, owner in rows]
 
     def next_delivery_due(self, dialects: list[str]) -> datetime | None:
         with self._read() as conn:
@@ -1354,9 +1353,11 @@ class JobStore:
                 job_id=job_id, dialect=dialect, event=event, status="pending", url=url, body=body, attempts=0,
                 next_attempt_at=now, created_at=now).returning(ev.id)).scalar_one()
 
-    def claim_webhook_events(self, dialects: list[str], limit: int = 8, lease_s: float = 60.0) -> list[EventDelivery]:
+    def claim_webhook_events(self, dialects: list[str], limit: int = 8, lease_s: float = 60.0, *,
+                             per_owner: int | None = None, busy: Mapping[str | None, int] | None = None
+                             ) -> list[EventDelivery]:
         """Take due event webhooks, only the earliest pending one of each job (so they arrive in order); they
-        are hidden from other senders for ``lease_s``."""
+        are hidden from other senders for ``lease_s``. ``per_owner`` and ``busy`` as ``claim_deliveries``."""
         if not dialects:
             return []
         now = utcnow()
@@ -1369,12 +1370,10 @@ class JobStore:
             if conn.execute(select(ev.id).where(due).limit(1)).first() is None:
                 return []
         with self._write() as conn:
-            rows = conn.execute(select(webhook_events).where(due).order_by(ev.id).limit(limit)
-                                .with_for_update(skip_locked=True)).all()
-            if rows:
-                conn.execute(update(webhook_events).where(ev.id.in_([r.id for r in rows]))
-                             .values(next_attempt_at=now + timedelta(seconds=lease_s)))
-        return [EventDelivery(r.id, r.job_id, r.dialect, r.event, r.url, r.body, r.attempts) for r in rows]
+            rows = outbox.claim(conn, webhook_events, due, now=now, limit=limit, lease_s=lease_s,
+                                per_owner=per_owner, busy=busy)
+        return [EventDelivery(r.id, r.job_id, r.dialect, r.event, r.url, r.body, r.attempts, owner)
+                for r, owner in rows]
 
     def next_webhook_event_due(self, dialects: list[str]) -> datetime | None:
         with self._read() as conn:
