@@ -4,9 +4,10 @@ persisted state that survives a restart, and dialect payload builders."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
-from webhook_receivers import SigningReceiver
+from webhook_receivers import DrippingReceiver, SigningReceiver
 
 from fluxserve.jobs.store import Job, JobStore
 from fluxserve.jobs.webhooks import WebhookSender
@@ -134,3 +135,132 @@ def test_a_builder_may_decline(store):
     sender = WebhookSender(store, builders={"test": lambda job: None})
     assert sender.deliver_due() == 1
     assert store.delivery(job.id)["status"] == "skipped"
+
+
+def wait_until(condition, timeout: float = 20) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+# ---- one slow receiver holds one slot ------------------------------------------------------------------------
+def submit_finished(store: JobStore, url: str, owner: str | None) -> Job:
+    job = store.submit(endpoint="e", dialect="test", request={"model": "dev"}, owner=owner,
+                       webhook={"url": url, "dialect": "test"})
+    finish(store, job, {"images": []})
+    return job
+
+
+def test_a_slow_receiver_holds_one_slot_and_other_keys_webhooks_go_out_meanwhile(store):
+    """Key A's receiver drips its answer for two minutes; key B's webhook, due later, still goes out at once,
+    and A's deliveries hold no more slots than a key may (the bug: B waited for A's whole batch)."""
+    slow, fast = DrippingReceiver(hold_s=120), Receiver(failures=0)
+    a, b = store.create_key("a")[0], store.create_key("b")[0]
+    sender = WebhookSender(store, timeout=300, concurrency=4, per_key=2, poll_s=0.05,
+                           builders={"test": build_payload})
+    try:
+        sender.start()
+        held = [submit_finished(store, slow.url, a) for _ in range(5)]
+        assert slow.wait_for(lambda r: r.holding >= 2, 30)
+        job = submit_finished(store, fast.url, b)
+        done = time.monotonic()
+        [body] = fast.wait_for(1, timeout=20)
+        assert body["request_id"] == job.id
+        assert time.monotonic() - done < 10  # ~0.1 s; behind A's batch it would be 120 s
+        assert wait_until(lambda: store.delivery(job.id)["status"] == "delivered")
+        # A holds its share (two slots) and no more, although two slots are free and three of A's are due
+        assert slow.wait_for(lambda r: r.holding == 2, 5) and slow.most == 2 and slow.requests == 2
+        assert sorted(store.delivery(j.id)["attempts"] for j in held) == [0] * 5  # none of A's has ended
+    finally:
+        slow.close()
+        sender.stop()
+        fast.close()
+
+
+# ---- every delivery error is an attempt ------------------------------------------------------------------------
+UNPARSEABLE = ["http://0177.0.0.1/", "http://①②⑦.0.0.1/", "http://", "http://xn--/"]
+
+
+@pytest.mark.parametrize("url", UNPARSEABLE)
+def test_a_url_httpx_cannot_parse_is_an_attempt_retried_with_backoff_until_it_fails(store, url):
+    """Rows written before submits were checked (or by another tool) may hold such URLs: each try is recorded
+    with its error and backoff, and the delivery ends as failed instead of being retried silently for ever."""
+    sender = WebhookSender(store, base_delay=60, max_attempts=2, builders={"test": build_payload})
+    job = submit_finished(store, url, None)
+    assert sender.deliver_due() == 1
+    delivery = store.delivery(job.id)
+    assert delivery["status"] == "pending" and delivery["attempts"] == 1 and delivery["last_error"]
+    assert 55 < (delivery["next_attempt_at"] - delivery["created_at"]).total_seconds() < 65
+    assert sender.deliver_due() == 0  # backing off
+    store.update_delivery(delivery["id"], next_attempt_at=delivery["created_at"])
+    assert sender.deliver_due() == 1
+    delivery = store.delivery(job.id)
+    assert delivery["status"] == "failed" and delivery["attempts"] == 2
+
+
+def test_unparseable_urls_do_not_hold_up_a_good_webhook(store):
+    bad_key, good_key = store.create_key("bad")[0], store.create_key("good")[0]
+    receiver = Receiver(failures=0)
+    sender = WebhookSender(store, base_delay=0.05, max_attempts=3, poll_s=0.05, builders={"test": build_payload})
+    try:
+        bad = [submit_finished(store, UNPARSEABLE[i % len(UNPARSEABLE)], bad_key) for i in range(40)]
+        good = submit_finished(store, receiver.url, good_key)
+        sender.start()
+        [body] = receiver.wait_for(1, timeout=20)
+        assert body["request_id"] == good.id
+        wait_until(lambda: all(store.delivery(job.id)["status"] == "failed" for job in bad), 30)
+        rows = [store.delivery(job.id) for job in bad]
+        assert {(row["status"], row["attempts"]) for row in rows} == {("failed", 3)}
+        assert all(row["last_error"] for row in rows)
+    finally:
+        sender.stop()
+        receiver.close()
+
+
+def test_claims_take_one_of_each_key_before_a_second_and_respect_what_is_in_flight(db_url):
+    store, other = JobStore(db_url), JobStore(db_url)  # two API processes on one database
+    try:
+        a, b = store.create_key("a")[0], store.create_key("b")[0]
+        from_a = [submit_finished(store, "http://127.0.0.1:1/a", a).id for _ in range(6)]
+        from_b = submit_finished(store, "http://127.0.0.1:1/b", b).id
+        keyless = submit_finished(store, "http://127.0.0.1:1/n", None).id
+        first = store.claim_deliveries(["test"], limit=3, per_owner=2)
+        assert {d.job_id for d in first} == {from_a[0], from_b, keyless}  # B's and the keyless one not last
+        assert {d.owner for d in first} == {a, b, None}
+        # A has one in flight: the other process may give it one more, not two, however many slots it has
+        second = other.claim_deliveries(["test"], limit=10, per_owner=2, busy={a: 1})
+        assert [d.job_id for d in second] == [from_a[1]]
+        assert store.claim_deliveries(["test"], limit=10, per_owner=2, busy={a: 2}) == []
+        # leased rows are nobody else's; without a limit per key the rest go, earliest first
+        rest = other.claim_deliveries(["test"], limit=10)
+        assert [d.job_id for d in rest] == from_a[2:]
+    finally:
+        store.close()
+        other.close()
+
+
+def test_racing_senders_never_claim_one_row_twice(db_url):
+    stores = [JobStore(db_url) for _ in range(3)]
+    try:
+        owners = [stores[0].create_key(name)[0] for name in ("a", "b", "c")]
+        made = {submit_finished(stores[0], "http://127.0.0.1:1/x", owners[i % 3]).id for i in range(30)}
+        claimed: list[list[str]] = [[] for _ in stores]
+
+        def claim_all(index: int) -> None:
+            for _ in range(50):
+                got = stores[index].claim_deliveries(["test"], limit=4, per_owner=2)
+                claimed[index] += [d.job_id for d in got]
+
+        threads = [threading.Thread(target=claim_all, args=(i,)) for i in range(len(stores))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        every = [job_id for part in claimed for job_id in part]
+        assert sorted(every) == sorted(made)  # each once
+    finally:
+        for store in stores:
+            store.close()

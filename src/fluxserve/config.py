@@ -66,6 +66,9 @@ class Settings:
     fetch_max_lora_mb: float = 16384.0  # MiB per LoRA file
     fetch_workers: int = 16  # threads that download and decode references (apart from the API's own)
     fetch_decode_slots: int = 4  # reference images decoded at once
+    # ---- webhook delivery (fluxserve.jobs.webhooks), in each API process ----
+    webhook_concurrency: int = 16  # deliveries in flight at once (a slow receiver holds one of them)
+    webhook_concurrency_per_key: int = 4  # of those, the most one API key's jobs may hold (0: no limit)
     # ---- limits at the edge (fluxserve.api.limits): 413 / 4xx naming the field in each dialect ----
     max_body_mb: int = 32  # request bodies other than file uploads (FLUXSERVE_MAX_UPLOAD_MB caps those)
     max_prompt_chars: int = 8192  # FLUX.2 reads at most 512 tokens of a prompt

@@ -99,7 +99,8 @@ def create_app(settings: Settings, *, start_workers: bool = True) -> FastAPI:
     app_metrics = metrics.Metrics(store, catalog.endpoints)
     register_payload_builder(fal.DIALECT, partial(fal.webhook_payload, catalog, storage))
     # this app's own builders: they read this app's store and storage (several apps may share a process)
-    webhooks = WebhookSender(store, builders=payload_builders() | {
+    webhooks = WebhookSender(store, concurrency=settings.webhook_concurrency,
+                             per_key=settings.webhook_concurrency_per_key, builders=payload_builders() | {
         fal.DIALECT: partial(fal.webhook_payload, catalog, storage),
         "replicate": partial(replicate_api.build_webhook, store=store)})
     retention = RetentionSweeper(store, storage, settings.retention_hours) if settings.retention_hours > 0 else None

@@ -3,7 +3,15 @@
 When a job with a ``webhook`` becomes terminal, the store queues a delivery row in the same transaction, so
 nothing is lost if the process dies. A ``WebhookSender`` (one per API process) takes due deliveries, builds the
 payload on the first attempt with the builder its dialect registered, POSTs it as JSON and retries failures
-(non-2xx or transport errors) with backoff ``base_delay * 2**(attempt-1)`` capped at ``max_delay``.
+(any error: a non-2xx answer, a transport error, a URL that cannot be parsed, a payload that cannot be built)
+with backoff ``base_delay * 2**(attempt-1)`` capped at ``max_delay``, until ``max_attempts``: a delivery ends
+as delivered, failed or skipped, never retried silently.
+
+Each attempt runs in a slot of its own (``concurrency`` per process, each bounded by the webhook timeout), and
+the jobs of one API key hold at most ``per_key`` slots (``fluxserve.jobs.outbox``): a slow receiver holds one
+slot, and one key's receivers cannot hold them all. Dialects check a caller's webhook URL at submit with
+``check_webhook_url`` (the sender's own parsing and the outbound address policy), so a URL the sender could
+not deliver to is refused there.
 
 Dialects register a builder: ``register_payload_builder("fal", fn)`` where ``fn(job) -> (url, json_body)``, or
 None to send nothing. The dialect name is ``job.webhook["dialect"]`` (else ``job.dialect``).
@@ -37,11 +45,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
+import re
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -156,20 +167,72 @@ SIGNERS: dict[str, Signer] = {
 }
 
 
+# ---- webhook URLs ----------------------------------------------------------------------------------------
+_HOST_NAME = re.compile(r"[A-Za-z0-9_-]{1,63}(?:\.[A-Za-z0-9_-]{1,63})*\.?")
+
+
+class WebhookURLError(ValueError):
+    """A webhook URL the sender could not deliver to; ``message`` is safe to show the caller and leaves the
+    field to the dialect, which names it in its own error shape (fal ``fal_webhook``, Replicate ``webhook``)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+def check_webhook_url(url: object, policy: fetch.FetchPolicy | None = None) -> str:
+    """``url`` when the sender can POST to it: parsed as the sender's httpx client parses it, http(s), a host
+    that is an IP address or a host name, a port from 1 to 65535, and no address the outbound policy refuses
+    (``fetch.resolve_allowed``; a host name is resolved, so call this off the event loop). A name that does
+    not resolve now is accepted: every attempt resolves it again, and a delivery that keeps failing ends as
+    failed. Raises ``WebhookURLError``."""
+    if not isinstance(url, str) or not url.strip():
+        raise WebhookURLError("must be an http(s) URL")
+    try:
+        parsed = httpx.URL(url)
+        host, port, raw_host = parsed.host, parsed.port, parsed.raw_host.decode("ascii")
+    except (httpx.InvalidURL, UnicodeError, ValueError):
+        raise WebhookURLError("is not a valid URL") from None
+    if parsed.scheme not in ("http", "https"):
+        raise WebhookURLError("must be an http(s) URL")
+    if not host:
+        raise WebhookURLError("is not a valid URL: it names no host")
+    if port is not None and not 0 < port < 65536:
+        raise WebhookURLError(f"is not a valid URL: port {port} is not from 1 to 65535")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOST_NAME.fullmatch(raw_host) or len(raw_host) > 253:
+            raise WebhookURLError("is not a valid URL: the host is no host name") from None
+    try:
+        fetch.resolve_allowed(host, port or (443 if parsed.scheme == "https" else 80), policy)
+    except fetch.AddressRefused:
+        raise WebhookURLError(fetch.REFUSED_MESSAGE) from None
+    except httpx.ConnectError:
+        pass  # the name does not resolve now
+    return url
+
+
+# ---- the sender ------------------------------------------------------------------------------------------
 class WebhookSender:
-    """Delivers pending webhooks from a thread pool. ``notify`` (usable as a worker's ``on_finished``) wakes it
-    at once; otherwise it looks for due deliveries every ``poll_s`` seconds."""
+    """Delivers pending webhooks, each in a slot of its own: at most ``concurrency`` attempts run at once (each
+    bounded by ``timeout``), and the jobs of one API key hold at most ``per_key`` of them (0: no limit), so a
+    slow receiver, or one key's many, delays no other key's webhooks. A slot that frees up is filled at once
+    from the outbox; ``notify`` (usable as a worker's ``on_finished``) wakes the sender, which otherwise looks
+    for due deliveries every ``poll_s`` seconds. Every failed attempt, whatever the error, is recorded with its
+    error and retried with backoff until ``max_attempts``."""
 
     def __init__(self, store: JobStore, *, max_attempts: int = 10, base_delay: float = 1.0,
-                 max_delay: float = 600.0, timeout: float = 15.0, concurrency: int = 4, poll_s: float = 1.0,
-                 builders: dict[str, PayloadBuilder] | None = None, keys: WebhookKeys | None = None,
-                 signers: dict[str, Signer] | None = None):
+                 max_delay: float = 600.0, timeout: float = 15.0, concurrency: int = 16, per_key: int = 4,
+                 poll_s: float = 1.0, builders: dict[str, PayloadBuilder] | None = None,
+                 keys: WebhookKeys | None = None, signers: dict[str, Signer] | None = None):
         self.store = store
         self.max_attempts = max_attempts
         self.base_delay = base_delay
         self.max_delay = max_delay
         self.timeout = timeout
-        self.concurrency = concurrency
+        self.concurrency = max(1, concurrency)
+        self.per_key = per_key if per_key > 0 else None
         self.poll_s = poll_s
         self.keys = keys or WebhookKeys(store)
         self.signers = SIGNERS if signers is None else signers
@@ -178,7 +241,10 @@ class WebhookSender:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._client = fetch.webhook_client(timeout)  # internal addresses refused
-        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="webhook")
+        self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="webhook")
+        # the attempts running in this process, by (kind, row id), with their jobs' API keys
+        self._in_flight: dict[tuple[str, int], str | None] = {}
+        self._slots = threading.Lock()
         store.add_terminal_listener(lambda _job_id: self._wake.set())
 
     @property
@@ -209,33 +275,63 @@ class WebhookSender:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._client.close()
 
-    def _claim(self, limit: int) -> list[Delivery | EventDelivery]:
-        dialects, lease_s = list(self.builders), self.timeout + 30
-        events: list[Delivery | EventDelivery] = list(self.store.claim_webhook_events(dialects, limit, lease_s))
-        return events + list(self.store.claim_deliveries(dialects, limit=limit, lease_s=lease_s))
+    def _claim(self, limit: int, busy: Counter[str | None] | None = None) -> list[Delivery | EventDelivery]:
+        """Up to ``limit`` due rows, events first, fairly between keys given the ``busy`` slots per key."""
+        dialects, lease_s, busy = list(self.builders), self.timeout + 30, Counter(busy or {})
+        claimed: list[Delivery | EventDelivery] = list(self.store.claim_webhook_events(
+            dialects, limit, lease_s, per_owner=self.per_key, busy=busy))
+        busy.update(item.owner for item in claimed)
+        return claimed + list(self.store.claim_deliveries(dialects, limit - len(claimed), lease_s,
+                                                          per_owner=self.per_key, busy=busy))
+
+    def _fill_slots(self) -> bool:
+        """Start an attempt in every free slot that a due row can take; whether every free slot was filled
+        (more may be due)."""
+        with self._slots:
+            free = self.concurrency - len(self._in_flight)
+            busy = Counter(self._in_flight.values())
+        if free <= 0:
+            return False
+        claimed = self._claim(free, busy)
+        for item in claimed:
+            slot = (type(item).__name__, item.id)
+            with self._slots:
+                if slot in self._in_flight:  # its lease ran out while this process still tries it
+                    continue
+                self._in_flight[slot] = item.owner
+            self._pool.submit(self._deliver_in_slot, slot, item)
+        return len(claimed) >= free
+
+    def _deliver_in_slot(self, slot: tuple[str, int], item: Delivery | EventDelivery) -> None:
+        try:
+            self.deliver(item)
+        except Exception:  # the store failed: the row's lease runs out and it is tried again
+            log.exception("webhook sender: could not record the delivery for job %s", item.job_id)
+        finally:
+            with self._slots:
+                self._in_flight.pop(slot, None)
+            self._wake.set()
 
     def _run(self) -> None:
         while not self._stopping.is_set():
             self._wake.clear()
+            wait = self.poll_s
             try:
-                deliveries = self._claim(self.concurrency)
-                futures = [self._pool.submit(self.deliver, d) for d in deliveries]
-                for future in futures:
-                    future.result()
-                if len(deliveries) >= self.concurrency:
+                if self._fill_slots():
                     continue
-                wait = self.poll_s
                 dialects = list(self.builders)
+                now = utcnow()
                 for due in (self.store.next_delivery_due(dialects), self.store.next_webhook_event_due(dialects)):
-                    if due is not None:
-                        wait = max(0.0, min(wait, (due - utcnow()).total_seconds()))
+                    # a row due already waits for a slot (or its key's share): a freed slot wakes the sender
+                    if due is not None and due > now:
+                        wait = min(wait, (due - now).total_seconds())
             except Exception:
                 log.exception("webhook sender: database error; retrying")
-                wait = self.poll_s
             self._wake.wait(wait)
 
     def deliver_due(self) -> int:
-        """One pass in the calling thread (for tools and tests): deliver what is due; returns how many."""
+        """One pass in the calling thread (for tools and tests): deliver what is due (each key's share); returns
+        how many."""
         deliveries = self._claim(100)
         for delivery in deliveries:
             self.deliver(delivery)
@@ -256,7 +352,12 @@ class WebhookSender:
         if url is None:
             job = self.store.get(delivery.job_id)
             builder = self.builders.get(delivery.dialect)
-            built = builder(job) if job is not None and builder is not None else None
+            try:
+                built = builder(job) if job is not None and builder is not None else None
+            except Exception as e:
+                log.exception("webhook for job %s: the payload could not be built", delivery.job_id)
+                return self._failed(delivery, f"the payload could not be built: {type(e).__name__}: {e}", None,
+                                    self.store.update_delivery)
             if built is None:
                 self.store.update_delivery(delivery.id, status="skipped")
                 return False
@@ -274,7 +375,12 @@ class WebhookSender:
         if body is None:  # built now, from the job as it is, and kept for the retries
             job = self.store.get(event.job_id)
             builder = _event_builders.get(event.dialect)
-            body = builder(job, event.event, self.store) if job is not None and builder is not None else None
+            try:
+                body = builder(job, event.event, self.store) if job is not None and builder is not None else None
+            except Exception as e:
+                log.exception("webhook for job %s: the %s event could not be built", event.job_id, event.event)
+                return self._failed(event, f"the payload could not be built: {type(e).__name__}: {e}", None,
+                                    self.store.update_webhook_event)
             if body is None:
                 self.store.update_webhook_event(event.id, status="skipped")
                 return False
@@ -287,30 +393,35 @@ class WebhookSender:
 
     def _attempt(self, delivery: Delivery | EventDelivery, url: str, body: Any, message_id: str,
                  update: Callable[..., None]) -> bool:
-        attempts = delivery.attempts + 1
         status_code = None
-        content = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
         headers = {"User-Agent": "fluxserve-webhook", "Content-Type": "application/json"}
         signer = self.signers.get(delivery.dialect)
         try:
+            content = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
             if signer is not None:  # signed at each attempt, so the timestamp is fresh; as the job's owner
                 owner = self.store.job_owner(delivery.job_id)
                 headers.update(signer(self.keys, delivery.job_id, owner, message_id, content))
             response = self._client.post(url, content=content, headers=headers)
             status_code = response.status_code
             error = None if response.is_success else f"HTTP {status_code}"
-        except httpx.HTTPError as e:
+        except Exception as e:  # noqa: BLE001 - any error is the attempt's (httpx.InvalidURL is no HTTPError)
             error = f"{type(e).__name__}: {e}"
-        now = utcnow()
         if error is None:
-            update(delivery.id, status="delivered", attempts=attempts, delivered_at=now,
+            update(delivery.id, status="delivered", attempts=delivery.attempts + 1, delivered_at=utcnow(),
                    last_status_code=status_code, last_error=None)
             return True
+        return self._failed(delivery, error, status_code, update)
+
+    def _failed(self, delivery: Delivery | EventDelivery, error: str, status_code: int | None,
+                update: Callable[..., None]) -> bool:
+        """Record a failed attempt: retried after ``base_delay * 2**(attempts-1)`` (at most ``max_delay``), or
+        failed for good after ``max_attempts``."""
+        attempts = delivery.attempts + 1
         if attempts >= self.max_attempts:
             log.warning("webhook for job %s failed %d times; giving up: %s", delivery.job_id, attempts, error)
             update(delivery.id, status="failed", attempts=attempts, last_error=error, last_status_code=status_code)
             return False
         delay = min(self.max_delay, self.base_delay * 2 ** (attempts - 1))
         update(delivery.id, attempts=attempts, last_error=error, last_status_code=status_code,
-               next_attempt_at=now + timedelta(seconds=delay))
+               next_attempt_at=utcnow() + timedelta(seconds=delay))
         return False
