@@ -41,6 +41,7 @@ from fluxserve.api.errors import (
     field_error,
     from_field_error,
     from_pydantic,
+    query_error,
 )
 from fluxserve.api.fal_schemas import FalInput, ProOutput, TrainerInput, input_model, output_model
 from fluxserve.api.fal_training import training_output, training_request
@@ -49,6 +50,7 @@ from fluxserve.api.limits import prompt_error
 from fluxserve.api.openapi30 import to_openapi30
 from fluxserve.catalog import Catalog, EndpointSpec
 from fluxserve.jobs.store import QueueFull
+from fluxserve.jobs.webhooks import WebhookURLError, check_webhook_url
 from fluxserve.request import GenerationRequest, InputError, LoraSpec, TrainingRequest
 from fluxserve.sizes import FAL_MIN_SIDE, SizeError, fal_image_size
 
@@ -273,6 +275,11 @@ async def submit(request: Request, spec: EndpointSpec, webhook_url: str | None =
     names this server process as its caller (unless an idempotency key lets the caller come back for it), so
     it is cancelled rather than run for nobody if the process stops."""
     previews = _previews(request)
+    if webhook_url is not None:
+        try:  # the host name is resolved (the outbound address policy): off the event loop
+            await asyncio.to_thread(check_webhook_url, webhook_url)
+        except WebhookURLError as exc:
+            raise query_error("fal_webhook", exc.message) from None
     gen, body, inp = await prepare(request, spec)
     if isinstance(gen, GenerationRequest):
         gen.partial_images = previews
@@ -282,8 +289,6 @@ async def submit(request: Request, spec: EndpointSpec, webhook_url: str | None =
     if job_id and (existing := await asyncio.to_thread(store.get, job_id)) is not None:
         return existing
     if webhook_url is not None:
-        if urlsplit(webhook_url).scheme not in ("http", "https"):
-            raise FalValidationError([field_error(["fal_webhook"], "must be an http(s) URL")])
         options["webhook"] = {"url": webhook_url, "events": ["completed"], "dialect": DIALECT,
                               "base_url": base_url(request)}
     try:

@@ -39,7 +39,12 @@ from fluxserve.api.limits import prompt_error
 from fluxserve.api.openai import preset_request
 from fluxserve.api.replicate_schemas import COG_VERSION, ReplicateModels
 from fluxserve.jobs.store import QueueFull
-from fluxserve.jobs.webhooks import register_event_builder, register_payload_builder
+from fluxserve.jobs.webhooks import (
+    WebhookURLError,
+    check_webhook_url,
+    register_event_builder,
+    register_payload_builder,
+)
 from fluxserve.request import GenerationRequest, InputError
 from fluxserve.sizes import SizeError, replicate_size
 
@@ -403,14 +408,17 @@ async def create(request: Request, model_name: str, body: dict[str, Any]) -> Res
     prompt = raw_input.get("prompt") if isinstance(raw_input, dict) else None
     if message := prompt_error(prompt, request.app.state.settings.max_prompt_chars):
         raise invalid_input([("input.prompt", "string_too_long", message)])
-    endpoint, canonical = await translate(catalog_models, model_name, raw_input, request)
     webhook = body.get("webhook")
     events = body.get("webhook_events_filter") or list(WEBHOOK_EVENTS)
     if not isinstance(events, list) or any(e not in WEBHOOK_EVENTS for e in events):
         raise invalid_input([("webhook_events_filter", "enum",
                               f"must be a list of: {', '.join(WEBHOOK_EVENTS)}")])
-    if webhook is not None and (not isinstance(webhook, str) or not webhook.startswith(("http://", "https://"))):
-        raise invalid_input([("webhook", "format", "must be an http(s) URL")])
+    if webhook is not None:
+        try:  # the host name is resolved (the outbound address policy): off the event loop
+            await run_in_threadpool(check_webhook_url, webhook)
+        except WebhookURLError as exc:
+            raise invalid_input([("webhook", "format", exc.message)]) from None
+    endpoint, canonical = await translate(catalog_models, model_name, raw_input, request)
     wait = _wait_seconds(request.headers.get("prefer"))
     base = base_url(request)
     version = catalog_models.version(model_name)
