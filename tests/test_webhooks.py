@@ -264,3 +264,24 @@ def test_racing_senders_never_claim_one_row_twice(db_url):
     finally:
         for store in stores:
             store.close()
+
+
+def test_a_jobs_webhooks_go_one_at_a_time_and_no_event_follows_its_terminal_webhook(store):
+    """A job's webhooks are never sent at once (a slot holds the job); an event queued after the terminal
+    webhook started going out (a log line written as the job ended) is skipped, not sent after it."""
+    receiver = Receiver(failures=0)
+    try:
+        job = submit_finished(store, receiver.url, None)
+        other = submit_finished(store, receiver.url, None)
+        final = store.delivery(job.id)
+        assert [d.job_id for d in store.claim_deliveries(["test"], busy_jobs=[job.id])] == [other.id]
+        # the terminal webhook was built at its first attempt (and may be in flight now); a late event:
+        store.update_delivery(final["id"], url=receiver.url, body={"final": True})
+        store.queue_webhook_event(job.id, "test", "logs", receiver.url, {"late": True})
+        sender = WebhookSender(store, builders={"test": build_payload})
+        [event] = store.claim_webhook_events(["test"])
+        assert not sender.deliver(event)
+        assert [e["status"] for e in store.webhook_events(job.id)] == ["skipped"]
+        assert receiver.bodies == []
+    finally:
+        receiver.close()

@@ -11,25 +11,28 @@ does not push another key's single one behind them. Each claimed row is leased (
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Table, func, or_, select, update
+from sqlalchemy import ColumnElement, Table, and_, func, or_, select, update
 from sqlalchemy.engine import Connection, Row
 
 from fluxserve.jobs.models import jobs
 
 
 def claim(conn: Connection, table: Table, due: ColumnElement[bool], *, now: datetime, limit: int,
-          lease_s: float, per_owner: int | None = None,
-          busy: Mapping[str | None, int] | None = None) -> list[tuple[Row[Any], str | None]]:
+          lease_s: float, per_owner: int | None = None, busy: Mapping[str | None, int] | None = None,
+          busy_jobs: Collection[str] = ()) -> list[tuple[Row[Any], str | None]]:
     """Lease up to ``limit`` rows of ``table`` (``webhook_deliveries`` or ``webhook_events``) that ``due``
-    selects, fairly between keys (see the module); returns (row, owner) pairs. ``per_owner`` None: no limit
-    per key (earliest due first)."""
+    selects, fairly between keys (see the module), none of the ``busy_jobs`` (whose webhooks the claiming
+    process is sending now: one at a time per job keeps them in order); returns (row, owner) pairs.
+    ``per_owner`` None: no limit per key (earliest due first)."""
     if limit <= 0:
         return []
     busy = busy or {}
+    if busy_jobs:
+        due = and_(due, table.c.job_id.not_in(list(busy_jobs)))
     rank = func.row_number().over(partition_by=jobs.c.owner, order_by=(table.c.next_attempt_at, table.c.id))
     ranked = (select(table.c.id, table.c.next_attempt_at, jobs.c.owner, rank.label("rank"))
               .select_from(table.join(jobs, jobs.c.id == table.c.job_id)).where(due).subquery())

@@ -16,7 +16,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
@@ -1294,11 +1294,12 @@ class JobStore:
     # --- webhook deliveries ---------------------------------------------------------------------------
 
     def claim_deliveries(self, dialects: list[str], limit: int = 8, lease_s: float = 60.0, *,
-                         per_owner: int | None = None, busy: Mapping[str | None, int] | None = None
-                         ) -> list[Delivery]:
+                         per_owner: int | None = None, busy: Mapping[str | None, int] | None = None,
+                         busy_jobs: Collection[str] = ()) -> list[Delivery]:
         """Take due webhook deliveries for these dialects; they are hidden from other senders for ``lease_s``
         (a sender that dies mid-delivery leaves them to be retried after that). ``per_owner``: at most that
-        many for one API key, counting the ``busy`` ones it has in flight already (``outbox.claim``)."""
+        many for one API key, counting the ``busy`` ones it has in flight already; none of ``busy_jobs``
+        (``outbox.claim``)."""
         if not dialects:
             return []
         now = utcnow()
@@ -1309,7 +1310,7 @@ class JobStore:
                 return []
         with self._write() as conn:
             rows = outbox.claim(conn, webhook_deliveries, due, now=now, limit=limit, lease_s=lease_s,
-                                per_owner=per_owner, busy=busy)
+                                per_owner=per_owner, busy=busy, busy_jobs=busy_jobs)
         return [Delivery(r.id, r.job_id, r.dialect, r.url, r.body, r.attempts, owner) for r, owner in rows]
 
     def next_delivery_due(self, dialects: list[str]) -> datetime | None:
@@ -1354,10 +1355,11 @@ class JobStore:
                 next_attempt_at=now, created_at=now).returning(ev.id)).scalar_one()
 
     def claim_webhook_events(self, dialects: list[str], limit: int = 8, lease_s: float = 60.0, *,
-                             per_owner: int | None = None, busy: Mapping[str | None, int] | None = None
-                             ) -> list[EventDelivery]:
+                             per_owner: int | None = None, busy: Mapping[str | None, int] | None = None,
+                             busy_jobs: Collection[str] = ()) -> list[EventDelivery]:
         """Take due event webhooks, only the earliest pending one of each job (so they arrive in order); they
-        are hidden from other senders for ``lease_s``. ``per_owner`` and ``busy`` as ``claim_deliveries``."""
+        are hidden from other senders for ``lease_s``. ``per_owner``, ``busy`` and ``busy_jobs`` as
+        ``claim_deliveries``."""
         if not dialects:
             return []
         now = utcnow()
@@ -1371,7 +1373,7 @@ class JobStore:
                 return []
         with self._write() as conn:
             rows = outbox.claim(conn, webhook_events, due, now=now, limit=limit, lease_s=lease_s,
-                                per_owner=per_owner, busy=busy)
+                                per_owner=per_owner, busy=busy, busy_jobs=busy_jobs)
         return [EventDelivery(r.id, r.job_id, r.dialect, r.event, r.url, r.body, r.attempts, owner)
                 for r, owner in rows]
 

@@ -242,8 +242,8 @@ class WebhookSender:
         self._thread: threading.Thread | None = None
         self._client = fetch.webhook_client(timeout)  # internal addresses refused
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="webhook")
-        # the attempts running in this process, by (kind, row id), with their jobs' API keys
-        self._in_flight: dict[tuple[str, int], str | None] = {}
+        # the attempts running in this process, by (kind, row id)
+        self._in_flight: dict[tuple[str, int], Delivery | EventDelivery] = {}
         self._slots = threading.Lock()
         store.add_terminal_listener(lambda _job_id: self._wake.set())
 
@@ -275,30 +275,35 @@ class WebhookSender:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._client.close()
 
-    def _claim(self, limit: int, busy: Counter[str | None] | None = None) -> list[Delivery | EventDelivery]:
-        """Up to ``limit`` due rows, events first, fairly between keys given the ``busy`` slots per key."""
-        dialects, lease_s, busy = list(self.builders), self.timeout + 30, Counter(busy or {})
+    def _claim(self, limit: int, in_flight: list[Delivery | EventDelivery] | None = None
+               ) -> list[Delivery | EventDelivery]:
+        """Up to ``limit`` due rows, events first, fairly between keys given the slots ``in_flight``, and none
+        of a job that has one in flight (a job's webhooks go one at a time, in order)."""
+        dialects, lease_s = list(self.builders), self.timeout + 30
+        busy = Counter(item.owner for item in in_flight or ())
+        busy_jobs = {item.job_id for item in in_flight or ()}
         claimed: list[Delivery | EventDelivery] = list(self.store.claim_webhook_events(
-            dialects, limit, lease_s, per_owner=self.per_key, busy=busy))
-        busy.update(item.owner for item in claimed)
+            dialects, limit, lease_s, per_owner=self.per_key, busy=busy, busy_jobs=busy_jobs))
+        busy.update(item.owner for item in claimed)  # (a terminal webhook claimed with its job's event waits)
         return claimed + list(self.store.claim_deliveries(dialects, limit - len(claimed), lease_s,
-                                                          per_owner=self.per_key, busy=busy))
+                                                          per_owner=self.per_key, busy=busy,
+                                                          busy_jobs=busy_jobs))
 
     def _fill_slots(self) -> bool:
         """Start an attempt in every free slot that a due row can take; whether every free slot was filled
         (more may be due)."""
         with self._slots:
             free = self.concurrency - len(self._in_flight)
-            busy = Counter(self._in_flight.values())
+            in_flight = list(self._in_flight.values())
         if free <= 0:
             return False
-        claimed = self._claim(free, busy)
+        claimed = self._claim(free, in_flight)
         for item in claimed:
             slot = (type(item).__name__, item.id)
             with self._slots:
                 if slot in self._in_flight:  # its lease ran out while this process still tries it
                     continue
-                self._in_flight[slot] = item.owner
+                self._in_flight[slot] = item
             self._pool.submit(self._deliver_in_slot, slot, item)
         return len(claimed) >= free
 
@@ -367,8 +372,9 @@ class WebhookSender:
 
     def _deliver_event(self, event: EventDelivery) -> bool:
         final = self.store.delivery(event.job_id)
-        if final is not None and final["status"] != "pending":
-            # the terminal webhook already went out; an event after it would arrive out of order
+        if final is not None and (final["status"] != "pending" or final["url"] is not None):
+            # the terminal webhook went out, or is going out (it was built at its first attempt): an event
+            # after it would arrive out of order, and it carries everything the event would
             self.store.update_webhook_event(event.id, status="skipped")
             return False
         body = event.body
