@@ -78,18 +78,19 @@ def test_openai_edit_with_n10_stores_the_upload_once(server):
             completed += 1
             if seen_while_running is None:  # the first image: every job of the request exists now
                 jobs = [job for job in server.store.list(limit=1000) if job.id not in earlier]
-                seen_while_running = (jobs, stored_inputs(storage_root))
+                files = stored_inputs(storage_root)
+                seen_while_running = (jobs, files, [server.store.file_owner(key) for key in files])
     assert completed == 10
-    jobs, files = seen_while_running
+    jobs, files, owners = seen_while_running
     assert len(jobs) == 3 and sorted(job.request["num_images"] for job in jobs) == [2, 4, 4]
     assert list(files.values()) == [len(image)]  # one file, the upload's bytes: 1x, not 3x
     (key,) = files
     assert all(job.request["image_urls"] == [str(storage_root / key)] for job in jobs)
     assert sum(row_bytes(job) for job in jobs) < len(image) / 20  # no copy in any row
-    assert server.store.file_owner(key) == (True, server.store.authenticate(server.key).id)
+    assert owners == [(True, server.store.authenticate(server.key).id)]  # the caller's file
     # the request has ended: its upload is deleted right after the stream's last event
     deadline = time.monotonic() + 10
-    while stored_inputs(storage_root) and time.monotonic() < deadline:
+    while (stored_inputs(storage_root) or server.store.file_owner(key)[0]) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert stored_inputs(storage_root) == {}
     assert server.store.file_owner(key) == (False, None)
@@ -105,6 +106,25 @@ def test_openai_edit_without_stream_also_stores_once_and_cleans_up(server):
     assert len(jobs) == 2 and len({job.request["image_urls"][0] for job in jobs}) == 1
     assert sum(row_bytes(job) for job in jobs) < len(image) / 20
     assert stored_inputs(Path(server.settings.storage_location)) == {}
+
+
+def test_openai_upload_stays_while_its_jobs_may_still_run(demo_settings):
+    """A caller that hangs up with an Idempotency-Key may come back for its jobs: their stored image stays."""
+    image = noise_png(128, seed=4)
+    settings = settings_for(demo_settings, "stored-inputs-idempotent")
+    with Server(settings, start_workers=False) as queued_only:
+        client = openai_client(queued_only.url, max_retries=0, timeout=2)
+        with pytest.raises(openai.APITimeoutError):
+            client.images.edit(model="flux-2-dev", prompt="p", image=("a.png", image), size="64x64",
+                               extra_headers={"Idempotency-Key": "come-back-later"})
+        deadline = time.monotonic() + 30
+        while not queued_only.store.list(limit=10) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (job,) = queued_only.store.list(limit=10)
+        time.sleep(3)  # the server notices the hang-up within a second (its wait poll) and ends the request
+        assert job.status == "queued"
+        path = Path(job.request["image_urls"][0])
+        assert path.is_file() and path.stat().st_size == len(image)
 
 
 def test_replicate_data_uri_is_stored_once_as_a_file_of_the_prediction(server):

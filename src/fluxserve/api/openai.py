@@ -630,19 +630,20 @@ async def _run(request: Request, fields: dict[str, Any], images: list[str], edit
     """Translate, check, submit and answer. ``stored``: files this request stored for its images (uploads,
     data URIs), deleted once every job of the request has ended (or when none was made)."""
     stored = stored or []
-    job_ids: list[str] = []
+    request.state.job_ids = []
     streaming = False
     try:
-        response, job_ids, streaming = await _answer(request, fields, images, edit, body, names, stored)
+        response, streaming = await _answer(request, fields, images, edit, body, names, stored)
         return response
     finally:
-        if stored and not streaming:
+        if stored and not streaming:  # a stream deletes them when it ends (``_until_hang_up``)
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(_delete_when_done, request, job_ids, stored)
+                await anyio.to_thread.run_sync(_delete_when_done, request, request.state.job_ids, stored)
 
 
 async def _answer(request: Request, fields: dict[str, Any], images: list[str], edit: bool, body: bytes,
-                  names: list[str] | None, stored: list[str]) -> tuple[Response, list[str], bool]:
+                  names: list[str] | None, stored: list[str]) -> tuple[Response, bool]:
+    """The answer, and whether it is a stream; the jobs made are in ``request.state.job_ids``."""
     catalog: Catalog = request.app.state.catalog
     if message := prompt_error(fields.get("prompt"), request.app.state.settings.max_prompt_chars):
         raise invalid("prompt", f"Invalid 'prompt': {message}.", "string_above_max_length")
@@ -657,13 +658,13 @@ async def _answer(request: Request, fields: dict[str, Any], images: list[str], e
     if edit:
         raw["image_count"] = len(images)
     request.state.work_started = True
-    job_ids = await submit_jobs(request, spec, requests, raw, not options["sync_mode"], body)
+    job_ids = request.state.job_ids = await submit_jobs(request, spec, requests, raw, not options["sync_mode"], body)
     headers = {"x-fluxserve-job-ids": ",".join(job_ids)}
     if options["stream"]:
         prefix = "image_edit" if edit else "image_generation"
         events = _until_hang_up(request, job_ids, stream_events(request, job_ids, options, prefix), stored)
         return (StreamingResponse(events, media_type="text/event-stream",
-                                  headers=headers | {"cache-control": "no-store"}), job_ids, True)
+                                  headers=headers | {"cache-control": "no-store"}), True)
     jobs = await wait_all(request, job_ids)
     for job in jobs:
         if job.status != "completed":
@@ -672,7 +673,7 @@ async def _answer(request: Request, fields: dict[str, Any], images: list[str], e
     if options["sync_mode"]:
         for job_id in job_ids:
             await run_in_threadpool(request.app.state.store.forget_io, job_id)
-    return JSONResponse(result, headers=headers), job_ids, False
+    return JSONResponse(result, headers=headers), False
 
 
 def _delete_when_done(request: Request, job_ids: list[str], stored: list[str]) -> None:
