@@ -147,9 +147,16 @@ class LoraCache:
     @contextmanager
     def _flock(self, path: Path, *, shared: bool, wait: bool = True) -> Iterator[None]:
         """An advisory lock on ``path`` (made if missing); ``BlockingIOError`` when ``wait`` is False and it
-        is held."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        is held. In a cache this process cannot write (a read-only, pre-filled one) nothing can be evicted, so
+        holding needs no lock there, and an eviction is refused as if the file were held."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            if not wait:
+                raise BlockingIOError(f"cannot lock {path}") from None
+            yield
+            return
         try:
             if fcntl is not None:
                 mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
