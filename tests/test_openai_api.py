@@ -183,7 +183,9 @@ def test_json_edit_with_image_url(live_server):  # noqa: F811
         "prompt": "x", "images": [{"image_url": uri}], "image_url": uri, "size": "64x64", "steps": 1})
     assert response.status_code == 200, response.text
     (job_id,) = response.headers["x-fluxserve-job-ids"].split(",")
-    assert live_server.store.get(job_id).request["image_urls"] == [uri, uri]
+    urls = live_server.store.get(job_id).request["image_urls"]  # each data URI stored once, as a file
+    root = str(live_server.app.state.storage.root)
+    assert len(urls) == 2 and all(url.startswith(root + "/inputs/") for url in urls)
 
 
 def test_n_on_single_image_models_runs_parallel_jobs(catalog):

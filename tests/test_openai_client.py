@@ -61,8 +61,9 @@ def test_edit_with_several_images(client, live_server):  # noqa: F811
     (job_id,) = raw.headers["x-fluxserve-job-ids"].split(",")
     job = live_server.store.get(job_id)
     assert job.dialect == "openai" and job.endpoint == "fal-ai/flux-2/edit"
-    assert len(job.request["image_urls"]) == 2
-    assert all(u.startswith("data:image/png;base64,") for u in job.request["image_urls"])
+    assert len(job.request["image_urls"]) == 2  # the uploads, stored once as files (deleted once answered)
+    root = str(live_server.app.state.storage.root)
+    assert all(u.startswith(root + "/inputs/") and u.endswith(".png") for u in job.request["image_urls"])
 
 
 def test_edit_single_image_b64(client):

@@ -12,6 +12,7 @@ from fluxserve.request import LoraSpec
 from fluxserve.usage import Price
 
 DEFAULT_CATALOG = Path(__file__).with_name("catalog.toml")
+DEFAULT_MAX_LORAS = 3  # fal's limit on the LoRAs of one request to its LoRA endpoints
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class EndpointSpec:
     guidance: float
     sigmas: tuple[float, ...] | None = None
     loras: tuple[LoraSpec, ...] = ()
+    max_loras: int = 0  # LoRAs a caller may add to one request (schema "lora"); the preset's are not counted
     expand_prompt: bool = False
     output_format: str = "png"
     max_references: int = 0
@@ -100,6 +102,7 @@ class Catalog:
                 guidance=float(e["guidance"]),
                 sigmas=tuple(e["sigmas"]) if e.get("sigmas") else None,
                 loras=tuple(LoraSpec(**lora) for lora in e.get("loras", [])),
+                max_loras=_max_loras(path, eid, e),
                 expand_prompt=e.get("expand_prompt", False),
                 output_format=e.get("output_format", "png"),
                 max_references=e.get("max_references", 0),
@@ -134,6 +137,14 @@ class Catalog:
 
 
 ROUTE_PROVIDERS = UPSTREAM_PROVIDERS
+
+
+def _max_loras(path: Path, endpoint_id: str, entry: dict) -> int:
+    """``max_loras``: the caller's LoRAs one request may name; fal's 3 by default where the schema takes LoRAs."""
+    value = entry.get("max_loras", DEFAULT_MAX_LORAS if entry.get("schema") == "lora" else 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{path}: endpoint {endpoint_id!r}: max_loras must be a whole number of at least 0")
+    return value
 
 
 def _routes(path: Path, endpoint_id: str, routes: list) -> list[str]:

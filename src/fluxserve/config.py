@@ -90,6 +90,10 @@ class Settings:
     http_max_header_kb: int = 64  # KiB of one request head (request line and headers); longer: 431
     # ---- request bodies (fluxserve.api.bodies): none stalls the event loop ----
     max_json_values: int = 20_000  # JSON values in one request body (a bound counted as it arrives); more: 413
+    # ---- LoRAs and stored files (fluxserve.engine.lora_cache, fluxserve.jobs.file_quota) ----
+    lora_cache_gb: float = 64.0  # GiB of downloaded LoRAs kept per cache directory, LRU (0: no bound)
+    # MiB of files one API key may keep stored (uploads, inputs stored for its requests); 0: no limit
+    max_storage_mb_per_key: float = 10240.0
     # ---- the gateway (fluxserve.upstream): providers that serve the closed models ----
     upstream: str = ""  # NAME=URL,... e.g. fal=https://queue.fal.run; keys: FLUXSERVE_UPSTREAM_<NAME>_KEY
     gateway_workers: int = 8  # requests sent upstream at once by each serve process
@@ -113,6 +117,16 @@ class Settings:
         environment only (never a flag, never stored)."""
         prefix = f"FLUXSERVE_UPSTREAM_{name.upper()}"
         return os.environ.get(f"{prefix}_KEY") or os.environ.get(f"{prefix}_TOKEN") or None
+
+    @property
+    def lora_cache_bytes(self) -> int | None:
+        """``lora_cache_gb`` in bytes; None for no bound."""
+        return int(self.lora_cache_gb * GIB) if self.lora_cache_gb > 0 else None
+
+    @property
+    def max_storage_bytes_per_key(self) -> int | None:
+        """``max_storage_mb_per_key`` in bytes; None for no limit."""
+        return int(self.max_storage_mb_per_key * 1024**2) if self.max_storage_mb_per_key > 0 else None
 
     @property
     def db_url(self) -> str:

@@ -212,7 +212,8 @@ def _fields(spec: EndpointSpec) -> dict[str, Any]:
     if family == "lora":
         fields["loras"] = (
             list[LoraWeight],
-            Field(default_factory=list, description="The LoRAs to use for the image generation."),
+            Field(default_factory=list, max_length=spec.max_loras,
+                  description=f"The LoRAs to use for the image generation: at most {spec.max_loras}."),
         )
     if spec.is_edit:
         fields["image_urls"] = (

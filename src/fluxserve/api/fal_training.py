@@ -20,9 +20,11 @@ from fluxserve.api.common import OwnFileMissing, base_url, own_file_key, resolve
 from fluxserve.api.errors import FalValidationError, from_field_error
 from fluxserve.api.fal_schemas import TrainerInput
 from fluxserve.api.file_urls import file_url
+from fluxserve.api.stored_files import storage_full, store_file_blocking
 from fluxserve.api.upload_types import ZIP
 from fluxserve.catalog import EndpointSpec
 from fluxserve.inputs import data_uri_bytes
+from fluxserve.jobs.file_quota import StorageQuotaExceeded
 from fluxserve.request import InputError, TrainingRequest
 from fluxserve.training.dataset import FIELD, DatasetLimits, check_api_source, check_dataset
 
@@ -38,6 +40,8 @@ async def training_request(request: Request, spec: EndpointSpec, inp: TrainerInp
         key, stored = await fetch.run_blocking(_read_dataset, request, training)
     except InputError as exc:
         raise FalValidationError(from_field_error(exc)) from None
+    except StorageQuotaExceeded as exc:
+        raise storage_full(exc, "fal") from None
     training.dataset_key = key
     if stored:
         training.image_data_url = body["image_data_url"] = file_url(base_url(request), key)
@@ -47,14 +51,13 @@ async def training_request(request: Request, spec: EndpointSpec, inp: TrainerInp
 def _read_dataset(request: Request, training: TrainingRequest) -> tuple[str | None, bool]:
     """Check the dataset by its headers (blocking): (its storage key or None for a URL elsewhere, whether it was
     stored now)."""
-    storage, url = request.app.state.storage, training.image_data_url.strip()
+    url = training.image_data_url.strip()
     options = {"edit": training.edit, "default_caption": training.default_caption,
                "limits": DatasetLimits.from_settings(request.app.state.settings)}
     if url.lower().startswith("data:"):
         data = data_uri_bytes(url, FIELD)
         check_dataset(data, **options)
-        key = storage.put(data, ZIP, prefix="datasets", filename="dataset.zip")
-        request.app.state.store.add_file(key, caller(request).key_id)
+        key = store_file_blocking(request, data, ZIP, caller(request).key_id, "datasets", "dataset.zip")
         return key, True
     key = own_file_key(request, url)
     if key is None:

@@ -7,7 +7,7 @@
   the upload URL itself is signed).
 
 Uploads are images or safetensors LoRA weights (``upload_types``, checked on the bytes) and belong to the key
-that uploaded them. With API keys in use, ``GET /files/{key}`` needs the owner's key (or an admin key) or the
+that uploaded them, within its storage quota (``jobs.file_quota``: a 429 beyond it). With API keys in use, ``GET /files/{key}`` needs the owner's key (or an admin key) or the
 signed ``?token=`` every returned URL carries (``file_urls``); another key gets 404, as for a missing file.
 """
 
@@ -31,10 +31,11 @@ from fluxserve.api import file_urls, upload_types
 from fluxserve.api.auth import authenticate, caller, check_request, parse_authorization, require_key
 from fluxserve.api.common import base_url, image_url
 from fluxserve.api.errors import ApiError
+from fluxserve.api.stored_files import UPLOAD_PREFIX, set_size_blocking, storage_full, store_file
+from fluxserve.jobs.file_quota import StorageQuotaExceeded
 
 MAX_UPLOAD_BYTES = int(os.environ.get("FLUXSERVE_MAX_UPLOAD_MB", "100")) * 1024 * 1024
 TOKEN_TTL_S = 3600
-UPLOAD_PREFIX = "uploads"
 
 router = APIRouter(tags=["files"])
 
@@ -134,10 +135,6 @@ def checked_type(data: bytes) -> str:
     return content_type
 
 
-async def _record(request: Request, key: str, owner: str | None) -> None:
-    await asyncio.to_thread(request.app.state.store.add_file, key, owner)
-
-
 # ---- uploads ---------------------------------------------------------------------------------------------------
 @router.post("/storage/auth/token", dependencies=[Depends(require_key("fal"))], summary="fal upload token")
 async def upload_token(request: Request) -> JSONResponse:
@@ -159,8 +156,10 @@ async def upload_file(request: Request) -> JSONResponse:
     data = await _body(request)
     name = request.headers.get("x-fal-file-name") or None
     content_type = checked_type(data)
-    key = await asyncio.to_thread(request.app.state.storage.put, data, content_type, UPLOAD_PREFIX, name)
-    await _record(request, key, owner)
+    try:
+        key = await store_file(request, data, content_type, owner, UPLOAD_PREFIX, name)
+    except StorageQuotaExceeded as exc:
+        raise storage_full(exc, "fal") from None
     return JSONResponse({"access_url": image_url(request, key), "file_name": name or key.rsplit("/", 1)[-1]})
 
 
@@ -174,9 +173,10 @@ async def initiate_upload(request: Request) -> JSONResponse:
     body = body if isinstance(body, dict) else {}
     content_type = _content_type(body.get("content_type"))
     name = body.get("file_name") or None
-    storage = request.app.state.storage
-    key = await asyncio.to_thread(storage.put, b"", content_type, UPLOAD_PREFIX, name)  # reserve the slot
-    await _record(request, key, caller(request).key_id)
+    try:  # reserve the slot (its size is counted once the bytes arrive)
+        key = await store_file(request, b"", content_type, caller(request).key_id, UPLOAD_PREFIX, name)
+    except StorageQuotaExceeded as exc:
+        raise storage_full(exc, "fal") from None
     token = _signer(request).sign({"kind": "put", "key": key, "ct": content_type, "exp": time.time() + TOKEN_TTL_S})
     return JSONResponse({"upload_url": f"{base_url(request)}/storage/upload/{token}", "file_url": image_url(request, key)})
 
@@ -187,5 +187,12 @@ async def put_upload(request: Request, token: str) -> JSONResponse:
     if not payload or payload.get("kind") != "put":
         raise ApiError(403, "Invalid or expired upload URL: initiate the upload again")
     data = await _body(request)
-    await asyncio.to_thread(request.app.state.storage.put_at, payload["key"], data, checked_type(data))
+    content_type = checked_type(data)
+    try:
+        await asyncio.to_thread(set_size_blocking, request, payload["key"], len(data))
+    except StorageQuotaExceeded as exc:
+        raise storage_full(exc, "fal") from None
+    except KeyError:  # the reservation was deleted meanwhile (retention)
+        raise ApiError(403, "Invalid or expired upload URL: initiate the upload again") from None
+    await asyncio.to_thread(request.app.state.storage.put_at, payload["key"], data, content_type)
     return JSONResponse({"file_url": image_url(request, payload["key"])})

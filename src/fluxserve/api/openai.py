@@ -43,8 +43,8 @@ from fluxserve.api.common import BadReference, data_uri, image_url, resolve_refe
 from fluxserve.api.errors import ApiError, documented
 from fluxserve.api.limits import prompt_error
 from fluxserve.api.openai_usage import image_usage, jobs_usage
+from fluxserve.api.stored_files import InlineFull, delete_files_blocking, storage_full, store_images
 from fluxserve.catalog import Catalog, EndpointSpec
-from fluxserve.inputs import image_type
 from fluxserve.jobs.store import BLOCKED_ERROR_TYPE, QueueFull
 from fluxserve.request import MAX_SEED, GenerationRequest, InputError
 from fluxserve.sizes import SizeError, gateway_size
@@ -445,18 +445,21 @@ async def wait_all(request: Request, job_ids: list[str]) -> list[Any]:
     return jobs
 
 
-async def _until_hang_up(request: Request, job_ids: list[str], events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _until_hang_up(request: Request, job_ids: list[str], events: AsyncIterator[bytes],
+                         stored: list[str] | None = None) -> AsyncIterator[bytes]:
     """A streamed answer's events; if the caller hangs up first, its jobs that have not started are cancelled
-    (as in ``wait_all``)."""
+    (as in ``wait_all``). Then the request's ``stored`` images are deleted once its jobs have ended."""
     answered = False
     try:
         async for event in events:
             yield event
         answered = True
     finally:
-        if not answered:
-            with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True):
+            if not answered:
                 await anyio.to_thread.run_sync(_cancel_queued, request, job_ids)
+            if stored:
+                await anyio.to_thread.run_sync(_delete_when_done, request, job_ids, stored)
 
 
 def _cancel_queued(request: Request, job_ids: list[str]) -> None:
@@ -621,7 +624,24 @@ async def _authorize(request: Request) -> None:
 
 
 async def _run(request: Request, fields: dict[str, Any], images: list[str], edit: bool, body: bytes,
-               names: list[str] | None = None) -> Response:
+               names: list[str] | None = None, stored: list[str] | None = None) -> Response:
+    """Translate, check, submit and answer. ``stored``: files this request stored for its images (uploads,
+    data URIs), deleted once every job of the request has ended (or when none was made)."""
+    stored = stored or []
+    request.state.job_ids = []
+    streaming = False
+    try:
+        response, streaming = await _answer(request, fields, images, edit, body, names, stored)
+        return response
+    finally:
+        if stored and not streaming:  # a stream deletes them when it ends (``_until_hang_up``)
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(_delete_when_done, request, request.state.job_ids, stored)
+
+
+async def _answer(request: Request, fields: dict[str, Any], images: list[str], edit: bool, body: bytes,
+                  names: list[str] | None, stored: list[str]) -> tuple[Response, bool]:
+    """The answer, and whether it is a stream; the jobs made are in ``request.state.job_ids``."""
     catalog: Catalog = request.app.state.catalog
     if message := prompt_error(fields.get("prompt"), request.app.state.settings.max_prompt_chars):
         raise invalid("prompt", f"Invalid 'prompt': {message}.", "string_above_max_length")
@@ -636,12 +656,13 @@ async def _run(request: Request, fields: dict[str, Any], images: list[str], edit
     if edit:
         raw["image_count"] = len(images)
     request.state.work_started = True
-    job_ids = await submit_jobs(request, spec, requests, raw, not options["sync_mode"], body)
+    job_ids = request.state.job_ids = await submit_jobs(request, spec, requests, raw, not options["sync_mode"], body)
     headers = {"x-fluxserve-job-ids": ",".join(job_ids)}
     if options["stream"]:
         prefix = "image_edit" if edit else "image_generation"
-        return StreamingResponse(_until_hang_up(request, job_ids, stream_events(request, job_ids, options, prefix)),
-                                 media_type="text/event-stream", headers=headers | {"cache-control": "no-store"})
+        events = _until_hang_up(request, job_ids, stream_events(request, job_ids, options, prefix), stored)
+        return (StreamingResponse(events, media_type="text/event-stream",
+                                  headers=headers | {"cache-control": "no-store"}), True)
     jobs = await wait_all(request, job_ids)
     for job in jobs:
         if job.status != "completed":
@@ -650,7 +671,17 @@ async def _run(request: Request, fields: dict[str, Any], images: list[str], edit
     if options["sync_mode"]:
         for job_id in job_ids:
             await run_in_threadpool(request.app.state.store.forget_io, job_id)
-    return JSONResponse(result, headers=headers)
+    return JSONResponse(result, headers=headers), False
+
+
+def _delete_when_done(request: Request, job_ids: list[str], stored: list[str]) -> None:
+    """Delete the request's stored images once none of its jobs may still read them: when it made none, or
+    all have ended (a job still queued or running, e.g. of a caller that hung up with an Idempotency-Key,
+    keeps them until retention)."""
+    store = request.app.state.store
+    jobs = [store.get(job_id) for job_id in job_ids]
+    if all(job is None or job.status in TERMINAL for job in jobs):
+        delete_files_blocking(request, stored)
 
 
 @router.post("/images/generations", summary="Create an image (OpenAI Images)")
@@ -676,12 +707,14 @@ def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, list) else [value]
 
 
-async def _upload_to_uri(upload: UploadFile) -> str:
-    data = await upload.read()
-    content_type = upload.content_type or ""
-    if not content_type.startswith("image/"):
-        content_type = image_type(data) or "application/octet-stream"
-    return data_uri(data, content_type)
+async def _stored_images(request: Request, images: list[bytes | str], names: list[str]
+                         ) -> tuple[list[str], list[str]]:
+    """The request's uploaded parts and data URIs stored once as the caller's files (``stored_files``): every
+    job of the request references the same file instead of carrying a copy. (references, stored keys)."""
+    try:
+        return await store_images(request, images, caller(request).key_id)
+    except InlineFull as exc:
+        raise storage_full(exc, "openai", names[exc.index] if exc.index < len(names) else "image") from None
 
 
 @router.post("/images/edits", summary="Edit images with references (OpenAI Images)")
@@ -724,17 +757,19 @@ async def edits(request: Request) -> Response:
                 fields[name] = value
         listed = len(files) > 1 or any(key.endswith("[]") for key, _ in files)
         names = [f"image[{i}]" if listed else "image" for i in range(len(files))]
-        images = [await _upload_to_uri(upload) for _, upload in files]
+        images = [await upload.read() for _, upload in files]
         names += [f"image_url[{i}]" if len(urls) > 1 else "image_url" for i in range(len(urls))]
         images += urls
-        body = json.dumps(fields, sort_keys=True).encode() + b"".join(i.encode()[:4096] for i in images)
+        body = json.dumps(fields, sort_keys=True).encode() + b"".join(  # the SDK's retries send the same parts
+            hashlib.sha256(i if isinstance(i, bytes) else i.encode()).digest() for i in images)
     extra = _as_list(fields.pop("image_url", None))
     for index, ref in enumerate(extra):
         if not isinstance(ref, str):
             raise invalid("image_url", "'image_url' must be a URL or data URI, or a list of them.")
         images.append(ref)
         names.append(f"image_url[{index}]" if len(extra) > 1 else "image_url")
-    return await _run(request, fields, images, edit=True, body=body, names=names)
+    references, stored = await _stored_images(request, images, names)
+    return await _run(request, fields, references, edit=True, body=body, names=names, stored=stored)
 
 
 def _model_object(name: str, created: int) -> dict[str, Any]:

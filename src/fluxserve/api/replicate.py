@@ -16,6 +16,7 @@ import base64
 import json
 import logging
 import re
+import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
@@ -38,6 +39,14 @@ from fluxserve.api.files import checked_type
 from fluxserve.api.limits import prompt_error
 from fluxserve.api.openai import preset_request
 from fluxserve.api.replicate_schemas import COG_VERSION, ReplicateModels
+from fluxserve.api.stored_files import (
+    UPLOAD_PREFIX,
+    delete_files_blocking,
+    storage_full,
+    store_file,
+    store_images,
+)
+from fluxserve.jobs.file_quota import StorageQuotaExceeded
 from fluxserve.jobs.store import QueueFull
 from fluxserve.jobs.webhooks import (
     WebhookURLError,
@@ -402,8 +411,36 @@ def _decode(raw: bytes) -> dict[str, Any]:
     return body
 
 
+IMAGE_FIELDS = ("input_images", "input_image")  # seed 003's name, and the list the schema reads
+
+
+async def _stored_inputs(request: Request, raw_input: Any, job_id: str) -> tuple[Any, list[str]]:
+    """The input with its data URI images stored once as the caller's files of the prediction ``job_id``
+    (``stored_files``): the job's request and its recorded input reference the file, not two copies of the
+    image. (the input, the keys stored)."""
+    if not isinstance(raw_input, dict) or not any(isinstance(raw_input.get(name), (str, list))
+                                                  for name in IMAGE_FIELDS):
+        return raw_input, []
+    out, stored = dict(raw_input), []
+    try:
+        for name in IMAGE_FIELDS:
+            value = raw_input.get(name)
+            images = value if isinstance(value, list) else [value] if isinstance(value, str) else None
+            if not images or not all(isinstance(image, str) for image in images):
+                continue  # absent, or of a type the schema refuses naming the field
+            try:
+                references, keys = await store_images(request, images, caller(request).key_id, job_id)
+            except StorageQuotaExceeded as exc:
+                raise storage_full(exc, "replicate") from None
+            stored += keys
+            out[name] = references if isinstance(value, list) else references[0]
+    except BaseException:
+        await run_in_threadpool(delete_files_blocking, request, stored)
+        raise
+    return out, stored
+
+
 async def create(request: Request, model_name: str, body: dict[str, Any]) -> Response:
-    catalog_models = models(request)
     raw_input = body.get("input", {})
     prompt = raw_input.get("prompt") if isinstance(raw_input, dict) else None
     if message := prompt_error(prompt, request.app.state.settings.max_prompt_chars):
@@ -418,18 +455,32 @@ async def create(request: Request, model_name: str, body: dict[str, Any]) -> Res
             await run_in_threadpool(check_webhook_url, webhook)
         except WebhookURLError as exc:
             raise invalid_input([("webhook", "format", exc.message)]) from None
+    job_id = str(uuid.uuid4())
+    raw_input, stored = await _stored_inputs(request, raw_input, job_id)
+    try:
+        return await _create(request, model_name, raw_input, job_id, webhook, events)
+    except BaseException:  # no prediction was made: nothing references the stored images
+        if stored:
+            await run_in_threadpool(delete_files_blocking, request, stored)
+        raise
+
+
+async def _create(request: Request, model_name: str, raw_input: Any, job_id: str, webhook: str | None,
+                  events: list[str]) -> Response:
+    catalog_models = models(request)
     endpoint, canonical = await translate(catalog_models, model_name, raw_input, request)
     wait = _wait_seconds(request.headers.get("prefer"))
     base = base_url(request)
     version = catalog_models.version(model_name)
-    raw = dict(body.get("input") or {}) | {"__model__": model_name, "__version__": version}
+    raw = dict(raw_input or {}) | {"__model__": model_name, "__version__": version}
     hook = ({"url": webhook, "events": events, "dialect": "replicate", "base_url": base, "model": model_name}
             if webhook else None)
     store = request.app.state.store
     owner = caller(request).key_id
     try:
         job = await run_in_threadpool(lambda: store.submit(endpoint=endpoint, dialect="replicate",
-                                                           request=canonical, input=raw, webhook=hook, owner=owner))
+                                                           request=canonical, input=raw, webhook=hook, owner=owner,
+                                                           job_id=job_id))
     except QueueFull as exc:
         raise queue_full(exc, "replicate") from None
     metrics = getattr(request.app.state, "metrics", None)
@@ -657,8 +708,10 @@ async def upload_file(request: Request) -> Response:
         raise invalid_input([("content", "required", "a file part named 'content' is required")])
     data = await upload.read()
     content_type = checked_type(data)
-    key = await run_in_threadpool(request.app.state.storage.put, data, content_type, "uploads", upload.filename)
-    await run_in_threadpool(request.app.state.store.add_file, key, caller(request).key_id)
+    try:
+        key = await store_file(request, data, content_type, caller(request).key_id, UPLOAD_PREFIX, upload.filename)
+    except StorageQuotaExceeded as exc:
+        raise storage_full(exc, "replicate") from None
     url = image_url(request, key)
     now = iso(datetime.now(UTC))
     return JSONResponse({

@@ -11,11 +11,13 @@ A LoRA ``path`` is one of
   files), written once into ``<cache_dir>/loras/<sha256>.safetensors``.
 
 Only safetensors files are accepted (the header is checked, not the name): pickled checkpoints can run code
-when loaded. The file's sha256 is its identity (adapter names are derived from it).
+when loaded. The file's sha256 is its identity (adapter names are derived from it). The cache is bounded
+(``lora_cache.LoraCache``: least recently used first, never a LoRA a running job holds).
 
 ``applied_loras(pipe, loras, cache_dir)`` loads every LoRA as its own adapter with its scale, yields, and on
 exit deletes the adapters again; when no adapter is left the PEFT layers are unloaded entirely, so the next
-request runs the untouched base model (bit-identical outputs). A lock per pipeline keeps two requests from
+request runs the untouched base model (bit-identical outputs). A LoRA none of whose layers the model has is an
+``InputError`` naming ``loras[i].path``, like one whose shapes do not fit. A lock per pipeline keeps two requests from
 mixing adapters should a caller ever share one pipeline between threads.
 """
 
@@ -28,12 +30,13 @@ import struct
 import tempfile
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from fluxserve import fetch
+from fluxserve.engine.lora_cache import CacheTooSmall, LoraCache
 from fluxserve.request import InputError, LoraSpec
 
 MAX_HEADER_BYTES = 100 * 1024**2  # the safetensors format's own limit
@@ -52,8 +55,11 @@ class LoraFile:
 
 
 @contextmanager
-def applied_loras(pipe, loras: list[LoraSpec], cache_dir: Path, token: str | None = None) -> Iterator[list[str]]:
+def applied_loras(pipe, loras: list[LoraSpec], cache_dir: Path, token: str | None = None,
+                  max_cache_bytes: int | None = None) -> Iterator[list[str]]:
     """Apply ``loras`` (with their scales) to ``pipe`` for the body of the ``with``; yield the adapter names.
+    The cached files are held (never evicted) until the adapters are removed; the cache holds at most
+    ``max_cache_bytes`` besides the LoRAs running jobs hold (None: no bound).
 
     Bad paths, failed downloads, non-safetensors files and LoRAs that do not fit the model raise
     ``InputError("loras[i].path", ...)``. Adapters already on the pipeline stay active at scale 1.0.
@@ -61,38 +67,62 @@ def applied_loras(pipe, loras: list[LoraSpec], cache_dir: Path, token: str | Non
     if not loras:
         yield []
         return
-    files = [resolve_lora(spec.path, cache_dir, f"loras[{i}].path", token=token) for i, spec in enumerate(loras)]
-    with _pipe_lock(pipe):
-        before = _adapter_names(pipe)
-        kept = [name for name in pipe.get_active_adapters() if name in before] if before else []
-        names: list[str] = []
-        try:
-            for i, (spec, file) in enumerate(zip(loras, files)):
-                name = f"fluxserve_{i}_{file.sha256[:12]}"
-                try:
-                    pipe.load_lora_weights(str(file.path), adapter_name=name)
-                except (ValueError, KeyError, RuntimeError) as exc:
-                    raise InputError(f"loras[{i}].path",
-                                     f"{spec.path} is not a LoRA this model can load: {exc}") from exc
-                names.append(name)
-            pipe.set_adapters(kept + names, [1.0] * len(kept) + [float(spec.scale) for spec in loras])
-            yield names
-        finally:
-            _remove_adapters(pipe, before, kept)
+    cache = LoraCache(Path(cache_dir) / "loras", max_cache_bytes)
+    with ExitStack() as held:
+        files = [resolve_lora(spec.path, cache_dir, f"loras[{i}].path", token=token, cache=cache, held=held)
+                 for i, spec in enumerate(loras)]
+        with _pipe_lock(pipe):
+            before = _adapter_names(pipe)
+            kept = [name for name in pipe.get_active_adapters() if name in before] if before else []
+            names: list[str] = []
+            try:
+                for i, (spec, file) in enumerate(zip(loras, files)):
+                    names.append(_load_adapter(pipe, i, spec, file))
+                pipe.set_adapters(kept + names, [1.0] * len(kept) + [float(spec.scale) for spec in loras])
+                yield names
+            finally:
+                _remove_adapters(pipe, before, kept)
 
 
-def resolve_lora(ref: str, cache_dir: Path, field: str = "loras[0].path", token: str | None = None) -> LoraFile:
-    """Turn a LoRA reference into a checked local safetensors file (downloading it once if needed)."""
+def _load_adapter(pipe, index: int, spec: LoraSpec, file: LoraFile) -> str:
+    """Load one LoRA as its own adapter; its name. ``InputError`` naming ``loras[index].path`` when the model
+    cannot load it, or when none of its layers are the model's (diffusers then loads nothing, silently)."""
+    name = f"fluxserve_{index}_{file.sha256[:12]}"
+    field = f"loras[{index}].path"
+    try:
+        pipe.load_lora_weights(str(file.path), adapter_name=name)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise InputError(field, f"{spec.path} is not a LoRA this model can load: {exc}") from exc
+    if name not in _adapter_names(pipe):
+        raise InputError(field, f"{spec.path} is not a LoRA for this model: none of its layers are the "
+                                "model's (a LoRA made for another model, or keys in a format this server does not "
+                                "read; expected diffusers/PEFT keys such as transformer.<module>.lora_A.weight)")
+    return name
+
+
+def resolve_lora(ref: str, cache_dir: Path, field: str = "loras[0].path", token: str | None = None, *,
+                 cache: LoraCache | None = None, held: ExitStack | None = None) -> LoraFile:
+    """Turn a LoRA reference into a checked local safetensors file (downloading it once if needed). A cached
+    file is held on ``held`` (eviction skips it until ``held`` closes); ``cache`` bounds the cache."""
     ref = ref.strip()
     if not ref:
         raise InputError(field, f"empty LoRA path; {_HINT}")
+    cache = cache or LoraCache(Path(cache_dir) / "loras")
+    with ExitStack() as own:
+        try:
+            return _resolve(ref, cache, field, token, held if held is not None else own)
+        except CacheTooSmall as exc:
+            raise InputError(field, f"{ref}: {exc}") from None
+
+
+def _resolve(ref: str, cache: LoraCache, field: str, token: str | None, held: ExitStack) -> LoraFile:
     scheme = urlparse(ref).scheme.lower()
     if scheme in ("http", "https"):
-        return _download(ref, Path(cache_dir) / "loras", field, token)
+        return _download(ref, cache, field, token, held)
     if scheme == "data":
-        return _from_data_uri(ref, Path(cache_dir) / "loras", field)
+        return _from_data_uri(ref, cache, field, held)
     if scheme == "hf":
-        path = _hf_download(ref, Path(cache_dir) / "loras" / "hf", field, token)
+        path = _hf_download(ref, cache, field, token, held)
     elif scheme == "file":
         path = Path(unquote(urlparse(ref).path))
     elif scheme and len(scheme) > 1:  # one letter: a Windows drive
@@ -135,13 +165,14 @@ def _not_safetensors(name: str, reason: str) -> str:
 
 
 # ---- downloads -------------------------------------------------------------------------------------------
-def _download(url: str, root: Path, field: str, token: str | None) -> LoraFile:
+def _download(url: str, cache: LoraCache, field: str, token: str | None, held: ExitStack) -> LoraFile:
     policy = fetch.current()
+    root = cache.root
     index = root / "urls" / f"{hashlib.sha256(url.encode()).hexdigest()}.json"
     with _memo_lock:
         url_lock = _url_locks.setdefault(url, threading.Lock())
     with url_lock:
-        cached = _cached_url(index, root)
+        cached = _cached_url(index, cache, held)
         if cached is not None:
             return cached
         root.mkdir(parents=True, exist_ok=True)
@@ -168,7 +199,8 @@ def _download(url: str, root: Path, field: str, token: str | None) -> LoraFile:
             check_safetensors(tmp, field, url)
             sha = digest.hexdigest()
             final = root / f"{sha}.safetensors"
-            os.replace(tmp, final)
+            held.enter_context(cache.in_use(sha))
+            cache.admit(tmp, final)
         except fetch.FetchError as exc:
             raise InputError(field, f"could not download {url}: {exc.message}") from None
         finally:
@@ -178,13 +210,17 @@ def _download(url: str, root: Path, field: str, token: str | None) -> LoraFile:
         return LoraFile(final, sha)
 
 
-def _from_data_uri(ref: str, root: Path, field: str) -> LoraFile:
+def _from_data_uri(ref: str, cache: LoraCache, field: str, held: ExitStack) -> LoraFile:
     from fluxserve.inputs import data_uri_bytes
 
     data = data_uri_bytes(ref, field)
     sha = hashlib.sha256(data).hexdigest()
+    root = cache.root
     final = root / f"{sha}.safetensors"
-    if not final.is_file():
+    held.enter_context(cache.in_use(sha))
+    if final.is_file():
+        cache.touch(final)
+    else:
         root.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=root, prefix=".data-", suffix=".part")
         tmp = Path(tmp_name)
@@ -192,23 +228,45 @@ def _from_data_uri(ref: str, root: Path, field: str) -> LoraFile:
             with os.fdopen(fd, "wb") as out:
                 out.write(data)
             check_safetensors(tmp, field, "the data URI")
-            os.replace(tmp, final)
+            cache.admit(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
     _remember_hash(final, sha)
     return LoraFile(final, sha)
 
 
-def _cached_url(index: Path, root: Path) -> LoraFile | None:
+def _cached_url(index: Path, cache: LoraCache, held: ExitStack) -> LoraFile | None:
+    """The cached file of a URL downloaded before, held; None when there is none (or it was evicted)."""
     try:
         sha = json.loads(index.read_text())["sha256"]
     except (OSError, ValueError, KeyError):
         return None
-    path = root / f"{sha}.safetensors"
-    return LoraFile(path, sha) if path.is_file() else None
+    if not isinstance(sha, str) or not sha.isalnum():
+        return None
+    path = cache.root / f"{sha}.safetensors"
+    held.enter_context(cache.in_use(sha))  # held before looking: an evictor cannot delete it after the look
+    if not path.is_file():
+        return None
+    cache.touch(path)
+    return LoraFile(path, sha)
 
 
-def _hf_download(ref: str, cache: Path, field: str, token: str | None) -> Path:
+def _hf_download(ref: str, cache: LoraCache, field: str, token: str | None, held: ExitStack) -> Path:
+    """The file from the hub (or its cache), held; room is made for it in the LoRA cache's bound."""
+    for _attempt in range(2):  # evicted between the download and the hold: fetched once more
+        path = _hf_fetch(ref, cache.root / "hf", field, token)
+        name = cache.lock_name(path)
+        if name is None:
+            return path
+        held.enter_context(cache.in_use(name))
+        if path.is_file():
+            cache.touch(path.resolve())
+            cache.make_room()
+            return path
+    raise InputError(field, f"{ref} was evicted from the LoRA cache while it was being fetched; try again")
+
+
+def _hf_fetch(ref: str, cache: Path, field: str, token: str | None) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 

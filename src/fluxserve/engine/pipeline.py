@@ -456,7 +456,8 @@ class Engine:
             presets = {preset.path for endpoint in self.catalog.endpoints.values() for preset in endpoint.loras}
             stand_in = str(demo_lora_path(self.settings.demo_dir))
             loras = [spec.model_copy(update={"path": stand_in}) if spec.path in presets else spec for spec in loras]
-        return lora.applied_loras(pipe, loras, self.settings.cache_dir, token=self.settings.hf_token or None)
+        return lora.applied_loras(pipe, loras, self.settings.cache_dir, token=self.settings.hf_token or None,
+                                  max_cache_bytes=self.settings.lora_cache_bytes)
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------

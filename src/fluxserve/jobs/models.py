@@ -135,7 +135,9 @@ files = Table(
     Column("owner", String(64), nullable=True),
     Column("job_id", String(64), nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
+    Column("size", BigInteger, nullable=True),  # bytes, for the storage quota (jobs.file_quota); NULL: unknown
     Index("ix_files_created", "created_at"),
+    Index("ix_files_owner", "owner"),
 )
 
 # Server-side secrets shared by every API replica (e.g. the key that signs file URLs).
@@ -250,5 +252,5 @@ upstream_calls = Table(
 ADDED_COLUMNS: list[tuple[str, str]] = [  # (table, column)
     ("jobs", "owner"), ("api_keys", "admin"), ("jobs", "caller"), ("jobs", "first_progress_at"),
     ("api_keys", "max_concurrent"), ("api_keys", "rpm"), ("api_keys", "mp_per_day"), ("jobs", "kind"),
-    ("job_usage", "provider"), ("api_keys", "released_at"),
+    ("job_usage", "provider"), ("api_keys", "released_at"), ("files", "size"),
 ]

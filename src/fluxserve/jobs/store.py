@@ -44,7 +44,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.pool import StaticPool
 
 from fluxserve.config import masked_url
-from fluxserve.jobs import ledger, outbox, quotas
+from fluxserve.jobs import file_quota, ledger, outbox, quotas
 from fluxserve.jobs.models import (
     ADDED_COLUMNS,
     PRIORITY_RANKS,
@@ -1536,10 +1536,31 @@ class JobStore:
                 started_at=started_at, answered_at=answered_at, ended_at=ended_at, outcome=outcome,
                 error=(error or None) and error[:2000]))
 
-    def add_file(self, key: str, owner: str | None, job_id: str | None = None) -> None:
-        """Record who a stored file belongs to (an upload; outputs are recorded when their job completes)."""
-        with self._write() as conn:
-            conn.execute(insert(files).values(key=key, owner=owner, job_id=job_id, created_at=utcnow()))
+    def add_file(self, key: str, owner: str | None, job_id: str | None = None, *, size: int | None = None,
+                 limit: int | None = None) -> None:
+        """Record who a stored file belongs to (an upload, an input stored for a request) and its ``size``.
+        With ``limit``, ``StorageQuotaExceeded`` when the owner's files would pass it (``file_quota``); record
+        the file before writing its bytes, so a refused one costs nothing."""
+        with self._raw_write() as raw:
+            file_quota.check(raw, owner, key, size or 0, limit)
+            raw.execute('INSERT INTO files ("key", owner, job_id, created_at, size) VALUES (?, ?, ?, ?, ?)',
+                        (key, owner, job_id, raw.time(utcnow()), size))
+
+    def set_file_size(self, key: str, size: int, limit: int | None = None) -> None:
+        """A recorded file's new ``size`` (a reserved upload slot receiving its bytes), checked against its
+        owner's ``limit`` like ``add_file``; KeyError for a file never recorded."""
+        with self._raw_write() as raw:
+            row = raw.execute('SELECT owner FROM files WHERE "key" = ?', (key,)).fetchone()
+            if row is None:
+                raise KeyError(key)
+            file_quota.check(raw, row[0], key, size, limit)
+            raw.execute('UPDATE files SET size = ? WHERE "key" = ?', (size, key))
+
+    def stored_bytes(self, owner: str | None) -> int:
+        """Bytes of the files ``owner`` keeps stored (what its storage quota counts)."""
+        with self._read() as conn:
+            return int(conn.execute(select(func.coalesce(func.sum(files.c.size), 0))
+                                    .where(files.c.owner == owner)).scalar())
 
     def file_owner(self, key: str) -> tuple[bool, str | None]:
         """(known, owner) of a stored file: known is False for files never recorded (e.g. previews)."""
