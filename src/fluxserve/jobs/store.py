@@ -44,7 +44,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.pool import StaticPool
 
 from fluxserve.config import masked_url
-from fluxserve.jobs import ledger, outbox, quotas
+from fluxserve.jobs import fairness, ledger, outbox, quotas
 from fluxserve.jobs.models import (
     ADDED_COLUMNS,
     PRIORITY_RANKS,
@@ -807,42 +807,40 @@ class JobStore:
 
     def claim(self, worker_id: str, lease_s: float = 30.0, models: list[str] | None = None,
               kinds: list[str] | None = None) -> Job | None:
-        """Atomically take the next job (of ``models`` and ``kinds`` when given): queued ones by priority then
-        age, and running ones whose lease expired (their worker died). None when there is nothing to do (found
-        by a read, without the write lock)."""
+        """Atomically take the next job (of ``models`` and ``kinds`` when given): a running one whose lease
+        expired (its worker died), else a queued one by priority, then the API keys' turns (``fairness``), then
+        age within the key. None when there is nothing to do (found by a read, without the write lock)."""
         self._sweep()
         if (models is not None and not models) or (kinds is not None and not kinds):
             return None
         now = utcnow()
         postgres = not self.is_sqlite
         when = db_time(now, postgres)
-        pick = (
-            "SELECT id FROM jobs WHERE cancel_requested = ? AND (timeout_at IS NULL OR timeout_at > ?) AND "
-            "(status = 'queued' OR (status = 'running' AND lease_expires_at < ? AND attempts < ? AND "
-            f"NOT {_CALLER_GONE_SQL}))"
-        )
-        params: list[Any] = [False, when, when, self.max_attempts]
+        claimable = "q.cancel_requested = ? AND (q.timeout_at IS NULL OR q.timeout_at > ?)"
+        params: list[Any] = [False, when]
         if models is not None:
-            pick += f" AND model IN ({', '.join('?' * len(models))})"
+            claimable += f" AND q.model IN ({', '.join('?' * len(models))})"
             params += list(models)
         if kinds is not None:
-            pick += f" AND kind IN ({', '.join('?' * len(kinds))})"
+            claimable += f" AND q.kind IN ({', '.join('?' * len(kinds))})"
             params += list(kinds)
-        pick += " ORDER BY priority_rank, created_at, id LIMIT 1"
-        if self._raw_query(pick, pick.replace("?", "%s"), tuple(params)) is None:
+        expired = f"q.lease_expires_at < ? AND q.attempts < ? AND NOT {_CALLER_GONE_SQL} AND {claimable}"
+        expired_params = [when, self.max_attempts, *params]
+        probe = (f"SELECT 1 WHERE EXISTS (SELECT 1 FROM jobs q WHERE q.status = 'queued' AND {claimable}) OR "
+                 f"EXISTS (SELECT 1 FROM jobs q WHERE q.status = 'running' AND {expired})")
+        if self._raw_query(probe, probe.replace("?", "%s"), (*params, *expired_params)) is None:
             return None
-        if postgres:
-            pick += " FOR UPDATE SKIP LOCKED"
         with self._raw_write() as raw:
+            job_id = fairness.pick(raw, claimable, params, expired, expired_params)
+            if job_id is None:
+                return None
             row = raw.execute(
                 "UPDATE jobs SET status = 'running', worker_id = ?, attempts = attempts + 1, lease_s = ?, "
                 "lease_expires_at = ?, started_at = ?, updated_at = ?, step = NULL, total_steps = NULL "
-                f"WHERE id = ({pick}) RETURNING {_JOB_COLUMNS_SQL}",
+                f"WHERE id = ? RETURNING {_JOB_COLUMNS_SQL}",
                 [worker_id, lease_s, raw.time(now + timedelta(seconds=lease_s)), raw.time(now), raw.time(now),
-                 *params],
+                 job_id],
             ).fetchone()
-            if row is None:
-                return None
             job = raw.job(row)
             if job.attempts > 1:
                 self._insert_lines(raw, job.id, [{
