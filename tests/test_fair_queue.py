@@ -30,6 +30,8 @@ def test_a_small_keys_job_starts_before_a_big_keys_backlog_drains(store):
     first = store.claim("w")  # A's first job is running when B submits
     assert first.id == backlog[0].id
     small = submit(store, b)
+    assert store.queue_position(small.id) == 0
+    assert store.queue_position(backlog[5].id) == 4 + 1  # A's four before it, and B's one
     finish(store, first)
     following = [store.claim("w") for _ in range(2)]
     assert small.id in [job.id for job in following]
@@ -41,6 +43,8 @@ def test_a_small_keys_job_starts_before_a_big_keys_backlog_drains(store):
 
 def test_keys_take_turns_and_each_keys_jobs_keep_their_order(store):
     jobs = {owner: [submit(store, owner) for _ in range(count)] for owner, count in (("A", 5), ("B", 4), ("C", 2))}
+    positions = {owner: [store.queue_position(job.id) for job in submitted] for owner, submitted in jobs.items()}
+    assert positions == {"A": [0, 3, 6, 8, 10], "B": [0, 3, 6, 8], "C": [0, 3]}  # low by the turns of a round
     order = []
     while (job := store.claim("w")) is not None:
         order.append(job)
@@ -179,3 +183,68 @@ def test_concurrent_claimers_in_processes_never_take_a_job_twice(store, db_url):
     assert Counter(claimed).most_common(1)[0][1] == 1
     assert sorted(claimed) == sorted(ids)
     assert all(job.attempts == 1 and job.status == "completed" for job in store.list(limit=100))
+
+
+def _fill_backlog(store: JobStore, queued_a: int, history_a: int) -> None:
+    """``queued_a`` queued jobs of key A, three each of B and C, and ``history_a`` finished jobs of A (bulk)."""
+    from datetime import timedelta
+
+    from fluxserve.jobs.store import db_time, utcnow
+
+    postgres = not store.is_sqlite
+    now = utcnow()
+    rows = [(f"a-{n:06d}", "A", "queued", now + timedelta(microseconds=n), None) for n in range(queued_a)]
+    rows += [(f"{o}-{n}", o, "queued", now + timedelta(seconds=1, microseconds=n), None) for o in "BC" for n in range(3)]
+    rows += [(f"old-{n:06d}", "A", "completed", now - timedelta(days=1, microseconds=n),
+              now - timedelta(days=1, microseconds=n)) for n in range(history_a)]
+    with store._raw_write() as raw:
+        raw.executemany(
+            "INSERT INTO jobs (id, endpoint, dialect, model, status, priority, priority_rank, created_at, updated_at, "
+            "started_at, attempts, cancel_requested, store_io, owner, kind) VALUES "
+            "(?, 'fal-ai/flux-2', 'fal', 'dev', ?, 'normal', 0, ?, ?, ?, 0, ?, ?, ?, 'generate')",
+            [(job_id, status, db_time(at, postgres), db_time(at, postgres), db_time(started, postgres), False, True,
+              owner) for job_id, owner, status, at, started in rows])
+    if postgres:  # the planner's statistics, as autovacuum keeps them
+        store._postgres_connection().execute("VACUUM ANALYZE jobs")
+
+
+def test_a_claim_reads_indexes_not_the_backlog(store, monkeypatch):
+    """With 10,000 queued jobs of one key and a few of others, no statement of a claim reads the jobs table
+    through (on PostgreSQL ``EXPLAIN``: no Seq Scan; on SQLite ``EXPLAIN QUERY PLAN``: no SCAN of a jobs alias),
+    and the claim takes the other keys' jobs first."""
+    import re
+    import time
+
+    from fluxserve.jobs import store as store_module
+
+    _fill_backlog(store, 10_000, 10_000)
+    statements: list[tuple[str, tuple]] = []
+    execute, query = store_module._Raw.execute, store._raw_query
+
+    def recorded_execute(raw, sql, params=()):
+        statements.append((sql, tuple(params)))
+        return execute(raw, sql, params)
+
+    def recorded_query(sqlite_sql, postgres_sql, params):
+        statements.append((sqlite_sql, tuple(params)))
+        return query(sqlite_sql, postgres_sql, params)
+
+    monkeypatch.setattr(store_module._Raw, "execute", recorded_execute)
+    monkeypatch.setattr(store, "_raw_query", recorded_query)
+    store._last_sweep = time.monotonic()  # the periodic sweep is not the claim
+    owners = [store.claim("w").owner for _ in range(3)]
+    monkeypatch.undo()
+    assert sorted(owners[:2]) == ["B", "C"] and owners[2] == "A"
+
+    claim_statements = statements[: len(statements) // 3]
+    assert any("WITH RECURSIVE" in sql for sql, _ in claim_statements)
+    for sql, params in claim_statements:
+        if store.is_sqlite:
+            plan = [row[3] for row in store._thread_connection().execute("EXPLAIN QUERY PLAN " + sql, params)]
+            full_scans = [step for step in plan if re.match(r"SCAN (jobs|[a-z])\b", step) and
+                          not re.match(r"SCAN (o|h|turns|CONSTANT ROW)\b", step)]
+        else:
+            plan = [row[0] for row in store._postgres_connection().execute(
+                "EXPLAIN " + sql.replace("?", "%s"), params)]
+            full_scans = [step for step in plan if "Seq Scan" in step]
+        assert not full_scans, (sql, plan)

@@ -97,7 +97,7 @@ jobs = Table(
     # fair scheduling (fluxserve.jobs.fairness): the keys with queued jobs, each one's oldest, its last start
     # (partial on PostgreSQL: only queued jobs, small however long the history, so its planner takes it; SQLite's
     # planner, without statistics, prefers the claim index over a partial one and takes this one whole)
-    Index("ix_jobs_owner_queue", "status", "owner", "priority_rank", "created_at",
+    Index("ix_jobs_owner_queue", "status", "owner", "priority_rank", "created_at", "id",
           postgresql_where=text("status = 'queued'")),
     Index("ix_jobs_owner_started", "owner", "started_at"),
 )

@@ -182,20 +182,24 @@ class JobStatus:
         return self.status in TERMINAL
 
 
-# One indexed read: the status fields, the result's inference time and (for a queued job) its queue position.
-# Plain SQL run on the DBAPI connection: SQLAlchemy's execution path costs ~20x the query itself on SQLite.
+# One read: the status fields, the result's inference time and (for a queued job) its queue position, where it
+# stands in the API keys' turns (``fairness.POSITION``). Plain SQL run on the DBAPI connection: SQLAlchemy's
+# execution path costs ~20x the query itself on SQLite. ``j`` has a LIMIT and the outer query a WHERE so that
+# neither database merges ``j`` into it: ``ahead`` (a count) is then computed once, not at each use.
 _STATUS_SQL = """
+WITH j AS (
+    SELECT t.id, t.endpoint, t.dialect, t.status, t.error, t.error_type, t.step, t.total_steps, t.started_at,
+           t.completed_at, {inference} AS inference, t.timeout_at, t.lease_expires_at, t.attempts,
+           t.cancel_requested, t.owner, t.priority_rank, """ + fairness.AHEAD + """ AS ahead
+    FROM jobs t WHERE t.id = {param} LIMIT 1
+)
 SELECT j.id, j.endpoint, j.dialect, j.status, j.error, j.error_type, j.step, j.total_steps, j.started_at,
-       j.completed_at, {inference}, j.timeout_at, j.lease_expires_at, j.attempts, j.cancel_requested,
-       CASE WHEN j.status = 'queued' THEN (
-           SELECT count(*) FROM jobs q WHERE q.status = 'queued' AND (
-               q.priority_rank < j.priority_rank OR (q.priority_rank = j.priority_rank AND (
-                   q.created_at < j.created_at OR (q.created_at = j.created_at AND q.id < j.id))))
-       ) END, j.owner
-FROM jobs j WHERE j.id = {param}
+       j.completed_at, j.inference, j.timeout_at, j.lease_expires_at, j.attempts, j.cancel_requested,
+       """ + fairness.POSITION + """, j.owner
+FROM j WHERE j.id IS NOT NULL
 """
-_STATUS_SQL_SQLITE = _STATUS_SQL.format(inference="json_extract(j.result, '$.timings.inference')", param="?")
-_STATUS_SQL_POSTGRES = _STATUS_SQL.format(inference="j.result #>> '{timings,inference}'", param="%s")
+_STATUS_SQL_SQLITE = _STATUS_SQL.format(inference="json_extract(t.result, '$.timings.inference')", param="?")
+_STATUS_SQL_POSTGRES = _STATUS_SQL.format(inference="t.result #>> '{timings,inference}'", param="%s")
 
 
 def _caller_gone(job: Any) -> bool:
@@ -826,9 +830,11 @@ class JobStore:
             params += list(kinds)
         expired = f"q.lease_expires_at < ? AND q.attempts < ? AND NOT {_CALLER_GONE_SQL} AND {claimable}"
         expired_params = [when, self.max_attempts, *params]
-        probe = (f"SELECT 1 WHERE EXISTS (SELECT 1 FROM jobs q WHERE q.status = 'queued' AND {claimable}) OR "
-                 f"EXISTS (SELECT 1 FROM jobs q WHERE q.status = 'running' AND {expired})")
-        if self._raw_query(probe, probe.replace("?", "%s"), (*params, *expired_params)) is None:
+        # in the order of an index (ix_jobs_owner_queue, ix_jobs_claim), so that the probe reads one, not the table
+        probe = (f"SELECT COALESCE((SELECT q.id FROM jobs q WHERE q.status = 'queued' AND {claimable} "
+                 "ORDER BY q.owner, q.priority_rank, q.created_at LIMIT 1), (SELECT q.id FROM jobs q WHERE "
+                 f"q.status = 'running' AND {expired} ORDER BY q.priority_rank, q.created_at LIMIT 1))")
+        if self._raw_query(probe, probe.replace("?", "%s"), (*params, *expired_params))[0] is None:
             return None
         with self._raw_write() as raw:
             job_id = fairness.pick(raw, claimable, params, expired, expired_params)
