@@ -271,7 +271,6 @@ def test_delete_payloads(live_server, keys):  # noqa: F811
 # ---- the store, on SQLite and PostgreSQL -----------------------------------------------------------------------
 def test_store_history_pages_and_outcomes(store):
     made = [store.submit(endpoint=DEV, dialect="fal", request={"prompt": str(i)}, owner="k").id for i in range(6)]
-    store.submit(endpoint=DEV, dialect="fal", request={"prompt": "not k's"}, owner="j")
     store.submit(endpoint=PRO, dialect="fal", request={"prompt": "other endpoint"}, owner="k")
     for outcome in ("done", "done", "invalid", "broken"):
         job = store.claim("w")
@@ -282,6 +281,7 @@ def test_store_history_pages_and_outcomes(store):
                        error_detail={"field": "prompt", "message": "bad prompt"})
         else:
             store.fail(job.id, "boom", "internal_error", worker_id="w")
+    store.submit(endpoint=DEV, dialect="fal", request={"prompt": "not k's"}, owner="j")  # after k's turns
     store.cancel_queued(made[4])  # made[5] stays queued
     start, end = datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC) + timedelta(hours=1)
     window = {"endpoints": [DEV], "start": start, "end": end, "owner": "k"}

@@ -116,6 +116,19 @@ def test_priorities_run_normal_before_low(store, engine, storage):
     assert worker.run_once() is None
 
 
+def test_a_small_keys_job_runs_before_a_big_keys_backlog_drains(store, engine, storage):
+    """Fair scheduling (fluxserve.jobs.fairness) with the real worker: key B's one job, submitted after key A's
+    backlog, is among the next two jobs run; A's jobs run in their order."""
+    backlog = [submit(store, owner="key-a", request=request(seed=n)) for n in range(6)]
+    small = submit(store, owner="key-b")
+    worker = Worker(store, engine, storage)
+    ran = [worker.run_once() for _ in range(7)]
+    assert all(job.status == "completed" for job in ran)
+    assert small.id in [job.id for job in ran[:2]]
+    assert [job.id for job in ran if job.owner == "key-a"] == [job.id for job in backlog]
+    assert worker.run_once() is None
+
+
 def test_bad_inputs_fail_with_a_validation_error(store, worker):
     missing = submit(store, request={"model": "dev", "width": 256, "height": 256})
     unknown_model = submit(store, request=request(model="no-such-model"))

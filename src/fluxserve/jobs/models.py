@@ -94,6 +94,12 @@ jobs = Table(
     Index("ix_jobs_created", "created_at"),
     Index("ix_jobs_endpoint_created", "endpoint", "created_at"),  # a request history by endpoint
     Index("ix_jobs_owner_created", "owner", "created_at"),  # one key's jobs
+    # fair scheduling (fluxserve.jobs.fairness): the keys with queued jobs, each one's oldest, its last start
+    # (partial on PostgreSQL: only queued jobs, small however long the history, so its planner takes it; SQLite's
+    # planner, without statistics, prefers the claim index over a partial one and takes this one whole)
+    Index("ix_jobs_owner_queue", "status", "owner", "priority_rank", "created_at", "id",
+          postgresql_where=text("status = 'queued'")),
+    Index("ix_jobs_owner_started", "owner", "started_at"),
 )
 
 job_logs = Table(

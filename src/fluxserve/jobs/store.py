@@ -44,7 +44,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.pool import StaticPool
 
 from fluxserve.config import masked_url
-from fluxserve.jobs import file_quota, ledger, outbox, quotas
+from fluxserve.jobs import fairness, file_quota, ledger, outbox, quotas
 from fluxserve.jobs.models import (
     ADDED_COLUMNS,
     PRIORITY_RANKS,
@@ -182,20 +182,24 @@ class JobStatus:
         return self.status in TERMINAL
 
 
-# One indexed read: the status fields, the result's inference time and (for a queued job) its queue position.
-# Plain SQL run on the DBAPI connection: SQLAlchemy's execution path costs ~20x the query itself on SQLite.
+# One read: the status fields, the result's inference time and (for a queued job) its queue position, where it
+# stands in the API keys' turns (``fairness.POSITION``). Plain SQL run on the DBAPI connection: SQLAlchemy's
+# execution path costs ~20x the query itself on SQLite. ``j`` has a LIMIT and the outer query a WHERE so that
+# neither database merges ``j`` into it: ``ahead`` (a count) is then computed once, not at each use.
 _STATUS_SQL = """
+WITH j AS (
+    SELECT t.id, t.endpoint, t.dialect, t.status, t.error, t.error_type, t.step, t.total_steps, t.started_at,
+           t.completed_at, {inference} AS inference, t.timeout_at, t.lease_expires_at, t.attempts,
+           t.cancel_requested, t.owner, t.priority_rank, """ + fairness.AHEAD + """ AS ahead
+    FROM jobs t WHERE t.id = {param} LIMIT 1
+)
 SELECT j.id, j.endpoint, j.dialect, j.status, j.error, j.error_type, j.step, j.total_steps, j.started_at,
-       j.completed_at, {inference}, j.timeout_at, j.lease_expires_at, j.attempts, j.cancel_requested,
-       CASE WHEN j.status = 'queued' THEN (
-           SELECT count(*) FROM jobs q WHERE q.status = 'queued' AND (
-               q.priority_rank < j.priority_rank OR (q.priority_rank = j.priority_rank AND (
-                   q.created_at < j.created_at OR (q.created_at = j.created_at AND q.id < j.id))))
-       ) END, j.owner
-FROM jobs j WHERE j.id = {param}
+       j.completed_at, j.inference, j.timeout_at, j.lease_expires_at, j.attempts, j.cancel_requested,
+       """ + fairness.POSITION + """, j.owner
+FROM j WHERE j.id IS NOT NULL
 """
-_STATUS_SQL_SQLITE = _STATUS_SQL.format(inference="json_extract(j.result, '$.timings.inference')", param="?")
-_STATUS_SQL_POSTGRES = _STATUS_SQL.format(inference="j.result #>> '{timings,inference}'", param="%s")
+_STATUS_SQL_SQLITE = _STATUS_SQL.format(inference="json_extract(t.result, '$.timings.inference')", param="?")
+_STATUS_SQL_POSTGRES = _STATUS_SQL.format(inference="t.result #>> '{timings,inference}'", param="%s")
 
 
 def _caller_gone(job: Any) -> bool:
@@ -807,42 +811,42 @@ class JobStore:
 
     def claim(self, worker_id: str, lease_s: float = 30.0, models: list[str] | None = None,
               kinds: list[str] | None = None) -> Job | None:
-        """Atomically take the next job (of ``models`` and ``kinds`` when given): queued ones by priority then
-        age, and running ones whose lease expired (their worker died). None when there is nothing to do (found
-        by a read, without the write lock)."""
+        """Atomically take the next job (of ``models`` and ``kinds`` when given): a running one whose lease
+        expired (its worker died), else a queued one by priority, then the API keys' turns (``fairness``), then
+        age within the key. None when there is nothing to do (found by a read, without the write lock)."""
         self._sweep()
         if (models is not None and not models) or (kinds is not None and not kinds):
             return None
         now = utcnow()
         postgres = not self.is_sqlite
         when = db_time(now, postgres)
-        pick = (
-            "SELECT id FROM jobs WHERE cancel_requested = ? AND (timeout_at IS NULL OR timeout_at > ?) AND "
-            "(status = 'queued' OR (status = 'running' AND lease_expires_at < ? AND attempts < ? AND "
-            f"NOT {_CALLER_GONE_SQL}))"
-        )
-        params: list[Any] = [False, when, when, self.max_attempts]
+        claimable = "q.cancel_requested = ? AND (q.timeout_at IS NULL OR q.timeout_at > ?)"
+        params: list[Any] = [False, when]
         if models is not None:
-            pick += f" AND model IN ({', '.join('?' * len(models))})"
+            claimable += f" AND q.model IN ({', '.join('?' * len(models))})"
             params += list(models)
         if kinds is not None:
-            pick += f" AND kind IN ({', '.join('?' * len(kinds))})"
+            claimable += f" AND q.kind IN ({', '.join('?' * len(kinds))})"
             params += list(kinds)
-        pick += " ORDER BY priority_rank, created_at, id LIMIT 1"
-        if self._raw_query(pick, pick.replace("?", "%s"), tuple(params)) is None:
+        expired = f"q.lease_expires_at < ? AND q.attempts < ? AND NOT {_CALLER_GONE_SQL} AND {claimable}"
+        expired_params = [when, self.max_attempts, *params]
+        # in the order of an index (ix_jobs_owner_queue, ix_jobs_claim), so that the probe reads one, not the table
+        probe = (f"SELECT COALESCE((SELECT q.id FROM jobs q WHERE q.status = 'queued' AND {claimable} "
+                 "ORDER BY q.owner, q.priority_rank, q.created_at LIMIT 1), (SELECT q.id FROM jobs q WHERE "
+                 f"q.status = 'running' AND {expired} ORDER BY q.priority_rank, q.created_at LIMIT 1))")
+        if self._raw_query(probe, probe.replace("?", "%s"), (*params, *expired_params))[0] is None:
             return None
-        if postgres:
-            pick += " FOR UPDATE SKIP LOCKED"
         with self._raw_write() as raw:
+            job_id = fairness.pick(raw, claimable, params, expired, expired_params)
+            if job_id is None:
+                return None
             row = raw.execute(
                 "UPDATE jobs SET status = 'running', worker_id = ?, attempts = attempts + 1, lease_s = ?, "
                 "lease_expires_at = ?, started_at = ?, updated_at = ?, step = NULL, total_steps = NULL "
-                f"WHERE id = ({pick}) RETURNING {_JOB_COLUMNS_SQL}",
+                f"WHERE id = ? RETURNING {_JOB_COLUMNS_SQL}",
                 [worker_id, lease_s, raw.time(now + timedelta(seconds=lease_s)), raw.time(now), raw.time(now),
-                 *params],
+                 job_id],
             ).fetchone()
-            if row is None:
-                return None
             job = raw.job(row)
             if job.attempts > 1:
                 self._insert_lines(raw, job.id, [{
