@@ -175,3 +175,29 @@ def test_a_guarded_client_keeps_one_deadline_across_the_redirects_it_follows(pol
         error, elapsed = timed(http.get, f"{host.url}/start")
         assert isinstance(error, httpx.TimeoutException), error
         assert elapsed < BOUND_S and len(host.requests) <= 4
+
+
+def test_watched_connections_leave_no_descriptors_behind(policy):
+    """Each watched connection holds a duplicate descriptor until its exchange ends: finished, failed and
+    cut-off exchanges all give theirs back (and the server sees each connection closed)."""
+    import os
+
+    def image(host: SlowHost, connection: socket.socket, head: str) -> None:
+        body = b"x" * 100
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + body)
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    with SlowHost(image) as fast, SlowHost(drip_headers(DRIP_S)) as slow:
+        policy(deadline_s=0.5)
+        fetch.download(f"{fast.url}/warm", max_bytes=1000, deadline_s=5)
+        before = open_fds()
+        for index in range(20):
+            assert fetch.download(f"{fast.url}/{index}", max_bytes=1000, deadline_s=5) == b"x" * 100
+            with pytest.raises(fetch.FetchError, match="larger than"):
+                fetch.download(f"{fast.url}/big-{index}", max_bytes=10, deadline_s=5)
+        for index in range(3):
+            with pytest.raises(fetch.FetchError, match="did not finish within 0.5 s"):
+                fetch.download(f"{slow.url}/{index}", max_bytes=1000, deadline_s=0.5)
+        assert open_fds() <= before + 2, (before, open_fds())
