@@ -60,12 +60,15 @@ class Settings:
     # ---- outbound fetches of caller-supplied URLs (fluxserve.fetch) ----
     fetch_allow: str = ""  # CIDR[:PORT],... of internal addresses that may be fetched; empty = none
     fetch_connect_timeout: float = 10.0  # seconds to connect
-    fetch_deadline: float = 60.0  # seconds for a whole reference image download, redirects included
-    fetch_lora_deadline: float = 3600.0  # seconds for a whole LoRA download
+    # each deadline: seconds for one whole exchange, connect to last byte, redirects included
+    fetch_deadline: float = 60.0  # a reference image
+    fetch_lora_deadline: float = 3600.0  # a LoRA file
+    fetch_dataset_deadline: float = 600.0  # a training dataset archive
     fetch_max_reference_mb: float = 50.0  # MiB per reference image
     fetch_max_lora_mb: float = 16384.0  # MiB per LoRA file
-    fetch_workers: int = 16  # threads that download and decode references (apart from the API's own)
-    fetch_decode_slots: int = 4  # reference images decoded at once
+    fetch_workers: int = 16  # threads that download references and datasets at submit (apart from the API's own)
+    fetch_key_slots: int = 0  # of those, the most one API key holds at once (0: a quarter, at least 1)
+    fetch_decode_slots: int = 4  # reference images decoded at once (and threads for data URIs, own files)
     # ---- webhook delivery (fluxserve.jobs.webhooks), in each API process ----
     webhook_concurrency: int = 16  # deliveries in flight at once (a slow receiver holds one of them)
     webhook_concurrency_per_key: int = 4  # of those, the most one API key's jobs may hold (0: no limit)

@@ -11,13 +11,16 @@ A caller-supplied URL must not turn the server into a proxy into its own network
   also written as IPv4-mapped, 6to4 or NAT64 IPv6 addresses, unless the operator allowed them
   (``--fetch-allow`` / ``FLUXSERVE_FETCH_ALLOW``, e.g. ``10.0.0.0/8`` or ``10.1.2.3:8080``);
 * checks every redirect hop the same way;
-* has a connect timeout, a deadline for the whole download (not per read) and a byte cap.
+* has a connect timeout, one deadline for the whole exchange (resolving, connecting, redirects, headers and
+  body: ``fluxserve.deadline``), not a timeout per read, and a byte cap.
 
 Refused addresses all get one message, whatever listens there; connection failures to allowed hosts say
 "could not connect" without telling a refused port from a silent one.
 
-Downloads and image decoding run on their own bounded thread pool (``run_blocking``), so slow downloads
-cannot hold up unrelated API requests.
+The API's downloads run on their own thread pool (``run_blocking``), never the server's default one, shared
+fairly between API keys (``fluxserve.fair_pool``: a key holds at most its share of the slots); work that
+needs no network (data URIs, this server's own files) runs on a second, small pool and never waits behind a
+download.
 """
 
 from __future__ import annotations
@@ -26,15 +29,16 @@ import asyncio
 import ipaddress
 import socket
 import threading
-import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
 import httpx
+
+from fluxserve.deadline import Deadline
+from fluxserve.fair_pool import FairPool
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -44,6 +48,7 @@ MAX_REDIRECTS = 5
 WEBHOOK_RESPONSE_BYTES = 1024**2  # a webhook receiver's answer is read, but not more of it than this
 REFUSED_MESSAGE = ("the URL points to an address this server does not fetch from (loopback, private, "
                    "link-local or otherwise internal); operators can allow it with --fetch-allow")
+DEADLINE = "fluxserve.deadline"  # request extension: the Deadline of the exchange a request belongs to
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _SHARED = ipaddress.ip_network("100.64.0.0/10")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
@@ -104,16 +109,19 @@ def parse_allow(text: str) -> tuple[AllowRule, ...]:
 
 @dataclass(frozen=True)
 class FetchPolicy:
-    """Limits for outbound requests; ``FetchPolicy.from_settings(settings)`` reads them from the settings."""
+    """Limits for outbound requests; ``FetchPolicy.from_settings(settings)`` reads them from the settings.
+    Each deadline bounds one whole exchange of its kind, redirects included."""
 
     allow: tuple[AllowRule, ...] = ()
     connect_timeout_s: float = 10.0
-    deadline_s: float = 60.0  # a whole reference image download, redirects included
-    lora_deadline_s: float = 3600.0  # a whole LoRA download
+    deadline_s: float = 60.0  # a reference image
+    lora_deadline_s: float = 3600.0  # a LoRA file (up to 16 GiB)
+    dataset_deadline_s: float = 600.0  # a training dataset archive (up to 1 GiB: 1.7 MB/s at least)
     max_reference_bytes: int = 50 * 1024**2
     max_lora_bytes: int = 16 * 1024**3
-    workers: int = 16  # threads that download and decode references
-    decode_slots: int = 4  # reference images decoded at once
+    workers: int = 16  # threads that download (and decode) references and datasets at submit
+    key_slots: int = 0  # of those, how many one API key may hold at once (0: a quarter of them, at least 1)
+    decode_slots: int = 4  # reference images decoded at once; also the threads for work without network
 
     @classmethod
     def from_settings(cls, settings: Any) -> FetchPolicy:
@@ -122,11 +130,18 @@ class FetchPolicy:
             connect_timeout_s=float(settings.fetch_connect_timeout),
             deadline_s=float(settings.fetch_deadline),
             lora_deadline_s=float(settings.fetch_lora_deadline),
+            dataset_deadline_s=float(settings.fetch_dataset_deadline),
             max_reference_bytes=int(float(settings.fetch_max_reference_mb) * 1024**2),
             max_lora_bytes=int(float(settings.fetch_max_lora_mb) * 1024**2),
             workers=max(1, int(settings.fetch_workers)),
+            key_slots=max(0, int(settings.fetch_key_slots)),
             decode_slots=max(1, int(settings.fetch_decode_slots)),
         )
+
+    @property
+    def slots_per_key(self) -> int:
+        """How many download threads one API key may hold at once."""
+        return min(self.workers, self.key_slots or max(1, self.workers // 4))
 
     def allowed(self, address: IPAddress, port: int) -> bool:
         """Whether a connection to ``address:port`` is allowed: public addresses always, others when listed."""
@@ -135,18 +150,20 @@ class FetchPolicy:
 
 _policy = FetchPolicy()
 _policy_lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
+_pools: tuple[FairPool, FairPool] | None = None  # (downloads, work without network)
 
 
 def configure(policy: FetchPolicy) -> FetchPolicy:
     """Make ``policy`` the process's policy (the server and the CLI call this at start); returns the previous
     one."""
-    global _policy, _pool
+    global _policy, _pools
     with _policy_lock:
         previous, _policy = _policy, policy
-        if _pool is not None and previous.workers != policy.workers:
-            _pool.shutdown(wait=False)
-            _pool = None
+        sizes = (policy.workers, policy.slots_per_key, policy.decode_slots)
+        if _pools is not None and sizes != (previous.workers, previous.slots_per_key, previous.decode_slots):
+            for pool in _pools:
+                pool.shutdown()
+            _pools = None
     return previous
 
 
@@ -171,18 +188,16 @@ def is_internal(address: IPAddress) -> bool:
             or (isinstance(address, ipaddress.IPv6Address) and address.is_site_local))
 
 
-def resolve_allowed(host: str, port: int, policy: FetchPolicy | None = None) -> IPAddress:
-    """The first address of ``host`` that ``policy`` allows; ``AddressRefused`` when there is none."""
+def resolve_allowed(host: str, port: int, policy: FetchPolicy | None = None,
+                    timeout_s: float | None = None) -> IPAddress:
+    """The first address of ``host`` that ``policy`` allows; ``AddressRefused`` when there is none. A name
+    that does not resolve within ``timeout_s`` is an ``httpx.ConnectTimeout``."""
     policy = policy or _policy
     try:
         candidates = [ipaddress.ip_address(host.strip("[]"))]
     except ValueError:
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError):
-            raise httpx.ConnectError(f"could not resolve the host name {host!r}") from None
         candidates = []
-        for info in infos:
+        for info in _getaddrinfo(host, port, timeout_s):
             try:
                 candidates.append(ipaddress.ip_address(str(info[4][0]).split("%")[0]))
             except ValueError:
@@ -193,99 +208,148 @@ def resolve_allowed(host: str, port: int, policy: FetchPolicy | None = None) -> 
     raise AddressRefused()
 
 
+def _getaddrinfo(host: str, port: int, timeout_s: float | None) -> list[tuple]:
+    """``socket.getaddrinfo``, given up after ``timeout_s`` (the system resolver has no timeout of its own to
+    set: it runs on a daemon thread that finishes, unwaited for, when the resolver gives up)."""
+    outcome: dict[str, Any] = {}
+
+    def resolve() -> None:
+        try:
+            outcome["infos"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            outcome["error"] = True
+
+    if timeout_s is None:
+        resolve()
+    else:
+        thread = threading.Thread(target=resolve, name="fetch-resolve", daemon=True)
+        thread.start()
+        thread.join(max(0.0, timeout_s))
+        if thread.is_alive():
+            raise httpx.ConnectTimeout(f"could not resolve the host name {host!r} in time")
+    if "infos" not in outcome:
+        raise httpx.ConnectError(f"could not resolve the host name {host!r}")
+    return outcome["infos"]
+
+
 class GuardedTransport(httpx.BaseTransport):
     """An httpx transport that resolves the host, checks the address and connects to that address, keeping
     the ``Host`` header and the TLS server name; used with ``follow_redirects`` every hop is checked.
-    ``deadline_s`` bounds each request with its whole response, ``max_response_bytes`` the response body."""
 
-    _MAX_TLS_POOLS = 32
+    ``deadline_s`` bounds each request with its whole response, connect to last byte (a ``Deadline`` in the
+    request's ``DEADLINE`` extension, which redirects inherit, bounds all hops together instead);
+    ``max_response_bytes`` caps the response body. Connections are never reused: each request connects
+    afresh, so every connection a deadline bounds is one it watched from its start (and a TLS connection
+    verified for one host name never serves another)."""
 
     def __init__(self, policy: FetchPolicy | None = None, *, deadline_s: float | None = None,
                  max_response_bytes: int | None = None, **transport_options: Any):
         self._policy = policy
         self._deadline_s = deadline_s
         self._max_response_bytes = max_response_bytes
-        self._options = transport_options
-        self._plain = httpx.HTTPTransport(**transport_options)
-        # connections are pooled by the address connected to; a TLS connection verified for one host name
-        # must not serve another name on the same address, so each name has its own pool
-        self._tls: dict[str, httpx.HTTPTransport] = {}
-        self._lock = threading.Lock()
-
-    def _inner(self, scheme: str, host: str) -> httpx.HTTPTransport:
-        if scheme != "https":
-            return self._plain
-        with self._lock:
-            transport = self._tls.pop(host, None)
-            if transport is None:
-                transport = httpx.HTTPTransport(**self._options)
-                if len(self._tls) >= self._MAX_TLS_POOLS:
-                    self._tls.pop(next(iter(self._tls))).close()
-            self._tls[host] = transport  # most recently used last
-            return transport
+        self._inner = httpx.HTTPTransport(limits=httpx.Limits(max_keepalive_connections=0), **transport_options)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
         if url.scheme not in _DEFAULT_PORTS:
             raise httpx.UnsupportedProtocol("only http and https URLs are fetched")
+        deadline: Deadline | None = request.extensions.get(DEADLINE)
+        if deadline is None and self._deadline_s is not None:
+            deadline = request.extensions[DEADLINE] = Deadline(self._deadline_s)  # redirects share it
+        timeouts = dict(request.extensions.get("timeout") or {})
+        if deadline is not None:  # no single operation may outlast the deadline either
+            remaining = max(0.001, deadline.remaining())
+            timeouts = {name: remaining if value is None else min(value, remaining)
+                        for name, value in timeouts.items()}
         port = url.port or _DEFAULT_PORTS[url.scheme]
-        address = resolve_allowed(url.host, port, self._policy)
-        extensions = dict(request.extensions)  # shares the timeout dict: a caller may shorten reads later
+        try:
+            address = resolve_allowed(url.host, port, self._policy, timeouts.get("connect"))
+        except httpx.ConnectTimeout:
+            raise (_expired(deadline) if deadline is not None and deadline.expired else
+                   httpx.ConnectError(f"could not connect to {url.host}")) from None
+        extensions = {name: value for name, value in request.extensions.items() if name != DEADLINE}
+        extensions["timeout"] = timeouts
         if url.scheme == "https":
             extensions.setdefault("sni_hostname", url.host)
-        deadline = None
-        if self._deadline_s is not None:
-            deadline = time.monotonic() + self._deadline_s
-            extensions["timeout"] = {name: self._deadline_s if value is None else min(value, self._deadline_s)
-                                     for name, value in dict(extensions.get("timeout") or {}).items()}
+        watched: list[int] = []
+        if deadline is not None:
+            extensions["trace"] = _watching(deadline, watched, extensions.get("trace"))
         pinned = httpx.Request(request.method, url.copy_with(host=str(address)), headers=request.headers,
                                stream=request.stream, extensions=extensions)
         try:
-            response = self._inner(url.scheme, url.host).handle_request(pinned)
-        except (httpx.ConnectError, httpx.ConnectTimeout):
-            raise httpx.ConnectError(f"could not connect to {url.host}") from None
+            response = self._inner.handle_request(pinned)
+        except httpx.TransportError as exc:
+            _release(deadline, watched)
+            if deadline is not None and deadline.expired:
+                raise _expired(deadline) from None
+            if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+                raise httpx.ConnectError(f"could not connect to {url.host}") from None
+            raise
         if deadline is None and self._max_response_bytes is None:
             return response
-        limited = _LimitedStream(response.stream, deadline, extensions.get("timeout"), self._max_response_bytes)
-        return httpx.Response(response.status_code, headers=response.headers, stream=limited,
+        guarded = _GuardedStream(response.stream, deadline, self._max_response_bytes,
+                                 lambda: _release(deadline, watched))
+        return httpx.Response(response.status_code, headers=response.headers, stream=guarded,
                               extensions=response.extensions)
 
     def close(self) -> None:
-        with self._lock:
-            transports, self._tls = [self._plain, *self._tls.values()], {}
-        for transport in transports:
-            transport.close()
+        self._inner.close()
 
 
-class _LimitedStream(httpx.SyncByteStream):
-    """A response body that ends in an ``httpx`` error past its deadline or its byte cap."""
+def _watching(deadline: Deadline, watched: list[int], chained: Callable[..., Any] | None) -> Callable[..., Any]:
+    """An httpcore ``trace`` callback that watches each connection as soon as its TCP connect completes
+    (the TLS handshake that follows is watched too)."""
 
-    def __init__(self, stream: Any, deadline: float | None, timeouts: Any, max_bytes: int | None):
-        self._stream, self._deadline, self._timeouts, self._max_bytes = stream, deadline, timeouts, max_bytes
+    def trace(event: str, info: dict[str, Any]) -> None:
+        if event == "connection.connect_tcp.complete":
+            sock = info["return_value"].get_extra_info("socket")
+            if sock is not None:
+                watched.append(deadline.watch(sock))
+        if chained is not None:
+            chained(event, info)
+
+    return trace
+
+
+def _release(deadline: Deadline | None, watched: list[int]) -> None:
+    while deadline is not None and watched:
+        deadline.release(watched.pop())
+
+
+def _expired(deadline: Deadline) -> httpx.ReadTimeout:
+    return httpx.ReadTimeout(f"the exchange did not finish within {deadline.seconds:g} s")
+
+
+class _GuardedStream(httpx.SyncByteStream):
+    """A response body that ends in ``httpx.ReadTimeout`` once its exchange's deadline has passed, in
+    ``httpx.ReadError`` past its byte cap; closing it ends the watch on its connection."""
+
+    def __init__(self, stream: Any, deadline: Deadline | None, max_bytes: int | None,
+                 release: Callable[[], None]):
+        self._stream, self._deadline, self._max_bytes, self._release = stream, deadline, max_bytes, release
 
     def __iter__(self) -> Iterator[bytes]:
         received = 0
-        chunks = iter(self._stream)
-        while True:
-            if self._deadline is not None:
-                remaining = self._deadline - time.monotonic()
-                if remaining <= 0:
-                    raise httpx.ReadTimeout("the response did not finish in time")
-                if isinstance(self._timeouts, dict):
-                    self._timeouts["read"] = remaining
-            try:
-                chunk = next(chunks)
-            except StopIteration:
-                return
-            received += len(chunk)
-            if self._max_bytes is not None and received > self._max_bytes:
-                raise httpx.ReadError("the response is too large")
-            yield chunk
+        try:
+            for chunk in self._stream:
+                if self._deadline is not None and self._deadline.expired:
+                    raise _expired(self._deadline)
+                received += len(chunk)
+                if self._max_bytes is not None and received > self._max_bytes:
+                    raise httpx.ReadError("the response is too large")
+                yield chunk
+        except httpx.TransportError:
+            if self._deadline is not None and self._deadline.expired:
+                raise _expired(self._deadline) from None
+            raise
 
     def close(self) -> None:
-        close = getattr(self._stream, "close", None)
-        if close is not None:
-            close()
+        try:
+            close = getattr(self._stream, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._release()
 
 
 def client(policy: FetchPolicy | None = None, *, verify: Any = True, deadline_s: float | None = None,
@@ -300,13 +364,16 @@ def client(policy: FetchPolicy | None = None, *, verify: Any = True, deadline_s:
 @contextmanager
 def open_stream(url: str, *, max_bytes: int, deadline_s: float, policy: FetchPolicy | None = None,
                 headers: dict[str, str] | None = None) -> Iterator[Iterator[bytes]]:
-    """GET ``url`` and yield an iterator over its body, all within ``deadline_s`` and ``max_bytes``; every
+    """GET ``url`` and yield an iterator over its body, the whole exchange (resolving, connecting, every
+    redirect, the headers and the last byte of the body) within ``deadline_s``, at most ``max_bytes``; every
     failure is a ``FetchError`` whose message names no internal detail."""
     policy = policy or _policy
     if not isinstance(url, str) or urlsplit_scheme(url) not in _DEFAULT_PORTS:
         raise FetchError("must be an http(s) URL")
-    deadline = time.monotonic() + deadline_s
-    with client(policy, follow_redirects=False) as http:
+    deadline = Deadline(deadline_s)
+    late = f"the download did not finish within {deadline_s:g} s"
+    with client(policy, follow_redirects=False,
+                timeout=httpx.Timeout(deadline_s, connect=policy.connect_timeout_s)) as http:
         try:
             request = http.build_request("GET", url, headers=headers)
         except httpx.InvalidURL:
@@ -314,7 +381,7 @@ def open_stream(url: str, *, max_bytes: int, deadline_s: float, policy: FetchPol
         response = None
         try:
             for _ in range(MAX_REDIRECTS + 1):
-                request.extensions["timeout"] = _timeout(policy, deadline)
+                request.extensions[DEADLINE] = deadline
                 response = http.send(request, stream=True)
                 if not (response.is_redirect and response.next_request is not None):
                     break
@@ -327,11 +394,11 @@ def open_stream(url: str, *, max_bytes: int, deadline_s: float, policy: FetchPol
             declared = response.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > max_bytes:
                 raise FetchError(f"the file is larger than {_size(max_bytes)}")
-            yield _body(response, deadline, deadline_s, max_bytes)
+            yield _body(response, late, max_bytes)
         except AddressRefused:
             raise FetchError(REFUSED_MESSAGE) from None
         except httpx.TimeoutException:
-            raise FetchError(f"the download did not finish within {deadline_s:g} s") from None
+            raise FetchError(late) from None
         except httpx.UnsupportedProtocol:
             raise FetchError("a redirect pointed to a URL that is not http(s)") from None
         except httpx.ConnectError as exc:
@@ -351,48 +418,24 @@ def download(url: str, *, max_bytes: int, deadline_s: float, policy: FetchPolicy
 
 
 def webhook_client(timeout_s: float, policy: FetchPolicy | None = None) -> httpx.Client:
-    """A client for webhook deliveries: no redirects, ``timeout_s`` for each delivery as a whole (a receiver
-    that answers slowly cannot hold a sender thread longer), a capped answer."""
+    """A client for webhook deliveries: no redirects, ``timeout_s`` for each delivery as a whole, connect to
+    the answer's last byte (a receiver that answers slowly, headers included, cannot hold a sender thread
+    longer), a capped answer."""
     return client(policy, timeout=timeout_s, follow_redirects=False, deadline_s=timeout_s,
                   max_response_bytes=WEBHOOK_RESPONSE_BYTES)
 
 
-def post_json(url: str, body: Any, *, timeout_s: float, headers: dict[str, str] | None = None,
-              policy: FetchPolicy | None = None) -> httpx.Response:
-    """POST ``body`` as JSON like a webhook delivery (see ``webhook_client``)."""
-    with webhook_client(timeout_s, policy) as http:
-        return http.post(url, json=body, headers=headers)
-
-
-async def run_blocking(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run ``fn`` on the download pool (not the server's default thread pool)."""
-    return await asyncio.get_running_loop().run_in_executor(_get_pool(), partial(fn, *args, **kwargs))
-
-
-def _get_pool() -> ThreadPoolExecutor:
-    global _pool
-    with _policy_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(_policy.workers, thread_name_prefix="fetch")
-        return _pool
-
-
-def _body(response: httpx.Response, deadline: float, deadline_s: float, max_bytes: int) -> Iterator[bytes]:
-    timeouts = response.request.extensions.get("timeout")
+def _body(response: httpx.Response, late: str, max_bytes: int) -> Iterator[bytes]:
+    """The body's chunks (the transport ends them at the deadline), at most ``max_bytes`` of them."""
     received = 0
     chunks = response.iter_bytes()
     while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise FetchError(f"the download did not finish within {deadline_s:g} s")
-        if isinstance(timeouts, dict):
-            timeouts["read"] = remaining  # the next read may wait only until the deadline
         try:
             chunk = next(chunks)
         except StopIteration:
             return
         except httpx.TimeoutException:
-            raise FetchError(f"the download did not finish within {deadline_s:g} s") from None
+            raise FetchError(late) from None
         except httpx.HTTPError:
             raise FetchError("the download failed") from None
         received += len(chunk)
@@ -401,9 +444,24 @@ def _body(response: httpx.Response, deadline: float, deadline_s: float, max_byte
         yield chunk
 
 
-def _timeout(policy: FetchPolicy, deadline: float) -> dict[str, float]:
-    remaining = max(0.001, deadline - time.monotonic())
-    return httpx.Timeout(remaining, connect=min(policy.connect_timeout_s, remaining)).as_dict()
+async def run_blocking(fn: Callable[..., T], *args: Any, tenant: Hashable = None, network: bool = True,
+                       **kwargs: Any) -> T:
+    """Run ``fn(*args, **kwargs)`` off the event loop and off the server's default thread pool, for ``tenant``
+    (the caller's API key id; None without keys). ``network``: it downloads callers' URLs, and runs on the
+    download pool, at most ``slots_per_key`` of one tenant's calls at once; otherwise (data URIs, this
+    server's own files) on the pool of ``decode_slots`` threads, which downloads never occupy."""
+    downloads, local = _get_pools()
+    pool = downloads if network else local
+    return await asyncio.wrap_future(pool.submit(tenant, partial(fn, *args, **kwargs)))
+
+
+def _get_pools() -> tuple[FairPool, FairPool]:
+    global _pools
+    with _policy_lock:
+        if _pools is None:
+            _pools = (FairPool(_policy.workers, _policy.slots_per_key, "fetch"),
+                      FairPool(_policy.decode_slots, _policy.decode_slots, "fetch-local"))
+        return _pools
 
 
 def urlsplit_scheme(url: str) -> str:

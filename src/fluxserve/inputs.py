@@ -72,6 +72,12 @@ def load_references(
     return [decode_image(image, f"{field_name}[{index}]") for index, image in enumerate(headers)]
 
 
+def needs_network(refs: list[str]) -> bool:
+    """Whether checking ``refs`` downloads anything (an http(s) URL among them), or only decodes data URIs and
+    local files."""
+    return any(isinstance(ref, str) and ref.strip().lower().startswith(("http://", "https://")) for ref in refs)
+
+
 def check_references(
     images: list[Image.Image],
     endpoint=None,

@@ -88,6 +88,14 @@ def resolve_own_file(request: Request, url: str) -> str:
     return data_uri(data, content_type)
 
 
+def tenant(request: Request) -> str | None:
+    """Whose share of the fetch pools a request's work takes (``fetch.run_blocking``): its API key's id, None
+    without keys."""
+    from fluxserve.api.auth import caller
+
+    return caller(request).key_id
+
+
 class BadReference(ValueError):
     """A caller's reference that cannot be used: ``index`` in the list, ``message`` without the field name."""
 
@@ -99,7 +107,7 @@ class BadReference(ValueError):
 
 async def resolve_references(request: Request, urls: list[str]) -> list[str]:
     """A caller's references with this server's own files read from storage (``resolve_own_file``), on the
-    fetch pool. Raises ``BadReference`` for one that is not an http(s) URL or data URI, or a missing or foreign
+    fetch pool for work without network (it never waits behind downloads). Raises ``BadReference`` for one that is not an http(s) URL or data URI, or a missing or foreign
     own file; the dialect names the field in its own error shape."""
     from fluxserve import fetch
 
@@ -114,4 +122,4 @@ async def resolve_references(request: Request, urls: list[str]) -> list[str]:
                 raise BadReference(index, str(exc)) from None
         return resolved
 
-    return await fetch.run_blocking(work)
+    return await fetch.run_blocking(work, tenant=tenant(request), network=False)

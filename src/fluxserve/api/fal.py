@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from fluxserve import fetch
 from fluxserve.api.auth import Identity, caller, is_cached, parse_authorization, queue_full, require_key
 from fluxserve.api.bodies import off_loop
-from fluxserve.api.common import OwnFileMissing, base_url, data_uri, image_url, resolve_own_file
+from fluxserve.api.common import OwnFileMissing, base_url, data_uri, image_url, resolve_own_file, tenant
 from fluxserve.api.errors import (
     ApiError,
     FalValidationError,
@@ -49,6 +49,7 @@ from fluxserve.api.file_urls import file_url
 from fluxserve.api.limits import prompt_error
 from fluxserve.api.openapi30 import to_openapi30
 from fluxserve.catalog import Catalog, EndpointSpec
+from fluxserve.inputs import needs_network
 from fluxserve.jobs.store import QueueFull
 from fluxserve.jobs.webhooks import WebhookURLError, check_webhook_url
 from fluxserve.request import GenerationRequest, InputError, LoraSpec, TrainingRequest
@@ -227,10 +228,12 @@ async def prepare(request: Request, spec: EndpointSpec
     gen = await off_loop(len(await request.body()), generation_request, spec, inp)
     if getattr(inp, "loras", None):
         presets = len(spec.loras)
-        gen.loras[presets:] = await fetch.run_blocking(_resolve_loras, request, gen.loras[presets:])
+        gen.loras[presets:] = await fetch.run_blocking(_resolve_loras, request, gen.loras[presets:],
+                                                       tenant=tenant(request), network=False)
     if spec.is_edit:
         gen.image_urls = [_resolve_reference(request, i, url) for i, url in enumerate(gen.image_urls)]
-        await fetch.run_blocking(_check_references, spec, gen.image_urls)
+        await fetch.run_blocking(_check_references, spec, gen.image_urls, tenant=tenant(request),
+                                 network=needs_network(gen.image_urls))
     return gen, body, inp
 
 

@@ -16,7 +16,7 @@ from fastapi import Request
 
 from fluxserve import fetch
 from fluxserve.api.auth import caller
-from fluxserve.api.common import OwnFileMissing, base_url, own_file_key, resolve_own_file
+from fluxserve.api.common import OwnFileMissing, base_url, own_file_key, resolve_own_file, tenant
 from fluxserve.api.errors import FalValidationError, from_field_error
 from fluxserve.api.fal_schemas import TrainerInput
 from fluxserve.api.file_urls import file_url
@@ -37,7 +37,8 @@ async def training_request(request: Request, spec: EndpointSpec, inp: TrainerInp
                                resolution=inp.resolution)
     try:
         check_api_source(training.image_data_url)
-        key, stored = await fetch.run_blocking(_read_dataset, request, training)
+        key, stored = await fetch.run_blocking(_read_dataset, request, training, tenant=tenant(request),
+                                               network=_downloads(request, training.image_data_url))
     except InputError as exc:
         raise FalValidationError(from_field_error(exc)) from None
     except StorageQuotaExceeded as exc:
@@ -46,6 +47,12 @@ async def training_request(request: Request, spec: EndpointSpec, inp: TrainerInp
     if stored:
         training.image_data_url = body["image_data_url"] = file_url(base_url(request), key)
     return training
+
+
+def _downloads(request: Request, url: str) -> bool:
+    """Whether reading the dataset downloads it (a URL elsewhere), or reads a data URI or this server's file."""
+    url = url.strip()
+    return not url.lower().startswith("data:") and own_file_key(request, url) is None
 
 
 def _read_dataset(request: Request, training: TrainingRequest) -> tuple[str | None, bool]:

@@ -39,7 +39,7 @@ from starlette.formparsers import MultiPartException
 from fluxserve import fetch
 from fluxserve.api.auth import caller, check_request, queue_full
 from fluxserve.api.bodies import off_loop
-from fluxserve.api.common import BadReference, data_uri, image_url, resolve_references
+from fluxserve.api.common import BadReference, data_uri, image_url, resolve_references, tenant
 from fluxserve.api.errors import ApiError, documented
 from fluxserve.api.limits import prompt_error
 from fluxserve.api.openai_usage import image_usage, jobs_usage
@@ -515,7 +515,7 @@ async def resolve_images(request: Request, images: list[str], names: list[str]) 
         raise invalid(param, f"Invalid '{param}': {exc.message}.") from None
 
 
-async def check_images(spec: EndpointSpec, images: list[str], names: list[str]) -> None:
+async def check_images(spec: EndpointSpec, images: list[str], names: list[str], owner: str | None = None) -> None:
     """Load every reference and check the endpoint's limits before any job exists, so a bad image is a 400
     naming the parameter that carried it (the engine checks again)."""
     from fluxserve import inputs
@@ -526,7 +526,7 @@ async def check_images(spec: EndpointSpec, images: list[str], names: list[str]) 
         inputs.load_references(images, spec)  # callers' references were checked by resolve_images
 
     try:
-        await fetch.run_blocking(work)
+        await fetch.run_blocking(work, tenant=owner, network=inputs.needs_network(images))
     except (InputError, SizeError) as exc:
         param = openai_param(exc.field, names)
         raise invalid(param, f"Invalid '{param}': {exc.message}.") from None
@@ -651,7 +651,7 @@ async def _answer(request: Request, fields: dict[str, Any], images: list[str], e
     spec, requests, options = await off_loop(len(body), translate, fields, catalog, images, edit)
     options["image_params"] = names
     if images:
-        await check_images(spec, images, names)
+        await check_images(spec, images, names, tenant(request))
     raw = {k: v for k, v in fields.items() if k not in ("image", "image[]", "mask")}
     if edit:
         raw["image_count"] = len(images)

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fluxserve import fetch
 from fluxserve.api.auth import caller, check_request, queue_full
 from fluxserve.api.bodies import off_loop
-from fluxserve.api.common import BadReference, base_url, image_url, resolve_references
+from fluxserve.api.common import BadReference, base_url, image_url, resolve_references, tenant
 from fluxserve.api.errors import ApiError, documented
 from fluxserve.api.file_urls import file_url
 from fluxserve.api.files import checked_type
@@ -182,7 +182,8 @@ async def _resolve_own_files(request: Request, images: list[str]) -> list[str]:
         raise invalid_input([(f"input.input_images.{exc.index}", "value", exc.message)]) from None
 
 
-async def _load_references(spec: Any, images: list[str], remote: bool = True) -> list[Any]:
+async def _load_references(spec: Any, images: list[str], remote: bool = True, owner: str | None = None
+                           ) -> list[Any]:
     """Every input image, loaded and checked against the endpoint's limits before a prediction exists, so a
     bad one is a 422 naming ``input.input_images.N`` (the engine checks again)."""
     from fluxserve import inputs
@@ -193,7 +194,7 @@ async def _load_references(spec: Any, images: list[str], remote: bool = True) ->
         return inputs.load_references(images, spec, remote=remote)
 
     try:
-        return await fetch.run_blocking(work)
+        return await fetch.run_blocking(work, tenant=owner, network=inputs.needs_network(images))
     except (InputError, SizeError) as exc:
         raise invalid_input([(replicate_field(exc.field), "value", exc.message)]) from None
     except Exception as exc:  # noqa: BLE001 - an unreadable image is the caller's input error
@@ -219,7 +220,8 @@ async def translate(catalog_models: ReplicateModels, model_name: str, raw: Any,
         images = await _resolve_own_files(request, images)
     spec = edit_spec if images else text_spec
     # resolved by _resolve_own_files (which checked the caller's forms) when the request is at hand
-    loaded = await _load_references(spec, images, remote=request is None) if images else []
+    owner = tenant(request) if request is not None else None
+    loaded = await _load_references(spec, images, remote=request is None, owner=owner) if images else []
     input_size = loaded[0].size if loaded and "match_input_image" in (parsed.aspect_ratio, parsed.resolution) \
         else None
     try:

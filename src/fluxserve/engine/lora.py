@@ -176,11 +176,7 @@ def _download(url: str, cache: LoraCache, field: str, token: str | None, held: E
         if cached is not None:
             return cached
         root.mkdir(parents=True, exist_ok=True)
-        headers = {}
-        host = (urlparse(url).hostname or "").lower()
-        token = token or os.environ.get("HF_TOKEN")
-        if token and (host == "huggingface.co" or host.endswith(".huggingface.co")):
-            headers["Authorization"] = f"Bearer {token}"
+        headers = hub_headers(url, token or os.environ.get("HF_TOKEN"))
         digest = hashlib.sha256()
         fd, tmp_name = tempfile.mkstemp(dir=root, prefix=".download-", suffix=".part")
         tmp = Path(tmp_name)
@@ -208,6 +204,28 @@ def _download(url: str, cache: LoraCache, field: str, token: str | None, held: E
         _write_atomic(index, json.dumps({"url": url, "sha256": sha}))
         _remember_hash(final, sha)
         return LoraFile(final, sha)
+
+
+def hub_headers(url: str, token: str | None) -> dict[str, str]:
+    """The ``Authorization`` header for a LoRA URL on the Hugging Face Hub: only over https to the hub's own
+    origins (``huggingface.co``, ``hf.co``, the ``HF_ENDPOINT`` an operator set), as ``huggingface_hub`` sends
+    it; never over plain http, to another port, or to the CDN hosts a download is redirected to (those URLs
+    are signed, and redirects off the origin drop the header)."""
+    if not token:
+        return {}
+    try:
+        parts = urlparse(url)
+        wanted = (parts.scheme.lower(), (parts.hostname or "").lower(), parts.port or 443)
+    except ValueError:
+        return {}
+    hub = {("https", "huggingface.co", 443), ("https", "hf.co", 443)}
+    if endpoint := os.environ.get("HF_ENDPOINT"):
+        try:
+            own = urlparse(endpoint)
+            hub.add((own.scheme.lower(), (own.hostname or "").lower(), own.port or 443))
+        except ValueError:
+            pass
+    return {"Authorization": f"Bearer {token}"} if wanted[0] == "https" and wanted in hub else {}
 
 
 def _from_data_uri(ref: str, cache: LoraCache, field: str, held: ExitStack) -> LoraFile:

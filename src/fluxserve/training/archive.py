@@ -105,11 +105,11 @@ def _capped(data: bytes, limits: DatasetLimits) -> BinaryIO:
 
 def _download(url: str, limits: DatasetLimits, stack: ExitStack) -> BinaryIO:
     """The archive at ``url``, through the guarded fetcher (internal addresses refused, byte cap, and the
-    deadline of LoRA downloads: datasets are large too)."""
+    deadline of dataset downloads)."""
     policy = fetch.current()
     spool = stack.enter_context(tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES))  # noqa: SIM115
     try:
-        with fetch.open_stream(url, max_bytes=limits.max_archive_bytes, deadline_s=policy.lora_deadline_s,
+        with fetch.open_stream(url, max_bytes=limits.max_archive_bytes, deadline_s=policy.dataset_deadline_s,
                                policy=policy) as body:
             for chunk in body:
                 spool.write(chunk)

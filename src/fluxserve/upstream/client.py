@@ -1,6 +1,11 @@
 """What the fal and Replicate clients share: an HTTP client that carries the provider's credentials to its API,
 a plain one for the outputs it returns (the credentials never go there), and JSON calls whose errors say
-whether the next route should be tried."""
+whether the next route should be tried.
+
+Invariant: a request with the credentials goes only to the configured provider's origin (the scheme, host and
+port of ``base_url``). A status, result or cancel URL that a provider's answer names elsewhere is not
+requested at all (a call fails as retryable, a cancel is dropped): with the key it would hand the key to
+that host, and without it, it would let an answer point this server at any address."""
 
 from __future__ import annotations
 
@@ -11,6 +16,17 @@ import httpx
 from fluxserve.upstream.errors import UpstreamError, from_status
 
 TRANSPORT_ERRORS = (httpx.TransportError,)  # connection refused or reset, timeouts, protocol errors
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin(url: str) -> tuple[str, str, int] | None:
+    """``(scheme, host, port)`` of ``url``, lower-cased, with the scheme's default port; None if unparsable."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError):
+        return None
+    scheme = parsed.scheme.lower()
+    return scheme, parsed.host.lower(), parsed.port or _DEFAULT_PORTS.get(scheme, 0)
 
 
 class HttpUpstream:
@@ -19,6 +35,7 @@ class HttpUpstream:
     def __init__(self, base_url: str, headers: dict[str, str], *, timeout_s: float, poll_s: float,
                  read_timeout_s: float, connect_timeout_s: float):
         self.base_url = base_url.rstrip("/")
+        self._origin = origin(self.base_url)
         self.timeout_s = timeout_s  # a whole request, polling included
         self.poll_s = poll_s
         timeout = httpx.Timeout(read_timeout_s, connect=connect_timeout_s)
@@ -44,14 +61,22 @@ class HttpUpstream:
                                 retryable=response.status_code >= 500, status=response.status_code)
         return response.content, response.headers.get("content-type", "application/octet-stream")
 
+    def _own(self, url: str) -> bool:
+        """Whether ``url`` is on the provider's origin, where its credentials may go."""
+        return self._origin is not None and origin(url) == self._origin
+
     def _cancel(self, method: str, url: str | None) -> None:
-        if url:
+        if url and self._own(url):  # a cancel URL elsewhere is dropped: the request is abandoned either way
             try:
                 self._client.request(method, url)
             except httpx.HTTPError:
-                pass  # the request is abandoned here either way
+                pass
 
     def _call(self, method: str, url: str, **kwargs) -> dict[str, Any]:
+        if not self._own(url):
+            shown = url if origin(url) is not None else repr(url[:80])
+            raise UpstreamError(f"{self.name} answered with a URL outside its API ({shown}); it is not "
+                                f"requested: the key goes to {self.base_url} only", retryable=True)
         try:
             response = self._client.request(method, url, **kwargs)
         except TRANSPORT_ERRORS as exc:
