@@ -84,6 +84,19 @@ def loopback_fetches():
     fetch.configure(previous)
 
 
+@pytest.fixture
+def default_fetches():
+    """Outbound fetches under the default policy (no internal address allowed), whatever an app made earlier in
+    this process configured (``create_app`` sets the process's policy from its settings); restored afterwards."""
+    from dataclasses import replace
+
+    from fluxserve import fetch
+
+    previous = fetch.configure(replace(fetch.current(), allow=()))
+    yield
+    fetch.configure(previous)
+
+
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run",

@@ -295,7 +295,7 @@ def zip_site() -> Iterator[ZipSite]:
     site.close()
 
 
-def test_an_internal_url_is_refused_by_default(zip_site):
+def test_an_internal_url_is_refused_by_default(zip_site, default_fetches):
     assert "does not fetch from" in refused(zip_site.url, edit=True)
 
 
