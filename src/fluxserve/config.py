@@ -57,6 +57,8 @@ class Settings:
     max_queued_per_key: int = 100  # queued requests per API key (0: no limit)
     retention_hours: float = 0.0  # delete jobs' inputs, outputs and files this long after submit (0: keep)
     file_url_hours: float = 168.0  # how long a signed file URL in a result works (default 7 days)
+    # ---- input checks at the edge (fluxserve.jsonsafe): 4xx naming the field in each dialect ----
+    max_json_depth: int = 32  # how deeply a request body's JSON may nest (FLUX.2 inputs nest 3 levels)
     # ---- outbound fetches of caller-supplied URLs (fluxserve.fetch) ----
     fetch_allow: str = ""  # CIDR[:PORT],... of internal addresses that may be fetched; empty = none
     fetch_connect_timeout: float = 10.0  # seconds to connect

@@ -29,7 +29,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from fluxserve import fetch
+from fluxserve import fetch, jsonsafe
 from fluxserve.api.auth import Identity, caller, is_cached, parse_authorization, queue_full, require_key
 from fluxserve.api.bodies import off_loop
 from fluxserve.api.common import OwnFileMissing, base_url, data_uri, image_url, resolve_own_file, tenant
@@ -123,15 +123,17 @@ async def _store_call(request: Request, fn, *args, **kwargs):
 # ---- input -> GenerationRequest ------------------------------------------------------------------------------
 async def read_input(request: Request, spec: EndpointSpec) -> tuple[FalInput | TrainerInput, dict]:
     raw = await request.body()
-    return await off_loop(len(raw), parse_input, raw, spec, request.app.state.settings.max_prompt_chars)
+    settings = request.app.state.settings
+    return await off_loop(len(raw), parse_input, raw, spec, settings.max_prompt_chars, settings.max_json_depth)
 
 
-def parse_input(raw: bytes, spec: EndpointSpec, max_prompt_chars: int) -> tuple[FalInput | TrainerInput, dict]:
+def parse_input(raw: bytes, spec: EndpointSpec, max_prompt_chars: int,
+                max_json_depth: int = jsonsafe.DEFAULT_MAX_DEPTH) -> tuple[FalInput | TrainerInput, dict]:
     """Decode and validate a fal body (a large one runs off the event loop: ``api/bodies.py``)."""
     try:
-        body = json.loads(raw) if raw.strip() else {}
-    except ValueError as exc:
-        raise FalValidationError([field_error([], f"Invalid JSON body: {exc}", "json_invalid")]) from None
+        body = jsonsafe.decode(raw, max_json_depth) if raw.strip() else {}
+    except jsonsafe.BadJson as exc:
+        raise FalValidationError([field_error(list(exc.path), exc.message, exc.kind)]) from None
     if not isinstance(body, dict):
         raise FalValidationError([field_error([], "Input should be a JSON object", "model_type")])
     try:

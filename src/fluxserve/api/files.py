@@ -27,10 +27,11 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from fluxserve import jsonsafe
 from fluxserve.api import file_urls, upload_types
 from fluxserve.api.auth import authenticate, caller, check_request, parse_authorization, require_key
 from fluxserve.api.common import base_url, image_url
-from fluxserve.api.errors import ApiError
+from fluxserve.api.errors import ApiError, FalValidationError, field_error
 from fluxserve.api.stored_files import UPLOAD_PREFIX, set_size_blocking, storage_full, store_file
 from fluxserve.jobs.file_quota import StorageQuotaExceeded
 
@@ -166,11 +167,15 @@ async def upload_file(request: Request) -> JSONResponse:
 @router.post("/storage/upload/initiate", dependencies=[Depends(require_key("fal"))],
              summary="Start a two-step upload: answers upload_url (PUT the bytes there) and file_url")
 async def initiate_upload(request: Request) -> JSONResponse:
+    raw = await request.body()
     try:
-        body = await request.json()
-    except ValueError:
-        body = {}
+        body = jsonsafe.decode(raw, request.app.state.settings.max_json_depth) if raw.strip() else {}
+    except jsonsafe.BadJson as exc:
+        raise FalValidationError([field_error(list(exc.path), exc.message, exc.kind)]) from None
     body = body if isinstance(body, dict) else {}
+    for field in ("content_type", "file_name"):
+        if body.get(field) is not None and not isinstance(body[field], str):
+            raise FalValidationError([field_error([field], "Input should be a valid string", "string_type")])
     content_type = _content_type(body.get("content_type"))
     name = body.get("file_name") or None
     try:  # reserve the slot (its size is counted once the bytes arrive)

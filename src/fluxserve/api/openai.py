@@ -36,7 +36,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
-from fluxserve import fetch
+from fluxserve import fetch, jsonsafe
 from fluxserve.api.auth import caller, check_request, queue_full
 from fluxserve.api.bodies import off_loop
 from fluxserve.api.common import BadReference, data_uri, image_url, resolve_references, tenant
@@ -688,14 +688,23 @@ def _delete_when_done(request: Request, job_ids: list[str], stored: list[str]) -
 async def generations(request: Request) -> Response:
     await _authorize(request)
     body = await request.body()
-    return await _run(request, await off_loop(len(body), _json_object, body), [], edit=False, body=body)
+    depth = request.app.state.settings.max_json_depth
+    return await _run(request, await off_loop(len(body), _json_object, body, depth), [], edit=False, body=body)
 
 
-def _json_object(body: bytes) -> dict:
+def _refused(exc: jsonsafe.BadJson) -> ApiError:
+    """A body ``jsonsafe`` refused, naming the parameter (``images[0].image_url``) where there is one."""
+    if not exc.path:
+        return invalid(None, "We could not parse the JSON body of your request.", "invalid_json")
+    param = jsonsafe.dotted(exc.path)
+    return invalid(param, f"Invalid '{param}': {exc.message}.")
+
+
+def _json_object(body: bytes, max_json_depth: int = jsonsafe.DEFAULT_MAX_DEPTH) -> dict:
     try:
-        fields = json.loads(body or b"{}")
-    except ValueError:
-        raise invalid(None, "We could not parse the JSON body of your request.", "invalid_json") from None
+        fields = jsonsafe.decode(body or b"{}", max_json_depth)
+    except jsonsafe.BadJson as exc:
+        raise _refused(exc) from None
     if not isinstance(fields, dict):
         raise invalid(None, "The request body must be a JSON object.", "invalid_json")
     return fields
@@ -728,7 +737,7 @@ async def edits(request: Request) -> Response:
     names: list[str] = []
     if content_type.startswith("application/json"):
         body = await request.body()
-        fields = await off_loop(len(body), _json_object, body)
+        fields = await off_loop(len(body), _json_object, body, request.app.state.settings.max_json_depth)
         for index, item in enumerate(_as_list(fields.get("images"))):
             ref = item.get("image_url") if isinstance(item, dict) else item
             if not isinstance(ref, str):
@@ -755,6 +764,11 @@ async def edits(request: Request) -> Response:
                 urls.append(value)
             else:
                 fields[name] = value
+        try:  # form fields are text: no NUL (nor, with an odd charset, a surrogate) gets past here either
+            jsonsafe.check({**fields, **{"image_url" if len(urls) == 1 else f"image_url[{i}]": url
+                                         for i, url in enumerate(urls)}})
+        except jsonsafe.BadJson as exc:
+            raise invalid(str(exc.path[0]), f"Invalid '{exc.path[0]}': {exc.message}.") from None
         listed = len(files) > 1 or any(key.endswith("[]") for key, _ in files)
         names = [f"image[{i}]" if listed else "image" for i in range(len(files))]
         images = [await upload.read() for _, upload in files]

@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fluxserve import fetch
+from fluxserve import fetch, jsonsafe
 from fluxserve.api.auth import caller, check_request, queue_full
 from fluxserve.api.bodies import off_loop
 from fluxserve.api.common import BadReference, base_url, image_url, resolve_references, tenant
@@ -400,14 +400,17 @@ def _wait_seconds(prefer: str | None) -> float | None:
 
 async def _body(request: Request) -> dict[str, Any]:
     raw = await request.body()
-    return await off_loop(len(raw), _decode, raw)  # a large body off the event loop (``api/bodies.py``)
+    # a large body off the event loop (``api/bodies.py``)
+    return await off_loop(len(raw), _decode, raw, request.app.state.settings.max_json_depth)
 
 
-def _decode(raw: bytes) -> dict[str, Any]:
+def _decode(raw: bytes, max_json_depth: int = jsonsafe.DEFAULT_MAX_DEPTH) -> dict[str, Any]:
     try:
-        body = json.loads(raw or b"{}")
-    except ValueError:
-        raise Problem(400, "Bad request", "The request body is not valid JSON") from None
+        body = jsonsafe.decode(raw or b"{}", max_json_depth)
+    except jsonsafe.BadJson as exc:
+        if not exc.path:
+            raise Problem(400, "Bad request", "The request body is not valid JSON") from None
+        raise invalid_input([(jsonsafe.dotted(exc.path, "."), exc.kind, exc.message)]) from None
     if not isinstance(body, dict):
         raise Problem(400, "Bad request", "The request body must be a JSON object")
     return body
