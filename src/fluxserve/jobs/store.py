@@ -26,7 +26,9 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     Float,
+    Text,
     and_,
+    case,
     cast,
     create_engine,
     event,
@@ -43,6 +45,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.pool import StaticPool
 
+from fluxserve import jsonsafe
 from fluxserve.config import masked_url
 from fluxserve.jobs import fairness, file_quota, ledger, outbox, quotas
 from fluxserve.jobs.models import (
@@ -151,11 +154,19 @@ class Job:
 
     @classmethod
     def from_row(cls, row: Any) -> Job:
+        """A job as every reader sees it: text an older server stored that no answer can hold (an unpaired
+        surrogate, U+0000, NaN) is made safe here (``jsonsafe.scrub``), once for all readers."""
         data = {f.name: getattr(row, f.name) for f in fields(cls) if f.name != "priority_rank"}
+        for name in _JSON_FIELDS:
+            data[name] = jsonsafe.scrub(data[name])
+        data["error"] = jsonsafe.storable(data["error"])
         data["request"] = data["request"] or {}
         data["cancel_requested"] = bool(data["cancel_requested"])
         data["store_io"] = bool(data["store_io"])
         return cls(**data)
+
+
+_JSON_FIELDS = ("request", "input", "result", "error_detail", "webhook")
 
 
 @dataclass
@@ -199,7 +210,13 @@ SELECT j.id, j.endpoint, j.dialect, j.status, j.error, j.error_type, j.step, j.t
 FROM j WHERE j.id IS NOT NULL
 """
 _STATUS_SQL_SQLITE = _STATUS_SQL.format(inference="json_extract(t.result, '$.timings.inference')", param="?")
-_STATUS_SQL_POSTGRES = _STATUS_SQL.format(inference="t.result #>> '{timings,inference}'", param="%s")
+# PostgreSQL's JSON operators fail on a whole value holding \u0000 or an unpaired surrogate escape (rows an
+# older server stored): such a value is not taken apart (its inference time reads as unknown)
+_PG_UNSAFE_JSON = (r"(strpos({0}::text, '\u0000') > 0 OR {0}::text ~* "
+                   r"'\\ud[89ab][0-9a-f]{{2}}(?!\\ud[c-f])|(?<!\\ud[89ab][0-9a-f]{{2}})\\ud[c-f]')")
+_STATUS_SQL_POSTGRES = _STATUS_SQL.format(
+    inference=f"CASE WHEN NOT {_PG_UNSAFE_JSON.format('t.result')} THEN t.result #>> '{{timings,inference}}' END",
+    param="%s")
 
 
 def _caller_gone(job: Any) -> bool:
@@ -637,13 +654,14 @@ class JobStore:
         ``raw``'s transaction; the terminal job, or None when it was not active (or not held by ``worker_id``)."""
         sets = ["status = ?", "error = ?", "error_type = ?", "completed_at = ?", "updated_at = ?",
                 "lease_expires_at = NULL"]
-        params: list[Any] = [status, error, error_type, raw.time(now), raw.time(now)]
+        # a failure message may quote what a caller sent (a LoRA URL with a NUL): it must always be storable
+        params: list[Any] = [status, jsonsafe.storable(error), error_type, raw.time(now), raw.time(now)]
         if result is not None:
             sets.append("result = ?")
             params.append(raw.json(result))
         if error_detail is not None:
             sets.append("error_detail = ?")
-            params.append(raw.json(error_detail))
+            params.append(raw.json(jsonsafe.scrub(error_detail)))
         if status == "completed":
             sets.append("step = total_steps")
         stamped = [line["timestamp"] for line in lines or [] if line.get("timestamp")]
@@ -678,8 +696,8 @@ class JobStore:
     @staticmethod
     def _insert_lines(raw: _Raw, job_id: str, lines: list[dict], now: datetime) -> None:
         raw.executemany(_INSERT_LINE_SQL, [
-            (job_id, raw.time(line.get("timestamp") or now), line.get("level") or "INFO", line["message"],
-             line.get("preview_key"))
+            (job_id, raw.time(line.get("timestamp") or now), line.get("level") or "INFO",
+             jsonsafe.storable(line["message"]), line.get("preview_key"))
             for line in lines
         ])
 
@@ -958,8 +976,8 @@ class JobStore:
 
     def log(self, job_id: str, message: str, level: str = "INFO", preview_key: str | None = None) -> None:
         with self._write() as conn:
-            conn.execute(insert(job_logs).values(
-                job_id=job_id, timestamp=utcnow(), level=level, message=message, preview_key=preview_key))
+            conn.execute(insert(job_logs).values(job_id=job_id, timestamp=utcnow(), level=level,
+                                                 message=jsonsafe.storable(message), preview_key=preview_key))
             row = conn.execute(select(jobs.c.status, jobs.c.webhook).where(jobs.c.id == job_id)).first()
         if row is not None and row.status == "running":
             self._progress_event(job_id, row.webhook)
@@ -1160,8 +1178,11 @@ class JobStore:
         if owner is not None:
             stmt = stmt.where(jobs.c.owner == owner)
         if prompt_contains:
-            prompt = func.lower(jobs.c.request["prompt"].as_string())
-            stmt = stmt.where(prompt.contains(prompt_contains.lower(), autoescape=True))
+            prompt = jobs.c.request["prompt"].as_string()
+            if not self.is_sqlite:  # a request PostgreSQL cannot take apart is searched as its JSON text
+                text_form = cast(jobs.c.request, Text)
+                prompt = case((literal_column(_PG_UNSAFE_JSON.format("jobs.request")), text_form), else_=prompt)
+            stmt = stmt.where(func.lower(prompt).contains(prompt_contains.lower(), autoescape=True))
         with self._read() as conn:
             return [Job.from_row(row) for row in conn.execute(stmt)]
 
@@ -1315,7 +1336,8 @@ class JobStore:
         with self._write() as conn:
             rows = outbox.claim(conn, webhook_deliveries, due, now=now, limit=limit, lease_s=lease_s,
                                 per_owner=per_owner, busy=busy, busy_jobs=busy_jobs)
-        return [Delivery(r.id, r.job_id, r.dialect, r.url, r.body, r.attempts, owner) for r, owner in rows]
+        return [Delivery(r.id, r.job_id, r.dialect, r.url, jsonsafe.scrub(r.body), r.attempts, owner)
+                for r, owner in rows]
 
     def next_delivery_due(self, dialects: list[str]) -> datetime | None:
         with self._read() as conn:
@@ -1325,6 +1347,8 @@ class JobStore:
             ).scalar()
 
     def update_delivery(self, delivery_id: int, **values: Any) -> None:
+        if values.get("last_error"):  # an error that quotes a caller's URL must always be storable
+            values["last_error"] = jsonsafe.storable(values["last_error"])
         with self._write() as conn:
             conn.execute(update(webhook_deliveries).where(webhook_deliveries.c.id == delivery_id).values(**values))
 
@@ -1378,7 +1402,7 @@ class JobStore:
         with self._write() as conn:
             rows = outbox.claim(conn, webhook_events, due, now=now, limit=limit, lease_s=lease_s,
                                 per_owner=per_owner, busy=busy, busy_jobs=busy_jobs)
-        return [EventDelivery(r.id, r.job_id, r.dialect, r.event, r.url, r.body, r.attempts, owner)
+        return [EventDelivery(r.id, r.job_id, r.dialect, r.event, r.url, jsonsafe.scrub(r.body), r.attempts, owner)
                 for r, owner in rows]
 
     def next_webhook_event_due(self, dialects: list[str]) -> datetime | None:
@@ -1389,6 +1413,8 @@ class JobStore:
             ).scalar()
 
     def update_webhook_event(self, event_id: int, **values: Any) -> None:
+        if values.get("last_error"):
+            values["last_error"] = jsonsafe.storable(values["last_error"])
         with self._write() as conn:
             conn.execute(update(webhook_events).where(webhook_events.c.id == event_id).values(**values))
 
@@ -1538,7 +1564,7 @@ class JobStore:
             conn.execute(insert(upstream_calls).values(
                 job_id=job_id, owner=owner, endpoint=endpoint, provider=provider, target=target,
                 started_at=started_at, answered_at=answered_at, ended_at=ended_at, outcome=outcome,
-                error=(error or None) and error[:2000]))
+                error=jsonsafe.storable((error or None) and error[:2000])))
 
     def add_file(self, key: str, owner: str | None, job_id: str | None = None, *, size: int | None = None,
                  limit: int | None = None) -> None:
