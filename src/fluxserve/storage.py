@@ -43,10 +43,11 @@ def content_type_for(name: str) -> str:
 
 
 def safe_filename(filename: str) -> str:
-    """A user-supplied file name reduced to URL-safe characters (directory parts dropped)."""
+    """A user-supplied file name reduced to URL-safe characters (directory parts dropped), never one that
+    reads as a content-type sidecar (``photo.content-type`` is kept as ``photo.content-type-``)."""
     name = filename.replace("\\", "/").rsplit("/", 1)[-1]
-    name = _UNSAFE_CHARS.sub("-", name).strip(".-")
-    return name[:120] or "file"
+    name = _UNSAFE_CHARS.sub("-", name).strip(".-")[:120] or "file"
+    return f"{name}-" if name.endswith(SIDECAR_SUFFIX) else name
 
 
 def check_key(key: str) -> str:

@@ -261,7 +261,7 @@ def _previews(request: Request) -> int:
     no such field; clients that do not know the header get none, and extra fields in the status logs
     (``preview_url``) are ignored by fal's clients."""
     raw = request.headers.get(PREVIEWS_HEADER, "0").strip() or "0"
-    if not (raw.isdigit() and 0 <= int(raw) <= 3):
+    if not (raw.isascii() and raw.isdigit() and int(raw) <= 3):  # '²'.isdigit() is true, int('²') fails
         raise FalValidationError([{"loc": ["header", PREVIEWS_HEADER], "type": "value_error",
                                    "msg": f"X-Fluxserve-Previews must be a whole number from 0 to 3, not {raw!r}"}])
     return int(raw)
@@ -406,7 +406,7 @@ def error_response(job: Any) -> Response:
     if error_type in ("validation_error", "input_error", "invalid_input") or detail.get("field"):
         field = detail.get("field") or "body"
         loc = [part for part in field.replace("]", "").replace("[", ".").split(".") if part]
-        loc = [int(p) if p.isdigit() else p for p in loc]
+        loc = [int(p) if p.isascii() and p.isdigit() else p for p in loc]
         body = {"detail": [field_error(loc, detail.get("message") or error)]}
         return _json(body, 422, job.id)
     if error_type == "request_timeout":

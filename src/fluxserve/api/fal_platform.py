@@ -62,7 +62,7 @@ def _aware(value: Any) -> datetime:
     parsed = datetime.fromisoformat(value)
     if parsed.tzinfo is None:
         raise ValueError("naive time")
-    return parsed
+    return parsed.astimezone(UTC)  # OverflowError for a time that is out of range in UTC
 
 
 def decode_cursor(cursor: str, sort: str) -> tuple[Any, datetime, str]:
@@ -78,7 +78,7 @@ def decode_cursor(cursor: str, sort: str) -> tuple[Any, datetime, str]:
         else:
             raise ValueError("not a duration")
         return key, _aware(sent), job_id
-    except (ValueError, TypeError, UnicodeError, binascii.Error):
+    except (ValueError, TypeError, UnicodeError, binascii.Error, OverflowError, RecursionError):
         raise query_error("cursor", "is not a cursor of this listing: pass next_cursor as it was returned, "
                                     "with the same sort_by") from None
 

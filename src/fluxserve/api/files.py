@@ -74,7 +74,7 @@ def _content_type(value: str | None) -> str:
 
 async def _body(request: Request) -> bytes:
     length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > MAX_UPLOAD_BYTES:
+    if length and length.isascii() and length.isdigit() and int(length) > MAX_UPLOAD_BYTES:
         raise ApiError(413, f"File too large: the limit is {MAX_UPLOAD_BYTES // (1024 * 1024)} MB")
     data = bytearray()
     async for chunk in request.stream():

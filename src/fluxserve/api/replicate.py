@@ -563,7 +563,8 @@ async def list_predictions(
     if cursor:
         try:
             before = datetime.fromisoformat(base64.urlsafe_b64decode(cursor.encode()).decode())
-        except ValueError:
+            before = before.astimezone(UTC) if before.tzinfo else before.replace(tzinfo=UTC)
+        except (ValueError, OverflowError):  # OverflowError: 0001-01-01T00:00:00+14:00 is before year 1 in UTC
             raise invalid_input([("cursor", "format", "not a cursor of this server: use a page's `next` URL")]) \
                 from None
     store = request.app.state.store

@@ -27,7 +27,7 @@ def is_safetensors(data: bytes) -> bool:
         return False
     try:
         header = json.loads(data[8:8 + size])
-    except (UnicodeDecodeError, ValueError):
+    except (ValueError, RecursionError):  # not JSON, or nested past what the decoder recurses through
         return False
     return isinstance(header, dict)
 
