@@ -59,9 +59,9 @@ def printable(part: str | int) -> str | int:
 
 
 def check(value: Any, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
-    """Raise ``BadJson`` for the first string (or key) with a NUL or an unpaired surrogate, the first number
-    that is not finite, or the first container nested deeper than ``max_depth`` (the top level is 1). Walks
-    without recursion."""
+    """Raise ``BadJson`` for a string (or key) with a NUL or an unpaired surrogate, a number that is not
+    finite, or a container nested deeper than ``max_depth`` (the top level is 1): one of them when there are
+    several. Walks without recursion."""
     stack: list[tuple[Any, Path, int]] = [(value, (), 1)]
     while stack:
         item, path, depth = stack.pop()
