@@ -26,7 +26,9 @@ OPENAI, OPENAI_EDITS = "/v1/images/generations", "/v1/images/edits"
 REPLICATE = "/v1/models/black-forest-labs/flux-2-dev/predictions"
 # JSON text of strings no store or answer can hold, as a client's JSON encoder writes them
 BAD = {"surrogate": '"a\\ud800b"', "nul": '"a\\u0000b"', "low-surrogate": '"\\udc00"'}
-DEEP = 100_000
+# deeper than the JSON decoder can recurse through (RecursionError), within FLUXSERVE_MAX_JSON_VALUES (a body
+# of 100,000 levels is refused before it is parsed, with a 413, by that limit)
+DEEP = 5_000
 DEPTH_LIMIT = 32
 
 
