@@ -392,7 +392,7 @@ def open_stream(url: str, *, max_bytes: int, deadline_s: float, policy: FetchPol
             if response.status_code != 200:
                 raise FetchError(f"the server answered HTTP {response.status_code}")
             declared = response.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > max_bytes:
+            if declared.isascii() and declared.isdigit() and int(declared) > max_bytes:  # int("²") fails
                 raise FetchError(f"the file is larger than {_size(max_bytes)}")
             yield _body(response, late, max_bytes)
         except AddressRefused:

@@ -49,7 +49,7 @@ def _limit(value: str) -> int | None:
     """A limit flag's value: a whole number; ``0`` or ``none`` is no limit (as ``FLUXSERVE_MAX_QUEUED_PER_KEY=0``)."""
     if value.strip().lower() == "none":
         return None
-    if not value.strip().isdigit():
+    if not (value.strip().isascii() and value.strip().isdigit()):  # '²'.isdigit() is true, int('²') fails
         raise argparse.ArgumentTypeError(f"a whole number, or 0 or none for no limit, not {value!r}")
     return int(value) or None
 
